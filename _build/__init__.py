@@ -1,0 +1,1 @@
+"""Build helpers for setuptools (not installed)."""

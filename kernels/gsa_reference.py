@@ -1,0 +1,215 @@
+"""Pure-PyTorch Gated Slot Attention: the oracle every fast path is tested against.
+
+Layout (FLA's "b t h d"): q [B, T, H, K]; k [B, T, Hkv, K]; v [B, T, Hkv, V]; s, g [B, T, Hkv, M] with
+g = log(alpha) <= 0 the per-slot log forget gate and s the write weight (1 - alpha for GSA). Query head h
+reads the memories of KV head h // (H // Hkv) (the order of transformers' ``repeat_kv``).
+
+The memories depend only on k, v, s, g, so they are kept per KV head, not per query head:
+state = (hk [N, Hkv, K, M], hv [N, Hkv, M, V]), always fp32, N = batch or number of packed sequences.
+
+    hk_t = hk_{t-1} * alpha_t + k_t s_t^T        hv_t = alpha_t * hv_{t-1} + s_t v_t^T
+    o_t  = hv_t^T softmax_M(scale * hk_t^T q_t)
+
+Both functions take and return the same things; ``gsa_chunk`` is the chunkwise-parallel form.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+
+def _check(q, k, v, s, g, initial_state, cu_seqlens) -> tuple[int, int]:
+    B, T, H, K = q.shape
+    if k.shape[:2] != (B, T) or v.shape[:2] != (B, T) or s.shape != g.shape or s.shape[:2] != (B, T):
+        raise ValueError(
+            f"inconsistent shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)} "
+            f"s{tuple(s.shape)} g{tuple(g.shape)}"
+        )
+    Hkv = k.shape[2]
+    if H % Hkv or v.shape[2] != Hkv or s.shape[2] != Hkv or k.shape[3] != K:
+        raise ValueError(f"query heads {H} must be a multiple of KV heads {Hkv} shared by k, v, s, g")
+    if cu_seqlens is not None and B != 1:
+        raise ValueError("cu_seqlens needs a packed batch of size 1")
+    n = B if cu_seqlens is None else len(cu_seqlens) - 1
+    if initial_state is not None:
+        hk, hv = initial_state
+        M, V = s.shape[3], v.shape[3]
+        if hk.shape != (n, Hkv, K, M) or hv.shape != (n, Hkv, M, V):
+            raise ValueError(
+                f"initial_state shapes {tuple(hk.shape)}, {tuple(hv.shape)} != "
+                f"{(n, Hkv, K, M)}, {(n, Hkv, M, V)}"
+            )
+    return H // Hkv, n
+
+
+def _zero_state(n: int, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -> State:
+    Hkv, K, M, V = k.shape[2], k.shape[3], s.shape[3], v.shape[3]
+    return (k.new_zeros(n, Hkv, K, M, dtype=torch.float32), k.new_zeros(n, Hkv, M, V, dtype=torch.float32))
+
+
+def _recurrent_one(q, k, v, s, g, scale: float, state: State) -> tuple[torch.Tensor, State]:
+    """Token-by-token over one batch (no packing); all math in fp32."""
+    B, T, H, _ = q.shape
+    Hkv = k.shape[2]
+    G = H // Hkv
+    hk, hv = state
+    outs = []
+    for t in range(T):
+        a = g[:, t].exp()  # [B, Hkv, M]
+        st = s[:, t]
+        hk = hk * a[:, :, None, :] + k[:, t, :, :, None] * st[:, :, None, :]
+        hv = hv * a[..., None] + st[..., None] * v[:, t, :, None, :]
+        qt = q[:, t].reshape(B, Hkv, G, -1)
+        p = torch.softmax(scale * torch.einsum("bhgk,bhkm->bhgm", qt, hk), dim=-1)
+        outs.append(torch.einsum("bhgm,bhmv->bhgv", p, hv).reshape(B, H, -1))
+    return torch.stack(outs, dim=1), (hk, hv)
+
+
+def gsa_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    s: torch.Tensor,
+    g: torch.Tensor,
+    scale: float | None = None,
+    initial_state: State | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, State | None]:
+    """GSA one token at a time, exactly as written in the module docstring (the oracle)."""
+    _, n = _check(q, k, v, s, g, initial_state, cu_seqlens)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dtype = q.dtype
+    q, k, v, s, g = (x.float() for x in (q, k, v, s, g))
+    state = initial_state if initial_state is not None else _zero_state(n, k, v, s)
+    state = (state[0].float(), state[1].float())
+    if cu_seqlens is None:
+        o, final = _recurrent_one(q, k, v, s, g, scale, state)
+    else:
+        bounds = cu_seqlens.tolist()
+        outs, finals = [], []
+        for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+            o_i, f_i = _recurrent_one(
+                *(x[:, lo:hi] for x in (q, k, v, s, g)), scale, (state[0][i : i + 1], state[1][i : i + 1])
+            )
+            outs.append(o_i)
+            finals.append(f_i)
+        o = torch.cat(outs, dim=1)
+        final = (torch.cat([f[0] for f in finals]), torch.cat([f[1] for f in finals]))
+    return o.to(dtype), (final if output_final_state else None)
+
+
+_MAX_CHUNK_DECAY = 60.0  # nats of decay allowed inside one chunk: factors stay below exp(30)
+
+
+def _chunk_core(q, k, v, s, g, scale: float, state: State, chunk: int) -> tuple[torch.Tensor, State]:
+    """Chunkwise GSA on an unpacked fp32 batch whose length is a multiple of ``chunk``.
+
+    Within a chunk, b = cumsum(g) and every decay is exp(b_t - b_j) = exp(b_t - r) * exp(r - b_j) with
+    r = b_last / 2, which turns the intra-chunk terms into plain matmuls. Each factor is at most
+    exp(|b_last| / 2); the caller picks ``chunk`` so that this stays far from fp32 overflow.
+    Chunk-boundary states come from a short sequential scan.
+    """
+    B, T, H, K = q.shape
+    Hkv, V = k.shape[2], v.shape[3]
+    G, N, C = H // Hkv, T // chunk, chunk
+
+    def split(x):  # [B, T, Hkv, D] -> [B, Hkv, N, C, D]
+        return x.reshape(B, N, C, Hkv, -1).permute(0, 3, 1, 2, 4)
+
+    k, v, s, g = split(k), split(v), split(s), split(g)
+    q = q.reshape(B, N, C, Hkv, G, K).permute(0, 3, 4, 1, 2, 5)  # [B, Hkv, G, N, C, K]
+    b = g.cumsum(dim=-2)  # [B, Hkv, N, C, M]
+    b_last = b[..., -1:, :]  # [B, Hkv, N, 1, M]
+
+    # Chunk-local contributions to the boundary states, then the scan over chunks.
+    w_end = (b_last - b).exp() * s
+    dhk = torch.einsum("bhnck,bhncm->bhnkm", k, w_end)
+    dhv = torch.einsum("bhncm,bhncv->bhnmv", w_end, v)
+    decay = b_last.squeeze(-2).exp()  # [B, Hkv, N, M]
+    hk, hv = state
+    hk_starts, hv_starts = [], []
+    for n in range(N):
+        hk_starts.append(hk)
+        hv_starts.append(hv)
+        hk = hk * decay[:, :, n, None, :] + dhk[:, :, n]
+        hv = hv * decay[:, :, n, :, None] + dhv[:, :, n]
+    hk0 = torch.stack(hk_starts, dim=2).unsqueeze(2)  # [B, Hkv, 1, N, K, M]
+    hv0 = torch.stack(hv_starts, dim=2).unsqueeze(2)  # [B, Hkv, 1, N, M, V]
+
+    # The clamp never binds when the chunk rule holds; for chunk = 1 it keeps exp(b - r) * exp(r - b) = 1.
+    r, lim = b_last / 2, _MAX_CHUNK_DECAY / 2
+    e_q = (b - r).clamp(-lim, lim).exp().unsqueeze(2)  # query-side factor [B, Hkv, 1, N, C, M]
+    s_k = ((r - b).clamp(-lim, lim).exp() * s).unsqueeze(2)  # key-side factor times the write weight
+    eb = b.exp().unsqueeze(2)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    k, v = k.unsqueeze(2), v.unsqueeze(2)
+
+    # Pass 1: slot logits, softmax over slots.
+    A = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0.0)
+    logits = (q @ hk0) * eb + (A @ s_k) * e_q
+    p = torch.softmax(scale * logits, dim=-1)
+    # Pass 2: read the value memory with the slot weights.
+    A2 = ((p * e_q) @ s_k.transpose(-1, -2)).masked_fill(~causal, 0.0)
+    o = (p * eb) @ hv0 + A2 @ v
+    return o.permute(0, 3, 4, 1, 2, 5).reshape(B, T, H, V), (hk, hv)
+
+
+def _safe_chunk(g: torch.Tensor, chunk_size: int) -> int:
+    """Largest power-of-two chunk (<= chunk_size) whose worst-case in-chunk decay stays bounded."""
+    worst = float(-g.detach().min()) if g.numel() else 0.0
+    chunk = chunk_size
+    while chunk > 1 and chunk * worst > _MAX_CHUNK_DECAY:
+        chunk //= 2
+    return chunk
+
+
+def _pad_time(x: torch.Tensor, length: int) -> torch.Tensor:
+    return F.pad(x, (0, 0, 0, 0, 0, length - x.shape[1]))
+
+
+def gsa_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    s: torch.Tensor,
+    g: torch.Tensor,
+    scale: float | None = None,
+    initial_state: State | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, State | None]:
+    """Chunkwise-parallel GSA, same contract as :func:`gsa_recurrent`.
+
+    Padding appended to reach a chunk multiple has s = 0 (no write) and g = 0 (no decay), so it leaves the
+    state untouched; packed sequences are unpacked into a right-padded batch, which resets state per document.
+    """
+    _, n = _check(q, k, v, s, g, initial_state, cu_seqlens)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dtype = q.dtype
+    q, k, v, s, g = (x.float() for x in (q, k, v, s, g))
+    state = initial_state if initial_state is not None else _zero_state(n, k, v, s)
+    state = (state[0].float(), state[1].float())
+    chunk_size = _safe_chunk(g, chunk_size)
+    if cu_seqlens is None:
+        T = q.shape[1]
+        Tp = -(-T // chunk_size) * chunk_size
+        o, final = _chunk_core(*(_pad_time(x, Tp) for x in (q, k, v, s, g)), scale, state, chunk_size)
+        o = o[:, :T]
+    else:
+        bounds = cu_seqlens.tolist()
+        lengths = [hi - lo for lo, hi in itertools.pairwise(bounds)]
+        Tp = max(-(-max(lengths) // chunk_size) * chunk_size, chunk_size)
+        padded = [
+            torch.cat([_pad_time(x[:, lo:hi], Tp) for lo, hi in itertools.pairwise(bounds)])
+            for x in (q, k, v, s, g)
+        ]
+        o_pad, final = _chunk_core(*padded, scale, state, chunk_size)
+        o = torch.cat([o_pad[i : i + 1, :length] for i, length in enumerate(lengths)], dim=1)
+    return o.to(dtype), (final if output_final_state else None)

@@ -1,0 +1,73 @@
+"""Configs of converted models: the teacher architecture's own config plus the GSA settings.
+
+Each class subclasses the teacher's config class, so every teacher field (and its validation) is kept and a
+converted checkpoint's config.json is the teacher's plus ``gsa_*`` keys and a new ``model_type``.
+This file is copied next to exported weights (trust_remote_code), so it imports only transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+FEATURE_MAPS = ("swish", "relu", "identity")
+
+
+@dataclass(kw_only=True, repr=False)
+class GSASettings:
+    """GSA fields shared by every converted architecture (see DESIGN.md section 2)."""
+
+    gsa_num_slots: int = 64
+    gsa_feature_map: str = "swish"
+    gsa_gate_logit_normalizer: float = 8.0
+    gsa_scale: float = 1.0
+    gsa_use_rope: bool = False
+    gsa_full_attention_layers: list[int] = field(default_factory=list)
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_gsa()
+
+    def validate_gsa(self) -> None:
+        if not isinstance(self.gsa_num_slots, int) or self.gsa_num_slots < 1:
+            raise ValueError(f"gsa_num_slots must be a positive integer, got {self.gsa_num_slots!r}")
+        if self.gsa_feature_map not in FEATURE_MAPS:
+            raise ValueError(f"gsa_feature_map must be one of {FEATURE_MAPS}, got {self.gsa_feature_map!r}")
+        if not self.gsa_gate_logit_normalizer > 0:
+            raise ValueError(f"gsa_gate_logit_normalizer must be > 0, got {self.gsa_gate_logit_normalizer!r}")
+        layers = list(self.gsa_full_attention_layers)
+        bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
+        if bad or len(set(layers)) != len(layers):
+            raise ValueError(
+                f"gsa_full_attention_layers must be distinct layer indices in "
+                f"[0, {self.num_hidden_layers}), got {layers}"
+            )
+
+    def is_gsa_layer(self, layer_idx: int) -> bool:
+        return layer_idx not in self.gsa_full_attention_layers
+
+
+class T2RLlamaConfig(GSASettings, LlamaConfig):
+    model_type = "t2r_llama"
+
+
+class T2RMistralConfig(GSASettings, MistralConfig):
+    model_type = "t2r_mistral"
+
+
+class T2RQwen2Config(GSASettings, Qwen2Config):
+    model_type = "t2r_qwen2"
+
+
+class T2RQwen3Config(GSASettings, Qwen3Config):
+    model_type = "t2r_qwen3"
+
+
+# teacher model_type -> converted config class
+T2R_CONFIGS: dict[str, type] = {
+    "llama": T2RLlamaConfig,
+    "mistral": T2RMistralConfig,
+    "qwen2": T2RQwen2Config,
+    "qwen3": T2RQwen3Config,
+}

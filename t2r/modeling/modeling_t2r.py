@@ -1,0 +1,229 @@
+"""Converted models: the teacher's own transformers model class with GSA in place of softmax attention.
+
+Only the ``self_attn`` module of each converted layer changes; embeddings, MLPs, norms, the LM head and the
+layers kept as full attention are the teacher's classes and weights. The GSA module adopts the teacher
+attention's q/k/v/o projections (and Qwen3's q/k norms), so their names, shapes and biases match by
+construction, and adds ``f_proj`` (slot gates) and ``g_norm`` (output norm), named as in FLA.
+
+This file and its relative imports are copied next to saved weights for ``trust_remote_code``; the kernel
+imports below are rewritten to sibling modules at save time (see ``write_remote_kernels``).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+from t2r.kernels.gsa_ops import gsa
+
+from .cache_t2r import GSACache
+from .configuration_t2r import T2RLlamaConfig, T2RMistralConfig, T2RQwen2Config, T2RQwen3Config
+
+FEATURE_MAP_FNS = {"swish": F.silu, "relu": F.relu, "identity": lambda x: x}
+
+
+def document_starts(position_ids: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+    """Where packed documents start inside rows (position id 0 after the row's first token), or None."""
+    if position_ids is None or length < 2:
+        return None
+    pos = position_ids.expand(batch, length)
+    starts = pos == 0
+    starts[:, 0] = True
+    return starts if bool(starts[:, 1:].any()) else None
+
+
+class GSAAttention(nn.Module):
+    """Gated Slot Attention in place of one decoder layer's softmax attention (DESIGN.md section 2)."""
+
+    def __init__(self, config, layer_idx: int, teacher_attn: nn.Module):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = teacher_attn.head_dim
+        self.num_slots = config.gsa_num_slots
+        self.gate_logit_normalizer = config.gsa_gate_logit_normalizer
+        self.scale = config.gsa_scale
+        self.use_rope = config.gsa_use_rope
+        self.feature_map = FEATURE_MAP_FNS[config.gsa_feature_map]
+        # Reused teacher modules (same parameter names as in the teacher checkpoint).
+        self.q_proj, self.k_proj = teacher_attn.q_proj, teacher_attn.k_proj
+        self.v_proj, self.o_proj = teacher_attn.v_proj, teacher_attn.o_proj
+        self.q_norm = getattr(teacher_attn, "q_norm", None)
+        self.k_norm = getattr(teacher_attn, "k_norm", None)
+        # New modules.
+        self.f_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.num_slots, bias=False)
+        self.g_norm = LlamaRMSNorm(self.num_heads * self.head_dim, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        B, T, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            cos, sin = position_embeddings
+            q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        q, k, v = self.feature_map(q), self.feature_map(k), F.silu(v)
+        f = self.f_proj(hidden_states).view(B, T, self.num_kv_heads, self.num_slots)
+        g = F.logsigmoid(f.float()) / self.gate_logit_normalizer  # log forget gate, fp32
+        s = -torch.expm1(g)  # write weight 1 - alpha
+        token_mask = kwargs.get("gsa_token_mask")
+        if token_mask is not None:  # padding neither writes nor decays the memories
+            keep = token_mask[:, -T:].to(g.dtype)[..., None, None]
+            g, s = g * keep, s * keep
+
+        layer_cache = None
+        if past_key_values is not None:
+            if not hasattr(past_key_values, "gsa_layer"):
+                raise TypeError(f"converted models need a GSACache, got {type(past_key_values).__name__}")
+            layer_cache = past_key_values.gsa_layer(self.layer_idx)
+        state = layer_cache.state if layer_cache is not None else None
+        starts = document_starts(kwargs.get("position_ids"), B, T)
+        if starts is None:
+            o, state = gsa(q, k, v, s, g, self.scale, state, output_final_state=layer_cache is not None)
+        else:
+            o, state = _packed_gsa(q, k, v, s, g, self.scale, state, starts)
+        if layer_cache is not None:
+            layer_cache.update_state(state, T)
+        o = self.g_norm(F.silu(o.reshape(B, T, -1)))
+        return self.o_proj(o), None
+
+
+def _packed_gsa(q, k, v, s, g, scale, state, starts):
+    """Rows holding several documents: run them as packed sequences so each document starts from a zero
+    state; a row's first document continues from the row's cached state, and the row's last document's
+    final state becomes the row's new state."""
+    B, T = starts.shape
+    flat = starts.reshape(-1)
+    begin = flat.nonzero().squeeze(-1)
+    cu_seqlens = torch.cat([begin, begin.new_tensor([B * T])])
+    row_first = (begin % T == 0).nonzero().squeeze(-1)  # document index of each row's first document
+    row_last = torch.cat([row_first[1:] - 1, row_first.new_tensor([len(begin) - 1])])
+    Hkv, K, M, V = k.shape[2], k.shape[3], s.shape[3], v.shape[3]
+    init = None
+    if state is not None:
+        init = (
+            q.new_zeros(len(begin), Hkv, K, M, dtype=torch.float32),
+            q.new_zeros(len(begin), Hkv, M, V, dtype=torch.float32),
+        )
+        init = (init[0].index_copy(0, row_first, state[0]), init[1].index_copy(0, row_first, state[1]))
+    packed = (x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, s, g))
+    o, final = gsa(*packed, scale, init, output_final_state=True, cu_seqlens=cu_seqlens)
+    return o.reshape(B, T, *o.shape[2:]), (final[0][row_last], final[1][row_last])
+
+
+KERNEL_IMPORT = re.compile(r"^from t2r\.kernels\.(\w+) import", flags=re.MULTILINE)
+
+
+def write_remote_kernels(save_directory: str | Path) -> None:
+    """Make a saved directory self-contained: copy the GSA kernel modules beside the modeling code and point
+    its ``t2r.kernels`` imports at them, so ``trust_remote_code`` loads work without t2r installed."""
+    save_directory = Path(save_directory)
+    kernels_dir = Path(gsa.__code__.co_filename).parent
+    for src in sorted(kernels_dir.glob("gsa_*.py")):
+        dest = save_directory / src.name
+        if src.resolve() != dest.resolve():
+            shutil.copyfile(src, dest)
+    for path in save_directory.glob("*.py"):
+        text = path.read_text()
+        fixed = KERNEL_IMPORT.sub(r"from .\1 import", text)
+        if fixed != text:
+            path.write_text(fixed)
+
+
+class T2RModelMixin:
+    """Swaps attention for GSA after the teacher's class builds itself; wires the GSA cache into forward and
+    generate(); makes saved directories self-contained."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        for idx, layer in enumerate(self.model.layers):
+            if config.is_gsa_layer(idx):
+                layer.self_attn = GSAAttention(config, idx, layer.self_attn)
+        self.post_init()  # initialises only the new modules: the others are already marked initialised
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and past_key_values is None:
+            past_key_values = GSACache(self.config)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            kwargs["gsa_token_mask"] = attention_mask
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            model_kwargs["past_key_values"] = GSACache(self.config)
+            return None
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_remote_kernels(save_directory)
+
+
+class T2RLlamaForCausalLM(T2RModelMixin, LlamaForCausalLM):
+    config_class = T2RLlamaConfig
+
+
+class T2RMistralForCausalLM(T2RModelMixin, MistralForCausalLM):
+    config_class = T2RMistralConfig
+
+
+class T2RQwen2ForCausalLM(T2RModelMixin, Qwen2ForCausalLM):
+    config_class = T2RQwen2Config
+
+
+class T2RQwen3ForCausalLM(T2RModelMixin, Qwen3ForCausalLM):
+    config_class = T2RQwen3Config
+
+
+T2R_MODELS: dict[type, type] = {
+    T2RLlamaConfig: T2RLlamaForCausalLM,
+    T2RMistralConfig: T2RMistralForCausalLM,
+    T2RQwen2Config: T2RQwen2ForCausalLM,
+    T2RQwen3Config: T2RQwen3ForCausalLM,
+}
+
+for _config_cls, _model_cls in T2R_MODELS.items():
+    _config_cls.register_for_auto_class()
+    _model_cls.register_for_auto_class("AutoModelForCausalLM")
