@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
 app = typer.Typer(
@@ -24,8 +28,48 @@ def version() -> None:
     typer.echo(__version__)
 
 
+@app.command()
+def convert(
+    src: Annotated[str, typer.Argument(help="alias (e.g. smollm2-135m, mistral-7b), HF directory, hub id or .gguf")],
+    out: Annotated[Path, typer.Argument(help="output directory (written atomically)")],
+    slots: Annotated[int, typer.Option(help="GSA memory slots M")] = 64,
+    feature_map: Annotated[str, typer.Option(help="q/k feature map: swish, relu or identity")] = "swish",
+    rope: Annotated[bool, typer.Option("--rope/--no-rope", help="apply the teacher's RoPE to q/k")] = False,
+    gate_init: Annotated[str, typer.Option(help="random: N(0, 0.02); kproj: pooled teacher k_proj rows")] = "kproj",
+    full_attention_layers: Annotated[str, typer.Option(help="layers kept as softmax attention, e.g. 0,16")] = "",
+    dtype: Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default: the teacher's)")] = None,
+    max_shard_size: Annotated[str, typer.Option(help="largest output shard")] = "2GB",
+    seed: Annotated[int, typer.Option(help="seed for random gate init")] = 0,
+    force: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
+    allow_download: Annotated[bool, typer.Option(help="fetch hub ids missing from the local HF cache")] = False,
+) -> None:
+    """Convert a pretrained Transformer checkpoint into a GSA checkpoint (streamed, shard by shard)."""
+    from t2r.convert import ConvertOptions, parse_layer_list
+    from t2r.convert import convert as run_convert
+
+    options = ConvertOptions(
+        slots=slots,
+        feature_map=feature_map,
+        rope=rope,
+        gate_init=gate_init,
+        full_attention_layers=parse_layer_list(full_attention_layers),
+        dtype=dtype,
+        seed=seed,
+        max_shard_size=max_shard_size,
+    )
+    path = run_convert(src, out, options, force=force, allow_download=allow_download)
+    typer.echo(f"converted {src} -> {path}")
+
+
 def main() -> None:
-    app()
+    """Run the CLI; user errors become one line on stderr and exit status 1."""
+    from t2r.errors import T2RError
+
+    try:
+        app()
+    except T2RError as e:
+        print(f"t2r: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

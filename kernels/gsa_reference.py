@@ -41,8 +41,7 @@ def _check(q, k, v, s, g, initial_state, cu_seqlens) -> tuple[int, int]:
         M, V = s.shape[3], v.shape[3]
         if hk.shape != (n, Hkv, K, M) or hv.shape != (n, Hkv, M, V):
             raise ValueError(
-                f"initial_state shapes {tuple(hk.shape)}, {tuple(hv.shape)} != "
-                f"{(n, Hkv, K, M)}, {(n, Hkv, M, V)}"
+                f"initial_state shapes {tuple(hk.shape)}, {tuple(hv.shape)} != {(n, Hkv, K, M)}, {(n, Hkv, M, V)}"
             )
     return H // Hkv, n
 
@@ -207,8 +206,7 @@ def gsa_chunk(
         lengths = [hi - lo for lo, hi in itertools.pairwise(bounds)]
         Tp = max(-(-max(lengths) // chunk_size) * chunk_size, chunk_size)
         padded = [
-            torch.cat([_pad_time(x[:, lo:hi], Tp) for lo, hi in itertools.pairwise(bounds)])
-            for x in (q, k, v, s, g)
+            torch.cat([_pad_time(x[:, lo:hi], Tp) for lo, hi in itertools.pairwise(bounds)]) for x in (q, k, v, s, g)
         ]
         o_pad, final = _chunk_core(*padded, scale, state, chunk_size)
         o = torch.cat([o_pad[i : i + 1, :length] for i, length in enumerate(lengths)], dim=1)

@@ -97,9 +97,7 @@ def test_padding_does_not_write_into_state():
     mask = torch.cat([torch.zeros(1, 6, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)], dim=1)
     a = model(p, use_cache=True).past_key_values
     # position ids without a reset, so only the attention mask can keep the padding out of the memories
-    b = model(
-        padded, attention_mask=mask, position_ids=torch.arange(15)[None], use_cache=True
-    ).past_key_values
+    b = model(padded, attention_mask=mask, position_ids=torch.arange(15)[None], use_cache=True).past_key_values
     for la, lb in zip(a.layers, b.layers, strict=True):
         assert rel_err(lb.state[0], la.state[0]) <= 1e-6 and rel_err(lb.state[1], la.state[1]) <= 1e-6
 
@@ -219,7 +217,5 @@ def test_trust_remote_code_without_t2r(tmp_path):
     assert info["cls"].startswith("transformers_modules")
     remote = torch.load(tmp_path / "logits.pt", weights_only=True)
     assert torch.equal(remote, model(ids).logits)
-    local_gen = model.generate(
-        ids[:1, :5], max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None
-    )
+    local_gen = model.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert info["gen"] == local_gen.tolist()

@@ -11,14 +11,33 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_wheel_installs_everything_under_t2r(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = tmp_path.glob("t2r-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.startswith("t2r-")}
     assert tops == {"t2r"}, tops
-    for needed in ("t2r/cli.py", "t2r/kernels/__init__.py", "t2r/kernels/gsa_reference.py",
-                   "t2r/modeling/modeling_t2r.py"):
+    for needed in (
+        "t2r/cli.py",
+        "t2r/kernels/__init__.py",
+        "t2r/kernels/gsa_reference.py",
+        "t2r/modeling/modeling_t2r.py",
+    ):
         assert needed in names
 
 

@@ -86,10 +86,7 @@ class GSACache(Cache):
 
     def __init__(self, config):
         kv_layers = DynamicCache(config=config).layers
-        layers = [
-            GSAStateLayer() if config.is_gsa_layer(i) else kv_layers[i]
-            for i in range(config.num_hidden_layers)
-        ]
+        layers = [GSAStateLayer() if config.is_gsa_layer(i) else kv_layers[i] for i in range(config.num_hidden_layers)]
         super().__init__(layers=layers)
 
     def gsa_layer(self, layer_idx: int) -> GSAStateLayer:

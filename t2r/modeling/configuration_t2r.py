@@ -47,6 +47,11 @@ class GSASettings:
     def is_gsa_layer(self, layer_idx: int) -> bool:
         return layer_idx not in self.gsa_full_attention_layers
 
+    @property
+    def attention_head_dim(self) -> int:
+        """Per-head width of q/k/v (Qwen2's config has no head_dim field)."""
+        return getattr(self, "head_dim", None) or self.hidden_size // self.num_attention_heads
+
 
 class T2RLlamaConfig(GSASettings, LlamaConfig):
     model_type = "t2r_llama"

@@ -148,6 +148,17 @@ def write_remote_kernels(save_directory: str | Path) -> None:
             path.write_text(fixed)
 
 
+def save_remote_code(config, save_directory: str | Path) -> None:
+    """Write config.json (with auto_map) and the modeling code for ``config`` without building weights."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    with torch.device("meta"):
+        model = T2R_MODELS[type(config)](config)
+    custom_object_save(model, save_directory, config=config)
+    config.save_pretrained(save_directory)
+    write_remote_kernels(save_directory)
+
+
 class T2RModelMixin:
     """Swaps attention for GSA after the teacher's class builds itself; wires the GSA cache into forward and
     generate(); makes saved directories self-contained."""

@@ -1,0 +1,167 @@
+"""Streaming safetensors I/O: read a sharded checkpoint tensor by tensor, write re-sharded output with an index.
+
+Nothing here holds more than one output shard in memory, which is what lets a 7B checkpoint convert on a
+small machine.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import T2RError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_ST_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shard: Path
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = _ST_DTYPE_BYTES.get(self.dtype, 4)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise T2RError(f"cannot read size {text!r} (use e.g. 2GB, 500MB)")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    return int(float(m.group(1)) * base**power)
+
+
+def shard_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, in index order."""
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise T2RError(f"unreadable shard index {index}: {e}") from None
+        names = list(dict.fromkeys(weight_map.values()))
+        missing = [n for n in names if not (model_dir / n).is_file()]
+        if missing:
+            raise T2RError(f"checkpoint {model_dir} is missing shard(s) {', '.join(missing)} listed in {INDEX_NAME}")
+        return [model_dir / n for n in names]
+    if (model_dir / SINGLE_NAME).is_file():
+        return [model_dir / SINGLE_NAME]
+    found = sorted(model_dir.glob("*.safetensors"))
+    if found:
+        return found
+    if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
+        raise T2RError(
+            f"{model_dir} holds only pickled weights (.bin/.pt); t2r reads safetensors only "
+            "(convert them with transformers' save_pretrained first)"
+        )
+    raise T2RError(f"no safetensors weights in {model_dir}")
+
+
+def read_tensor_infos(shards: list[Path]) -> list[TensorInfo]:
+    """Headers of every shard; raises a one-line error for a truncated or corrupt file."""
+    infos: list[TensorInfo] = []
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    sl = f.get_slice(name)
+                    infos.append(TensorInfo(name, shard, sl.get_dtype(), tuple(sl.get_shape())))
+        except (SafetensorError, OSError) as e:
+            raise T2RError(f"corrupt or truncated shard {shard.name}: {e}") from None
+    return infos
+
+
+def iter_tensors(infos: list[TensorInfo]) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
+    """Yield tensors one at a time, opening each shard once (reads are copies, not resident mmaps)."""
+    by_shard: dict[Path, list[TensorInfo]] = {}
+    for info in infos:
+        by_shard.setdefault(info.shard, []).append(info)
+    for shard, items in by_shard.items():
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                for info in items:
+                    yield info, f.get_tensor(info.name)
+        except SafetensorError as e:
+            raise T2RError(f"corrupt shard {shard.name}: {e}") from None
+
+
+class ShardWriter:
+    """Accumulate tensors and flush a safetensors shard whenever ``max_shard_bytes`` would be exceeded;
+    ``close`` names the shards model-0000i-of-0000n and writes the index (or a single model.safetensors)."""
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int, metadata: dict[str, str] | None = None):
+        self.out_dir = out_dir
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._written: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._pending or any(name in names for _, names in self._written):
+            raise ValueError(f"duplicate tensor {name}")
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        path = self.out_dir / f".shard-{len(self._written):05d}.safetensors"
+        save_file(self._pending, str(path), metadata=self.metadata)
+        self._written.append((path, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        if self._pending or not self._written:
+            self._flush()
+        n = len(self._written)
+        if n == 1:
+            final = self.out_dir / SINGLE_NAME
+            self._written[0][0].rename(final)
+            return [final]
+        weight_map, finals = {}, []
+        for i, (path, names) in enumerate(self._written):
+            final = self.out_dir / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(final)
+            finals.append(final)
+            weight_map.update(dict.fromkeys(names, final.name))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return finals

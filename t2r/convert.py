@@ -1,0 +1,263 @@
+"""Teacher checkpoint -> GSA checkpoint, streamed shard by shard.
+
+Every teacher tensor is copied unchanged (bit-identical unless --dtype asks for a cast); each GSA layer gains
+``self_attn.f_proj.weight`` (slot gates) and ``self_attn.g_norm.weight`` (ones). Peak memory is one output
+shard plus one tensor, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import __version__
+from .checkpoint_io import DTYPES, ShardWriter, iter_tensors, parse_size, read_tensor_infos, shard_files
+from .errors import T2RError
+from .fsutil import atomic_directory, check_destination
+from .modeling.configuration_t2r import FEATURE_MAPS, T2R_CONFIGS
+from .sources import TOKENIZER_FILES, Source, resolve_source
+
+GATE_INITS = ("random", "kproj")
+_LAYER_KPROJ = re.compile(r"^model\.layers\.(\d+)\.self_attn\.k_proj\.weight$")
+
+
+@dataclass
+class ConvertOptions:
+    slots: int = 64
+    feature_map: str = "swish"
+    rope: bool = False
+    gate_init: str = "kproj"
+    full_attention_layers: list[int] = field(default_factory=list)
+    dtype: str | None = None  # None keeps the teacher's dtype
+    gate_logit_normalizer: float = 8.0
+    seed: int = 0
+    max_shard_size: str = "2GB"
+
+    def validate(self, num_layers: int | None = None) -> None:
+        if not isinstance(self.slots, int) or self.slots < 1:
+            raise T2RError(f"--slots must be a positive integer, got {self.slots}")
+        if self.feature_map not in FEATURE_MAPS:
+            raise T2RError(f"--feature-map must be one of {', '.join(FEATURE_MAPS)}, got {self.feature_map!r}")
+        if self.gate_init not in GATE_INITS:
+            raise T2RError(f"--gate-init must be one of {', '.join(GATE_INITS)}, got {self.gate_init!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise T2RError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if len(set(self.full_attention_layers)) != len(self.full_attention_layers):
+            raise T2RError(f"--full-attention-layers repeats a layer: {self.full_attention_layers}")
+        if num_layers is not None:
+            bad = [i for i in self.full_attention_layers if not 0 <= i < num_layers]
+            if bad:
+                raise T2RError(f"--full-attention-layers {bad} out of range: the model has {num_layers} layers")
+        parse_size(self.max_shard_size)
+
+
+def parse_layer_list(text: str | None) -> list[int]:
+    """'0,16' -> [0, 16]; '' or None -> []."""
+    if not text:
+        return []
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise T2RError(f"--full-attention-layers expects comma-separated integers, got {text!r}") from None
+
+
+def gsa_config_from_teacher(teacher_config: dict, options: ConvertOptions):
+    """The converted model's config: the teacher's fields plus the GSA settings."""
+    model_type = teacher_config.get("model_type")
+    if model_type not in T2R_CONFIGS:
+        arch = ", ".join(teacher_config.get("architectures") or []) or "?"
+        raise T2RError(f"unsupported architecture {model_type!r} ({arch}); supported: {', '.join(T2R_CONFIGS)}")
+    fields = {
+        k: v
+        for k, v in teacher_config.items()
+        if k not in ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config")
+    }
+    options.validate(teacher_config.get("num_hidden_layers"))
+    cls = T2R_CONFIGS[model_type]
+    config = cls(
+        **fields,
+        gsa_num_slots=options.slots,
+        gsa_feature_map=options.feature_map,
+        gsa_gate_logit_normalizer=options.gate_logit_normalizer,
+        gsa_use_rope=options.rope,
+        gsa_full_attention_layers=sorted(options.full_attention_layers),
+    )
+    config.architectures = [cls.__name__.replace("Config", "ForCausalLM")]
+    return config
+
+
+def init_gate(config, layer_idx: int, k_proj: torch.Tensor | None, gate_init: str, seed: int) -> torch.Tensor:
+    """f_proj weight [Hkv * M, hidden] for one layer.
+
+    random: N(0, 0.02), as in the GSA paper's code. kproj: each KV head's key rows average-pooled onto the M
+    slots (adaptive pooling: groups of rows when head_dim > M, repeated rows when head_dim < M), so gates start
+    as pooled keys of the same token, as Liger does.
+    """
+    Hkv, M, D = config.num_key_value_heads, config.gsa_num_slots, config.hidden_size
+    if gate_init == "random":
+        gen = torch.Generator().manual_seed(seed * 100_003 + layer_idx)
+        return torch.randn(Hkv * M, D, generator=gen) * config.initializer_range
+    head_dim = k_proj.shape[0] // Hkv
+    rows = k_proj.float().reshape(Hkv, head_dim, D).permute(0, 2, 1)  # [Hkv, D, head_dim]
+    return F.adaptive_avg_pool1d(rows, M).permute(0, 2, 1).reshape(Hkv * M, D)
+
+
+def _count_params(infos) -> int:
+    total = 0
+    for info in infos:
+        n = 1
+        for d in info.shape:
+            n *= d
+        total += n
+    return total
+
+
+def convert(
+    src: str,
+    out: str | Path,
+    options: ConvertOptions | None = None,
+    *,
+    force: bool = False,
+    allow_download: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert SRC (alias, directory, hub id or .gguf) into a GSA checkpoint directory OUT (atomically)."""
+    options = options or ConvertOptions()
+    options.validate()
+    out = check_destination(out, force)
+    source = resolve_source(src, allow_download=allow_download)
+    teacher_config = json.loads((source.path / "config.json").read_text())
+    config = gsa_config_from_teacher(teacher_config, options)
+    infos = read_tensor_infos(shard_files(source.path))
+    _check_layout(infos, config)
+    started = time.time()
+    with atomic_directory(out, force=force) as tmp:
+        stats = _write_weights(infos, config, options, tmp, progress)
+        _write_side_files(source, config, tmp)
+        record = {
+            "t2r_version": __version__,
+            "source": source.provenance(),
+            "teacher_model_type": teacher_config.get("model_type"),
+            "options": asdict(options),
+            "gsa_layers": [i for i in range(config.num_hidden_layers) if config.is_gsa_layer(i)],
+            **stats,
+            "seconds": round(time.time() - started, 1),
+        }
+        (tmp / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(record, config))
+    return out
+
+
+def _check_layout(infos, config) -> None:
+    names = {i.name for i in infos}
+    missing = [
+        f"model.layers.{i}.self_attn.{p}_proj.weight"
+        for i in range(config.num_hidden_layers)
+        if config.is_gsa_layer(i)
+        for p in "qkvo"
+        if f"model.layers.{i}.self_attn.{p}_proj.weight" not in names
+    ]
+    if missing:
+        raise T2RError(f"checkpoint lacks attention weights the config promises, e.g. {missing[0]}")
+    clash = [n for n in names if ".f_proj." in n or ".g_norm." in n]
+    if clash:
+        raise T2RError(f"source already has GSA tensors ({clash[0]}); it looks converted already")
+
+
+def _write_weights(infos, config, options: ConvertOptions, out_dir: Path, progress: bool) -> dict:
+    out_dtype = DTYPES.get(options.dtype) if options.dtype else None
+    writer = ShardWriter(out_dir, parse_size(options.max_shard_size), metadata={"t2r": __version__})
+    gsa_layers = [i for i in range(config.num_hidden_layers) if config.is_gsa_layer(i)]
+    new_names: list[str] = []
+    new_params = 0
+    first_dtype = None
+    bar = tqdm(total=len(infos), unit="tensor", desc="convert", disable=not progress)
+    for info, tensor in iter_tensors(infos):
+        first_dtype = first_dtype or tensor.dtype
+        writer.add(info.name, tensor if out_dtype is None else tensor.to(out_dtype))
+        m = _LAYER_KPROJ.match(info.name)
+        if m and int(m.group(1)) in gsa_layers:
+            idx = int(m.group(1))
+            dtype = out_dtype or tensor.dtype
+            prefix = f"model.layers.{idx}.self_attn"
+            gate = init_gate(config, idx, tensor, options.gate_init, options.seed).to(dtype)
+            norm = torch.ones(config.num_attention_heads * config.attention_head_dim, dtype=dtype)
+            for name, t in ((f"{prefix}.f_proj.weight", gate), (f"{prefix}.g_norm.weight", norm)):
+                writer.add(name, t)
+                new_names.append(name)
+                new_params += t.numel()
+        bar.update(1)
+        bar.set_postfix_str(info.shard.name, refresh=False)
+    bar.close()
+    shards = writer.close()
+    config.dtype = out_dtype or first_dtype
+    teacher_params = _count_params(infos)
+    return {
+        "tensors_reused": len(infos),
+        "tensors_new": len(new_names),
+        "new_tensor_names": new_names,
+        "params_teacher": teacher_params,
+        "params_new": new_params,
+        "params_total": teacher_params + new_params,
+        "output_shards": [p.name for p in shards],
+        "output_bytes": writer.total_bytes,
+    }
+
+
+def _write_side_files(source: Source, config, out_dir: Path) -> None:
+    from .modeling.modeling_t2r import save_remote_code
+
+    save_remote_code(config, out_dir)
+    for name in TOKENIZER_FILES:
+        if (source.path / name).is_file():
+            shutil.copyfile(source.path / name, out_dir / name)
+
+
+def model_card(record: dict, config) -> str:
+    src = record["source"]
+    base = src.get("repo_id")
+    opts = record["options"]
+    front = ["---", "library_name: transformers", "tags: [t2r, gated-slot-attention, linear-attention, rnn]"]
+    if base:
+        front.append(f"base_model: {base}")
+    front.append("---")
+    n_gsa, n_layers = len(record["gsa_layers"]), config.num_hidden_layers
+    lines = [
+        *front,
+        "",
+        f"# {config.architectures[0]} converted by t2r {record['t2r_version']}",
+        "",
+        f"Converted from `{src.get('repo_id') or src['spec']}` ({src['kind']}"
+        + (f", revision {src['revision']}" if src.get("revision") else "")
+        + (f", GGUF sha256 {src['gguf_sha256'][:16]}…" if src.get("gguf_sha256") else "")
+        + ").",
+        f"{n_gsa} of {n_layers} layers use Gated Slot Attention; the others keep softmax attention.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| slots | {opts['slots']} |",
+        f"| feature map | {opts['feature_map']} |",
+        f"| RoPE on q/k | {opts['rope']} |",
+        f"| gate init | {opts['gate_init']} |",
+        f"| full-attention layers | {opts['full_attention_layers'] or 'none'} |",
+        f"| parameters | {record['params_total']:,} ({record['params_new']:,} new) |",
+        "",
+        "**Not finetuned yet**: the new gate projections are untrained, so quality is far below the teacher",
+        "until `t2r finetune` has run.",
+        "",
+        "```python",
+        "import t2r  # or: from_pretrained(..., trust_remote_code=True) without t2r installed",
+        "from transformers import AutoModelForCausalLM",
+        "model = AutoModelForCausalLM.from_pretrained(PATH)",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

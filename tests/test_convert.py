@@ -1,0 +1,235 @@
+"""t2r convert: streamed conversion of tiny sharded teachers of each architecture, options and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import rel_err, teacher_config
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from t2r.convert import ConvertOptions, convert, init_gate
+from t2r.modeling.modeling_t2r import GSAAttention
+
+
+def make_teacher(tmp_path: Path, arch: str, **overrides) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    config = teacher_config(arch, **overrides)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    path = tmp_path / f"teacher-{arch}"
+    model.save_pretrained(path, max_shard_size="60KB")  # several shards, like a hub checkpoint
+    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 2048}))
+    return path, model
+
+
+def load_all(path: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+    return tensors
+
+
+@pytest.mark.parametrize("gate_init", ["random", "kproj"])
+def test_convert_tiny_teacher(tmp_path, arch, gate_init):
+    src, teacher = make_teacher(tmp_path, arch)
+    assert len(list(src.glob("*.safetensors"))) > 2
+    out = convert(str(src), tmp_path / "out", ConvertOptions(slots=8, gate_init=gate_init), progress=False)
+    before, after = load_all(src), load_all(out)
+    for name, t in before.items():  # every teacher tensor, bit for bit
+        assert after[name].dtype == t.dtype and torch.equal(after[name], t), name
+    cfg = teacher.config
+    new = set(after) - set(before)
+    assert len(new) == 2 * cfg.num_hidden_layers
+    for i in range(cfg.num_hidden_layers):
+        assert after[f"model.layers.{i}.self_attn.f_proj.weight"].shape == (cfg.num_key_value_heads * 8, 48)
+        norm = after[f"model.layers.{i}.self_attn.g_norm.weight"]
+        assert torch.equal(norm, torch.ones(6 * (getattr(cfg, "head_dim", None) or 8)))
+    record = json.loads((out / "conversion.json").read_text())
+    assert record["tensors_reused"] == len(before) and record["tensors_new"] == len(new)
+    assert record["params_new"] == sum(after[n].numel() for n in new)
+    assert (out / "README.md").is_file() and (out / "tokenizer_config.json").is_file()
+    assert (out / "modeling_t2r.py").is_file() and (out / "gsa_reference.py").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert all(isinstance(layer.self_attn, GSAAttention) for layer in model.model.layers)
+    with torch.no_grad():
+        logits = model(torch.randint(3, 101, (2, 40))).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_kproj_gate_init_pools_key_rows():
+    config = type("C", (), dict(num_key_value_heads=2, gsa_num_slots=4, hidden_size=5, initializer_range=0.02))
+    k = torch.randn(2 * 8, 5)  # head_dim 8 -> 4 slots: mean of row pairs
+    gate = init_gate(config, 0, k, "kproj", 0)
+    expect = k.reshape(2, 4, 2, 5).mean(2).reshape(8, 5)
+    assert rel_err(gate, expect) <= 1e-6
+    config.gsa_num_slots = 8  # head_dim == slots: the key rows themselves
+    assert torch.equal(init_gate(config, 0, k, "kproj", 0), k)
+    config.gsa_num_slots = 16  # more slots than key dims: rows repeated
+    assert torch.equal(init_gate(config, 0, k, "kproj", 0), k.reshape(2, 8, 1, 5).repeat(1, 1, 2, 1).reshape(32, 5))
+    r1, r2 = init_gate(config, 3, None, "random", 0), init_gate(config, 3, None, "random", 0)
+    assert torch.equal(r1, r2) and abs(r1.std().item() - 0.02) < 0.005
+
+
+@torch.no_grad()
+def test_full_attention_layers_reproduce_teacher(tmp_path):
+    src, teacher = make_teacher(tmp_path, "mistral")
+    out = convert(str(src), tmp_path / "out", ConvertOptions(slots=8, full_attention_layers=[0, 2]), progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    kinds = [type(layer.self_attn).__name__ for layer in model.model.layers]
+    assert kinds == ["MistralAttention", "GSAAttention", "MistralAttention"]
+    captured = {}
+
+    def keep(name):
+        return lambda mod, args, kwargs, output: captured.__setitem__(name, output[0])
+
+    teacher.model.layers[0].self_attn.register_forward_hook(keep("teacher"), with_kwargs=True)
+    model.model.layers[0].self_attn.register_forward_hook(keep("student"), with_kwargs=True)
+    ids = torch.randint(3, 101, (2, 33))
+    teacher(ids)
+    model(ids)
+    assert torch.equal(captured["teacher"], captured["student"])
+    every = convert(str(src), tmp_path / "all", ConvertOptions(full_attention_layers=[0, 1, 2]), progress=False)
+    same = AutoModelForCausalLM.from_pretrained(every).eval()
+    assert torch.equal(same(ids).logits, teacher(ids).logits)
+
+
+def test_dtype_option_casts_everything(tmp_path):
+    src, _ = make_teacher(tmp_path, "llama")
+    out = convert(str(src), tmp_path / "out", ConvertOptions(slots=8, dtype="bf16"), progress=False)
+    tensors = load_all(out)
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_output_is_resharded_with_index(tmp_path):
+    src, _ = make_teacher(tmp_path, "qwen2")
+    out = convert(str(src), tmp_path / "out", ConvertOptions(slots=8, max_shard_size="100KB"), progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and set(index["weight_map"].values()) == {p.name for p in shards}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in load_all(out).values())
+
+
+def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
+    src, _ = make_teacher(tmp_path, "llama")
+    calls = []
+
+    def boom(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return init_gate(*args, **kwargs)
+
+    monkeypatch.setattr("t2r.convert.init_gate", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        convert(str(src), tmp_path / "out", ConvertOptions(slots=8), progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def run_cli(args, capsys):
+    from t2r.cli import main
+
+    capsys.readouterr()  # drop output from test setup
+    argv = sys.argv
+    sys.argv = ["t2r", *args]
+    try:
+        with pytest.raises(SystemExit) as exc:
+            main()
+    finally:
+        sys.argv = argv
+    return exc.value.code, capsys.readouterr()
+
+
+def assert_one_line_error(code, captured, pattern):
+    assert code == 1
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("t2r: error: "), captured.err
+    assert pattern in lines[0], lines[0]
+
+
+def test_cli_convert_runs(tmp_path, capsys):
+    src, _ = make_teacher(tmp_path, "qwen3")
+    code, captured = run_cli(
+        [
+            "convert",
+            str(src),
+            str(tmp_path / "out"),
+            "--slots",
+            "8",
+            "--rope",
+            "--full-attention-layers",
+            "1",
+            "--gate-init",
+            "random",
+        ],
+        capsys,
+    )
+    assert code == 0, captured.err
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["gsa_use_rope"] is True and config["gsa_full_attention_layers"] == [1]
+    assert config["model_type"] == "t2r_qwen3"
+
+
+@pytest.mark.parametrize("case", ["missing", "alias", "arch", "slots", "exists", "truncated", "layers", "hub"])
+def test_cli_bad_inputs(tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    if case in ("arch", "slots", "exists", "truncated", "layers"):
+        src, _ = make_teacher(tmp_path, "llama")
+    args, expect = {
+        "missing": (["./no/such/model", str(out)], "not found"),
+        "alias": (["llama-9000", str(out)], "unknown model alias 'llama-9000'"),
+        "arch": None,
+        "slots": (["SRC", str(out), "--slots", "0"], "--slots must be a positive integer"),
+        "exists": (["SRC", str(out)], "already exists"),
+        "truncated": None,
+        "layers": (["SRC", str(out), "--full-attention-layers", "1,7"], "out of range"),
+        "hub": (["someone/some-model", str(out)], "not in the local Hugging Face cache"),
+    }[case] or (None, None)
+    if case == "arch":
+        cfg = json.loads((src / "config.json").read_text())
+        cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+        (src / "config.json").write_text(json.dumps(cfg))
+        args, expect = ["SRC", str(out)], "unsupported architecture 'gpt2' (GPT2LMHeadModel)"
+    if case == "truncated":
+        shard = sorted(src.glob("model-*.safetensors"))[1]
+        shard.write_bytes(shard.read_bytes()[:-100])
+        args, expect = ["SRC", str(out)], f"corrupt or truncated shard {shard.name}"
+    if case == "exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    args = [str(src) if a == "SRC" else a for a in args]
+    code, captured = run_cli(["convert", *args], capsys)
+    assert_one_line_error(code, captured, expect)
+    if case == "exists":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    else:
+        assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+@pytest.mark.slow
+def test_convert_real_smollm2_from_gguf(tmp_path):
+    pytest.importorskip("gguf")
+    out = convert("smollm2-135m", tmp_path / "smollm2", ConvertOptions(), progress=False)
+    record = json.loads((out / "conversion.json").read_text())
+    assert record["source"]["kind"] == "gguf" and record["teacher_model_type"] == "llama"
+    teacher_dir = Path(record["source"]["path"])
+    before, after = load_all(teacher_dir), load_all(out)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert record["params_new"] == 30 * (3 * 64 * 576 + 576)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        logits = model(torch.randint(0, 49152, (1, 64))).logits
+    assert torch.isfinite(logits).all()
+    assert (out / "tokenizer.json").is_file()
+    # kproj gates of layer 0: head_dim 64 == slots 64, so f_proj is k_proj itself
+    gate, key = after["model.layers.0.self_attn.f_proj.weight"], before["model.layers.0.self_attn.k_proj.weight"]
+    assert torch.equal(gate, key)
