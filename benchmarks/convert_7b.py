@@ -4,7 +4,7 @@ The input has the real shapes (32 layers, hidden 4096, GQA 32/8, vocab 32000; 7.
 and is sharded like the hub's (two shards split at 10 GB). The conversion runs as `t2r convert` in a child
 process, so its peak RSS is measured alone (ru_maxrss of the child). Not a test: it needs ~30 GB of disk.
 
-    python benchmarks/convert_7b.py --workdir /tmp/t2r-bench-7b [--keep]
+    python benchmarks/convert_7b.py --workdir /tmp/t2r-bench-7b [--keep] [--drop-caches]
 """
 
 from __future__ import annotations
@@ -22,11 +22,25 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
-                  rms_norm_eps=1e-5, sliding_window=4096, rope_theta=10000.0, tie_word_embeddings=False,
-                  bos_token_id=1, eos_token_id=2, model_type="mistral", architectures=["MistralForCausalLM"],
-                  torch_dtype="bfloat16", hidden_act="silu")
+MISTRAL_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-5,
+    sliding_window=4096,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    model_type="mistral",
+    architectures=["MistralForCausalLM"],
+    torch_dtype="bfloat16",
+    hidden_act="silu",
+)
 
 
 def tensor_shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -36,11 +50,17 @@ def tensor_shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:
     shapes = [("model.embed_tokens.weight", (V, D))]
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}"
-        shapes += [(f"{p}.self_attn.q_proj.weight", (D, D)), (f"{p}.self_attn.k_proj.weight", (kv, D)),
-                   (f"{p}.self_attn.v_proj.weight", (kv, D)), (f"{p}.self_attn.o_proj.weight", (D, D)),
-                   (f"{p}.mlp.gate_proj.weight", (F, D)), (f"{p}.mlp.up_proj.weight", (F, D)),
-                   (f"{p}.mlp.down_proj.weight", (D, F)), (f"{p}.input_layernorm.weight", (D,)),
-                   (f"{p}.post_attention_layernorm.weight", (D,))]
+        shapes += [
+            (f"{p}.self_attn.q_proj.weight", (D, D)),
+            (f"{p}.self_attn.k_proj.weight", (kv, D)),
+            (f"{p}.self_attn.v_proj.weight", (kv, D)),
+            (f"{p}.self_attn.o_proj.weight", (D, D)),
+            (f"{p}.mlp.gate_proj.weight", (F, D)),
+            (f"{p}.mlp.up_proj.weight", (F, D)),
+            (f"{p}.mlp.down_proj.weight", (D, F)),
+            (f"{p}.input_layernorm.weight", (D,)),
+            (f"{p}.post_attention_layernorm.weight", (D,)),
+        ]
     return [*shapes, ("model.norm.weight", (D,)), ("lm_head.weight", (V, D))]
 
 
@@ -82,6 +102,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/t2r-bench-7b"))
     ap.add_argument("--keep", action="store_true", help="keep the input and output checkpoints")
+    ap.add_argument("--drop-caches", action="store_true", help="start from a cold page cache (needs root)")
     args = ap.parse_args()
     src, out = args.workdir / "mistral-7b-shaped", args.workdir / "converted"
     if not (src / "model.safetensors.index.json").is_file():
@@ -89,19 +110,28 @@ def main() -> None:
         build(src)
         print(f"built input in {time.time() - t:.0f} s", flush=True)
     in_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    if args.drop_caches:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
     t2r = Path(sys.executable).parent / "t2r"
     started = time.time()
-    proc = subprocess.run([str(t2r), "convert", str(src), str(out), "--slots", "64", "--force"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(t2r), "convert", str(src), str(out), "--slots", "64", "--force"], capture_output=True, text=True
+    )
     wall = time.time() - started
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
     if proc.returncode:
         sys.exit(f"convert failed: {proc.stderr[-2000:]}")
     record = json.loads((out / "conversion.json").read_text())
     result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-        "input_gb": round(in_bytes / 1e9, 2), "output_gb": round(record["output_bytes"] / 1e9, 2),
-        "params_total": record["params_total"], "wall_s": round(wall, 1), "peak_rss_gb": round(peak_gb, 2),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "input_gb": round(in_bytes / 1e9, 2),
+        "output_gb": round(record["output_bytes"] / 1e9, 2),
+        "params_total": record["params_total"],
+        "cold_cache": args.drop_caches,
+        "wall_s": round(wall, 1),
+        "peak_rss_gb": round(peak_gb, 2),
     }
     print(json.dumps(result, indent=2))
     if not args.keep:

@@ -106,17 +106,21 @@ def read_tensor_infos(shards: list[Path]) -> list[TensorInfo]:
 
 
 def iter_tensors(infos: list[TensorInfo]) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
-    """Yield tensors one at a time, opening each shard once (reads are copies, not resident mmaps)."""
-    by_shard: dict[Path, list[TensorInfo]] = {}
+    """Yield tensors one at a time as private copies.
+
+    safetensors hands out views of a memory map; every page read through one stays in this process's RSS
+    until the map closes. Re-opening per tensor and copying keeps RSS at what the caller holds, so a 10 GB
+    shard never becomes 10 GB of resident memory.
+    """
     for info in infos:
-        by_shard.setdefault(info.shard, []).append(info)
-    for shard, items in by_shard.items():
         try:
-            with safe_open(str(shard), framework="pt") as f:
-                for info in items:
-                    yield info, f.get_tensor(info.name)
+            with safe_open(str(info.shard), framework="pt") as f:
+                view = f.get_tensor(info.name)
+                tensor = view.clone()
+                del view
         except SafetensorError as e:
-            raise T2RError(f"corrupt shard {shard.name}: {e}") from None
+            raise T2RError(f"corrupt shard {info.shard.name}: {e}") from None
+        yield info, tensor
 
 
 class ShardWriter:

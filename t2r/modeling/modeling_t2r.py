@@ -30,12 +30,16 @@ FEATURE_MAP_FNS = {"swish": F.silu, "relu": F.relu, "identity": lambda x: x}
 
 
 def document_starts(position_ids: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
-    """Where packed documents start inside rows (position id 0 after the row's first token), or None."""
+    """Where packed documents start inside rows, or None when every row is one sequence.
+
+    Same rule as transformers' packed-sequence masks: a document starts wherever the position id does not
+    continue the previous one (+1), and at the start of every row.
+    """
     if position_ids is None or length < 2:
         return None
     pos = position_ids.expand(batch, length)
-    starts = pos == 0
-    starts[:, 0] = True
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
     return starts if bool(starts[:, 1:].any()) else None
 
 

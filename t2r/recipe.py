@@ -1,0 +1,174 @@
+"""Training recipes: YAML files mapped onto dataclasses, with dotted ``key=value`` overrides.
+
+Unknown keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import T2RError
+
+TRAIN_MODES = ("new", "lora", "full")
+LOSSES = ("transfer", "ce", "kd")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class Stage:
+    name: str = "finetune"
+    train: str = "new"  # new | lora | full
+    steps: int = 100
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    loss: dict[str, float] = field(default_factory=lambda: {"ce": 1.0})
+    kd_temperature: float = 1.0
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
+class DataSettings:
+    text_field: str = "text"
+    add_eos: bool = True
+    eval_fraction: float = 0.01
+
+
+@dataclass
+class Recipe:
+    seq_len: int = 2048
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    seed: int = 0
+    precision: str = "bf16"  # bf16 autocast on CUDA; fp32 elsewhere unless forced
+    gradient_checkpointing: bool = False
+    max_grad_norm: float = 1.0
+    log_every: int = 1
+    eval_every: int = 50
+    eval_rows: int = 16
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    distributed: str = "ddp"  # ddp | fsdp (under torchrun)
+    teacher_device: str | None = None  # KD teacher placement when it is a separate model
+    data: DataSettings = field(default_factory=DataSettings)
+    stages: list[Stage] = field(default_factory=lambda: [Stage()])
+
+    def validate(self) -> None:
+        if self.seq_len < 2 or self.micro_batch_size < 1 or self.grad_accum < 1:
+            raise T2RError("seq_len must be >= 2, micro_batch_size and grad_accum >= 1")
+        if self.precision not in ("bf16", "fp32"):
+            raise T2RError(f"precision must be bf16 or fp32, got {self.precision!r}")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise T2RError(f"distributed must be ddp or fsdp, got {self.distributed!r}")
+        if not 0 <= self.data.eval_fraction < 1:
+            raise T2RError("data.eval_fraction must be in [0, 1)")
+        if not self.stages:
+            raise T2RError("a recipe needs at least one stage")
+        for i, st in enumerate(self.stages):
+            where = f"stages.{i} ({st.name})"
+            if st.train not in TRAIN_MODES:
+                raise T2RError(f"{where}: train must be one of {', '.join(TRAIN_MODES)}, got {st.train!r}")
+            unknown = set(st.loss) - set(LOSSES)
+            if unknown:
+                raise T2RError(f"{where}: unknown loss {sorted(unknown)}; use {', '.join(LOSSES)}")
+            if not any(w > 0 for w in st.loss.values()):
+                raise T2RError(f"{where}: needs a positive loss weight")
+            if st.loss.get("transfer", 0) > 0 and st.train == "full":
+                raise T2RError(
+                    f"{where}: attention transfer compares against the frozen teacher attention; "
+                    "train 'new' or 'lora' in that stage"
+                )
+            if st.steps < 1 or st.lr <= 0:
+                raise T2RError(f"{where}: steps must be >= 1 and lr > 0")
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.micro_batch_size * self.grad_accum
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise T2RError(f"{where or 'recipe'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise T2RError(f"unknown recipe key {'.'.join(filter(None, [where, unknown[0]]))!r}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        path = ".".join(filter(None, [where, key]))
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, path)
+        elif key == "stages":
+            if not isinstance(value, list):
+                raise T2RError("stages must be a list")
+            kwargs[key] = [_build(Stage, v, f"stages.{i}") for i, v in enumerate(value)]
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _parse_value(text: str):
+    return yaml.safe_load(text)
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply 'a.b.0.c=value' to the raw recipe mapping (lists indexed by number)."""
+    if "=" not in assignment:
+        raise T2RError(f"override {assignment!r} must look like key=value")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise T2RError(f"override {key}: no list item {part}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, [] if nxt.isdigit() else {})
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise T2RError(f"override {key}: no list item {last}")
+        node[int(last)] = _parse_value(value)
+    else:
+        node[last] = _parse_value(value)
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise T2RError(f"recipe {path} not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise T2RError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if "stages" not in raw:
+        raw["stages"] = [{}]
+    for item in overrides or []:
+        apply_override(raw, item)
+    recipe = _build(Recipe, raw, "")
+    recipe.validate()
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
