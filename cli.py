@@ -61,6 +61,30 @@ def convert(
     typer.echo(f"converted {src} -> {path}")
 
 
+@app.command()
+def finetune(
+    model_dir: Annotated[str, typer.Argument(help="a converted model directory (t2r convert)")],
+    out: Annotated[Path, typer.Argument(help="run directory (checkpoints, logs, stage outputs)")],
+    data: Annotated[list[str], typer.Option(help="training data: files, globs, dirs; repeat or comma-separate")],
+    recipe: Annotated[str | None, typer.Option(help="recipe YAML (see recipes/)")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="recipe override key=value, e.g. stages.0.steps=50")
+    ] = None,
+    eval_data: Annotated[list[str] | None, typer.Option(help="held-out data (default: a hash split of --data)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the run in OUT from its last checkpoint")] = False,
+    stop_after: Annotated[int | None, typer.Option(help="checkpoint and stop after this global step")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if available)")] = None,
+) -> None:
+    """Finetune a converted model: attention transfer, LM and KD stages; new, LoRA or full parameters.
+
+    Runs unchanged under torchrun --nproc_per_node N (DDP, or FSDP2 with --set distributed=fsdp).
+    """
+    from t2r.trainer import finetune as run_finetune
+
+    path = run_finetune(model_dir, out, data, recipe, set_ or [], eval_data, resume, stop_after, device)
+    typer.echo(f"run directory: {path}")
+
+
 def main() -> None:
     """Run the CLI; user errors become one line on stderr and exit status 1."""
     from t2r.errors import T2RError

@@ -6,6 +6,7 @@ Unknown keys are errors (a typo must not silently fall back to a default).
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,8 +120,35 @@ def _build(cls, data: dict, where: str):
                 raise T2RError("stages must be a list")
             kwargs[key] = [_build(Stage, v, f"stages.{i}") for i, v in enumerate(value)]
         else:
-            kwargs[key] = value
+            kwargs[key] = _coerce(value, hint, path)
     return cls(**kwargs)
+
+
+def _coerce(value, hint, path: str):
+    """Check a scalar against its field type; YAML reads '1e-4' as a string, so numbers in text are accepted."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    wanted = set(typing.get_args(hint)) if union else {hint}
+    if value is None and type(None) in wanted:
+        return None
+    if float in wanted and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if int in wanted and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if bool in wanted and isinstance(value, bool):
+        return value
+    if str in wanted and isinstance(value, str):
+        return value
+    origin = {typing.get_origin(t) or t for t in wanted}
+    if (list in origin and isinstance(value, list)) or (dict in origin and isinstance(value, dict)):
+        return value
+    raise T2RError(f"recipe key {path!r} expects {_type_name(hint)}, got {value!r}")
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def _parse_value(text: str):

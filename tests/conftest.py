@@ -43,17 +43,17 @@ def teacher_config(arch: str, **overrides):
     return TEACHER_CONFIGS[arch](**{**TINY, **ARCH_EXTRA[arch], **overrides})
 
 
-def gsa_config(arch: str = "mistral", num_slots: int = 16, **gsa):
-    teacher = teacher_config(arch).to_dict()
+def gsa_config(arch: str = "mistral", num_slots: int = 16, teacher_overrides: dict | None = None, **gsa):
+    teacher = teacher_config(arch, **(teacher_overrides or {})).to_dict()
     teacher.pop("model_type", None)
     return T2R_CONFIGS[arch](**teacher, gsa_num_slots=num_slots, **gsa)
 
 
-def tiny_gsa_model(arch: str = "mistral", seed: int = 0, **gsa):
+def tiny_gsa_model(arch: str = "mistral", seed: int = 0, teacher_overrides: dict | None = None, **gsa):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(gsa_config(arch, **gsa)).eval()
+    model = AutoModelForCausalLM.from_config(gsa_config(arch, teacher_overrides=teacher_overrides, **gsa)).eval()
     # Larger gates than the N(0, 0.02) init so that decay actually varies across slots and tokens.
     with torch.no_grad():
         for layer in model.model.layers:
@@ -74,3 +74,56 @@ def fresh_seed():
     print(f"T2R_TEST_SEED={seed}")
     torch.manual_seed(seed)
     return seed
+
+
+def corpus_text(n_chars: int = 60_000, offset: int = 0) -> str:
+    """Real English text available on every machine (Python's pydoc topics)."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    return text[offset : offset + n_chars]
+
+
+def tiny_tokenizer(vocab_size: int = 101):
+    """A small byte-level BPE tokenizer trained on the corpus text (offline, deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:80],
+        show_progress=False,
+    )
+    tok.train_from_iterator([corpus_text(20_000)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_converted(tmp_path_factory):
+    """A tiny Llama teacher with a real tokenizer, converted to GSA (kproj gates, 16 slots)."""
+    from transformers import AutoModelForCausalLM
+
+    from t2r.convert import ConvertOptions, convert
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(teacher_config("llama", vocab_size=len(tok)))
+    teacher.save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    return convert(str(root / "teacher"), root / "converted", ConvertOptions(slots=16), progress=False)
+
+
+@pytest.fixture(scope="session")
+def corpus_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    paths = []
+    for i in range(3):
+        p = root / f"doc{i}.txt"
+        p.write_text(corpus_text(15_000, offset=i * 15_000))
+        paths.append(str(p))
+    return paths

@@ -66,6 +66,12 @@ class GSAAttention(nn.Module):
         # New modules.
         self.f_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.num_slots, bias=False)
         self.g_norm = LlamaRMSNorm(self.num_heads * self.head_dim, eps=config.rms_norm_eps)
+        # The teacher's softmax attention over the same projection modules, kept unregistered (its weights are
+        # the ones above) for attention transfer and teacher forwards. Wrappers that replace the projections
+        # on this module (peft LoRA) leave it on the original base layers, i.e. on the frozen teacher weights.
+        self._teacher = [teacher_attn]
+        self.mode = "gsa"  # "gsa" | "teacher" | "transfer" (see t2r.objectives.attention_mode)
+        self.transfer_collector = None
 
     def forward(
         self,
@@ -75,6 +81,8 @@ class GSAAttention(nn.Module):
         past_key_values=None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
+        if self.mode == "teacher":
+            return self.teacher_forward(hidden_states, position_embeddings, attention_mask, **kwargs), None
         B, T, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
@@ -106,8 +114,40 @@ class GSAAttention(nn.Module):
             o, state = _packed_gsa(q, k, v, s, g, self.scale, state, starts)
         if layer_cache is not None:
             layer_cache.update_state(state, T)
-        o = self.g_norm(F.silu(o.reshape(B, T, -1)))
-        return self.o_proj(o), None
+        o = self.o_proj(self.g_norm(F.silu(o.reshape(B, T, -1))))
+        if self.mode == "transfer":
+            with torch.no_grad():
+                target = self.teacher_forward(hidden_states, position_embeddings, attention_mask, **kwargs)
+            if self.transfer_collector is not None:
+                self.transfer_collector.add(self.layer_idx, o, target, token_mask)
+            return _TeacherForced.apply(target, o), None
+        return o, None
+
+    def teacher_forward(self, hidden_states, position_embeddings, attention_mask, **kwargs) -> torch.Tensor:
+        """The teacher's own attention module on these hidden states (never cached)."""
+        kwargs.pop("past_key_values", None)
+        out, _ = self._teacher[0](
+            hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=None,
+            **kwargs,
+        )
+        return out
+
+
+class _TeacherForced(torch.autograd.Function):
+    """Attention transfer's layer output: the teacher's value, and no gradient to the student from later layers
+    (layers learn independently). It still hangs off the student's graph, because FSDP2 schedules its backward
+    hooks from layer outputs."""
+
+    @staticmethod
+    def forward(ctx, target: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+        return target.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, None
 
 
 def _packed_gsa(q, k, v, s, g, scale, state, starts):

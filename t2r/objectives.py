@@ -1,0 +1,109 @@
+"""Training objectives: attention transfer (LoLCATs-style), next-token cross-entropy and teacher KD.
+
+Every loss is returned as a *sum* over tokens together with the count it should be divided by; the trainer
+divides by the count over the whole global batch (all micro-batches, all ranks), so gradient accumulation
+and data parallelism give exactly the gradient of one big batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE_INDEX
+from .modeling.modeling_t2r import GSAAttention
+
+
+def gsa_modules(model: nn.Module) -> list[GSAAttention]:
+    return [m for m in model.modules() if isinstance(m, GSAAttention)]
+
+
+class TransferCollector:
+    """Sums each GSA layer's squared error against the teacher attention output during one forward."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.sq_sum: torch.Tensor | None = None
+        self.layers = 0
+        self.per_layer: dict[int, torch.Tensor] = {}  # layer index -> summed squared error (detached)
+
+    def add(
+        self, layer_idx: int, student: torch.Tensor, teacher: torch.Tensor, token_mask: torch.Tensor | None
+    ) -> None:
+        if not self.active:  # e.g. activation-checkpoint recomputation during backward
+            return
+        err = (student.float() - teacher.float()).pow(2).mean(-1)  # [B, T]
+        if token_mask is not None:
+            err = err * token_mask[:, -err.shape[1] :].to(err.dtype)
+        total = err.sum()
+        self.sq_sum = total if self.sq_sum is None else self.sq_sum + total
+        self.per_layer[layer_idx] = self.per_layer.get(layer_idx, 0) + total.detach()
+        self.layers += 1
+
+
+@contextlib.contextmanager
+def attention_mode(model: nn.Module, mode: str, collector: TransferCollector | None = None) -> Iterator[None]:
+    """Run every GSA layer as "gsa", "teacher" (softmax attention) or "transfer" (both; teacher-forced)."""
+    modules = gsa_modules(model)
+    previous = [(m.mode, m.transfer_collector) for m in modules]
+    for m in modules:
+        m.mode, m.transfer_collector = mode, collector
+    try:
+        yield
+    finally:
+        for m, (old_mode, old_collector) in zip(modules, previous, strict=True):
+            m.mode, m.transfer_collector = old_mode, old_collector
+
+
+def transfer_loss_sum(
+    model: nn.Module, batch: dict, collector: TransferCollector | None = None, through_output: bool = False
+) -> tuple[torch.Tensor, int]:
+    """Sum over GSA layers and tokens of the per-token MSE between GSA and teacher attention outputs.
+
+    Each layer sees the teacher's hidden states (its output passed on is the teacher's), so layers are trained
+    independently on the exact inputs the teacher produces. Divide by (layers x tokens).
+    ``through_output`` adds zero times one logit column, so the backward also runs through the model output:
+    FSDP2 only schedules its unshard / gradient reduce-scatter hooks from there.
+    """
+    collector = collector or TransferCollector()
+    collector.active = True
+    with attention_mode(model, "transfer", collector):
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    collector.active = False
+    if collector.sq_sum is None:
+        raise RuntimeError("attention transfer needs GSA layers, and the model has none")
+    total = collector.sq_sum
+    if through_output:
+        total = total + 0.0 * out.logits[..., :1].float().sum()
+    return total, collector.layers
+
+
+def ce_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy summed over labelled positions (labels are shifted here)."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def kd_loss_sum(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """KL(teacher || student) per labelled position, summed; computed in fp32 over chunks of positions to
+    keep the vocab-sized softmaxes small. Scaled by T^2 as usual for distillation."""
+    mask = labels[:, 1:].flatten() != IGNORE_INDEX
+    s = student_logits[:, :-1].flatten(0, 1)[mask]
+    t = teacher_logits[:, :-1].flatten(0, 1)[mask].to(s.device)
+    total = s.new_zeros((), dtype=torch.float32)
+    for i in range(0, s.shape[0], chunk):
+        log_p_s = F.log_softmax(s[i : i + chunk].float() / temperature, dim=-1)
+        log_p_t = F.log_softmax(t[i : i + chunk].float() / temperature, dim=-1)
+        total = total + F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
+    return total * temperature**2

@@ -1,0 +1,89 @@
+"""A finetuning run on disk, and how to rebuild its model.
+
+RUN/run.json records the converted model the run started from, the recipe, and what each finished stage left:
+``delta`` (a safetensors file of the tensors it changed: the new GSA parameters, or everything for a full
+finetune) or ``adapter`` (a peft LoRA adapter with the new parameters as modules_to_save). The model after
+stage k is the base checkpoint plus the stage outputs applied in order; export and the next stage both rebuild
+it this way, so no intermediate full copy of a large model is ever written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .errors import T2RError
+
+RUN_FILE = "run.json"
+NEW_PARAM_MARKERS = (".f_proj.", ".g_norm.")
+
+
+def read_run(run_dir: Path) -> dict:
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise T2RError(f"{run_dir} is not a t2r run (no {RUN_FILE})")
+    return json.loads(path.read_text())
+
+
+def write_run(run_dir: Path, run: dict) -> None:
+    run["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    tmp = Path(run_dir) / f".{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(run, indent=2) + "\n")
+    tmp.replace(Path(run_dir) / RUN_FILE)
+
+
+def check_converted_dir(model_dir: str | Path) -> Path:
+    """A directory written by t2r convert (or export), or a one-line error."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise T2RError(f"{model_dir} is not a model directory (no config.json)")
+    model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    if not str(model_type).startswith("t2r_"):
+        raise T2RError(f"{model_dir} is not a converted t2r model (model_type {model_type!r}); run t2r convert first")
+    return model_dir
+
+
+def load_converted(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A converted checkpoint as its t2r model class (registered by ``import t2r``)."""
+    from transformers import AutoModelForCausalLM
+
+    import t2r  # noqa: F401
+
+    model_dir = check_converted_dir(model_dir)
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise T2RError(f"cannot load {model_dir}: {str(e).splitlines()[0]}") from None
+
+
+def apply_stage_outputs(model: nn.Module, run_dir: Path, stages: list[dict]) -> nn.Module:
+    """Apply finished stages' deltas and adapters (merged) in order."""
+    for stage in stages:
+        out = Path(run_dir) / stage["output"]
+        if stage["kind"] == "delta":
+            tensors = load_file(str(out))
+            missing = set(tensors) - set(model.state_dict())
+            if missing:
+                raise T2RError(f"stage output {out} does not match the model (e.g. {sorted(missing)[0]})")
+            model.load_state_dict(tensors, strict=False)
+        else:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(out)).merge_and_unload()
+    return model
+
+
+def rebuild_model(run_dir: Path, upto: int | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
+    run = read_run(run_dir)
+    done = run["stages_done"] if upto is None else run["stages_done"][:upto]
+    return apply_stage_outputs(load_converted(run["model_dir"], dtype), run_dir, done)
+
+
+def teacher_weights_changed(stages: list[dict]) -> bool:
+    """True once a finished stage changed weights the teacher uses (anything but the new GSA parameters)."""
+    return any(s["kind"] == "adapter" or s.get("changes_teacher", False) for s in stages)

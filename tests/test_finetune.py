@@ -1,0 +1,291 @@
+"""t2r finetune on tiny models: objectives, trainable sets, exact resume, data parallel agreement, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import rel_err
+from safetensors import safe_open
+
+from t2r.data import load_documents, pack_documents, tokenize_documents
+from t2r.objectives import TransferCollector, transfer_loss_sum
+from t2r.recipe import Stage, load_recipe
+from t2r.runs import load_converted, read_run, rebuild_model
+from t2r.trainer import configure_trainable, finetune
+
+RECIPE = str(Path(__file__).resolve().parent.parent / "recipes" / "tiny-test.yaml")
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    return {e["step"]: e["loss"] for e in lines if e["type"] == "train"}
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+def test_two_stage_run(tiny_converted, corpus_files, tmp_path):
+    run_dir = finetune(str(tiny_converted), tmp_path / "run", corpus_files, RECIPE, progress=False)
+    run = read_run(run_dir)
+    assert run["status"] == "done"
+    assert [s["kind"] for s in run["stages_done"]] == ["delta", "adapter"]
+    assert run["tokens"] == 12 * 4 * 64 and [s["tokens"] for s in run["stages_done"]] == [6 * 256, 6 * 256]
+    assert run["teacher_eval"]["eval_ppl"] > 1 and run["converted_eval"]["eval_ppl"] > 1
+    assert (run_dir / "loss.png").stat().st_size > 10_000
+    log = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert {e["type"] for e in log} == {"stage_start", "train", "eval", "stage_end"}
+    lm = [e for e in log if e["type"] == "train" and e["stage"] == "lm"]
+    assert all({"ce", "kd", "tokens_per_s", "lr", "grad_norm"} <= set(e) for e in lm)
+    assert not (run_dir / "checkpoints").exists()  # superseded by the stage outputs
+
+
+def test_lm_loss_falls_on_a_fixed_batch(tiny_converted, tmp_path):
+    text = tmp_path / "one.txt"
+    text.write_text(" ".join(["the quick brown fox jumps over the lazy dog"] * 8))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_converted)
+    rows = len(pack_documents(tokenize_documents(load_documents([str(text)]), tok), 32))
+    run = finetune(
+        str(tiny_converted),
+        tmp_path / "run",
+        [str(text)],
+        None,
+        [
+            "seq_len=32",
+            f"micro_batch_size={rows}",
+            "precision=fp32",
+            "eval_every=0",
+            "checkpoint_every=0",
+            "data.eval_fraction=0",
+            "stages.0.train=full",
+            "stages.0.steps=20",
+            "stages.0.lr=0.01",
+            "stages.0.warmup_steps=0",
+        ],
+        progress=False,
+    )
+    losses = train_losses(run)
+    assert losses[20] < 0.6 * losses[1]
+
+
+@torch.no_grad()
+def per_layer_mse(model, batch) -> dict[int, float]:
+    collector = TransferCollector()
+    transfer_loss_sum(model, batch, collector)
+    return {k: float(v) for k, v in collector.per_layer.items()}
+
+
+def test_transfer_stage_lowers_every_layers_mse(tiny_converted, corpus_files, tmp_path):
+    run = finetune(
+        str(tiny_converted),
+        tmp_path / "run",
+        corpus_files,
+        RECIPE,
+        ["stages=[{name: transfer, train: new, steps: 25, lr: 0.02, warmup_steps: 0, loss: {transfer: 1}}]"],
+        progress=False,
+    )
+    from transformers import AutoTokenizer
+
+    rows = pack_documents(
+        tokenize_documents(load_documents(corpus_files), AutoTokenizer.from_pretrained(tiny_converted)), 64
+    )
+    batch = rows.batch(list(range(8)))
+    before = per_layer_mse(load_converted(tiny_converted).eval(), batch)
+    after = per_layer_mse(rebuild_model(run).eval(), batch)
+    assert set(before) == {0, 1, 2}
+    for layer, value in before.items():
+        assert after[layer] < 0.8 * value, (layer, value, after[layer])
+
+
+def test_trainable_parameters_per_mode(tiny_converted):
+    model = load_converted(tiny_converted)
+    new = {n for n, p in configure_trainable(model, Stage(train="new"), 0)[0].named_parameters() if p.requires_grad}
+    assert new == {f"model.layers.{i}.self_attn.{m}.weight" for i in range(3) for m in ("f_proj", "g_norm")}
+    full, _ = configure_trainable(load_converted(tiny_converted), Stage(train="full"), 0)
+    assert all(p.requires_grad for p in full.parameters())
+    _, names = configure_trainable(load_converted(tiny_converted), Stage(train="lora"), 0)
+    assert all(("lora_" in n) or ("modules_to_save" in n) for n in names)
+    assert {n.split(".")[-4] for n in names if "lora_" in n} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert sum("f_proj" in n for n in names) == 3 and sum("g_norm" in n for n in names) == 3
+
+
+def test_frozen_weights_stay_bitwise_identical(tiny_converted, corpus_files, tmp_path):
+    run = finetune(str(tiny_converted), tmp_path / "run", corpus_files, RECIPE, progress=False)
+    base = load_converted(tiny_converted).state_dict()
+    after_new = rebuild_model(run, upto=1).state_dict()
+    after_lora = rebuild_model(run, upto=2).state_dict()
+    for name, t in base.items():
+        new_param = ".f_proj." in name or ".g_norm." in name
+        assert torch.equal(after_new[name], t) != new_param, name
+        lora_target = any(f".self_attn.{p}_proj." in name for p in "qv")  # the recipe's LoRA targets
+        assert torch.equal(after_lora[name], t) == (not new_param and not lora_target), name
+
+
+@pytest.mark.parametrize("stop", [3, 8])
+def test_resume_continues_exactly(tiny_converted, corpus_files, tmp_path, stop):
+    full = finetune(str(tiny_converted), tmp_path / "full", corpus_files, RECIPE, progress=False)
+    part = tmp_path / "part"
+    finetune(str(tiny_converted), part, corpus_files, RECIPE, stop_after=stop, progress=False)
+    assert read_run(part)["status"] == "running"
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == [f"step-{stop:07d}"]
+    finetune(str(tiny_converted), part, corpus_files, RECIPE, resume=True, progress=False)
+    a, b = train_losses(full), train_losses(part)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in range(stop + 1, 13):
+        assert abs(a[step] - b[step]) <= 1e-6 * max(1.0, abs(a[step])), (step, a[step], b[step])
+    for stage in ("00-transfer.safetensors",):
+        ta, tb = tensors(full / "stages" / stage), tensors(part / "stages" / stage)
+        assert all(rel_err(tb[k], ta[k]) <= 1e-6 for k in ta)
+
+
+def _torchrun(nproc: int, args: list[str], env: dict) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(29500 + os.getpid() % 1000 + nproc),
+        "-m",
+        "t2r.cli",
+        "finetune",
+        *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_two_processes_match_one(tiny_converted, corpus_files, tmp_path, kind):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = [
+        "--recipe",
+        RECIPE,
+        *[arg for f in corpus_files for arg in ("--data", f)],
+        "--set",
+        f"distributed={kind}",
+        "--set",
+        "grad_accum=1",
+        "--device",
+        "cpu",
+    ]
+    one = _torchrun(1, [str(tiny_converted), str(tmp_path / "one"), *common, "--set", "micro_batch_size=4"], env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun(2, [str(tiny_converted), str(tmp_path / "two"), *common, "--set", "micro_batch_size=2"], env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5 * max(1.0, abs(a[step])), (step, a[step], b[step])
+    assert read_run(tmp_path / "two")["world_size"] == 2
+
+
+def run_cli(args, capsys):
+    from t2r.cli import main
+
+    capsys.readouterr()
+    argv = sys.argv
+    sys.argv = ["t2r", *args]
+    try:
+        with pytest.raises(SystemExit) as exc:
+            main()
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    return exc.value.code, lines[-1] if lines else ""
+
+
+@pytest.mark.parametrize("case", ["nodata", "empty", "key", "seqlen", "exists", "noresume", "field", "notconverted"])
+def test_bad_inputs_one_line_errors(tiny_converted, corpus_files, tmp_path, capsys, case):
+    out = tmp_path / "run"
+    data = ["--data", corpus_files[0]]
+    extra: list[str] = []
+    model = str(tiny_converted)
+    if case == "nodata":
+        data, expect = ["--data", str(tmp_path / "*.txt")], "no data files match"
+    elif case == "empty":
+        (tmp_path / "e.txt").write_text("\n \n")
+        data, expect = ["--data", str(tmp_path / "e.txt")], "is empty"
+    elif case == "key":
+        extra, expect = ["--set", "stages.0.learning_rate=1"], "unknown recipe key 'stages.0.learning_rate'"
+    elif case == "seqlen":
+        extra, expect = ["--set", "seq_len=100000"], "larger than the whole corpus"
+    elif case == "exists":
+        out.mkdir()
+        (out / "x").write_text("x")
+        expect = "already exists and is not empty"
+    elif case == "noresume":
+        extra, expect = ["--resume"], "nothing to resume"
+    elif case == "field":
+        (tmp_path / "x.jsonl").write_text('{"content": "hello"}\n')
+        data, expect = ["--data", str(tmp_path / "x.jsonl")], "has no field 'text'"
+    else:
+        model, expect = str(tmp_path), "not a model directory"
+    code, line = run_cli(["finetune", model, str(out), *data, "--recipe", RECIPE, *extra], capsys)
+    assert code == 1 and line.startswith("t2r: error: ") and expect in line, line
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_converted, corpus_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [
+        "finetune",
+        str(tiny_converted),
+        str(out),
+        "--data",
+        corpus_files[0],
+        "--recipe",
+        RECIPE,
+        "--set",
+        "checkpoint_every=1",
+        "--set",
+        "stages.0.lr=1e30",
+        "--set",
+        "stages.0.warmup_steps=0",
+        "--set",
+        "max_grad_norm=1e30",
+    ]
+    code, line = run_cli(args, capsys)
+    assert code == 1 and "non-finite loss at step" in line, line
+    good = sorted((out / "checkpoints").glob("step-*"))
+    assert good and str(good[-1]) in line
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    meta = json.loads((good[-1] / "state.json").read_text())
+    assert meta["state"]["global_step"] == int(good[-1].name.split("-")[1])
+
+
+def test_recipe_files_load():
+    root = Path(RECIPE).parent
+    for path in root.glob("*.yaml"):
+        recipe = load_recipe(path)
+        assert recipe.stages, path
+
+
+def test_transfer_gradients_stay_inside_each_layer(tiny_converted):
+    """Teacher forcing: layer 0's gate gradient comes from layer 0's error alone (fails if later layers'
+    errors leaked back through the hidden states)."""
+
+    class OnlyLayer0(TransferCollector):
+        def add(self, layer_idx, student, teacher, token_mask):
+            if layer_idx == 0:
+                super().add(layer_idx, student, teacher, token_mask)
+
+    batch = {"input_ids": torch.randint(3, 140, (2, 40)), "position_ids": torch.arange(40).expand(2, 40)}
+    grads = []
+    for collector in (TransferCollector(), OnlyLayer0()):
+        model = load_converted(tiny_converted)
+        model, _ = configure_trainable(model, Stage(train="new"), 0)
+        loss, _ = transfer_loss_sum(model, batch, collector)
+        loss.backward()
+        grads.append(model.model.layers[0].self_attn.f_proj.weight.grad.clone())
+        assert model.model.layers[1].self_attn.f_proj.weight.grad is not None or collector.layers == 1
+    assert torch.equal(grads[0], grads[1])
