@@ -85,6 +85,55 @@ def finetune(
     typer.echo(f"run directory: {path}")
 
 
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="a finetuning run directory, or a converted model directory")],
+    dest: Annotated[Path, typer.Argument(help="output directory (written atomically)")],
+    dtype: Annotated[str, typer.Option(help="bf16, fp16 or fp32")] = "bf16",
+    max_shard_size: Annotated[str, typer.Option(help="largest safetensors shard")] = "5GB",
+    adapter_only: Annotated[bool, typer.Option(help="write the last stage's peft adapter instead")] = False,
+    skip_check: Annotated[bool, typer.Option(help="skip the decode parity check (the model card says so)")] = False,
+    force: Annotated[bool, typer.Option(help="replace DEST if it exists")] = False,
+) -> None:
+    """Export a self-contained checkpoint (LoRA merged), parity-checked against step-by-step decoding."""
+    from t2r.export import export as run_export
+
+    path = run_export(
+        run,
+        dest,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        adapter_only=adapter_only,
+        skip_check=skip_check,
+        force=force,
+    )
+    typer.echo(f"exported {run} -> {path}")
+
+
+@app.command()
+def generate(
+    model: Annotated[Path, typer.Argument(help="exported or converted model directory, or a run directory")],
+    prompt: Annotated[list[str], typer.Option(help="prompt text; repeat for a left-padded batch")],
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate per prompt")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="seed for sampling")] = None,
+    stream: Annotated[bool, typer.Option(help="print tokens as they are generated")] = False,
+    chat: Annotated[bool, typer.Option(help="wrap prompts in the tokenizer's chat template")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
+    dtype: Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default fp32)")] = None,
+) -> None:
+    """Generate text with transformers' generate() and the constant-size GSA cache."""
+    from t2r.generate import generate as run_generate
+    from t2r.generate import load_for_generation
+
+    lm, tokenizer = load_for_generation(model, device, dtype)
+    outputs = run_generate(lm, tokenizer, prompt, max_new_tokens, temperature, top_p, seed, stream, chat)
+    if not stream:
+        for p, text in zip(prompt, outputs, strict=True):
+            typer.echo(f"{p}{text}" if len(prompt) == 1 else f"--- {p}\n{text}")
+
+
 def main() -> None:
     """Run the CLI; user errors become one line on stderr and exit status 1."""
     from t2r.errors import T2RError

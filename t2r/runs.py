@@ -57,8 +57,13 @@ def load_converted(model_dir: str | Path, dtype: torch.dtype = torch.float32) ->
     model_dir = check_converted_dir(model_dir)
     try:
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise T2RError(f"cannot load {model_dir}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # corrupt shards surface as several exception types
+        raise T2RError(f"cannot load {model_dir}: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def apply_stage_outputs(model: nn.Module, run_dir: Path, stages: list[dict]) -> nn.Module:
@@ -66,7 +71,10 @@ def apply_stage_outputs(model: nn.Module, run_dir: Path, stages: list[dict]) -> 
     for stage in stages:
         out = Path(run_dir) / stage["output"]
         if stage["kind"] == "delta":
-            tensors = load_file(str(out))
+            try:
+                tensors = load_file(str(out))
+            except Exception as e:
+                raise T2RError(f"cannot read stage output {out}: {_first_line(e)}") from None
             missing = set(tensors) - set(model.state_dict())
             if missing:
                 raise T2RError(f"stage output {out} does not match the model (e.g. {sorted(missing)[0]})")

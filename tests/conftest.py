@@ -127,3 +127,16 @@ def corpus_files(tmp_path_factory):
         p.write_text(corpus_text(15_000, offset=i * 15_000))
         paths.append(str(p))
     return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_converted, corpus_files, tmp_path_factory):
+    """A finished two-stage run (transfer on new parameters, then LoRA) of the tiny converted model."""
+    from pathlib import Path
+
+    from t2r.trainer import finetune
+
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "tiny-test.yaml"
+    return finetune(
+        str(tiny_converted), tmp_path_factory.mktemp("run") / "run", corpus_files, str(recipe), progress=False
+    )

@@ -1,0 +1,75 @@
+"""Text generation through transformers' generate(): greedy or sampled, batched with left padding, streamed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import T2RError
+from .runs import RUN_FILE, load_converted, rebuild_model
+
+
+def load_for_generation(path: str | Path, device: str | None = None, dtype: str | None = None):
+    """Model and tokenizer from an exported or converted directory, or a run (rebuilt, adapters merged)."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint_io import DTYPES
+    from .runs import read_run
+
+    path = Path(path)
+    torch_dtype = DTYPES[dtype] if dtype else torch.float32
+    if (path / RUN_FILE).is_file():
+        model, tok_dir = rebuild_model(path, dtype=torch_dtype), Path(read_run(path)["model_dir"])
+    else:
+        model, tok_dir = load_converted(path, torch_dtype), path
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    except (OSError, ValueError) as e:
+        raise T2RError(f"no usable tokenizer in {tok_dir}: {str(e).splitlines()[0]}") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stream: bool = False,
+    chat: bool = False,
+) -> list[str]:
+    """Continue each prompt; temperature 0 is greedy. Streaming prints tokens as they come (one prompt)."""
+    if not prompts:
+        raise T2RError("give at least one --prompt")
+    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise T2RError("need max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1")
+    if chat:
+        prompts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(model.device)
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+        if seed is not None:
+            torch.manual_seed(seed)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None)
+    if stream:
+        if len(prompts) != 1:
+            raise T2RError("--stream works with a single prompt")
+        from transformers import TextStreamer
+
+        kwargs["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with torch.no_grad():
+        out = model.generate(**batch, **kwargs)
+    new = out[:, batch["input_ids"].shape[1] :]
+    return tokenizer.batch_decode(new, skip_special_tokens=True)
