@@ -38,6 +38,8 @@ def convert(
     gate_init: Annotated[str, typer.Option(help="random: N(0, 0.02); kproj: pooled teacher k_proj rows")] = "kproj",
     full_attention_layers: Annotated[str, typer.Option(help="layers kept as softmax attention, e.g. 0,16")] = "",
     dtype: Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default: the teacher's)")] = None,
+    window: Annotated[int, typer.Option(help="hybrid: sliding-window softmax attention over W tokens (0 = off)")] = 0,
+    window_mix_init: Annotated[float, typer.Option(help="initial per-head window-share logit")] = 0.0,
     max_shard_size: Annotated[str, typer.Option(help="largest output shard")] = "2GB",
     seed: Annotated[int, typer.Option(help="seed for random gate init")] = 0,
     force: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
@@ -54,6 +56,8 @@ def convert(
         gate_init=gate_init,
         full_attention_layers=parse_layer_list(full_attention_layers),
         dtype=dtype,
+        window=window,
+        window_mix_init=window_mix_init,
         seed=seed,
         max_shard_size=max_shard_size,
     )
@@ -132,6 +136,99 @@ def generate(
     if not stream:
         for p, text in zip(prompt, outputs, strict=True):
             typer.echo(f"{p}{text}" if len(prompt) == 1 else f"--- {p}\n{text}")
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[Path, typer.Argument(help="exported or converted model, or a run directory")],
+    data: Annotated[list[str] | None, typer.Option(help="held-out text for perplexity (files, globs, dirs)")] = None,
+    ppl: Annotated[bool, typer.Option("--ppl/--no-ppl", help="perplexity over fixed windows")] = True,
+    passkey: Annotated[bool, typer.Option("--passkey/--no-passkey", help="passkey retrieval")] = True,
+    window: Annotated[list[int] | None, typer.Option(help="perplexity windows (repeat)")] = None,
+    max_windows: Annotated[int, typer.Option(help="windows scored per length")] = 32,
+    context: Annotated[list[int] | None, typer.Option(help="passkey context lengths (repeat)")] = None,
+    trials: Annotated[int, typer.Option(help="passkey trials per context")] = 100,
+    seed: Annotated[int, typer.Option(help="passkey seed")] = 0,
+    batch: Annotated[int, typer.Option(help="rows per forward")] = 4,
+    teacher: Annotated[bool, typer.Option("--teacher/--no-teacher", help="evaluate the teacher beside it")] = True,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the full results here")] = None,
+) -> None:
+    """Held-out perplexity (2k/4k windows) and passkey retrieval (1k/2k/4k), the teacher beside the student."""
+    import json
+
+    from t2r.evaluate import evaluate, format_table
+
+    result = evaluate(
+        model,
+        data,
+        ppl,
+        passkey,
+        tuple(window or (2048, 4096)),
+        max_windows,
+        tuple(context or (1024, 2048, 4096)),
+        trials,
+        seed,
+        device,
+        batch,
+        teacher,
+    )
+    typer.echo(format_table(result))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Speed and memory benchmarks (ratios measured in one run).")
+app.add_typer(bench_app, name="bench")
+
+
+def _write_json(rows: list[dict], out: Path | None) -> None:
+    if out is not None:
+        import json
+        import platform
+        import time
+
+        import torch
+
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+        out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "device": device, "rows": rows}, indent=2))
+
+
+@bench_app.command("train")
+def bench_train(
+    model: Annotated[str | None, typer.Argument(help="converted model directory")] = None,
+    shape: Annotated[str | None, typer.Option(help="random weights with real shapes instead: mistral-7b")] = None,
+    seq: Annotated[list[int] | None, typer.Option(help="sequence lengths (repeat)")] = None,
+    batch: Annotated[int, typer.Option(help="rows per step")] = 8,
+    steps: Annotated[int, typer.Option(help="timed steps")] = 5,
+    lora: Annotated[bool, typer.Option(help="LoRA r=8 + new params, gradient checkpointing")] = False,
+    device: Annotated[str, typer.Option(help="device")] = "cuda",
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
+) -> None:
+    """Training tokens/s and peak memory: GSA student vs the teacher with SDPA, same batch."""
+    from t2r.bench import print_table, run_train_bench
+
+    rows = run_train_bench(model, shape, seq or [2048, 4096], batch, steps, lora, device)
+    print_table(rows)
+    _write_json(rows, json_out)
+
+
+@bench_app.command("generate")
+def bench_generate(
+    model: Annotated[str | None, typer.Argument(help="converted or exported model directory")] = None,
+    shape: Annotated[str | None, typer.Option(help="random weights with real shapes instead: mistral-7b")] = None,
+    context: Annotated[list[int] | None, typer.Option(help="context lengths (repeat)")] = None,
+    batch: Annotated[list[int] | None, typer.Option(help="batch sizes (repeat)")] = None,
+    new_tokens: Annotated[int, typer.Option(help="decoded tokens timed")] = 64,
+    device: Annotated[str, typer.Option(help="device")] = "cuda",
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
+) -> None:
+    """Decode tokens/s and peak memory vs the teacher's KV cache at growing contexts."""
+    from t2r.bench import print_table, run_generate_bench
+
+    rows = run_generate_bench(model, shape, context or [1024, 4096, 16384, 32768], batch or [1, 16], new_tokens, device)
+    print_table(rows)
+    _write_json(rows, json_out)
 
 
 def main() -> None:

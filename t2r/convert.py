@@ -1,7 +1,8 @@
 """Teacher checkpoint -> GSA checkpoint, streamed shard by shard.
 
 Every teacher tensor is copied unchanged (bit-identical unless --dtype asks for a cast); each GSA layer gains
-``self_attn.f_proj.weight`` (slot gates) and ``self_attn.g_norm.weight`` (ones). Peak memory is one output
+``self_attn.f_proj.weight`` (slot gates), ``self_attn.g_norm.weight`` (ones) and, for hybrid layers,
+``self_attn.window_mix.weight`` (per-head window share logits). Peak memory is one output
 shard plus one tensor, whatever the model size.
 """
 
@@ -38,6 +39,8 @@ class ConvertOptions:
     full_attention_layers: list[int] = field(default_factory=list)
     dtype: str | None = None  # None keeps the teacher's dtype
     gate_logit_normalizer: float = 8.0
+    window: int = 0  # hybrid: sliding-window softmax attention over this many tokens inside each GSA layer
+    window_mix_init: float = 0.0
     seed: int = 0
     max_shard_size: str = "2GB"
 
@@ -50,6 +53,8 @@ class ConvertOptions:
             raise T2RError(f"--gate-init must be one of {', '.join(GATE_INITS)}, got {self.gate_init!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise T2RError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.window, int) or self.window < 0:
+            raise T2RError(f"--window must be a non-negative integer, got {self.window}")
         if len(set(self.full_attention_layers)) != len(self.full_attention_layers):
             raise T2RError(f"--full-attention-layers repeats a layer: {self.full_attention_layers}")
         if num_layers is not None:
@@ -89,6 +94,8 @@ def gsa_config_from_teacher(teacher_config: dict, options: ConvertOptions):
         gsa_gate_logit_normalizer=options.gate_logit_normalizer,
         gsa_use_rope=options.rope,
         gsa_full_attention_layers=sorted(options.full_attention_layers),
+        gsa_window=options.window,
+        gsa_window_mix_init=options.window_mix_init,
     )
     config.architectures = [cls.__name__.replace("Config", "ForCausalLM")]
     return config
@@ -190,7 +197,11 @@ def _write_weights(infos, config, options: ConvertOptions, out_dir: Path, progre
             prefix = f"model.layers.{idx}.self_attn"
             gate = init_gate(config, idx, tensor, options.gate_init, options.seed).to(dtype)
             norm = torch.ones(config.num_attention_heads * config.attention_head_dim, dtype=dtype)
-            for name, t in ((f"{prefix}.f_proj.weight", gate), (f"{prefix}.g_norm.weight", norm)):
+            new = [(f"{prefix}.f_proj.weight", gate), (f"{prefix}.g_norm.weight", norm)]
+            if config.gsa_window:
+                mix = torch.full((config.num_attention_heads,), config.gsa_window_mix_init, dtype=dtype)
+                new.append((f"{prefix}.window_mix.weight", mix))
+            for name, t in new:
                 writer.add(name, t)
                 new_names.append(name)
                 new_params += t.numel()
@@ -248,6 +259,7 @@ def model_card(record: dict, config) -> str:
         f"| RoPE on q/k | {opts['rope']} |",
         f"| gate init | {opts['gate_init']} |",
         f"| full-attention layers | {opts['full_attention_layers'] or 'none'} |",
+        f"| sliding window (hybrid) | {opts['window'] or 'off'} |",
         f"| parameters | {record['params_total']:,} ({record['params_new']:,} new) |",
         "",
         "**Not finetuned yet**: the new gate projections are untrained, so quality is far below the teacher",

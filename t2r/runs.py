@@ -20,7 +20,7 @@ from torch import nn
 from .errors import T2RError
 
 RUN_FILE = "run.json"
-NEW_PARAM_MARKERS = (".f_proj.", ".g_norm.")
+NEW_PARAM_MARKERS = (".f_proj.", ".g_norm.", ".window_mix.")
 
 
 def read_run(run_dir: Path) -> dict:

@@ -146,7 +146,7 @@ def configure_trainable(model: nn.Module, stage: Stage, seed: int) -> tuple[nn.M
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             target_modules=list(lora.target_modules),
-            modules_to_save=["f_proj", "g_norm"],
+            modules_to_save=["f_proj", "g_norm", "window_mix"],
             bias="none",
         )
         model = get_peft_model(model, config)

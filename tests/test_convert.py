@@ -233,3 +233,22 @@ def test_convert_real_smollm2_from_gguf(tmp_path):
     # kproj gates of layer 0: head_dim 64 == slots 64, so f_proj is k_proj itself
     gate, key = after["model.layers.0.self_attn.f_proj.weight"], before["model.layers.0.self_attn.k_proj.weight"]
     assert torch.equal(gate, key)
+
+
+@torch.no_grad()
+def test_convert_hybrid_window(tmp_path):
+    src, _ = make_teacher(tmp_path, "llama")
+    out = convert(str(src), tmp_path / "out", ConvertOptions(slots=8, window=16, window_mix_init=1.5), progress=False)
+    tensors = load_all(out)
+    mix = tensors["model.layers.1.self_attn.window_mix.weight"]
+    assert torch.equal(mix, torch.full((6,), 1.5))
+    config = json.loads((out / "config.json").read_text())
+    assert config["gsa_window"] == 16 and json.loads((out / "conversion.json").read_text())["options"]["window"] == 16
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(3, 101, (1, 50))
+    full = model(ids).logits
+    out1 = model(ids[:, :20], use_cache=True)
+    steps = [out1.logits]
+    for t in range(20, 50):
+        steps.append(model(ids[:, t : t + 1], past_key_values=out1.past_key_values).logits)
+    assert rel_err(torch.cat(steps, 1), full) <= 1e-4

@@ -289,3 +289,18 @@ def test_transfer_gradients_stay_inside_each_layer(tiny_converted):
         grads.append(model.model.layers[0].self_attn.f_proj.weight.grad.clone())
         assert model.model.layers[1].self_attn.f_proj.weight.grad is not None or collector.layers == 1
     assert torch.equal(grads[0], grads[1])
+
+
+def test_hybrid_model_trains_its_window_mix(tmp_path, corpus_files, tiny_converted):
+    from t2r.convert import ConvertOptions, convert
+
+    teacher = json.loads((tiny_converted / "conversion.json").read_text())["source"]["path"]
+    hybrid = convert(teacher, tmp_path / "hybrid", ConvertOptions(slots=16, window=8), progress=False)
+    run = finetune(str(hybrid), tmp_path / "run", corpus_files, RECIPE, progress=False)
+    delta = tensors(run / "stages" / "00-transfer.safetensors")
+    assert {k.split(".")[-2] for k in delta} == {"f_proj", "g_norm", "window_mix"}
+    base = load_converted(hybrid).state_dict()
+    final = rebuild_model(run).state_dict()
+    for i in range(3):
+        name = f"model.layers.{i}.self_attn.window_mix.weight"
+        assert not torch.equal(final[name], base[name])

@@ -33,6 +33,8 @@ def prefill_then_decode(model, ids, cut):
         dict(gsa_use_rope=True),
         dict(gsa_full_attention_layers=[1]),
         dict(gsa_feature_map="relu"),
+        dict(gsa_window=8, gsa_window_mix_init=0.5),
+        dict(gsa_window=1),
     ],
 )
 @torch.no_grad()
@@ -219,3 +221,66 @@ def test_trust_remote_code_without_t2r(tmp_path):
     assert torch.equal(remote, model(ids).logits)
     local_gen = model.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert info["gen"] == local_gen.tolist()
+
+
+def _hybrid(arch="mistral", window=16, **kw):
+    model = tiny_gsa_model(arch, gsa_window=window, **kw)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.window_mix.weight.uniform_(-2, 2)  # heads with different window shares
+    return model
+
+
+@torch.no_grad()
+def test_hybrid_decode_matches_full_forward_across_the_window():
+    """Prefill shorter than the window, then decode far past it: the carried window must match the
+    parallel sliding-window attention at every step (the path Liger's GSA+SWA gets wrong)."""
+    model = _hybrid(window=16, gsa_use_rope=True)
+    ids = torch.randint(3, 101, (2, 70))
+    full = model(ids, use_cache=False).logits
+    for cut in (5, 16, 40):
+        inc, cache = prefill_then_decode(model, ids, cut)
+        assert rel_err(inc, full) <= 1e-4, cut
+    window_bytes = cache.layers[0].window[0].numel() * 4 * 2 + cache.layers[0].window[2].numel()
+    assert cache.layers[0].window[0].shape == (2, 15, 2, 8)
+    assert cache.layers[0].nbytes() == window_bytes + sum(x.numel() * 4 for x in cache.layers[0].state)
+
+
+@torch.no_grad()
+def test_hybrid_window_attention_is_the_teachers_local_attention():
+    """With the mix fully on the window and a window covering the sequence, a hybrid layer is the teacher."""
+    from t2r.objectives import attention_mode
+
+    model = _hybrid(window=64)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.window_mix.weight.fill_(50.0)
+    ids = torch.randint(3, 101, (2, 40))
+    with attention_mode(model, "teacher"):
+        teacher = model(ids).logits
+    assert rel_err(model(ids).logits, teacher) <= 1e-5
+
+
+@torch.no_grad()
+def test_hybrid_window_cache_size_is_constant():
+    model = _hybrid(window=16)
+    sizes = [model(torch.randint(3, 101, (2, n)), use_cache=True).past_key_values.nbytes() for n in (4, 16, 300)]
+    assert sizes[0] == sizes[1] == sizes[2] > 0
+
+
+@torch.no_grad()
+def test_hybrid_padding_and_packing_are_exact():
+    model = _hybrid(window=8, gsa_use_rope=True)
+    prompts = [torch.randint(3, 101, (n,)) for n in (5, 13)]
+    ids = torch.zeros(2, 13, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, 13 - len(p) :], mask[i, 13 - len(p) :] = p, 1
+    kw = dict(max_new_tokens=20, pad_token_id=0, eos_token_id=None, do_sample=False)
+    batched = model.generate(ids, attention_mask=mask, **kw)
+    for i, p in enumerate(prompts):
+        assert torch.equal(batched[i, 13:], model.generate(p[None], **kw)[0, len(p) :]), i
+    docs = [torch.randint(3, 101, (n,)) for n in (11, 20)]
+    pos = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    packed = model(torch.cat(docs)[None], position_ids=pos).logits
+    assert rel_err(packed[:, 11:], model(docs[1][None]).logits) <= 1e-5

@@ -22,6 +22,7 @@ class GSAStateLayer(CacheLayerMixin):
     def __init__(self, **kwargs):
         super().__init__()
         self.state: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # hybrid layers only
         self.seen_tokens = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -30,8 +31,9 @@ class GSAStateLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         raise TypeError("a GSA layer keeps slot memories, not keys and values: use update_state()")
 
-    def update_state(self, state: tuple[torch.Tensor, torch.Tensor], new_tokens: int) -> None:
+    def update_state(self, state: tuple[torch.Tensor, torch.Tensor], new_tokens: int, window=None) -> None:
         self.state = state
+        self.window = window
         self.seen_tokens += new_tokens
         self.is_initialized = True
 
@@ -51,6 +53,8 @@ class GSAStateLayer(CacheLayerMixin):
     def _map(self, fn) -> None:
         if self.state is not None:
             self.state = tuple(fn(x) for x in self.state)
+        if self.window is not None:
+            self.window = tuple(fn(x) for x in self.window)
 
     def offload(self) -> None:
         self._map(lambda x: x.to("cpu", non_blocking=True))
@@ -60,6 +64,7 @@ class GSAStateLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.state = None
+        self.window = None
         self.seen_tokens = 0
         self.is_initialized = False
 
@@ -77,7 +82,8 @@ class GSAStateLayer(CacheLayerMixin):
             raise NotImplementedError("GSA memories cannot be rolled back token by token")
 
     def nbytes(self) -> int:
-        return 0 if self.state is None else sum(x.numel() * x.element_size() for x in self.state)
+        held = (self.state or ()) + (self.window or ())
+        return sum(x.numel() * x.element_size() for x in held)
 
 
 class GSACache(Cache):

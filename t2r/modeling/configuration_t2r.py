@@ -24,6 +24,8 @@ class GSASettings:
     gsa_scale: float = 1.0
     gsa_use_rope: bool = False
     gsa_full_attention_layers: list[int] = field(default_factory=list)
+    gsa_window: int = 0  # > 0: hybrid layers add sliding-window softmax attention over this many tokens
+    gsa_window_mix_init: float = 0.0  # initial per-head mix logit (sigmoid -> share of the window branch)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -36,6 +38,8 @@ class GSASettings:
             raise ValueError(f"gsa_feature_map must be one of {FEATURE_MAPS}, got {self.gsa_feature_map!r}")
         if not self.gsa_gate_logit_normalizer > 0:
             raise ValueError(f"gsa_gate_logit_normalizer must be > 0, got {self.gsa_gate_logit_normalizer!r}")
+        if not isinstance(self.gsa_window, int) or self.gsa_window < 0:
+            raise ValueError(f"gsa_window must be a non-negative integer, got {self.gsa_window!r}")
         layers = list(self.gsa_full_attention_layers)
         bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
         if bad or len(set(layers)) != len(layers):

@@ -25,6 +25,7 @@ from t2r.kernels.gsa_ops import gsa
 
 from .cache_t2r import GSACache
 from .configuration_t2r import T2RLlamaConfig, T2RMistralConfig, T2RQwen2Config, T2RQwen3Config
+from .window_attention import sliding_window_attention
 
 FEATURE_MAP_FNS = {"swish": F.silu, "relu": F.relu, "identity": lambda x: x}
 
@@ -66,6 +67,9 @@ class GSAAttention(nn.Module):
         # New modules.
         self.f_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.num_slots, bias=False)
         self.g_norm = LlamaRMSNorm(self.num_heads * self.head_dim, eps=config.rms_norm_eps)
+        # Hybrid: sliding-window softmax attention (the teacher's own q/k/v with RoPE) mixed per head with GSA.
+        self.window = config.gsa_window
+        self.window_mix = WindowMix(self.num_heads, config.gsa_window_mix_init) if self.window else None
         # The teacher's softmax attention over the same projection modules, kept unregistered (its weights are
         # the ones above) for attention transfer and teacher forwards. Wrappers that replace the projections
         # on this module (peft LoRA) leave it on the original base layers, i.e. on the frozen teacher weights.
@@ -89,9 +93,12 @@ class GSAAttention(nn.Module):
         v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.use_rope:
+        if self.use_rope or self.window:
             cos, sin = position_embeddings
-            q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+            q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+            if self.use_rope:
+                q, k = q_rot, k_rot
+        v_raw = v
         q, k, v = self.feature_map(q), self.feature_map(k), F.silu(v)
         f = self.f_proj(hidden_states).view(B, T, self.num_kv_heads, self.num_slots)
         g = F.logsigmoid(f.float()) / self.gate_logit_normalizer  # log forget gate, fp32
@@ -112,9 +119,20 @@ class GSAAttention(nn.Module):
             o, state = gsa(q, k, v, s, g, self.scale, state, output_final_state=layer_cache is not None)
         else:
             o, state = _packed_gsa(q, k, v, s, g, self.scale, state, starts)
+        o = self.g_norm(F.silu(o.reshape(B, T, -1)))
+        window = None
+        if self.window:
+            doc = None if starts is None else starts.long().cumsum(dim=1) - 1
+            valid = None if token_mask is None else token_mask[:, -T:].bool()
+            past = layer_cache.window if layer_cache is not None else None
+            o_win, window = sliding_window_attention(
+                q_rot, k_rot, v_raw, self.window, self._teacher[0].scaling, valid, doc, past
+            )
+            mix = torch.sigmoid(self.window_mix.weight.float())[:, None].to(o.dtype)  # [H, 1]
+            o = (mix * o_win.to(o.dtype) + (1 - mix) * o.view(B, T, self.num_heads, -1)).reshape(B, T, -1)
         if layer_cache is not None:
-            layer_cache.update_state(state, T)
-        o = self.o_proj(self.g_norm(F.silu(o.reshape(B, T, -1))))
+            layer_cache.update_state(state, T, window)
+        o = self.o_proj(o)
         if self.mode == "transfer":
             with torch.no_grad():
                 target = self.teacher_forward(hidden_states, position_embeddings, attention_mask, **kwargs)
@@ -134,6 +152,14 @@ class GSAAttention(nn.Module):
             **kwargs,
         )
         return out
+
+
+class WindowMix(nn.Module):
+    """Per-head logit of the hybrid's mixing weight: sigmoid(weight[h]) of head h comes from the window."""
+
+    def __init__(self, num_heads: int, init: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((num_heads,), float(init)))
 
 
 class _TeacherForced(torch.autograd.Function):

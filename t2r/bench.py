@@ -1,0 +1,207 @@
+"""Speed and memory benchmarks (not tests): training throughput and decoding, GSA student vs softmax teacher.
+
+Both sides of every comparison run in the same process on the same weights: the teacher is the teacher
+architecture's own transformers class (SDPA attention, its usual KV cache) built over the converted model's
+tensors without copying them, so only the attention differs. Results print as a table and return as dicts.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+SHAPES = {  # real layer shapes with random weights, for machines without the checkpoint
+    "mistral-7b": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        sliding_window=None,
+    ),
+}
+
+
+def shaped_model(shape: str, slots: int = 64, dtype: torch.dtype = torch.bfloat16, device: str = "cuda") -> nn.Module:
+    from .modeling.configuration_t2r import T2RMistralConfig
+    from .modeling.modeling_t2r import T2RMistralForCausalLM
+
+    config = T2RMistralConfig(**SHAPES[shape], gsa_num_slots=slots)
+    with torch.device("meta"):
+        model = T2RMistralForCausalLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.02, generator=gen)
+            else:
+                p.fill_(1.0)
+    return model
+
+
+def teacher_view(model: nn.Module) -> nn.Module:
+    """The teacher architecture's own model class over the same parameter tensors (no copy)."""
+    base_cls = next(c for c in type(model).__mro__[1:] if c.__module__.startswith("transformers.models"))
+    fields = {
+        k: v
+        for k, v in model.config.to_dict().items()
+        if not k.startswith("gsa_") and k not in ("model_type", "auto_map", "architectures")
+    }
+    config = base_cls.config_class(**fields)
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        teacher = base_cls(config)
+    teacher.load_state_dict(model.state_dict(), strict=False, assign=True)
+    teacher.model.rotary_emb = model.model.rotary_emb  # non-persistent buffers are not in the state dict
+    teacher.tie_weights()
+    return teacher
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_reset() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gb() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def train_throughput(
+    model: nn.Module, batch: int, seq: int, steps: int = 5, warmup: int = 2, label: str = "GSA"
+) -> dict:
+    """Tokens/s of full training steps (forward, backward, AdamW) under bf16 autocast on the model's device."""
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+    _peak_reset()
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync()
+            start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = model(input_ids=ids, use_cache=False).logits
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    _sync()
+    seconds = (time.perf_counter() - start) / steps
+    return {
+        "model": label,
+        "batch": batch,
+        "seq": seq,
+        "step_s": round(seconds, 4),
+        "tokens_per_s": round(batch * seq / seconds),
+        "peak_gb": round(_peak_gb(), 2),
+    }
+
+
+@torch.no_grad()
+def decode_throughput(
+    model: nn.Module, batch: int, context: int, new_tokens: int = 64, label: str = "GSA", prefill_chunk: int = 4096
+) -> dict:
+    """Decode tokens/s after a prefill of ``context`` tokens (fed in chunks), and peak memory of the run."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+    _peak_reset()
+    cache = None
+    for i in range(0, context, prefill_chunk):
+        out = model(input_ids=ids[:, i : i + prefill_chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+    nxt = out.logits[:, -1:].argmax(-1)
+    _sync()
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits
+        nxt = logits[:, -1:].argmax(-1)
+    _sync()
+    seconds = time.perf_counter() - start
+    return {
+        "model": label,
+        "batch": batch,
+        "context": context,
+        "ms_per_token": round(1000 * seconds / new_tokens, 3),
+        "tokens_per_s": round(batch * new_tokens / seconds),
+        "peak_gb": round(_peak_gb(), 2),
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    if not rows:
+        return
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    widths = {k: max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys}
+    print(" | ".join(k.ljust(widths[k]) for k in keys))
+    print("-|-".join("-" * widths[k] for k in keys))
+    for r in rows:
+        print(" | ".join(str(r.get(k, "")).ljust(widths[k]) for k in keys))
+
+
+def load_bench_model(path: str | None, shape: str | None, device: str) -> nn.Module:
+    from .runs import load_converted
+
+    if (path is None) == (shape is None):
+        from .errors import T2RError
+
+        raise T2RError("give a converted model directory or --shape (e.g. mistral-7b), not both")
+    if shape is not None:
+        return shaped_model(shape, device=device)
+    return load_converted(path, torch.bfloat16).to(device)
+
+
+def run_train_bench(path, shape, seqs, batch, steps, lora, device) -> list[dict]:
+    """GSA student vs teacher (SDPA) training throughput; with ``lora`` the student trains LoRA r=8 on
+    q/k/v/o plus the new parameters, with gradient checkpointing (the mistral-7b-fast setting)."""
+    model = load_bench_model(path, shape, device)
+    rows = []
+    for seq in seqs:
+        if lora:
+            from .recipe import LoraSettings, Stage
+            from .trainer import configure_trainable
+
+            stage = Stage(train="lora", lora=LoraSettings(r=8, alpha=16))
+            student, _ = configure_trainable(model, stage, 0)
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            rows.append(train_throughput(student, batch, seq, steps, label="GSA + LoRA r8 (ckpt)"))
+            model = student.unload()
+        else:
+            rows.append(train_throughput(model, batch, seq, steps, label="GSA (full)"))
+            rows.append(train_throughput(teacher_view(model), batch, seq, steps, label="teacher SDPA (full)"))
+            model.zero_grad(set_to_none=True)
+    return rows
+
+
+def run_generate_bench(path, shape, contexts, batches, new_tokens, device, teacher: bool = True) -> list[dict]:
+    model = load_bench_model(path, shape, device).eval()
+    rows = []
+    with torch.no_grad():
+        for batch in batches:
+            for context in contexts:
+                rows.append(decode_throughput(model, batch, context, new_tokens, label="GSA"))
+                if teacher:
+                    try:
+                        rows.append(
+                            decode_throughput(
+                                teacher_view(model), batch, context, new_tokens, label="teacher (KV cache)"
+                            )
+                        )
+                    except torch.OutOfMemoryError:
+                        rows.append(
+                            {"model": "teacher (KV cache)", "batch": batch, "context": context, "tokens_per_s": "OOM"}
+                        )
+                        torch.cuda.empty_cache()
+    return rows

@@ -1,0 +1,75 @@
+"""Sliding-window softmax attention for the hybrid GSA layers, with a fixed-size decoding window.
+
+Training/prefill processes queries in blocks, each against only the keys its window can reach, so memory is
+O(T x (block + window)), not O(T^2). Decoding keeps the last ``window - 1`` keys/values (and which of them are
+real tokens) per layer: constant memory, whatever the context length.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Window = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # keys [B, W-1, Hkv, D], values, valid [B, W-1]
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    scale: float,
+    valid: torch.Tensor | None = None,
+    doc: torch.Tensor | None = None,
+    past: Window | None = None,
+    block: int = 1024,
+) -> tuple[torch.Tensor, Window]:
+    """Causal softmax attention of each token over itself and the previous ``window - 1`` tokens.
+
+    q [B, T, H, D]; k, v [B, T, Hkv, D]; ``valid`` [B, T] marks real (non-padding) tokens; ``doc`` [B, T]
+    numbers packed documents (attention never crosses them); ``past`` is the window carried from earlier
+    calls (its tokens continue each row's first document). Returns the output and the new window.
+    """
+    B, T, H, _ = q.shape
+    Hkv = k.shape[2]
+    device = q.device
+    valid = torch.ones(B, T, dtype=torch.bool, device=device) if valid is None else valid.bool()
+    if past is not None:
+        k_all, v_all = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
+        valid_all = torch.cat([past[2], valid], dim=1)
+    else:
+        k_all, v_all, valid_all = k, v, valid
+    P = k_all.shape[1] - T
+    doc_all = None
+    if doc is not None:
+        doc_all = torch.cat([doc[:, :1].expand(B, P), doc], dim=1) if P else doc
+    outs = []
+    for s in range(0, T, block):
+        e = min(T, s + block)
+        lo, hi = max(0, P + s - window + 1), P + e
+        qpos = torch.arange(P + s, P + e, device=device)[:, None]
+        kpos = torch.arange(lo, hi, device=device)[None, :]
+        mask = ((kpos <= qpos) & (kpos > qpos - window))[None] & valid_all[:, None, lo:hi]
+        if doc_all is not None:
+            mask = mask & (doc_all[:, None, lo:hi] == doc[:, s:e, None])
+        mask = mask | (kpos == qpos)[None]  # padding queries see themselves: finite, and ignored
+        o = F.scaled_dot_product_attention(
+            q[:, s:e].transpose(1, 2),
+            k_all[:, lo:hi].transpose(1, 2),
+            v_all[:, lo:hi].transpose(1, 2),
+            attn_mask=mask[:, None],
+            scale=scale,
+            enable_gqa=Hkv != H,
+        )
+        outs.append(o.transpose(1, 2))
+    keep = window - 1
+    if k_all.shape[1] < keep:  # left-pad to the fixed window size with invalid slots
+        pad = keep - k_all.shape[1]
+        k_all, v_all = F.pad(k_all, (0, 0, 0, 0, pad, 0)), F.pad(v_all, (0, 0, 0, 0, pad, 0))
+        valid_all = F.pad(valid_all, (pad, 0), value=False)
+    new = (
+        (k_all[:, -keep:].detach(), v_all[:, -keep:].detach(), valid_all[:, -keep:])
+        if keep
+        else (k_all[:, :0], v_all[:, :0], valid_all[:, :0])
+    )
+    return torch.cat(outs, dim=1), new

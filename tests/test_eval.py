@@ -1,0 +1,52 @@
+"""t2r eval: perplexity and passkey retrieval, reproducible, with the teacher beside the student."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from t2r.evaluate import evaluate, passkey_accuracy, passkey_prompts
+
+
+def test_eval_tiny_model_is_finite_and_reproducible(tiny_converted, corpus_files):
+    kw = dict(windows=(64, 128), max_windows=4, contexts=(96,), trials=4, device="cpu")
+    a = evaluate(tiny_converted, corpus_files, **kw)
+    b = evaluate(tiny_converted, corpus_files, **kw)
+    assert a == b
+    for name in ("student", "teacher"):
+        assert [r["window"] for r in a["ppl"][name]] == [64, 128]
+        assert all(1 < r["ppl"] < 1e6 for r in a["ppl"][name])
+        assert 0 <= a["passkey"][name][0]["accuracy"] <= 1
+    assert a["ppl"]["student"][0]["tokens"] == 4 * 63
+
+
+def test_passkey_prompts_are_deterministic_per_seed(tiny_converted):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_converted)
+    a, b = passkey_prompts(tok, 1024, 20, seed=1), passkey_prompts(tok, 1024, 20, seed=1)
+    c = passkey_prompts(tok, 1024, 20, seed=2)
+    assert a == b and [k for _, k, _ in a] != [k for _, k, _ in c]
+    assert all(len(k) == 5 and k.isdigit() and f"The pass key is {k}." in p for p, k, _ in a)
+    depths = [d for _, _, d in a]
+    assert depths == sorted(depths) and depths[0] < 0.1 and depths[-1] > 0.9
+    lengths = [len(tok(p).input_ids) for p, _, _ in a]
+    assert all(0.85 * 1024 <= n <= 1024 for n in lengths), lengths
+
+
+@pytest.mark.slow
+def test_teacher_smollm2_retrieves_passkeys():
+    """The task is solvable: SmolLM2-135M-Instruct (the teacher) finds the key in short contexts on CPU."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from t2r.sources import resolve_source
+
+    src = resolve_source("smollm2-135m")
+    model = AutoModelForCausalLM.from_pretrained(src.path).eval()
+    tok = AutoTokenizer.from_pretrained(src.path)
+    result = passkey_accuracy(model, tok, context=256, trials=6, batch=6)
+    assert result["accuracy"] >= 5 / 6, result
+    assert json.loads(json.dumps(result)) == result and Path(src.path).is_dir()
