@@ -103,8 +103,8 @@ def test_parity_check_catches_broken_decoding(tiny_run, tmp_path, monkeypatch):
 
     original = GSAStateLayer.update_state
 
-    def forgetful(self, state, new_tokens):  # decoding that drops the memories it was given
-        original(self, tuple(torch.zeros_like(x) for x in state) if self.seen_tokens else state, new_tokens)
+    def forgetful(self, state, new_tokens, window=None):  # decoding that drops the memories it was given
+        original(self, tuple(torch.zeros_like(x) for x in state) if self.seen_tokens else state, new_tokens, window)
 
     monkeypatch.setattr(GSAStateLayer, "update_state", forgetful)
     with pytest.raises(T2RError, match="parity check failed"):

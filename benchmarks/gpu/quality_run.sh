@@ -7,7 +7,7 @@ NAME=$1; RECIPE=$2; CONV=$3; shift 3
 S=/root/stage; R=$S/runs/$NAME
 rm -rf $R
 start=$(date +%s)
-t2r finetune $CONV $R --recipe $RECIPE --data $S/data/linuxdoc.txt --data $S/data/gcide.txt "$@"
+t2r finetune $CONV $R --recipe $RECIPE ${TRAIN_DATA:---data $S/data/linuxdoc.txt --data $S/data/gcide.txt} "$@"
 t2r export $R $S/exports/$NAME --force
 mid=$(date +%s)
 t2r eval $S/exports/$NAME --data $S/data/pydoc.txt --no-teacher --batch 8 --json $R/eval.json
