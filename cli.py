@@ -39,7 +39,7 @@ def convert(
     full_attention_layers: Annotated[str, typer.Option(help="layers kept as softmax attention, e.g. 0,16")] = "",
     dtype: Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default: the teacher's)")] = None,
     window: Annotated[int, typer.Option(help="hybrid: sliding-window softmax attention over W tokens (0 = off)")] = 0,
-    window_mix_init: Annotated[float, typer.Option(help="initial per-head window-share logit")] = 0.0,
+    window_mix_init: Annotated[float, typer.Option(help="initial per-head window-share logit")] = 2.0,
     max_shard_size: Annotated[str, typer.Option(help="largest output shard")] = "2GB",
     seed: Annotated[int, typer.Option(help="seed for random gate init")] = 0,
     force: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,

@@ -40,7 +40,7 @@ class ConvertOptions:
     dtype: str | None = None  # None keeps the teacher's dtype
     gate_logit_normalizer: float = 8.0
     window: int = 0  # hybrid: sliding-window softmax attention over this many tokens inside each GSA layer
-    window_mix_init: float = 0.0
+    window_mix_init: float = 2.0  # sigmoid(2) = 0.88 of each head from the window at first (see docs/results.md)
     seed: int = 0
     max_shard_size: str = "2GB"
 

@@ -30,6 +30,7 @@ class TransferCollector:
         self.sq_sum: torch.Tensor | None = None
         self.layers = 0
         self.per_layer: dict[int, torch.Tensor] = {}  # layer index -> summed squared error (detached)
+        self.channel_sq: dict[int, list[torch.Tensor]] = {}  # calibration: [GSA, teacher] per-channel sums
 
     def add(
         self, layer_idx: int, student: torch.Tensor, teacher: torch.Tensor, token_mask: torch.Tensor | None
@@ -44,10 +45,25 @@ class TransferCollector:
         self.per_layer[layer_idx] = self.per_layer.get(layer_idx, 0) + total.detach()
         self.layers += 1
 
+    def add_calibration(
+        self, layer_idx: int, gsa_out: torch.Tensor, teacher_out: torch.Tensor, token_mask: torch.Tensor | None
+    ) -> None:
+        """Per-channel sums of squares of the normalised GSA output and the teacher's attention output (the
+        two inputs o_proj sees), over real tokens."""
+        w = (
+            torch.ones(gsa_out.shape[:2], device=gsa_out.device)
+            if token_mask is None
+            else token_mask[:, -gsa_out.shape[1] :].float()
+        )
+        sums = [(x.float().pow(2) * w[..., None]).sum(dim=(0, 1)) for x in (gsa_out, teacher_out)]
+        prev = self.channel_sq.get(layer_idx)
+        self.channel_sq[layer_idx] = sums if prev is None else [a + b for a, b in zip(prev, sums, strict=True)]
+
 
 @contextlib.contextmanager
 def attention_mode(model: nn.Module, mode: str, collector: TransferCollector | None = None) -> Iterator[None]:
-    """Run every GSA layer as "gsa", "teacher" (softmax attention) or "transfer" (both; teacher-forced)."""
+    """Run every GSA layer as "gsa", "teacher" (softmax attention), "transfer" (both; teacher-forced) or
+    "calibrate" (statistics for calibrate_output_norms; teacher-forced)."""
     modules = gsa_modules(model)
     previous = [(m.mode, m.transfer_collector) for m in modules]
     for m in modules:
@@ -107,3 +123,23 @@ def kd_loss_sum(
         log_p_t = F.log_softmax(t[i : i + chunk].float() / temperature, dim=-1)
         total = total + F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
     return total * temperature**2
+
+
+@torch.no_grad()
+def calibrate_output_norms(model: nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
+    """Data-driven init of each GSA layer's output norm: scale g_norm per channel so that what o_proj receives
+    has the per-channel RMS of the teacher attention output it replaces (teacher-forced, so every layer sees
+    the teacher's hidden states). An untrained GSA output is otherwise ~1 RMS where the teacher's is 0.03-0.8,
+    which swamps the residual stream (and, in hybrids, the exact window branch). Returns the new weights."""
+    collector = TransferCollector()
+    with attention_mode(model, "calibrate", collector):
+        for batch in batches:
+            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    new = {}
+    for name, module in model.named_modules():
+        if isinstance(module, GSAAttention) and module.layer_idx in collector.channel_sq:
+            gsa_sq, teacher_sq = collector.channel_sq[module.layer_idx]
+            ratio = (teacher_sq / gsa_sq.clamp_min(1e-12)).sqrt()
+            module.g_norm.weight.mul_(ratio.to(module.g_norm.weight.dtype))
+            new[f"{name}.g_norm.weight"] = module.g_norm.weight.detach().clone()
+    return new

@@ -58,6 +58,7 @@ class Recipe:
     precision: str = "bf16"  # bf16 autocast on CUDA; fp32 elsewhere unless forced
     gradient_checkpointing: bool = False
     max_grad_norm: float = 1.0
+    calibrate_rows: int = 16  # rows used to calibrate the GSA output norms before training (0 = off)
     log_every: int = 1
     eval_every: int = 50
     eval_rows: int = 16

@@ -1,6 +1,7 @@
 """A finetuning run on disk, and how to rebuild its model.
 
-RUN/run.json records the converted model the run started from, the recipe, and what each finished stage left:
+RUN/run.json records the converted model the run started from, the recipe, an optional ``prelude`` (the
+output-norm calibration done before training, a delta like a stage's) and what each finished stage left:
 ``delta`` (a safetensors file of the tensors it changed: the new GSA parameters, or everything for a full
 finetune) or ``adapter`` (a peft LoRA adapter with the new parameters as modules_to_save). The model after
 stage k is the base checkpoint plus the stage outputs applied in order; export and the next stage both rebuild
@@ -89,7 +90,7 @@ def apply_stage_outputs(model: nn.Module, run_dir: Path, stages: list[dict]) -> 
 def rebuild_model(run_dir: Path, upto: int | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
     run = read_run(run_dir)
     done = run["stages_done"] if upto is None else run["stages_done"][:upto]
-    return apply_stage_outputs(load_converted(run["model_dir"], dtype), run_dir, done)
+    return apply_stage_outputs(load_converted(run["model_dir"], dtype), run_dir, run.get("prelude", []) + done)
 
 
 def teacher_weights_changed(stages: list[dict]) -> bool:

@@ -42,7 +42,14 @@ from .distributed import (
     wrap_model,
 )
 from .errors import T2RError
-from .objectives import attention_mode, ce_loss_sum, gsa_modules, kd_loss_sum, transfer_loss_sum
+from .objectives import (
+    attention_mode,
+    calibrate_output_norms,
+    ce_loss_sum,
+    gsa_modules,
+    kd_loss_sum,
+    transfer_loss_sum,
+)
 from .recipe import Recipe, Stage, load_recipe, recipe_to_dict
 from .runs import (
     NEW_PARAM_MARKERS,
@@ -263,7 +270,11 @@ class Trainer:
         done = self.run["stages_done"]
         bf16_frozen = recipe.precision == "bf16" and stage.train != "full" and info.device.type == "cuda"
         base_dtype = torch.bfloat16 if bf16_frozen else torch.float32
-        model = apply_stage_outputs(load_converted(self.model_dir, base_dtype), self.out, done)
+        model = apply_stage_outputs(
+            load_converted(self.model_dir, base_dtype), self.out, self.run.get("prelude", []) + done
+        )
+        if idx == 0 and state.stage_step == 0 and "prelude" not in self.run:
+            self._evaluate_and_calibrate(model.to(info.device))
         changed = teacher_weights_changed(done)
         if stage.loss.get("transfer", 0) > 0 and changed:
             raise T2RError(
@@ -302,8 +313,6 @@ class Trainer:
                 loss_weights=stage.loss,
                 kd_teacher=None if teacher is None else ("shared" if teacher.shared else "separate"),
             )
-        if idx == 0 and state.stage_step == 0 and "teacher_eval" not in self.run:
-            self._initial_evals(wrapped, model)
 
         rows_per_step = recipe.rows_per_step * info.world
         bar = tqdm(
@@ -371,16 +380,52 @@ class Trainer:
         self._finish_stage(idx, wrapped)
         return True
 
-    def _initial_evals(self, wrapped, model) -> None:
-        shared_teacher = Teacher(model, True, self.model_dir, self.info.device, torch.float32)
-        teacher_ev = self.evaluate(wrapped, teacher=shared_teacher)
-        student_ev = self.evaluate(wrapped)
-        self.run["teacher_eval"], self.run["converted_eval"] = teacher_ev, student_ev
-        if self.info.is_main:
-            write_run(self.out, self.run)
+    def _evaluate_and_calibrate(self, model: nn.Module) -> None:
+        """Before the first stage: held-out perplexity of the teacher and of the converted model, then the
+        output-norm calibration (recorded as the run's prelude, applied before every stage) and its eval."""
+        recipe, info = self.recipe, self.info
+        model.eval()
+        teacher_ev = self.evaluate(model, teacher=Teacher(model, True, self.model_dir, info.device, torch.float32))
+        self.run["teacher_eval"], self.run["converted_eval"] = teacher_ev, self.evaluate(model)
         if teacher_ev:
             self.log(type="eval", stage="teacher", step=0, tokens=0, **teacher_ev)
-            self.log(type="eval", stage="converted", step=0, tokens=0, **student_ev)
+            self.log(type="eval", stage="converted", step=0, tokens=0, **self.run["converted_eval"])
+        prelude = []
+        n = min(recipe.calibrate_rows, len(self.train_rows))
+        if n and gsa_modules(model):
+            batches = [
+                self._to_device(self.train_rows.batch(list(range(i, min(n, i + recipe.micro_batch_size)))))
+                for i in range(0, n, recipe.micro_batch_size)
+            ]
+            with _autocast(recipe, info.device):
+                weights = calibrate_output_norms(model, batches)
+            out = self.out / "stages" / "calibrate.safetensors"
+            if info.is_main:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_name(".tmp-calibrate.safetensors")
+                save_file(
+                    {k: v.float().cpu().contiguous() for k, v in weights.items()}, str(tmp), metadata={"format": "pt"}
+                )
+                tmp.rename(out)
+            prelude.append(
+                {
+                    "name": "calibrate",
+                    "kind": "delta",
+                    "train": "calibrate",
+                    "output": str(out.relative_to(self.out)),
+                    "rows": n,
+                    "tokens": n * recipe.seq_len,
+                }
+            )
+            ev = self.evaluate(model)
+            self.run["calibrated_eval"] = ev
+            if ev:
+                self.log(type="eval", stage="calibrated", step=0, tokens=0, **ev)
+        self.run["prelude"] = prelude
+        if info.is_main:
+            write_run(self.out, self.run)
+        barrier(info)
+        model.train()
 
     def _train_step(self, wrapped, rows: list[int], stage: Stage, teacher: Teacher | None) -> dict:
         """Forward/backward over this rank's micro-batches of the global batch; returns global loss means."""

@@ -25,7 +25,7 @@ class GSASettings:
     gsa_use_rope: bool = False
     gsa_full_attention_layers: list[int] = field(default_factory=list)
     gsa_window: int = 0  # > 0: hybrid layers add sliding-window softmax attention over this many tokens
-    gsa_window_mix_init: float = 0.0  # initial per-head mix logit (sigmoid -> share of the window branch)
+    gsa_window_mix_init: float = 2.0  # initial per-head mix logit: sigmoid(2) = 88% from the window branch
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -120,6 +120,13 @@ class GSAAttention(nn.Module):
         else:
             o, state = _packed_gsa(q, k, v, s, g, self.scale, state, starts)
         o = self.g_norm(F.silu(o.reshape(B, T, -1)))
+        if self.mode == "calibrate":  # statistics for t2r.objectives.calibrate_output_norms; teacher-forced
+            with torch.no_grad():
+                target, teacher_pre = self.teacher_forward(
+                    hidden_states, position_embeddings, attention_mask, capture_input_of_o_proj=True, **kwargs
+                )
+            self.transfer_collector.add_calibration(self.layer_idx, o, teacher_pre, token_mask)
+            return target, None
         window = None
         if self.window:
             doc = None if starts is None else starts.long().cumsum(dim=1) - 1
@@ -141,17 +148,31 @@ class GSAAttention(nn.Module):
             return _TeacherForced.apply(target, o), None
         return o, None
 
-    def teacher_forward(self, hidden_states, position_embeddings, attention_mask, **kwargs) -> torch.Tensor:
-        """The teacher's own attention module on these hidden states (never cached)."""
+    def teacher_forward(
+        self, hidden_states, position_embeddings, attention_mask, capture_input_of_o_proj=False, **kwargs
+    ):
+        """The teacher's own attention module on these hidden states (never cached); optionally also the
+        attention output before o_proj."""
         kwargs.pop("past_key_values", None)
-        out, _ = self._teacher[0](
-            hidden_states,
-            position_embeddings=position_embeddings,
-            attention_mask=attention_mask,
-            past_key_values=None,
-            **kwargs,
+        teacher = self._teacher[0]
+        captured = []
+        hook = (
+            teacher.o_proj.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+            if capture_input_of_o_proj
+            else None
         )
-        return out
+        try:
+            out, _ = teacher(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=attention_mask,
+                past_key_values=None,
+                **kwargs,
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
+        return (out, captured[0]) if capture_input_of_o_proj else out
 
 
 class WindowMix(nn.Module):

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Join the staged GGUF and convert SmolLM2-135M for the quality runs (kproj gates; hybrid with W = 64).
+set -euo pipefail
+source benchmarks/gpu/env.sh
+S=/root/stage
+cat $S/*.part1 .stage2/*.part2 > $S/SmolLM2-135M-Instruct.Q4_1.gguf
+(cd $S && sha256sum SmolLM2-135M-Instruct.Q4_1.gguf)
+cp .stage2/*.xz $S/ 2>/dev/null || true
+mkdir -p $S/data && for f in $S/*.txt.xz; do xz -dkc "$f" > $S/data/$(basename "$f" .xz); done
+G=$S/SmolLM2-135M-Instruct.Q4_1.gguf
+t2r convert $G $S/conv-kproj --gate-init kproj --force
+t2r convert $G $S/conv-hybrid --gate-init kproj --window 64 --force
