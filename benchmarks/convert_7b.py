@@ -22,25 +22,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-MISTRAL_7B = dict(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=32768,
-    rms_norm_eps=1e-5,
-    sliding_window=4096,
-    rope_theta=10000.0,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-    model_type="mistral",
-    architectures=["MistralForCausalLM"],
-    torch_dtype="bfloat16",
-    hidden_act="silu",
-)
+from t2r.bench import SHAPES
+
+MISTRAL_7B = {
+    **SHAPES["mistral-7b"],
+    "sliding_window": 4096,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "model_type": "mistral",
+    "architectures": ["MistralForCausalLM"],
+    "torch_dtype": "bfloat16",
+    "hidden_act": "silu",
+}
 
 
 def tensor_shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:

@@ -140,3 +140,31 @@ def tiny_run(tiny_converted, corpus_files, tmp_path_factory):
     return finetune(
         str(tiny_converted), tmp_path_factory.mktemp("run") / "run", corpus_files, str(recipe), progress=False
     )
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, list[str]]:
+    """Run the t2r command in-process; returns the exit code and the stderr lines."""
+    import sys
+
+    from t2r.cli import main
+
+    capsys.readouterr()  # drop output from test setup
+    argv = sys.argv
+    sys.argv = ["t2r", *args]
+    try:
+        with pytest.raises(SystemExit) as exc:
+            main()
+    finally:
+        sys.argv = argv
+    return exc.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+# Prepended to subprocess scripts that must run as on a machine without t2r installed.
+BLOCK_T2R = """
+import sys
+class BlockT2R:
+    def find_spec(self, name, path=None, target=None):
+        if name == "t2r" or name.startswith("t2r."):
+            raise ImportError("t2r is not installed here")
+sys.meta_path.insert(0, BlockT2R())
+"""

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import rel_err, teacher_config
+from conftest import rel_err, run_cli, teacher_config
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -132,30 +131,15 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
-def run_cli(args, capsys):
-    from t2r.cli import main
-
-    capsys.readouterr()  # drop output from test setup
-    argv = sys.argv
-    sys.argv = ["t2r", *args]
-    try:
-        with pytest.raises(SystemExit) as exc:
-            main()
-    finally:
-        sys.argv = argv
-    return exc.value.code, capsys.readouterr()
-
-
-def assert_one_line_error(code, captured, pattern):
+def assert_one_line_error(code, lines, pattern):
     assert code == 1
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("t2r: error: "), captured.err
+    assert len(lines) == 1 and lines[0].startswith("t2r: error: "), lines
     assert pattern in lines[0], lines[0]
 
 
 def test_cli_convert_runs(tmp_path, capsys):
     src, _ = make_teacher(tmp_path, "qwen3")
-    code, captured = run_cli(
+    code, lines = run_cli(
         [
             "convert",
             str(src),
@@ -170,7 +154,7 @@ def test_cli_convert_runs(tmp_path, capsys):
         ],
         capsys,
     )
-    assert code == 0, captured.err
+    assert code == 0, lines
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["gsa_use_rope"] is True and config["gsa_full_attention_layers"] == [1]
     assert config["model_type"] == "t2r_qwen3"
@@ -206,8 +190,8 @@ def test_cli_bad_inputs(tmp_path, capsys, monkeypatch, case):
         out.mkdir()
         (out / "keep.txt").write_text("mine")
     args = [str(src) if a == "SRC" else a for a in args]
-    code, captured = run_cli(["convert", *args], capsys)
-    assert_one_line_error(code, captured, expect)
+    code, lines = run_cli(["convert", *args], capsys)
+    assert_one_line_error(code, lines, expect)
     if case == "exists":
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
     else:

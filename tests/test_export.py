@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import BLOCK_T2R, rel_err
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -53,13 +53,7 @@ def test_merged_export_equals_base_plus_lora(tiny_run, tmp_path):
     assert "passed: relative gap" in card and "| lm | lora |" in card
 
 
-REMOTE = textwrap.dedent("""
-    import sys
-    class BlockT2R:
-        def find_spec(self, name, path=None, target=None):
-            if name == "t2r" or name.startswith("t2r."):
-                raise ImportError("t2r is not installed here")
-    sys.meta_path.insert(0, BlockT2R())
+REMOTE = BLOCK_T2R + textwrap.dedent("""
     import torch
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import rel_err, run_cli
 from safetensors import safe_open
 
 from t2r.data import load_documents, pack_documents, tokenize_documents
@@ -189,22 +189,6 @@ def test_two_processes_match_one(tiny_converted, corpus_files, tmp_path, kind):
     assert read_run(tmp_path / "two")["world_size"] == 2
 
 
-def run_cli(args, capsys):
-    from t2r.cli import main
-
-    capsys.readouterr()
-    argv = sys.argv
-    sys.argv = ["t2r", *args]
-    try:
-        with pytest.raises(SystemExit) as exc:
-            main()
-    finally:
-        sys.argv = argv
-    out = capsys.readouterr()
-    lines = out.err.strip().splitlines()
-    return exc.value.code, lines[-1] if lines else ""
-
-
 @pytest.mark.parametrize("case", ["nodata", "empty", "key", "seqlen", "exists", "noresume", "field", "notconverted"])
 def test_bad_inputs_one_line_errors(tiny_converted, corpus_files, tmp_path, capsys, case):
     out = tmp_path / "run"
@@ -231,8 +215,8 @@ def test_bad_inputs_one_line_errors(tiny_converted, corpus_files, tmp_path, caps
         data, expect = ["--data", str(tmp_path / "x.jsonl")], "has no field 'text'"
     else:
         model, expect = str(tmp_path), "not a model directory"
-    code, line = run_cli(["finetune", model, str(out), *data, "--recipe", RECIPE, *extra], capsys)
-    assert code == 1 and line.startswith("t2r: error: ") and expect in line, line
+    code, lines = run_cli(["finetune", model, str(out), *data, "--recipe", RECIPE, *extra], capsys)
+    assert code == 1 and lines[-1].startswith("t2r: error: ") and expect in lines[-1], lines
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_converted, corpus_files, tmp_path, capsys):
@@ -254,10 +238,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_converted, co
         "--set",
         "max_grad_norm=1e30",
     ]
-    code, line = run_cli(args, capsys)
-    assert code == 1 and "non-finite loss at step" in line, line
+    code, lines = run_cli(args, capsys)
+    assert code == 1 and "non-finite loss at step" in lines[-1], lines
     good = sorted((out / "checkpoints").glob("step-*"))
-    assert good and str(good[-1]) in line
+    assert good and str(good[-1]) in lines[-1]
     assert not list((out / "checkpoints").glob(".tmp-*"))
     meta = json.loads((good[-1] / "state.json").read_text())
     assert meta["state"]["global_step"] == int(good[-1].name.split("-")[1])

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import rel_err, tiny_gsa_model
+from conftest import BLOCK_T2R, rel_err, tiny_gsa_model
 from transformers import AutoModelForCausalLM
 
 from t2r.modeling import GSACache
@@ -170,13 +170,8 @@ def test_save_and_load_round_trip(tmp_path):
     assert torch.equal(loaded(ids).logits, before)
 
 
-REMOTE_LOAD = textwrap.dedent("""
-    import sys, json
-    class BlockT2R:  # t2r is not installed here
-        def find_spec(self, name, path=None, target=None):
-            if name == "t2r" or name.startswith("t2r."):
-                raise ImportError("t2r is not available")
-    sys.meta_path.insert(0, BlockT2R())
+REMOTE_LOAD = BLOCK_T2R + textwrap.dedent("""
+    import json
     import torch
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()

@@ -1,0 +1,60 @@
+"""docs/results/recovery.png: held-out perplexity against training tokens for the SmolLM2 runs, teacher beside.
+
+python benchmarks/plot_results.py docs/results
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+LABELS = {
+    "A": "A: paper recipe (random gates, full FT, LM)",
+    "B": "B: t2r (kproj, transfer, LoRA LM+KD), no calibration",
+    "C": "C: B + SWA hybrid W=64, no calibration",
+    "B2": "B2: B with output-norm calibration",
+    "C2": "C2: C with calibration, window share 0.88 at start",
+}
+
+
+def main(root: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    teacher = None
+    for name, label in LABELS.items():
+        log = root / name / "log.jsonl"
+        if not log.is_file():
+            continue
+        evals = [json.loads(line) for line in log.read_text().splitlines() if '"eval"' in line]
+        teacher = next((e["eval_ppl"] for e in evals if e["stage"] == "teacher"), teacher)
+        start = [
+            e
+            for e in evals
+            if e["stage"] == ("calibrated" if any(x["stage"] == "calibrated" for x in evals) else "converted")
+        ]
+        pts = [(0, start[0]["eval_ppl"])] + [
+            (e["tokens"] / 1e6, e["eval_ppl"])
+            for e in evals
+            if e["stage"] not in ("teacher", "converted", "calibrated")
+        ]
+        ax.plot(*zip(*pts, strict=True), marker="o", label=label, linestyle="--" if name in "BC" else "-")
+    if teacher:
+        ax.axhline(teacher, color="black", linewidth=1, label=f"teacher SmolLM2-135M-Instruct ({teacher:.2f})")
+    ax.set(
+        yscale="log",
+        xlabel="training tokens (M)",
+        ylabel="held-out perplexity (linuxdoc hash split)",
+        title="Recovery at equal tokens (1.57M each), H100, 2026-11-22",
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "recovery.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
