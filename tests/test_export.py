@@ -163,4 +163,5 @@ def test_cli_generate_and_export(tiny_run, tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:
             main()
         assert exc.value.code == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("Hello")
+    out = capsys.readouterr().out
+    assert out.startswith("exported ") and "\nHello" in out  # the prompt, then its continuation
