@@ -63,8 +63,10 @@ def expand_data_paths(specs: list[str]) -> list[str]:
     return found
 
 
-def load_documents(specs: list[str], text_field: str = "text"):
-    """One ``datasets.Dataset`` with a single ``text`` column; each .txt file is one document."""
+def load_documents(specs: list[str], text_field: str = "text", encoding_errors: str = "strict"):
+    """One ``datasets.Dataset`` with a single ``text`` column; each .txt file is one document.
+
+    ``encoding_errors`` applies to text files ("strict", "replace", "ignore"), as in ``bytes.decode``."""
     import datasets
 
     parts = []
@@ -75,10 +77,16 @@ def load_documents(specs: list[str], text_field: str = "text"):
                 ds = ds["train"] if "train" in ds else next(iter(ds.values()))
         else:
             kind = _kind(path)
-            kwargs = {"sample_by": "document"} if kind == "text" else {}
+            kwargs = {"sample_by": "document", "encoding_errors": encoding_errors} if kind == "text" else {}
             try:
                 ds = datasets.load_dataset(kind, data_files=[path], split="train", **kwargs)
             except Exception as e:  # datasets raises many types for unreadable files
+                cause = e.__cause__ or e.__context__
+                if isinstance(cause, UnicodeDecodeError):
+                    raise T2RError(
+                        f"{path} is not valid UTF-8 ({cause.reason} at byte {cause.start}); set "
+                        "data.encoding_errors=replace to decode it anyway"
+                    ) from None
                 raise T2RError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
         field = "text" if _kind(path) == "text" else text_field
         if field not in ds.column_names:

@@ -45,6 +45,7 @@ class Stage:
 @dataclass
 class DataSettings:
     text_field: str = "text"
+    encoding_errors: str = "strict"  # text files: strict | replace | ignore (as bytes.decode)
     add_eos: bool = True
     eval_fraction: float = 0.01
 
@@ -76,6 +77,8 @@ class Recipe:
             raise T2RError(f"precision must be bf16 or fp32, got {self.precision!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise T2RError(f"distributed must be ddp or fsdp, got {self.distributed!r}")
+        if self.data.encoding_errors not in ("strict", "replace", "ignore"):
+            raise T2RError(f"data.encoding_errors must be strict, replace or ignore, got {self.data.encoding_errors!r}")
         if not 0 <= self.data.eval_fraction < 1:
             raise T2RError("data.eval_fraction must be in [0, 1)")
         if not self.stages:

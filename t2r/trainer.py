@@ -92,7 +92,7 @@ def build_rows(data: list[str], eval_data: list[str] | None, tokenizer, recipe: 
     """Packed train and held-out rows. Rank 0 tokenizes first so the others hit the datasets cache."""
 
     def make(specs):
-        docs = load_documents(specs, recipe.data.text_field)
+        docs = load_documents(specs, recipe.data.text_field, recipe.data.encoding_errors)
         return pack_documents(tokenize_documents(docs, tokenizer, recipe.data.add_eos), recipe.seq_len)
 
     result = None

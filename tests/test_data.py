@@ -99,6 +99,14 @@ def test_hash_split_is_disjoint_and_stable(tok):
     assert {r.tobytes() for r in again_held.input_ids} == {r.tobytes() for r in held.input_ids}
 
 
+def test_non_utf8_text_gets_a_clear_error_or_replacement(tmp_path):
+    path = tmp_path / "cp1252.txt"
+    path.write_bytes(b"It\x92s a dictionary entry.\n")
+    with pytest.raises(T2RError, match=r"is not valid UTF-8 .* set data.encoding_errors=replace"):
+        load_documents([str(path)])
+    assert load_documents([str(path)], encoding_errors="replace")["text"] == ["It\ufffds a dictionary entry.\n"]
+
+
 @pytest.mark.parametrize("case", ["nofiles", "empty", "field", "seqlen", "missing"])
 def test_bad_data(tmp_path, tok, case):
     import datasets
