@@ -155,10 +155,6 @@ def _type_name(hint) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def _parse_value(text: str):
-    return yaml.safe_load(text)
-
-
 def apply_override(raw: dict, assignment: str) -> None:
     """Apply 'a.b.0.c=value' to the raw recipe mapping (lists indexed by number)."""
     if "=" not in assignment:
@@ -178,9 +174,9 @@ def apply_override(raw: dict, assignment: str) -> None:
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
             raise T2RError(f"override {key}: no list item {last}")
-        node[int(last)] = _parse_value(value)
+        node[int(last)] = yaml.safe_load(value)
     else:
-        node[last] = _parse_value(value)
+        node[last] = yaml.safe_load(value)
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
@@ -197,6 +193,11 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         raw["stages"] = [{}]
     for item in overrides or []:
         apply_override(raw, item)
+    return recipe_from_dict(raw)
+
+
+def recipe_from_dict(raw: dict) -> Recipe:
+    """A validated Recipe from its mapping form (a YAML file's contents, or run.json's copy)."""
     recipe = _build(Recipe, raw, "")
     recipe.validate()
     return recipe

@@ -16,7 +16,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -50,7 +49,7 @@ from .objectives import (
     kd_loss_sum,
     transfer_loss_sum,
 )
-from .recipe import Recipe, Stage, load_recipe, recipe_to_dict
+from .recipe import Recipe, Stage, load_recipe, recipe_from_dict, recipe_to_dict
 from .runs import (
     NEW_PARAM_MARKERS,
     RUN_FILE,
@@ -247,7 +246,7 @@ class Trainer:
         ctx = teacher.as_teacher(model) if teacher is not None else contextlib.nullcontext(model)
         with ctx as runner:
             for i in range(0, len(mine), self.recipe.micro_batch_size):
-                batch = self._to_device(rows.batch(mine[i : i + self.recipe.micro_batch_size]), runner)
+                batch = self._to_device(rows.batch(mine[i : i + self.recipe.micro_batch_size]))
                 with _autocast(self.recipe, self.info.device):
                     logits = runner(
                         input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
@@ -259,7 +258,7 @@ class Trainer:
         mean = (loss / count).item()
         return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": int(count.item())}
 
-    def _to_device(self, batch: dict, model=None) -> dict:
+    def _to_device(self, batch: dict) -> dict:
         device = self.info.device
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -589,9 +588,8 @@ def finetune(
     recipe = load_recipe(recipe_path, overrides)
     model_dir = str(Path(model_dir).resolve())
     run = _open_run(out, model_dir, recipe, data, eval_data, resume, info)
-    recipe = _recipe_from_run(run)
+    recipe = recipe_from_dict(run["recipe"])  # a resumed run keeps its own recipe
     torch.manual_seed(recipe.seed)
-    np.random.seed(recipe.seed % 2**32)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -621,14 +619,6 @@ def finetune(
 
         plot_run(out)
     return out
-
-
-def _recipe_from_run(run: dict) -> Recipe:
-    from .recipe import _build
-
-    recipe = _build(Recipe, run["recipe"], "")
-    recipe.validate()
-    return recipe
 
 
 def _open_run(out: Path, model_dir: str, recipe: Recipe, data, eval_data, resume: bool, info: DistInfo) -> dict:
