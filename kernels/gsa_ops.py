@@ -1,17 +1,34 @@
-"""Entry point the model calls: picks the GSA implementation for the device and input shape.
+"""Entry points the model calls: pick the GSA implementation for the device and the call.
 
-On CPU (and until a fused kernel exists for the device) it runs the PyTorch reference: the recurrent form for
-a few tokens on top of a state (decoding), the chunked form otherwise.
+CUDA tensors go to the Triton kernels (``gsa_triton``) when triton is installed and the shapes fit (power-of-two
+head dims and slot counts of at least 16); everything else, and every CPU call, runs the PyTorch reference: the
+recurrent form for a few tokens on top of a state (decoding), the chunked form otherwise.
+``T2R_GSA_IMPL=reference`` forces the reference everywhere (comparisons, debugging); ``T2R_GSA_IMPL=triton`` sends
+CPU tensors to the kernels too, which then needs ``TRITON_INTERPRET=1`` (the CPU tests do this).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from .gsa_reference import State, gsa_chunk, gsa_recurrent
 
+try:
+    from .gsa_triton import gsa_decode_triton, gsa_triton, supports
+except ImportError:  # no triton: CPU-only install
+    gsa_triton = None
+
 # At or below this many new tokens the token loop beats padding a whole chunk.
 RECURRENT_MAX_TOKENS = 4
+
+
+def use_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -> bool:
+    impl = os.environ.get("T2R_GSA_IMPL", "auto")  # auto | reference | triton (also on CPU: Triton's interpreter)
+    if impl == "reference" or gsa_triton is None or not supports(q, k, v, s):
+        return False
+    return q.is_cuda or impl == "triton"
 
 
 def gsa(
@@ -26,6 +43,30 @@ def gsa(
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, State | None]:
     """Gated Slot Attention with the contract of :func:`gsa_reference.gsa_recurrent`."""
+    if use_triton(q, k, v, s):
+        return gsa_triton(q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens)
     if cu_seqlens is None and q.shape[1] <= RECURRENT_MAX_TOKENS:
         return gsa_recurrent(q, k, v, s, g, scale, initial_state, output_final_state)
     return gsa_chunk(q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def gsa_decode_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    s: torch.Tensor,
+    g: torch.Tensor,
+    scale: float | None,
+    state: State,
+) -> torch.Tensor:
+    """A few new tokens (no gradient) on top of ``state``, which is updated in place; returns the output.
+
+    The fused Triton step reads and writes each memory once per token; elsewhere the reference computes the
+    new state and copies it into ``state``.
+    """
+    if use_triton(q, k, v, s) and state[0].is_contiguous() and state[1].is_contiguous():
+        return gsa_decode_triton(q, k, v, s, g, scale, state)
+    o, (hk, hv) = gsa_recurrent(q, k, v, s, g, scale, state, True)
+    state[0].copy_(hk)
+    state[1].copy_(hv)
+    return o

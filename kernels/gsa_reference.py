@@ -66,7 +66,8 @@ def _recurrent_one(q, k, v, s, g, scale: float, state: State) -> tuple[torch.Ten
         qt = q[:, t].reshape(B, Hkv, G, -1)
         p = torch.softmax(scale * torch.einsum("bhgk,bhkm->bhgm", qt, hk), dim=-1)
         outs.append(torch.einsum("bhgm,bhmv->bhgv", p, hv).reshape(B, H, -1))
-    return torch.stack(outs, dim=1), (hk, hv)
+    o = torch.stack(outs, dim=1) if outs else q.new_zeros(B, 0, H, hv.shape[-1])  # empty packed sequences
+    return o, (hk, hv)
 
 
 def gsa_recurrent(

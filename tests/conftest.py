@@ -6,10 +6,34 @@ import os
 
 import pytest
 import torch
-from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-import t2r  # noqa: F401  (registers the converted architectures)
-from t2r.modeling.configuration_t2r import T2R_CONFIGS
+if not torch.cuda.is_available():  # the Triton kernels run in Triton's CPU interpreter (set before they are defined)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _patch_triton_interpreter() -> None:
+    """Triton 3.x's interpreter turns scalars into 1-element arrays and loops with ``range(int(array))``, which
+    NumPy >= 2.4 refuses; index through the single element instead. Test-only: compiled kernels are unaffected."""
+    try:
+        import triton.runtime.interpreter as interp
+    except ImportError:
+        return
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_triton_interpreter()
+
+from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config  # noqa: E402
+
+import t2r  # noqa: E402, F401  (registers the converted architectures)
+from t2r.modeling.configuration_t2r import T2R_CONFIGS  # noqa: E402
 
 TEACHER_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
 
@@ -37,6 +61,33 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative error ||a - b|| / ||b|| in float64."""
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(B, T, H, Hkv, K, V, M, dtype=torch.float32, gate_scale=1.0, state=True, N=None, device="cpu"):
+    """Random GSA op inputs (leaves requiring grad) and, optionally, an initial state for N sequences."""
+    import torch.nn.functional as F
+
+    q = torch.randn(B, T, H, K, device=device)
+    k = torch.randn(B, T, Hkv, K, device=device)
+    v = torch.randn(B, T, Hkv, V, device=device)
+    g = F.logsigmoid(torch.randn(B, T, Hkv, M, device=device) * gate_scale) / 8
+    s = -torch.expm1(g)
+    n = B if N is None else N
+    h0 = (torch.randn(n, Hkv, K, M, device=device), torch.randn(n, Hkv, M, V, device=device)) if state else None
+    tensors = [x.to(dtype).requires_grad_() for x in (q, k, v, s, g)]
+    if h0 is not None:
+        h0 = tuple(x.requires_grad_() for x in h0)
+    return tensors, h0
+
+
+def run_with_grads(fn, inputs, h0, **kw):
+    """Output, final state and the gradients of every input under fixed random cotangents."""
+    o, (hk, hv) = fn(*inputs, 1.0 if kw.pop("unit_scale", True) else None, h0, True, **kw)
+    gen = torch.Generator(device="cpu").manual_seed(1234)  # same cotangents for every implementation
+    loss = sum((x.float() * torch.randn(x.shape, generator=gen).to(x.device)).sum() for x in (o, hk, hv))
+    leaves = list(inputs) + (list(h0) if h0 is not None else [])
+    grads = torch.autograd.grad(loss, leaves)
+    return o, hk, hv, grads
 
 
 def teacher_config(arch: str, **overrides):

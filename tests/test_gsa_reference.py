@@ -4,36 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import rel_err
+from conftest import make_inputs, rel_err, run_with_grads
 from t2r.kernels import gsa, gsa_chunk, gsa_recurrent
-
-
-def make_inputs(B, T, H, Hkv, K, V, M, dtype=torch.float32, gate_scale=1.0, state=True, N=None):
-    q = torch.randn(B, T, H, K)
-    k = torch.randn(B, T, Hkv, K)
-    v = torch.randn(B, T, Hkv, V)
-    g = F.logsigmoid(torch.randn(B, T, Hkv, M) * gate_scale) / 8
-    s = -torch.expm1(g)
-    n = B if N is None else N
-    h0 = (torch.randn(n, Hkv, K, M), torch.randn(n, Hkv, M, V)) if state else None
-    tensors = [x.to(dtype).requires_grad_() for x in (q, k, v, s, g)]
-    if h0 is not None:
-        h0 = tuple(x.requires_grad_() for x in h0)
-    return tensors, h0
-
-
-def run_with_grads(fn, inputs, h0, **kw):
-    o, (hk, hv) = fn(*inputs, 1.0 if kw.pop("unit_scale", True) else None, h0, True, **kw)
-    torch.manual_seed(1234)  # same cotangents for both implementations
-    loss = (
-        (o.float() * torch.randn(o.shape)).sum()
-        + (hk * torch.randn(hk.shape)).sum()
-        + (hv * torch.randn(hv.shape)).sum()
-    )
-    leaves = list(inputs) + (list(h0) if h0 is not None else [])
-    grads = torch.autograd.grad(loss, leaves)
-    return o, hk, hv, grads
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from t2r.kernels.gsa_ops import gsa
+from t2r.kernels.gsa_ops import RECURRENT_MAX_TOKENS, gsa, gsa_decode_
 
 from .cache_t2r import GSACache
 from .configuration_t2r import T2RLlamaConfig, T2RMistralConfig, T2RQwen2Config, T2RQwen3Config
@@ -115,7 +115,9 @@ class GSAAttention(nn.Module):
             layer_cache = past_key_values.gsa_layer(self.layer_idx)
         state = layer_cache.state if layer_cache is not None else None
         starts = document_starts(kwargs.get("position_ids"), B, T)
-        if starts is None:
+        if starts is None and state is not None and T <= RECURRENT_MAX_TOKENS and not torch.is_grad_enabled():
+            o = gsa_decode_(q, k, v, s, g, self.scale, state)  # decoding: the cached memories update in place
+        elif starts is None:
             o, state = gsa(q, k, v, s, g, self.scale, state, output_final_state=layer_cache is not None)
         else:
             o, state = _packed_gsa(q, k, v, s, g, self.scale, state, starts)

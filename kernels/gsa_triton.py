@@ -1,0 +1,591 @@
+"""Triton kernels for Gated Slot Attention: chunked forward/backward and a fused in-place decode step.
+
+Same contract as :mod:`gsa_reference` (the oracle these are tested against): q [B, T, H, K], k [B, T, Hkv, K],
+v [B, T, Hkv, V], s, g [B, T, Hkv, M], state (hk [N, Hkv, K, M], hv [N, Hkv, M, V]) in fp32, optional packed
+sequences through ``cu_seqlens``. Every batch is handled as packed: a plain [B, T] batch is B sequences of T.
+
+How the work is split (per KV head; the G query heads of a group share all state work):
+- ``_state_fwd``: a sequential scan over segments of BS tokens that writes the memories at every segment
+  start (and the final state). Its updates use only decays exp(b_last - b) <= 1, so nothing can overflow.
+- ``_out_fwd``: one program per segment, starting from that segment's state, walks sub-chunks of BC tokens,
+  keeping the memories in registers. Inside a sub-chunk the decay exp(b_t - b_j) is split at r = b_last / 2
+  into exp(b_t - r) * exp(r - b_j), so both passes are matmuls; each factor is at most exp(|b_last| / 2).
+- Backward: ``_state_fwd`` again, ``_bwd_sweep`` (forward walk: slot softmax, dp, dz, dq), ``_state_bwd`` (the
+  reverse scan of the memories' gradients), ``_bwd_rev_sweep`` (reverse walk: dk, dv, ds and the gate
+  gradient's summands), then a per-sequence reverse cumulative sum turns those summands into dg.
+
+The gate gradient uses d/d b_t = dz_t * z_t + p_t * dp_t - s_t * ds_t (b the running sum of g), because b_t
+scales every read at t by exp(b_t) and every write at t by exp(-b_t); dg is its reverse cumulative sum.
+
+Exactness bound: a sub-chunk's factors stay finite while its total decay |b_last| <= 2 * EXP_CLAMP nats, i.e.
+log alpha >= -7.5 per token on average over 16 tokens (with tau = 8: any slot-gate logit f >= -60). Beyond that
+the factors are clamped (finite, not exact); the PyTorch reference stays exact for any gate.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # a try block, so that transformers' trust_remote_code import check does not demand triton on CPU machines
+    import triton
+    import triton.language as tl
+except ImportError as err:
+    raise ImportError("the GSA Triton kernels need triton (pip install 't2r[cuda]')") from err
+
+State = tuple[torch.Tensor, torch.Tensor]
+EXP_CLAMP = 60.0
+
+# Tunables (chosen on an H100; see docs/benchmarks.md): segment length between stored states, sub-chunk length.
+SEGMENT = int(os.environ.get("T2R_GSA_SEGMENT", "64"))
+SUBCHUNK = int(os.environ.get("T2R_GSA_SUBCHUNK", "16"))
+DOT_MODE = os.environ.get("T2R_GSA_DOT", "tf32")  # "tf32" or "half" for bf16/fp16 inputs
+
+POISON = False  # tests: fill outputs with NaN before the kernels run, so that unwritten elements show
+
+PREC_BF16, PREC_FP16, PREC_IEEE, PREC_TF32, PREC_BF16_EMULATED, PREC_FP16_EMULATED = range(6)
+# Triton's CPU interpreter computes bf16/fp16 dots wrongly; there the operands are rounded and multiplied in fp32.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _mm(a, b, PREC: tl.constexpr):
+    """Matmul with fp32 accumulation; operands in the precision chosen from the inputs' dtype."""
+    if PREC == 0:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif PREC == 1:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+    elif PREC == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif PREC == 3:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
+    elif PREC == 4:
+        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(tl.float16).to(tl.float32), b.to(tl.float16).to(tl.float32), input_precision="ieee")
+
+
+@triton.jit
+def _load_rows(ptr, t, valid, heads, head, D: tl.constexpr):
+    """[len(t), D] tile of a token-major [T, heads, D] tensor, zero outside ``valid``, as fp32."""
+    rd = tl.arange(0, D)
+    x = tl.load(ptr + (t[:, None] * heads + head) * D + rd[None, :], mask=valid[:, None], other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _store_rows(ptr, x, t, valid, heads, head, D: tl.constexpr):
+    rd = tl.arange(0, D)
+    tl.store(ptr + (t[:, None] * heads + head) * D + rd[None, :], x.to(ptr.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit
+def _state_ptrs(base, D: tl.constexpr, M: tl.constexpr, stride_d, stride_m):
+    rd = tl.arange(0, D)
+    rm = tl.arange(0, M)
+    return base + rd[:, None] * stride_d + rm[None, :] * stride_m
+
+
+@triton.jit
+def _subchunk_gates(s, g, EXP_CLAMP: tl.constexpr):
+    """Decay factors of one sub-chunk (rows = tokens, columns = slots): query side exp(b - r), key side
+    exp(r - b) (times s: ``ek``; without: ``erb``), to the sub-chunk start exp(b), to its end s * exp(b_last - b),
+    and the whole sub-chunk's decay exp(b_last)."""
+    b = tl.cumsum(g, axis=0)
+    b_last = tl.sum(g, axis=0)
+    r = 0.5 * b_last
+    eq = tl.exp(tl.minimum(b - r[None, :], EXP_CLAMP))
+    erb = tl.exp(tl.minimum(r[None, :] - b, EXP_CLAMP))
+    eb = tl.exp(b)
+    eend = tl.exp(b_last[None, :] - b)
+    return eq, erb, s * erb, eb, eend, s * eend, tl.exp(b_last)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scans over segments: forward memories, and their gradients in reverse.
+
+
+@triton.jit
+def _state_fwd_kernel(
+    x_ptr, s_ptr, g_ptr, h0_ptr, hbuf_ptr, hT_ptr, cu_ptr, segoff_ptr,
+    stride_pd, stride_pm,
+    Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One memory (hk with x = k, or hv transposed with x = v) of one sequence and KV head: state at each
+    segment start into hbuf [NS, Hkv, D, M]; h0/hT in the public layout given by (stride_pd, stride_pm)."""
+    i_nh = tl.program_id(0)
+    n = i_nh // Hkv
+    h = i_nh % Hkv
+    bos = tl.load(cu_ptr + n).to(tl.int64)
+    eos = tl.load(cu_ptr + n + 1).to(tl.int64)
+    seg0 = tl.load(segoff_ptr + n).to(tl.int64)
+    public = _state_ptrs(i_nh.to(tl.int64) * D * M, D, M, stride_pd, stride_pm)
+    internal = _state_ptrs(0, D, M, M, 1)
+    if HAS_H0:
+        state = tl.load(h0_ptr + public).to(tl.float32)
+    else:
+        state = tl.zeros([D, M], dtype=tl.float32)
+    rt = tl.arange(0, BS)
+    nseg = tl.cdiv(eos - bos, BS)
+    for i in range(nseg):
+        tl.store(hbuf_ptr + ((seg0 + i) * Hkv + h) * D * M + internal, state)
+        t = bos + i * BS + rt
+        valid = t < eos
+        x = _load_rows(x_ptr, t, valid, Hkv, h, D)
+        s = _load_rows(s_ptr, t, valid, Hkv, h, M)
+        g = _load_rows(g_ptr, t, valid, Hkv, h, M)
+        b = tl.cumsum(g, axis=0)
+        b_last = tl.sum(g, axis=0)
+        w = s * tl.exp(b_last[None, :] - b)
+        state = state * tl.exp(b_last)[None, :] + _mm(tl.trans(x), w, PREC)
+    if STORE_FINAL:
+        tl.store(hT_ptr + public, state)
+
+
+@triton.jit
+def _state_bwd_kernel(
+    x_ptr, y_ptr, g_ptr, dhT_ptr, dbuf_ptr, dh0_ptr, cu_ptr, segoff_ptr,
+    stride_pd, stride_pm,
+    H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr,
+    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Reverse scan of one memory's gradient: the gradient at each segment end into dbuf [NS, Hkv, D, M];
+    each token t of query head h adds x_t (y_t * exp(b_t))^T (x = q, y = dz for hk; x = do, y = p for hv)."""
+    G: tl.constexpr = H // Hkv
+    i_nh = tl.program_id(0)
+    n = i_nh // Hkv
+    h = i_nh % Hkv
+    bos = tl.load(cu_ptr + n).to(tl.int64)
+    eos = tl.load(cu_ptr + n + 1).to(tl.int64)
+    seg0 = tl.load(segoff_ptr + n).to(tl.int64)
+    public = _state_ptrs(i_nh.to(tl.int64) * D * M, D, M, stride_pd, stride_pm)
+    internal = _state_ptrs(0, D, M, M, 1)
+    if HAS_DHT:
+        dstate = tl.load(dhT_ptr + public).to(tl.float32)
+    else:
+        dstate = tl.zeros([D, M], dtype=tl.float32)
+    rt = tl.arange(0, BS)
+    nseg = tl.cdiv(eos - bos, BS)
+    for j in range(nseg):
+        i = nseg - 1 - j
+        tl.store(dbuf_ptr + ((seg0 + i) * Hkv + h) * D * M + internal, dstate)
+        t = bos + i * BS + rt
+        valid = t < eos
+        g = _load_rows(g_ptr, t, valid, Hkv, h, M)
+        eb = tl.exp(tl.cumsum(g, axis=0))
+        dstate = dstate * tl.exp(tl.sum(g, axis=0))[None, :]
+        for gi in tl.static_range(G):
+            x = _load_rows(x_ptr, t, valid, H, h * G + gi, D)
+            y = _load_rows(y_ptr, t, valid, H, h * G + gi, M)
+            dstate += _mm(tl.trans(x), y * eb, PREC)
+    if STORE_DH0:
+        tl.store(dh0_ptr + public, dstate)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-segment walks over sub-chunks.
+
+
+@triton.jit
+def _segment_start(seg_ptr, cu_ptr):
+    i_s = tl.program_id(0)
+    n = tl.load(seg_ptr + 2 * i_s)
+    t0 = tl.load(seg_ptr + 2 * i_s + 1).to(tl.int64)
+    eos = tl.load(cu_ptr + n + 1).to(tl.int64)
+    return i_s.to(tl.int64), t0, eos
+
+
+@triton.jit
+def _out_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, o_ptr, hk_ptr, hv_ptr, seg_ptr, cu_ptr, scale,
+    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+    BS: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
+):  # fmt: skip
+    G: tl.constexpr = H // Hkv
+    i_s, t0, eos = _segment_start(seg_ptr, cu_ptr)
+    h = tl.program_id(1)
+    base = i_s * Hkv + h
+    hk = tl.load(hk_ptr + base * K * M + _state_ptrs(0, K, M, M, 1))  # [K, M]
+    hv = tl.load(hv_ptr + base * V * M + _state_ptrs(0, M, V, 1, M))  # [M, V] (stored [V, M])
+    rc = tl.arange(0, BC)
+    causal = rc[:, None] >= rc[None, :]
+    for c in range(0, BS, BC):
+        t = t0 + c + rc
+        valid = t < eos
+        kc = _load_rows(k_ptr, t, valid, Hkv, h, K)
+        vc = _load_rows(v_ptr, t, valid, Hkv, h, V)
+        sc = _load_rows(s_ptr, t, valid, Hkv, h, M)
+        gc = _load_rows(g_ptr, t, valid, Hkv, h, M)
+        eq, erb, ek, eb, eend, w, decay = _subchunk_gates(sc, gc, EXP_CLAMP)
+        for gi in tl.static_range(G):
+            qc = _load_rows(q_ptr, t, valid, H, h * G + gi, K)
+            A = tl.where(causal, _mm(qc, tl.trans(kc), PREC), 0.0)
+            logits = scale * (_mm(qc, hk, PREC) * eb + _mm(A, ek, PREC) * eq)
+            e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+            p = e / tl.sum(e, axis=1)[:, None]
+            A2 = tl.where(causal, _mm(p * eq, tl.trans(ek), PREC), 0.0)
+            o = _mm(p * eb, hv, PREC) + _mm(A2, vc, PREC)
+            _store_rows(o_ptr, o, t, valid, H, h * G + gi, V)
+        hk = hk * decay[None, :] + _mm(tl.trans(kc), w, PREC)
+        hv = hv * decay[:, None] + _mm(tl.trans(w), vc, PREC)
+
+
+@triton.jit
+def _bwd_sweep_kernel(
+    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, do_ptr, hk_ptr, hv_ptr, seg_ptr, cu_ptr, scale,
+    dq_ptr, p_ptr, dz_ptr, db_ptr,
+    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+    BS: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
+):  # fmt: skip
+    """Forward walk of the backward pass: recompute p; dp (pass 2's gradient, same form as pass 1 with do and
+    v as query and key), dz = scale * p * (dp - sum(p dp)), dq; and the read-side gate summands."""
+    G: tl.constexpr = H // Hkv
+    i_s, t0, eos = _segment_start(seg_ptr, cu_ptr)
+    h = tl.program_id(1)
+    base = i_s * Hkv + h
+    hk = tl.load(hk_ptr + base * K * M + _state_ptrs(0, K, M, M, 1))
+    hv = tl.load(hv_ptr + base * V * M + _state_ptrs(0, M, V, 1, M))
+    rc = tl.arange(0, BC)
+    causal = rc[:, None] >= rc[None, :]
+    for c in range(0, BS, BC):
+        t = t0 + c + rc
+        valid = t < eos
+        kc = _load_rows(k_ptr, t, valid, Hkv, h, K)
+        vc = _load_rows(v_ptr, t, valid, Hkv, h, V)
+        sc = _load_rows(s_ptr, t, valid, Hkv, h, M)
+        gc = _load_rows(g_ptr, t, valid, Hkv, h, M)
+        eq, erb, ek, eb, eend, w, decay = _subchunk_gates(sc, gc, EXP_CLAMP)
+        db = tl.zeros([BC, M], dtype=tl.float32)
+        for gi in tl.static_range(G):
+            qc = _load_rows(q_ptr, t, valid, H, h * G + gi, K)
+            doc = _load_rows(do_ptr, t, valid, H, h * G + gi, V)
+            A = tl.where(causal, _mm(qc, tl.trans(kc), PREC), 0.0)
+            logits = scale * (_mm(qc, hk, PREC) * eb + _mm(A, ek, PREC) * eq)
+            e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+            p = e / tl.sum(e, axis=1)[:, None]
+            Adv = tl.where(causal, _mm(doc, tl.trans(vc), PREC), 0.0)
+            dp = _mm(doc, tl.trans(hv), PREC) * eb + _mm(Adv, ek, PREC) * eq
+            dlog = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+            dz = scale * dlog
+            A3 = tl.where(causal, _mm(dz * eq, tl.trans(ek), PREC), 0.0)
+            dq = _mm(dz * eb, tl.trans(hk), PREC) + _mm(A3, kc, PREC)
+            _store_rows(dq_ptr, dq, t, valid, H, h * G + gi, K)
+            _store_rows(p_ptr, p, t, valid, H, h * G + gi, M)
+            _store_rows(dz_ptr, dz, t, valid, H, h * G + gi, M)
+            db += dlog * logits + p * dp
+        _store_rows(db_ptr, db, t, valid, Hkv, h, M)
+        hk = hk * decay[None, :] + _mm(tl.trans(kc), w, PREC)
+        hv = hv * decay[:, None] + _mm(tl.trans(w), vc, PREC)
+
+
+@triton.jit
+def _bwd_rev_sweep_kernel(
+    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, do_ptr, p_ptr, dz_ptr, dk_buf, dv_buf, seg_ptr, cu_ptr,
+    dk_ptr, dv_ptr, ds_ptr, db_ptr,
+    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+    BS: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
+):  # fmt: skip
+    """Reverse walk: gradients of k, v, s from reads inside the sub-chunk and (through the memories' gradients
+    at its end) from every later token; completes the gate summands with -s * ds."""
+    G: tl.constexpr = H // Hkv
+    i_s, t0, eos = _segment_start(seg_ptr, cu_ptr)
+    h = tl.program_id(1)
+    base = i_s * Hkv + h
+    dhk = tl.load(dk_buf + base * K * M + _state_ptrs(0, K, M, M, 1))  # [K, M]
+    dhv = tl.load(dv_buf + base * V * M + _state_ptrs(0, M, V, 1, M))  # [M, V]
+    rc = tl.arange(0, BC)
+    causal = rc[:, None] >= rc[None, :]
+    for j in range(0, BS, BC):
+        c = BS - BC - j
+        t = t0 + c + rc
+        valid = t < eos
+        kc = _load_rows(k_ptr, t, valid, Hkv, h, K)
+        vc = _load_rows(v_ptr, t, valid, Hkv, h, V)
+        sc = _load_rows(s_ptr, t, valid, Hkv, h, M)
+        gc = _load_rows(g_ptr, t, valid, Hkv, h, M)
+        eq, erb, ek, eb, eend, w, decay = _subchunk_gates(sc, gc, EXP_CLAMP)
+        dk = _mm(w, tl.trans(dhk), PREC)
+        dv = _mm(w, dhv, PREC)
+        ds = eend * (_mm(kc, dhk, PREC) + _mm(vc, tl.trans(dhv), PREC))
+        ds_in = tl.zeros([BC, M], dtype=tl.float32)
+        dhk = dhk * decay[None, :]
+        dhv = dhv * decay[:, None]
+        for gi in tl.static_range(G):
+            qc = _load_rows(q_ptr, t, valid, H, h * G + gi, K)
+            doc = _load_rows(do_ptr, t, valid, H, h * G + gi, V)
+            p = _load_rows(p_ptr, t, valid, H, h * G + gi, M)
+            dz = _load_rows(dz_ptr, t, valid, H, h * G + gi, M)
+            A = tl.where(causal, _mm(qc, tl.trans(kc), PREC), 0.0)
+            Adv = tl.where(causal, _mm(doc, tl.trans(vc), PREC), 0.0)
+            A3 = tl.where(causal, _mm(dz * eq, tl.trans(ek), PREC), 0.0)
+            A2 = tl.where(causal, _mm(p * eq, tl.trans(ek), PREC), 0.0)
+            dk += _mm(tl.trans(A3), qc, PREC)
+            dv += _mm(tl.trans(A2), doc, PREC)
+            ds_in += _mm(tl.trans(A), dz * eq, PREC) + _mm(tl.trans(Adv), p * eq, PREC)
+            dhk += _mm(tl.trans(qc), dz * eb, PREC)
+            dhv += _mm(tl.trans(p * eb), doc, PREC)
+        ds += ds_in * erb
+        _store_rows(dk_ptr, dk, t, valid, Hkv, h, K)
+        _store_rows(dv_ptr, dv, t, valid, Hkv, h, V)
+        _store_rows(ds_ptr, ds, t, valid, Hkv, h, M)
+        db = _load_rows(db_ptr, t, valid, Hkv, h, M) - sc * ds
+        _store_rows(db_ptr, db, t, valid, Hkv, h, M)
+
+
+@triton.jit
+def _rev_cumsum_kernel(x_ptr, init_ptr, cu_ptr, Hkv: tl.constexpr, M: tl.constexpr, BT: tl.constexpr,
+                       HAS_INIT: tl.constexpr):  # fmt: skip
+    """In place: x_t <- init + sum_{t' >= t} x_t' within each sequence (the gate gradient from its summands)."""
+    i_nh = tl.program_id(0)
+    n = i_nh // Hkv
+    h = i_nh % Hkv
+    bos = tl.load(cu_ptr + n).to(tl.int64)
+    eos = tl.load(cu_ptr + n + 1).to(tl.int64)
+    rm = tl.arange(0, M)
+    if HAS_INIT:
+        carry = tl.load(init_ptr + i_nh * M + rm)
+    else:
+        carry = tl.zeros([M], dtype=tl.float32)
+    rt = tl.arange(0, BT)
+    for i in range(tl.cdiv(eos - bos, BT)):
+        t = eos - (i + 1) * BT + rt
+        valid = t >= bos
+        x = _load_rows(x_ptr, t, valid, Hkv, h, M)
+        _store_rows(x_ptr, tl.cumsum(x, axis=0, reverse=True) + carry[None, :], t, valid, Hkv, h, M)
+        carry += tl.sum(x, axis=0)
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, o_ptr, hk_ptr, hv_ptr, scale, T,
+    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+):  # fmt: skip
+    """A few tokens per sequence, token by token, the memories updated in place (decoding)."""
+    G: tl.constexpr = H // Hkv
+    i_nh = tl.program_id(0).to(tl.int64)
+    n = i_nh // Hkv
+    h = i_nh % Hkv
+    rk = tl.arange(0, K)
+    rv = tl.arange(0, V)
+    rm = tl.arange(0, M)
+    hk_ptrs = hk_ptr + i_nh * K * M + rk[:, None] * M + rm[None, :]
+    hv_ptrs = hv_ptr + i_nh * M * V + rm[:, None] * V + rv[None, :]
+    hk = tl.load(hk_ptrs)
+    hv = tl.load(hv_ptrs)
+    for i in range(T):
+        tok = n * T + i
+        k = tl.load(k_ptr + (tok * Hkv + h) * K + rk).to(tl.float32)
+        v = tl.load(v_ptr + (tok * Hkv + h) * V + rv).to(tl.float32)
+        s = tl.load(s_ptr + (tok * Hkv + h) * M + rm).to(tl.float32)
+        a = tl.exp(tl.load(g_ptr + (tok * Hkv + h) * M + rm).to(tl.float32))
+        hk = hk * a[None, :] + k[:, None] * s[None, :]
+        hv = hv * a[:, None] + s[:, None] * v[None, :]
+        for gi in tl.static_range(G):
+            q = tl.load(q_ptr + (tok * H + h * G + gi) * K + rk).to(tl.float32)
+            logits = scale * tl.sum(q[:, None] * hk, axis=0)
+            e = tl.exp(logits - tl.max(logits, axis=0))
+            p = e / tl.sum(e, axis=0)
+            o = tl.sum(p[:, None] * hv, axis=0)
+            tl.store(o_ptr + (tok * H + h * G + gi) * V + rv, o.to(o_ptr.dtype.element_ty))
+    tl.store(hk_ptrs, hk)
+    tl.store(hv_ptrs, hv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host side.
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -> bool:
+    """Shapes the kernels handle: power-of-two head dims and slots of at least 16 (tensor-core tiles)."""
+
+    def ok(n: int) -> bool:
+        return n >= 16 and n & (n - 1) == 0 and n <= 256
+
+    return ok(q.shape[-1]) and ok(v.shape[-1]) and ok(s.shape[-1]) and s.shape[-1] <= 128
+
+
+def _precision(dtype: torch.dtype) -> int:
+    """Operand precision of the kernels' matmuls. Half-precision inputs multiply in tf32 by default: the
+    kernels' fp32 intermediates (memories, slot weights, decay factors) keep 10 mantissa bits instead of 7,
+    about 8x less rounding for a cost the benchmark measures (T2R_GSA_DOT=half trades it back)."""
+    if dtype in (torch.bfloat16, torch.float16) and DOT_MODE == "half":
+        if INTERPRETED:
+            return PREC_BF16_EMULATED if dtype == torch.bfloat16 else PREC_FP16_EMULATED
+        return PREC_BF16 if dtype == torch.bfloat16 else PREC_FP16
+    if INTERPRETED:
+        return PREC_IEEE
+    if dtype in (torch.bfloat16, torch.float16) or torch.backends.cuda.matmul.allow_tf32:
+        return PREC_TF32
+    return PREC_IEEE
+
+
+def _empty(*shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    out = torch.empty(*shape, dtype=dtype, device=device)
+    return out.fill_(float("nan")) if POISON else out
+
+
+class _Plan:
+    """Packed layout of a call: sequence bounds and the segments (sequence id, first token) of every sequence."""
+
+    def __init__(self, B: int, T: int, cu_seqlens: torch.Tensor | None, device: torch.device, seg: int):
+        if cu_seqlens is None:
+            lens = torch.full((B,), T, dtype=torch.int64)
+            cu = torch.arange(B + 1, dtype=torch.int64) * T
+        else:
+            cu = cu_seqlens.detach().to("cpu", torch.int64)
+            lens = cu[1:] - cu[:-1]
+        nseg = (lens + seg - 1) // seg
+        segoff = torch.cumsum(nseg, 0) - nseg
+        seq = torch.repeat_interleave(torch.arange(len(lens)), nseg)
+        start = cu[seq] + (torch.arange(len(seq)) - segoff[seq]) * seg
+        self.N = len(lens)
+        self.NS = len(seq)
+        self.seg = seg
+        self.cu = cu.to(device, torch.int32)
+        self.segoff = segoff.to(device, torch.int32)
+        self.segs = torch.stack([seq, start], 1).to(device, torch.int32).contiguous()
+
+
+def _launch_cfg(K: int, V: int, M: int) -> dict:
+    big = max(K, V) * M >= 128 * 64
+    return {"num_warps": 8 if big else 4, "num_stages": 1}
+
+
+def _state_scan(x, s, g, h0, plan, public_strides, prec, final: bool):
+    """Memory states at every segment start [NS, Hkv, D, M] (and the final state in the public layout)."""
+    Hkv, D, M = x.shape[1], x.shape[2], s.shape[2]
+    hbuf = _empty(max(plan.NS, 1), Hkv, D, M, dtype=torch.float32, device=x.device)
+    shape = (plan.N, Hkv, D, M) if public_strides == (M, 1) else (plan.N, Hkv, M, D)
+    hT = _empty(*shape, dtype=torch.float32, device=x.device) if final else hbuf
+    _state_fwd_kernel[(plan.N * Hkv,)](
+        x, s, g, h0 if h0 is not None else hbuf, hbuf, hT, plan.cu, plan.segoff, *public_strides,
+        Hkv=Hkv, D=D, M=M, BS=plan.seg, HAS_H0=h0 is not None, STORE_FINAL=final, PREC=prec,
+        **_launch_cfg(D, D, M),
+    )  # fmt: skip
+    return hbuf, (hT if final else None)
+
+
+def _forward(q, k, v, s, g, scale, h0, final, plan, prec):
+    Hkv, K, V, M = k.shape[1], k.shape[2], v.shape[2], s.shape[2]
+    H = q.shape[1]
+    hk_buf, hkT = _state_scan(k, s, g, h0[0] if h0 else None, plan, (M, 1), prec, final)
+    hv_buf, hvT = _state_scan(v, s, g, h0[1] if h0 else None, plan, (1, V), prec, final)
+    o = _empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
+    if plan.NS:
+        _out_fwd_kernel[(plan.NS, Hkv)](
+            q, k, v, s, g, o, hk_buf, hv_buf, plan.segs, plan.cu, scale,
+            H=H, Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BC=SUBCHUNK, PREC=prec, EXP_CLAMP=EXP_CLAMP,
+            **_launch_cfg(K, V, M),
+        )  # fmt: skip
+    return o, ((hkT, hvT) if final else None), (hk_buf, hv_buf)
+
+
+def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT):
+    H, K = q.shape[1], q.shape[2]
+    Hkv, V, M = k.shape[1], v.shape[2], s.shape[2]
+    need_final = dhT is not None
+    hk_buf, hkT = _state_scan(k, s, g, h0[0] if h0 else None, plan, (M, 1), prec, need_final)
+    hv_buf, hvT = _state_scan(v, s, g, h0[1] if h0 else None, plan, (1, V), prec, need_final)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
+    p = _empty(q.shape[0], H, M, **f32)
+    dz = _empty(q.shape[0], H, M, **f32)
+    db = _empty(q.shape[0], Hkv, M, **f32)
+    cfg = dict(H=H, Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BC=SUBCHUNK, PREC=prec, EXP_CLAMP=EXP_CLAMP)
+    if plan.NS:
+        _bwd_sweep_kernel[(plan.NS, Hkv)](
+            q, k, v, s, g, do, hk_buf, hv_buf, plan.segs, plan.cu, scale, dq, p, dz, db, **cfg,
+            **_launch_cfg(K, V, M),
+        )  # fmt: skip
+    dh0 = (_empty(plan.N, Hkv, K, M, **f32), _empty(plan.N, Hkv, M, V, **f32))
+    dbufs = []
+    for x, y, dh, d0, strides, D in ((q, dz, dhT[0] if dhT else None, dh0[0], (M, 1), K),
+                                     (do, p, dhT[1] if dhT else None, dh0[1], (1, V), V)):  # fmt: skip
+        dbuf = _empty(max(plan.NS, 1), Hkv, D, M, **f32)
+        _state_bwd_kernel[(plan.N * Hkv,)](
+            x, y, g, dh if dh is not None else dbuf, dbuf, d0, plan.cu, plan.segoff, *strides,
+            H=H, Hkv=Hkv, D=D, M=M, BS=plan.seg, HAS_DHT=dh is not None, STORE_DH0=True, PREC=prec,
+            **_launch_cfg(D, D, M),
+        )  # fmt: skip
+        dbufs.append(dbuf)
+    dk, dv, ds = (_empty(*x.shape, dtype=x.dtype, device=x.device) for x in (k, v, s))
+    if plan.NS:
+        _bwd_rev_sweep_kernel[(plan.NS, Hkv)](
+            q, k, v, s, g, do, p, dz, dbufs[0], dbufs[1], plan.segs, plan.cu, dk, dv, ds, db, **cfg,
+            **_launch_cfg(K, V, M),
+        )  # fmt: skip
+    # The final state's gradient reaches every gate of the sequence through exp(b_T).
+    init = None
+    if need_final:
+        init = (hkT * dhT[0]).sum(2) + (hvT * dhT[1]).sum(3)  # [N, Hkv, M]
+        init = init.contiguous()
+    _rev_cumsum_kernel[(plan.N * Hkv,)](db, init if init is not None else db, plan.cu, Hkv=Hkv, M=M, BT=64,
+                                        HAS_INIT=init is not None)  # fmt: skip
+    return dq, dk, dv, ds, db.to(g.dtype), dh0
+
+
+class _GSAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, s, g, scale, hk0, hv0, final, plan):
+        prec = _precision(q.dtype)
+        h0 = (hk0, hv0) if hk0 is not None else None
+        o, hT, _ = _forward(q, k, v, s, g, scale, h0, final, plan, prec)
+        ctx.save_for_backward(q, k, v, s, g, hk0, hv0)
+        ctx.scale, ctx.plan, ctx.prec = scale, plan, prec
+        hkT, hvT = hT if hT is not None else (None, None)
+        return o, hkT, hvT
+
+    @staticmethod
+    def backward(ctx, do, dhkT, dhvT):
+        q, k, v, s, g, hk0, hv0 = ctx.saved_tensors
+        h0 = (hk0, hv0) if hk0 is not None else None
+        # With output_final_state both final-state gradients arrive (autograd materialises unused ones as zeros).
+        dhT = (dhkT.contiguous(), dhvT.contiguous()) if dhkT is not None else None
+        dq, dk, dv, ds, dg, dh0 = _backward(q, k, v, s, g, ctx.scale, h0, ctx.plan, ctx.prec, do.contiguous(), dhT)
+        dhk0, dhv0 = dh0 if h0 is not None else (None, None)
+        return dq, dk, dv, ds, dg, None, dhk0, dhv0, None, None
+
+
+def gsa_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    s: torch.Tensor,
+    g: torch.Tensor,
+    scale: float | None = None,
+    initial_state: State | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, State | None]:
+    """Chunked GSA forward and backward in Triton; the contract of ``gsa_reference.gsa_recurrent``."""
+    from .gsa_reference import _check
+
+    _, _ = _check(q, k, v, s, g, initial_state, cu_seqlens)
+    B, T, H, K = q.shape
+    scale = K**-0.5 if scale is None else float(scale)
+    plan = _Plan(B, T, cu_seqlens, q.device, SEGMENT)
+    flat = [x.reshape(B * T, *x.shape[2:]).contiguous() for x in (q, k, v, s, g)]
+    hk0, hv0 = (x.float().contiguous() for x in initial_state) if initial_state is not None else (None, None)
+    o, hkT, hvT = _GSAFunction.apply(*flat, scale, hk0, hv0, output_final_state, plan)
+    o = o.view(B, T, H, -1)
+    return o, ((hkT, hvT) if output_final_state else None)
+
+
+def gsa_decode_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor, g: torch.Tensor, scale: float | None,
+    state: State,
+) -> torch.Tensor:  # fmt: skip
+    """A few new tokens on top of ``state``, which is updated in place (fp32, contiguous); returns o."""
+    B, T, H, K = q.shape
+    Hkv, V, M = k.shape[2], v.shape[3], s.shape[3]
+    hk, hv = state
+    if not (hk.is_contiguous() and hv.is_contiguous() and hk.dtype == hv.dtype == torch.float32):
+        raise ValueError("in-place decoding needs contiguous fp32 state tensors")
+    q, k, v, s, g = (x.contiguous() for x in (q, k, v, s, g))
+    o = _empty(B, T, H, V, dtype=q.dtype, device=q.device)
+    scale = K**-0.5 if scale is None else float(scale)
+    _decode_kernel[(B * Hkv,)](q, k, v, s, g, o, hk, hv, scale, T, H=H, Hkv=Hkv, K=K, V=V, M=M,
+                               **_launch_cfg(K, V, M))  # fmt: skip
+    return o
