@@ -197,18 +197,20 @@ def _write_json(rows: list[dict], out: Path | None) -> None:
 @bench_app.command("train")
 def bench_train(
     model: Annotated[str | None, typer.Argument(help="converted model directory")] = None,
-    shape: Annotated[str | None, typer.Option(help="random weights with real shapes instead: mistral-7b")] = None,
+    shape: Annotated[str | None, typer.Option(help="random weights with real shapes: mistral-7b, smollm2-135m")] = None,
     seq: Annotated[list[int] | None, typer.Option(help="sequence lengths (repeat)")] = None,
     batch: Annotated[int, typer.Option(help="rows per step")] = 8,
     steps: Annotated[int, typer.Option(help="timed steps")] = 5,
     lora: Annotated[bool, typer.Option(help="LoRA r=8 + new params, gradient checkpointing")] = False,
+    reference: Annotated[bool, typer.Option(help="also time the PyTorch reference GSA path")] = False,
     device: Annotated[str, typer.Option(help="device")] = "cuda",
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
 ) -> None:
-    """Training tokens/s and peak memory: GSA student vs the teacher with SDPA, same batch."""
+    """Training tokens/s and peak memory: GSA student (kernels, optionally the reference path) vs the teacher
+    with SDPA, same batch."""
     from t2r.bench import print_table, run_train_bench
 
-    rows = run_train_bench(model, shape, seq or [2048, 4096], batch, steps, lora, device)
+    rows = run_train_bench(model, shape, seq or [2048, 4096], batch, steps, lora, device, reference)
     print_table(rows)
     _write_json(rows, json_out)
 
@@ -216,7 +218,7 @@ def bench_train(
 @bench_app.command("generate")
 def bench_generate(
     model: Annotated[str | None, typer.Argument(help="converted or exported model directory")] = None,
-    shape: Annotated[str | None, typer.Option(help="random weights with real shapes instead: mistral-7b")] = None,
+    shape: Annotated[str | None, typer.Option(help="random weights with real shapes: mistral-7b, smollm2-135m")] = None,
     context: Annotated[list[int] | None, typer.Option(help="context lengths (repeat)")] = None,
     batch: Annotated[list[int] | None, typer.Option(help="batch sizes (repeat)")] = None,
     new_tokens: Annotated[int, typer.Option(help="decoded tokens timed")] = 64,
@@ -229,6 +231,27 @@ def bench_generate(
     rows = run_generate_bench(model, shape, context or [1024, 4096, 16384, 32768], batch or [1, 16], new_tokens, device)
     print_table(rows)
     _write_json(rows, json_out)
+
+
+@bench_app.command("kernels")
+def bench_kernels(
+    fla: Annotated[bool, typer.Option(help="compare with flash-linear-attention if it is installed")] = True,
+    shape: Annotated[list[str] | None, typer.Option(help="BxT training shapes (repeat); default: 4 shapes")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
+) -> None:
+    """GSA kernels vs FLA chunk_gsa (if installed) vs SDPA flash attention, fwd and fwd+bwd; the decode step
+    vs FLA's fused recurrent step and KV-cache attention at 32k; with each one's ratio to the memory floor."""
+    from t2r.bench import print_table
+    from t2r.bench_kernels import TRAIN_SHAPES, run_kernel_bench
+
+    shapes = [tuple(int(x) for x in s.lower().split("x")) for s in shape] if shape else None
+    result = run_kernel_bench(shapes or TRAIN_SHAPES, fla)
+    bandwidth = result["copy_bandwidth_TBps"]
+    print(f"{result['device']}, copy bandwidth {bandwidth} TB/s (read + write), FLA: {result['fla']}")
+    print_table(result["train"])
+    print()
+    print_table(result["decode"])
+    _write_json(result["train"] + result["decode"], json_out)
 
 
 def main() -> None:

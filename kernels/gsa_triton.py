@@ -218,7 +218,7 @@ def _out_fwd_kernel(
         vc = _load_rows(v_ptr, t, valid, Hkv, h, V)
         sc = _load_rows(s_ptr, t, valid, Hkv, h, M)
         gc = _load_rows(g_ptr, t, valid, Hkv, h, M)
-        eq, erb, ek, eb, eend, w, decay = _subchunk_gates(sc, gc, EXP_CLAMP)
+        eq, _, ek, eb, _, w, decay = _subchunk_gates(sc, gc, EXP_CLAMP)
         for gi in tl.static_range(G):
             qc = _load_rows(q_ptr, t, valid, H, h * G + gi, K)
             A = tl.where(causal, _mm(qc, tl.trans(kc), PREC), 0.0)
@@ -256,7 +256,7 @@ def _bwd_sweep_kernel(
         vc = _load_rows(v_ptr, t, valid, Hkv, h, V)
         sc = _load_rows(s_ptr, t, valid, Hkv, h, M)
         gc = _load_rows(g_ptr, t, valid, Hkv, h, M)
-        eq, erb, ek, eb, eend, w, decay = _subchunk_gates(sc, gc, EXP_CLAMP)
+        eq, _, ek, eb, _, w, decay = _subchunk_gates(sc, gc, EXP_CLAMP)
         db = tl.zeros([BC, M], dtype=tl.float32)
         for gi in tl.static_range(G):
             qc = _load_rows(q_ptr, t, valid, H, h * G + gi, K)

@@ -7,6 +7,8 @@ tensors without copying them, so only the attention differs. Results print as a 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 
 import torch
@@ -24,17 +26,32 @@ SHAPES = {  # real layer shapes with random weights, for machines without the ch
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         sliding_window=None,
+        architecture="mistral",
+    ),
+    "smollm2-135m": dict(
+        architecture="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
     ),
 }
 
 
 def shaped_model(shape: str, slots: int = 64, dtype: torch.dtype = torch.bfloat16, device: str = "cuda") -> nn.Module:
-    from .modeling.configuration_t2r import T2RMistralConfig
-    from .modeling.modeling_t2r import T2RMistralForCausalLM
+    from .modeling.configuration_t2r import T2R_CONFIGS
+    from .modeling.modeling_t2r import T2R_MODELS
 
-    config = T2RMistralConfig(**SHAPES[shape], gsa_num_slots=slots)
+    fields = dict(SHAPES[shape])
+    config = T2R_CONFIGS[fields.pop("architecture")](**fields, gsa_num_slots=slots)
     with torch.device("meta"):
-        model = T2RMistralForCausalLM(config)
+        model = T2R_MODELS[type(config)](config)
     model = model.to_empty(device=device).to(dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
@@ -43,6 +60,7 @@ def shaped_model(shape: str, slots: int = 64, dtype: torch.dtype = torch.bfloat1
                 p.normal_(0, 0.02, generator=gen)
             else:
                 p.fill_(1.0)
+    model.tie_weights()
     return model
 
 
@@ -163,7 +181,21 @@ def load_bench_model(path: str | None, shape: str | None, device: str) -> nn.Mod
     return load_converted(path, torch.bfloat16).to(device)
 
 
-def run_train_bench(path, shape, seqs, batch, steps, lora, device) -> list[dict]:
+@contextlib.contextmanager
+def _gsa_impl(impl: str):
+    """Run the GSA op through one implementation (see t2r.kernels.gsa_ops)."""
+    old = os.environ.get("T2R_GSA_IMPL")
+    os.environ["T2R_GSA_IMPL"] = impl
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("T2R_GSA_IMPL")
+        else:
+            os.environ["T2R_GSA_IMPL"] = old
+
+
+def run_train_bench(path, shape, seqs, batch, steps, lora, device, reference: bool = False) -> list[dict]:
     """GSA student vs teacher (SDPA) training throughput; with ``lora`` the student trains LoRA r=8 on
     q/k/v/o plus the new parameters, with gradient checkpointing (the mistral-7b-fast setting)."""
     model = load_bench_model(path, shape, device)
@@ -180,6 +212,9 @@ def run_train_bench(path, shape, seqs, batch, steps, lora, device) -> list[dict]
             model = student.unload()
         else:
             rows.append(train_throughput(model, batch, seq, steps, label="GSA (full)"))
+            if device != "cpu" and reference:
+                with _gsa_impl("reference"):
+                    rows.append(train_throughput(model, batch, seq, steps, label="GSA, reference path (full)"))
             rows.append(train_throughput(teacher_view(model), batch, seq, steps, label="teacher SDPA (full)"))
             model.zero_grad(set_to_none=True)
     return rows

@@ -13,10 +13,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import make_inputs, rel_err, run_with_grads  # noqa: E402
-from t2r.kernels import gsa_decode_, gsa_recurrent  # noqa: E402
-from t2r.kernels import gsa_triton as kernels  # noqa: E402
-from t2r.kernels.gsa_ops import use_triton  # noqa: E402
+from conftest import make_inputs, rel_err, run_with_grads
+from t2r.kernels import gsa_decode_, gsa_recurrent
+from t2r.kernels import gsa_triton as kernels
+from t2r.kernels.gsa_ops import use_triton
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -114,7 +114,7 @@ def test_kernels_stay_finite_beyond_the_exactness_bound():
 
 @pytest.mark.parametrize("T", [1, 3])
 def test_decode_kernel_updates_state_in_place(T):
-    B, _, H, Hkv, K, V, M = SHAPES[1] if CUDA else SHAPES[1]
+    _, _, H, Hkv, K, V, M = SHAPES[1]
     B = 5
     (q, k, v, s, g), h0 = make_inputs(B, T, H, Hkv, K, V, M, device=DEVICE)
     with torch.no_grad():

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# GPU session for the Triton kernels: correctness against the oracle (pytest, compiled kernels), a sweep of the
+# tunables at two shapes (our kernels only), then `t2r bench kernels` (with FLA when its wheels are in /tmp/site).
+# Usage: benchmarks/gpu/kernels.sh [tests] [sweep] [bench] [nofla]   (logs under $OUT)
+set -uo pipefail
+export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+for step in "$@"; do case $step in
+tests)
+  python -m pytest -q -p no:cacheprovider tests/test_gsa_triton.py tests/test_gsa_reference.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
+sweep)
+  for cfg in "64 16 tf32" "128 16 tf32" "64 32 tf32" "128 32 tf32" "64 16 half" "256 16 tf32"; do
+    set -- $cfg
+    T2R_GSA_SEGMENT=$1 T2R_GSA_SUBCHUNK=$2 T2R_GSA_DOT=$3 python -m t2r.cli bench kernels --no-fla \
+      --shape 8x2048 --shape 1x16384 --json "$OUT/sweep_$1_$2_$3.json" 2>&1 | sed "s/^/[seg=$1 sub=$2 dot=$3] /" | grep -v "^\[.*\] *$"
+  done ;;
+bench)
+  python -m t2r.cli bench kernels --json "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench_kernels.log" ;;
+nofla)
+  python -m t2r.cli bench kernels --no-fla --json "$OUT/bench_kernels_nofla.json" 2>&1 | tee "$OUT/bench_kernels_nofla.log" ;;
+esac; done

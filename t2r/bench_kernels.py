@@ -1,0 +1,146 @@
+"""Kernel-level benchmark: t2r's GSA kernels vs flash-linear-attention's (if installed) vs SDPA, one run.
+
+Shapes follow the kernels issue (H=32, K=V=128, M=64, bf16). Times are medians of CUDA-event timings from
+``triton.testing.do_bench`` (which flushes L2 between runs); every row is measured in this process, so the
+ratios compare like with like. FLA is a comparison only: t2r never imports it elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+TRAIN_SHAPES = [(8, 2048), (2, 8192), (1, 16384), (1, 32768)]
+
+
+def _bench(fn, warmup_ms: int = 50, rep_ms: int = 300) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def copy_bandwidth(nbytes: int = 2**30) -> float:
+    """Device bytes/s of a large copy (bytes read + written): the floor the memory-bound kernels face."""
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    ms = _bench(lambda: y.copy_(x))
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def _inputs(B, T, H, K, V, M, dtype, requires_grad=True):
+    def t(*shape):
+        return torch.randn(*shape, device="cuda", dtype=dtype).requires_grad_(requires_grad)
+
+    q, k, v = t(B, T, H, K), t(B, T, H, K), t(B, T, H, V)
+    f = torch.randn(B, T, H, M, device="cuda")
+    g = (F.logsigmoid(f) / 8).to(dtype).requires_grad_(requires_grad)
+    s = (1 - g.detach().float().exp()).to(dtype).requires_grad_(requires_grad)
+    return q, k, v, s, g
+
+
+def _fla():
+    try:
+        from fla.ops.gsa import chunk_gsa
+        from fla.ops.gsa.fused_recurrent import fused_recurrent_gsa_inference
+    except ImportError:
+        return None, None
+    return chunk_gsa, fused_recurrent_gsa_inference
+
+
+def _fwd_bwd(fn, inputs, do):
+    def run():
+        for x in inputs:
+            x.grad = None
+        fn().backward(do)
+
+    return run
+
+
+def _train_row(B, T, H, K, V, M, dtype, bandwidth, fla: bool) -> dict:
+    from t2r.kernels.gsa_triton import gsa_triton
+
+    chunk_gsa = _fla()[0] if fla else None
+    inputs = _inputs(B, T, H, K, V, M, dtype)
+    q, k, v, s, g = inputs
+    do = torch.randn(B, T, H, V, device="cuda", dtype=dtype)
+    scale = K**-0.5
+
+    def ours():
+        return gsa_triton(q, k, v, s, g, scale)[0]
+
+    row = {"B": B, "T": T, "ours_fwd_ms": _bench(ours), "ours_fwdbwd_ms": _bench(_fwd_bwd(ours, inputs, do))}
+    if chunk_gsa is not None:
+
+        def fla():
+            return chunk_gsa(q, k, v, s, g, scale=scale)[0]
+
+        row["fla_fwd_ms"] = _bench(fla)
+        row["fla_fwdbwd_ms"] = _bench(_fwd_bwd(fla, inputs, do))
+    qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
+
+    def sdpa():
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+
+    row["sdpa_fwd_ms"] = _bench(sdpa)
+    row["sdpa_fwdbwd_ms"] = _bench(_fwd_bwd(sdpa, (qt, kt, vt), do.transpose(1, 2)))
+    if bandwidth:  # reading q, k, v, s, g and writing o once: no kernel can beat this
+        nbytes = sum(x.numel() * x.element_size() for x in inputs) + do.numel() * do.element_size()
+        row["fwd_floor_ms"] = nbytes / bandwidth * 1e3
+    return _with_ratios(row)
+
+
+def train_rows(shapes=TRAIN_SHAPES, H=32, K=128, V=128, M=64, dtype=torch.bfloat16, bandwidth=None, fla=True):
+    rows = []
+    for B, T in shapes:
+        rows.append(_train_row(B, T, H, K, V, M, dtype, bandwidth, fla))
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _with_ratios(row: dict) -> dict:
+    out = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
+    if "fla_fwd_ms" in row:
+        out["fla/ours_fwd"] = round(row["fla_fwd_ms"] / row["ours_fwd_ms"], 2)
+        out["fla/ours_fwdbwd"] = round(row["fla_fwdbwd_ms"] / row["ours_fwdbwd_ms"], 2)
+    out["sdpa/ours_fwdbwd"] = round(row["sdpa_fwdbwd_ms"] / row["ours_fwdbwd_ms"], 2)
+    if "fwd_floor_ms" in row:
+        out["ours_fwd/floor"] = round(row["ours_fwd_ms"] / row["fwd_floor_ms"], 2)
+    return out
+
+
+def decode_rows(B=16, H=32, K=128, V=128, M=64, context=32768, dtype=torch.bfloat16, bandwidth=None, fla=True):
+    """One decoding step: our fused in-place update vs FLA's fused recurrent inference kernel vs softmax
+    attention of one query over a KV cache of ``context`` tokens (SDPA)."""
+    from t2r.kernels.gsa_triton import gsa_decode_triton
+
+    fla_step = _fla()[1] if fla else None
+    q, k, v, s, g = _inputs(B, 1, H, K, V, M, dtype, requires_grad=False)
+    state = (torch.randn(B, H, K, M, device="cuda"), torch.randn(B, H, M, V, device="cuda"))
+    scale = K**-0.5
+    row = {"B": B, "H": H, "ours_step_ms": _bench(lambda: gsa_decode_triton(q, k, v, s, g, scale, state))}
+    if fla_step is not None:
+        row["fla_step_ms"] = _bench(lambda: fla_step(q, k, v, s, g, state, True, scale))
+    kv = torch.randn(2, B, H, context, K, device="cuda", dtype=dtype)
+    qt = q.transpose(1, 2)
+    row[f"kv_cache_{context // 1024}k_ms"] = _bench(lambda: F.scaled_dot_product_attention(qt, kv[0], kv[1]))
+    if bandwidth:  # each memory read and written once, fp32
+        row["state_floor_ms"] = 2 * sum(x.numel() * 4 for x in state) / bandwidth * 1e3
+        row["ours/floor"] = row["ours_step_ms"] / row["state_floor_ms"]
+    if "fla_step_ms" in row:
+        row["fla/ours"] = row["fla_step_ms"] / row["ours_step_ms"]
+    return [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}]
+
+
+def run_kernel_bench(shapes=TRAIN_SHAPES, fla: bool = True) -> dict:
+    if not torch.cuda.is_available():
+        from .errors import T2RError
+
+        raise T2RError("t2r bench kernels needs a CUDA device")
+    bandwidth = copy_bandwidth()
+    return {
+        "device": torch.cuda.get_device_name(),
+        "copy_bandwidth_TBps": round(bandwidth / 1e12, 3),
+        "fla": fla and _fla()[0] is not None,
+        "train": train_rows(shapes, bandwidth=bandwidth, fla=fla),
+        "decode": decode_rows(bandwidth=bandwidth, fla=fla),
+    }
