@@ -248,10 +248,12 @@ def bench_kernels(
     result = run_kernel_bench(shapes or TRAIN_SHAPES, fla)
     bandwidth = result["copy_bandwidth_TBps"]
     print(f"{result['device']}, copy bandwidth {bandwidth} TB/s (read + write), FLA: {result['fla']}")
+    print(f"relative error vs the PyTorch reference (bf16 inputs, GQA 2): {result['rel_error_vs_reference']}")
     print_table(result["train"])
     print()
     print_table(result["decode"])
-    _write_json(result["train"] + result["decode"], json_out)
+    _write_json([{"rel_error_vs_reference": result["rel_error_vs_reference"]}, *result["train"], *result["decode"]],
+                json_out)  # fmt: skip
 
 
 def main() -> None:

@@ -41,6 +41,9 @@ EXP_CLAMP = 60.0
 SEGMENT = int(os.environ.get("T2R_GSA_SEGMENT", "64"))
 SUBCHUNK = int(os.environ.get("T2R_GSA_SUBCHUNK", "16"))
 DOT_MODE = os.environ.get("T2R_GSA_DOT", "tf32")  # "tf32" or "half" for bf16/fp16 inputs
+STATE_BLOCK = int(os.environ.get("T2R_GSA_STATE_BLOCK", "32"))  # rows of a memory per scan program
+NUM_STAGES = int(os.environ.get("T2R_GSA_STAGES", "2"))
+NUM_WARPS = int(os.environ.get("T2R_GSA_WARPS", "0"))  # 0: by tile size
 
 POISON = False  # tests: fill outputs with NaN before the kernels run, so that unwritten elements show
 
@@ -70,6 +73,14 @@ def _mm(a, b, PREC: tl.constexpr):
 def _load_rows(ptr, t, valid, heads, head, D: tl.constexpr):
     """[len(t), D] tile of a token-major [T, heads, D] tensor, zero outside ``valid``, as fp32."""
     rd = tl.arange(0, D)
+    x = tl.load(ptr + (t[:, None] * heads + head) * D + rd[None, :], mask=valid[:, None], other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _load_cols(ptr, t, valid, heads, head, D: tl.constexpr, d0, BD: tl.constexpr):
+    """Columns d0 .. d0 + BD of a token-major [T, heads, D] tensor, as fp32."""
+    rd = d0 + tl.arange(0, BD)
     x = tl.load(ptr + (t[:, None] * heads + head) * D + rd[None, :], mask=valid[:, None], other=0.0)
     return x.to(tl.float32)
 
@@ -110,30 +121,32 @@ def _subchunk_gates(s, g, EXP_CLAMP: tl.constexpr):
 def _state_fwd_kernel(
     x_ptr, s_ptr, g_ptr, h0_ptr, hbuf_ptr, hT_ptr, cu_ptr, segoff_ptr,
     stride_pd, stride_pm,
-    Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr,
+    Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """One memory (hk with x = k, or hv transposed with x = v) of one sequence and KV head: state at each
-    segment start into hbuf [NS, Hkv, D, M]; h0/hT in the public layout given by (stride_pd, stride_pm)."""
-    i_nh = tl.program_id(0)
+    """Rows d0 .. d0 + BD of one memory (hk with x = k, or hv transposed with x = v) of one sequence and KV head:
+    the state at each segment start into hbuf [NS, Hkv, D, M]; h0/hT in the public layout given by
+    (stride_pd, stride_pm)."""
+    d0 = tl.program_id(0) * BD
+    i_nh = tl.program_id(1)
     n = i_nh // Hkv
     h = i_nh % Hkv
     bos = tl.load(cu_ptr + n).to(tl.int64)
     eos = tl.load(cu_ptr + n + 1).to(tl.int64)
     seg0 = tl.load(segoff_ptr + n).to(tl.int64)
-    public = _state_ptrs(i_nh.to(tl.int64) * D * M, D, M, stride_pd, stride_pm)
-    internal = _state_ptrs(0, D, M, M, 1)
+    public = _state_ptrs(i_nh.to(tl.int64) * D * M + d0 * stride_pd, BD, M, stride_pd, stride_pm)
+    internal = _state_ptrs(d0 * M, BD, M, M, 1)
     if HAS_H0:
         state = tl.load(h0_ptr + public).to(tl.float32)
     else:
-        state = tl.zeros([D, M], dtype=tl.float32)
+        state = tl.zeros([BD, M], dtype=tl.float32)
     rt = tl.arange(0, BS)
     nseg = tl.cdiv(eos - bos, BS)
     for i in range(nseg):
         tl.store(hbuf_ptr + ((seg0 + i) * Hkv + h) * D * M + internal, state)
         t = bos + i * BS + rt
         valid = t < eos
-        x = _load_rows(x_ptr, t, valid, Hkv, h, D)
+        x = _load_cols(x_ptr, t, valid, Hkv, h, D, d0, BD)
         s = _load_rows(s_ptr, t, valid, Hkv, h, M)
         g = _load_rows(g_ptr, t, valid, Hkv, h, M)
         b = tl.cumsum(g, axis=0)
@@ -148,24 +161,26 @@ def _state_fwd_kernel(
 def _state_bwd_kernel(
     x_ptr, y_ptr, g_ptr, dhT_ptr, dbuf_ptr, dh0_ptr, cu_ptr, segoff_ptr,
     stride_pd, stride_pm,
-    H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr,
+    H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Reverse scan of one memory's gradient: the gradient at each segment end into dbuf [NS, Hkv, D, M];
-    each token t of query head h adds x_t (y_t * exp(b_t))^T (x = q, y = dz for hk; x = do, y = p for hv)."""
+    """Reverse scan of one memory's gradient (rows d0 .. d0 + BD): the gradient at each segment end into
+    dbuf [NS, Hkv, D, M]; each token t of query head h adds x_t (y_t * exp(b_t))^T (x = q, y = dz for hk;
+    x = do, y = p for hv)."""
     G: tl.constexpr = H // Hkv
-    i_nh = tl.program_id(0)
+    d0 = tl.program_id(0) * BD
+    i_nh = tl.program_id(1)
     n = i_nh // Hkv
     h = i_nh % Hkv
     bos = tl.load(cu_ptr + n).to(tl.int64)
     eos = tl.load(cu_ptr + n + 1).to(tl.int64)
     seg0 = tl.load(segoff_ptr + n).to(tl.int64)
-    public = _state_ptrs(i_nh.to(tl.int64) * D * M, D, M, stride_pd, stride_pm)
-    internal = _state_ptrs(0, D, M, M, 1)
+    public = _state_ptrs(i_nh.to(tl.int64) * D * M + d0 * stride_pd, BD, M, stride_pd, stride_pm)
+    internal = _state_ptrs(d0 * M, BD, M, M, 1)
     if HAS_DHT:
         dstate = tl.load(dhT_ptr + public).to(tl.float32)
     else:
-        dstate = tl.zeros([D, M], dtype=tl.float32)
+        dstate = tl.zeros([BD, M], dtype=tl.float32)
     rt = tl.arange(0, BS)
     nseg = tl.cdiv(eos - bos, BS)
     for j in range(nseg):
@@ -177,7 +192,7 @@ def _state_bwd_kernel(
         eb = tl.exp(tl.cumsum(g, axis=0))
         dstate = dstate * tl.exp(tl.sum(g, axis=0))[None, :]
         for gi in tl.static_range(G):
-            x = _load_rows(x_ptr, t, valid, H, h * G + gi, D)
+            x = _load_cols(x_ptr, t, valid, H, h * G + gi, D, d0, BD)
             y = _load_rows(y_ptr, t, valid, H, h * G + gi, M)
             dstate += _mm(tl.trans(x), y * eb, PREC)
     if STORE_DH0:
@@ -201,7 +216,7 @@ def _segment_start(seg_ptr, cu_ptr):
 def _out_fwd_kernel(
     q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, o_ptr, hk_ptr, hv_ptr, seg_ptr, cu_ptr, scale,
     H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
-    BS: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
+    BS: tl.constexpr, BC: tl.constexpr, PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
 ):  # fmt: skip
     G: tl.constexpr = H // Hkv
     i_s, t0, eos = _segment_start(seg_ptr, cu_ptr)
@@ -221,7 +236,7 @@ def _out_fwd_kernel(
         eq, _, ek, eb, _, w, decay = _subchunk_gates(sc, gc, EXP_CLAMP)
         for gi in tl.static_range(G):
             qc = _load_rows(q_ptr, t, valid, H, h * G + gi, K)
-            A = tl.where(causal, _mm(qc, tl.trans(kc), PREC), 0.0)
+            A = tl.where(causal, _mm(qc, tl.trans(kc), PREC_IN), 0.0)
             logits = scale * (_mm(qc, hk, PREC) * eb + _mm(A, ek, PREC) * eq)
             e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
             p = e / tl.sum(e, axis=1)[:, None]
@@ -237,7 +252,7 @@ def _bwd_sweep_kernel(
     q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, do_ptr, hk_ptr, hv_ptr, seg_ptr, cu_ptr, scale,
     dq_ptr, p_ptr, dz_ptr, db_ptr,
     H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
-    BS: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
+    BS: tl.constexpr, BC: tl.constexpr, PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
 ):  # fmt: skip
     """Forward walk of the backward pass: recompute p; dp (pass 2's gradient, same form as pass 1 with do and
     v as query and key), dz = scale * p * (dp - sum(p dp)), dq; and the read-side gate summands."""
@@ -261,11 +276,11 @@ def _bwd_sweep_kernel(
         for gi in tl.static_range(G):
             qc = _load_rows(q_ptr, t, valid, H, h * G + gi, K)
             doc = _load_rows(do_ptr, t, valid, H, h * G + gi, V)
-            A = tl.where(causal, _mm(qc, tl.trans(kc), PREC), 0.0)
+            A = tl.where(causal, _mm(qc, tl.trans(kc), PREC_IN), 0.0)
             logits = scale * (_mm(qc, hk, PREC) * eb + _mm(A, ek, PREC) * eq)
             e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
             p = e / tl.sum(e, axis=1)[:, None]
-            Adv = tl.where(causal, _mm(doc, tl.trans(vc), PREC), 0.0)
+            Adv = tl.where(causal, _mm(doc, tl.trans(vc), PREC_IN), 0.0)
             dp = _mm(doc, tl.trans(hv), PREC) * eb + _mm(Adv, ek, PREC) * eq
             dlog = p * (dp - tl.sum(p * dp, axis=1)[:, None])
             dz = scale * dlog
@@ -285,7 +300,7 @@ def _bwd_rev_sweep_kernel(
     q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, do_ptr, p_ptr, dz_ptr, dk_buf, dv_buf, seg_ptr, cu_ptr,
     dk_ptr, dv_ptr, ds_ptr, db_ptr,
     H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
-    BS: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
+    BS: tl.constexpr, BC: tl.constexpr, PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
 ):  # fmt: skip
     """Reverse walk: gradients of k, v, s from reads inside the sub-chunk and (through the memories' gradients
     at its end) from every later token; completes the gate summands with -s * ds."""
@@ -317,8 +332,8 @@ def _bwd_rev_sweep_kernel(
             doc = _load_rows(do_ptr, t, valid, H, h * G + gi, V)
             p = _load_rows(p_ptr, t, valid, H, h * G + gi, M)
             dz = _load_rows(dz_ptr, t, valid, H, h * G + gi, M)
-            A = tl.where(causal, _mm(qc, tl.trans(kc), PREC), 0.0)
-            Adv = tl.where(causal, _mm(doc, tl.trans(vc), PREC), 0.0)
+            A = tl.where(causal, _mm(qc, tl.trans(kc), PREC_IN), 0.0)
+            Adv = tl.where(causal, _mm(doc, tl.trans(vc), PREC_IN), 0.0)
             A3 = tl.where(causal, _mm(dz * eq, tl.trans(ek), PREC), 0.0)
             A2 = tl.where(causal, _mm(p * eq, tl.trans(ek), PREC), 0.0)
             dk += _mm(tl.trans(A3), qc, PREC)
@@ -406,19 +421,21 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor)
     return ok(q.shape[-1]) and ok(v.shape[-1]) and ok(s.shape[-1]) and s.shape[-1] <= 128
 
 
-def _precision(dtype: torch.dtype) -> int:
-    """Operand precision of the kernels' matmuls. Half-precision inputs multiply in tf32 by default: the
-    kernels' fp32 intermediates (memories, slot weights, decay factors) keep 10 mantissa bits instead of 7,
-    about 8x less rounding for a cost the benchmark measures (T2R_GSA_DOT=half trades it back)."""
-    if dtype in (torch.bfloat16, torch.float16) and DOT_MODE == "half":
+def _precision(dtype: torch.dtype) -> tuple[int, int]:
+    """Operand precisions of the kernels' matmuls: (products of two input tensors, everything else).
+
+    Products of two half-precision inputs (q k^T, do v^T) are exact in half precision. The other products
+    take fp32 intermediates (memories, slot weights, decay factors): in tf32 by default (10 mantissa bits
+    instead of 7, about 8x less rounding) or, with T2R_GSA_DOT=half, in the inputs' half precision."""
+    if dtype in (torch.bfloat16, torch.float16):
+        half = PREC_BF16 if dtype == torch.bfloat16 else PREC_FP16
         if INTERPRETED:
-            return PREC_BF16_EMULATED if dtype == torch.bfloat16 else PREC_FP16_EMULATED
-        return PREC_BF16 if dtype == torch.bfloat16 else PREC_FP16
-    if INTERPRETED:
-        return PREC_IEEE
-    if dtype in (torch.bfloat16, torch.float16) or torch.backends.cuda.matmul.allow_tf32:
-        return PREC_TF32
-    return PREC_IEEE
+            half = PREC_BF16_EMULATED if dtype == torch.bfloat16 else PREC_FP16_EMULATED
+        rest = half if DOT_MODE == "half" else (PREC_IEEE if INTERPRETED else PREC_TF32)
+        return half, rest
+    if INTERPRETED or not torch.backends.cuda.matmul.allow_tf32:
+        return PREC_IEEE, PREC_IEEE
+    return PREC_TF32, PREC_TF32
 
 
 def _empty(*shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -450,7 +467,7 @@ class _Plan:
 
 def _launch_cfg(K: int, V: int, M: int) -> dict:
     big = max(K, V) * M >= 128 * 64
-    return {"num_warps": 8 if big else 4, "num_stages": 1}
+    return {"num_warps": NUM_WARPS or (8 if big else 4), "num_stages": NUM_STAGES}
 
 
 def _state_scan(x, s, g, h0, plan, public_strides, prec, final: bool):
@@ -459,10 +476,11 @@ def _state_scan(x, s, g, h0, plan, public_strides, prec, final: bool):
     hbuf = _empty(max(plan.NS, 1), Hkv, D, M, dtype=torch.float32, device=x.device)
     shape = (plan.N, Hkv, D, M) if public_strides == (M, 1) else (plan.N, Hkv, M, D)
     hT = _empty(*shape, dtype=torch.float32, device=x.device) if final else hbuf
-    _state_fwd_kernel[(plan.N * Hkv,)](
+    BD = min(D, STATE_BLOCK)
+    _state_fwd_kernel[(D // BD, plan.N * Hkv)](
         x, s, g, h0 if h0 is not None else hbuf, hbuf, hT, plan.cu, plan.segoff, *public_strides,
-        Hkv=Hkv, D=D, M=M, BS=plan.seg, HAS_H0=h0 is not None, STORE_FINAL=final, PREC=prec,
-        **_launch_cfg(D, D, M),
+        Hkv=Hkv, D=D, M=M, BS=plan.seg, BD=BD, HAS_H0=h0 is not None, STORE_FINAL=final, PREC=prec[1],
+        num_warps=4, num_stages=NUM_STAGES,
     )  # fmt: skip
     return hbuf, (hT if final else None)
 
@@ -476,7 +494,8 @@ def _forward(q, k, v, s, g, scale, h0, final, plan, prec):
     if plan.NS:
         _out_fwd_kernel[(plan.NS, Hkv)](
             q, k, v, s, g, o, hk_buf, hv_buf, plan.segs, plan.cu, scale,
-            H=H, Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BC=SUBCHUNK, PREC=prec, EXP_CLAMP=EXP_CLAMP,
+            H=H, Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BC=SUBCHUNK, PREC_IN=prec[0], PREC=prec[1],
+            EXP_CLAMP=EXP_CLAMP,
             **_launch_cfg(K, V, M),
         )  # fmt: skip
     return o, ((hkT, hvT) if final else None), (hk_buf, hv_buf)
@@ -493,7 +512,8 @@ def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT):
     p = _empty(q.shape[0], H, M, **f32)
     dz = _empty(q.shape[0], H, M, **f32)
     db = _empty(q.shape[0], Hkv, M, **f32)
-    cfg = dict(H=H, Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BC=SUBCHUNK, PREC=prec, EXP_CLAMP=EXP_CLAMP)
+    cfg = dict(H=H, Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BC=SUBCHUNK, PREC_IN=prec[0], PREC=prec[1])
+    cfg["EXP_CLAMP"] = EXP_CLAMP
     if plan.NS:
         _bwd_sweep_kernel[(plan.NS, Hkv)](
             q, k, v, s, g, do, hk_buf, hv_buf, plan.segs, plan.cu, scale, dq, p, dz, db, **cfg,
@@ -504,10 +524,11 @@ def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT):
     for x, y, dh, d0, strides, D in ((q, dz, dhT[0] if dhT else None, dh0[0], (M, 1), K),
                                      (do, p, dhT[1] if dhT else None, dh0[1], (1, V), V)):  # fmt: skip
         dbuf = _empty(max(plan.NS, 1), Hkv, D, M, **f32)
-        _state_bwd_kernel[(plan.N * Hkv,)](
+        BD = min(D, STATE_BLOCK)
+        _state_bwd_kernel[(D // BD, plan.N * Hkv)](
             x, y, g, dh if dh is not None else dbuf, dbuf, d0, plan.cu, plan.segoff, *strides,
-            H=H, Hkv=Hkv, D=D, M=M, BS=plan.seg, HAS_DHT=dh is not None, STORE_DH0=True, PREC=prec,
-            **_launch_cfg(D, D, M),
+            H=H, Hkv=Hkv, D=D, M=M, BS=plan.seg, BD=BD, HAS_DHT=dh is not None, STORE_DH0=True, PREC=prec[1],
+            num_warps=4, num_stages=NUM_STAGES,
         )  # fmt: skip
         dbufs.append(dbuf)
     dk, dv, ds = (_empty(*x.shape, dtype=x.dtype, device=x.device) for x in (k, v, s))

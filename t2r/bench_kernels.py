@@ -131,6 +131,30 @@ def decode_rows(B=16, H=32, K=128, V=128, M=64, context=32768, dtype=torch.bfloa
     return [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}]
 
 
+def check_against_reference(B=2, T=700, H=8, Hkv=4, K=128, V=128, M=64, dtype=torch.bfloat16) -> dict:
+    """Relative error of our kernels vs the PyTorch reference (fp32 on the same inputs) for the output, the
+    final state and every gradient: the timings below are only worth reading if these are small."""
+    from t2r.kernels.gsa_reference import gsa_chunk
+    from t2r.kernels.gsa_triton import gsa_triton
+
+    q, k, v, s, g = _inputs(B, T, H, K, V, M, dtype)
+    k, v, s, g = (x.detach()[:, :, :Hkv].contiguous().requires_grad_() for x in (k, v, s, g))
+    h0 = tuple(torch.randn(B, Hkv, *shape, device="cuda", requires_grad=True) for shape in ((K, M), (M, V)))
+    do = torch.randn(B, T, H, V, device="cuda")
+    errors = {}
+    results = []
+    for fn in (gsa_triton, gsa_chunk):
+        inputs = [q, k, v, s, g] if fn is gsa_triton else [x.detach().float().requires_grad_() for x in (q, k, v, s, g)]
+        o, (hk, hv) = fn(*inputs, None, h0, True)
+        loss = (o.float() * do).sum() + hk.sum() + (hv * hv).sum() / 100
+        grads = torch.autograd.grad(loss, [*inputs, *h0])
+        results.append([o, hk, hv, *grads])
+    names = ["o", "hk", "hv", "dq", "dk", "dv", "ds", "dg", "dhk0", "dhv0"]
+    for name, a, b in zip(names, *results, strict=True):
+        errors[name] = float((a.float() - b.float()).norm() / b.float().norm())
+    return {k: f"{v:.1e}" for k, v in errors.items()}
+
+
 def run_kernel_bench(shapes=TRAIN_SHAPES, fla: bool = True) -> dict:
     if not torch.cuda.is_available():
         from .errors import T2RError
@@ -139,6 +163,7 @@ def run_kernel_bench(shapes=TRAIN_SHAPES, fla: bool = True) -> dict:
     bandwidth = copy_bandwidth()
     return {
         "device": torch.cuda.get_device_name(),
+        "rel_error_vs_reference": check_against_reference(),
         "copy_bandwidth_TBps": round(bandwidth / 1e12, 3),
         "fla": fla and _fla()[0] is not None,
         "train": train_rows(shapes, bandwidth=bandwidth, fla=fla),

@@ -10,11 +10,14 @@ for step in "$@"; do case $step in
 tests)
   python -m pytest -q -p no:cacheprovider tests/test_gsa_triton.py tests/test_gsa_reference.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
 sweep)
-  for cfg in "64 16 tf32" "128 16 tf32" "64 32 tf32" "128 32 tf32" "64 16 half" "256 16 tf32"; do
+  IFS=';' read -ra CFGS <<< "${SWEEP:-64 16 tf32 2;64 16 half 2;128 32 half 2;64 16 half 1;64 32 half 2}"
+  for cfg in "${CFGS[@]}"; do
     set -- $cfg
-    T2R_GSA_SEGMENT=$1 T2R_GSA_SUBCHUNK=$2 T2R_GSA_DOT=$3 python -m t2r.cli bench kernels --no-fla \
-      --shape 8x2048 --shape 1x16384 --json "$OUT/sweep_$1_$2_$3.json" 2>&1 | sed "s/^/[seg=$1 sub=$2 dot=$3] /" | grep -v "^\[.*\] *$"
+    T2R_GSA_SEGMENT=$1 T2R_GSA_SUBCHUNK=$2 T2R_GSA_DOT=$3 T2R_GSA_STAGES=$4 python -m t2r.cli bench kernels --no-fla \
+      --shape 8x2048 --shape 1x16384 --json "$OUT/sweep_$1_$2_$3_$4.json" 2>&1 | sed "s/^/[$1 $2 $3 $4] /" | grep -v "^\[.*\] *$"
   done ;;
+profile)
+  python benchmarks/profile_kernels.py 2>&1 | tee "$OUT/profile.log" ;;
 bench)
   python -m t2r.cli bench kernels --json "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench_kernels.log" ;;
 nofla)
