@@ -97,6 +97,7 @@ def export(
     max_shard_size: Annotated[str, typer.Option(help="largest safetensors shard")] = "5GB",
     adapter_only: Annotated[bool, typer.Option(help="write the last stage's peft adapter instead")] = False,
     skip_check: Annotated[bool, typer.Option(help="skip the decode parity check (the model card says so)")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="t2r, or fla: also an FLA-loadable copy in DEST/fla")] = "t2r",
     force: Annotated[bool, typer.Option(help="replace DEST if it exists")] = False,
 ) -> None:
     """Export a self-contained checkpoint (LoRA merged), parity-checked against step-by-step decoding."""
@@ -110,6 +111,7 @@ def export(
         adapter_only=adapter_only,
         skip_check=skip_check,
         force=force,
+        fmt=fmt,
     )
     typer.echo(f"exported {run} -> {path}")
 

@@ -74,12 +74,18 @@ def export(
     adapter_only: bool = False,
     skip_check: bool = False,
     force: bool = False,
+    fmt: str = "t2r",
 ) -> Path:
-    """Export a finetuning run (merged, or its LoRA adapter alone) or a converted directory."""
+    """Export a finetuning run (merged, or its LoRA adapter alone) or a converted directory; with
+    ``fmt="fla"`` also an FLA-compatible copy in DEST/fla."""
     src = Path(run)
     check_destination(dest, force)
     if dtype is not None and dtype not in DTYPES:
         raise T2RError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if fmt not in ("t2r", "fla"):
+        raise T2RError(f"--format must be t2r or fla, got {fmt!r}")
+    if fmt == "fla" and adapter_only:
+        raise T2RError("--format fla writes merged weights; it cannot be combined with --adapter-only")
     parse_size(max_shard_size)
     if (src / RUN_FILE).is_file():
         info = read_run(src)
@@ -91,6 +97,14 @@ def export(
     else:
         raise T2RError(f"{src} has no checkpoint: neither a t2r run ({RUN_FILE}) nor a model directory")
     conversion = _read_json(base_dir / "conversion.json")
+    config = None
+    if fmt == "fla":
+        from transformers import AutoConfig
+
+        from .export_fla import check_fla_compatible
+
+        config = AutoConfig.from_pretrained(base_dir)
+        check_fla_compatible(config)  # before anything is written
     started = time.time()
     with atomic_directory(dest, force=force) as tmp:
         if adapter_only:
@@ -106,6 +120,11 @@ def export(
                     shutil.copyfile(base_dir / name, tmp / name)
             gap = None if skip_check else check_parity(tmp)
             record = {"kind": "merged", "dtype": dtype, "parity_gap": gap, "parity_checked": not skip_check}
+            if config is not None:
+                from .export_fla import write_fla
+
+                config.dtype = DTYPES[dtype] if dtype is not None else None
+                record["fla"] = {"dir": "fla", "tensors": write_fla(tmp, tmp / "fla", config, max_shard_size)}
         record.update(
             t2r_version=__version__,
             source=str(src.resolve()),
@@ -204,6 +223,14 @@ def export_card(record: dict) -> str:
             else "**skipped** (--skip-check): decode parity was not verified"
         )
         lines += ["## Decode parity check", "", check, ""]
+    if record.get("fla"):
+        lines += [
+            "## FLA layout",
+            "",
+            "`fla/` holds the same weights under flash-linear-attention's `gsa` model type and tensor names: "
+            "`import fla` and `AutoModelForCausalLM.from_pretrained(\"PATH/fla\")`.",
+            "",
+        ]
     lines += [
         "## Use",
         "",

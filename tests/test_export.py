@@ -126,6 +126,45 @@ def test_export_bad_inputs(tiny_run, tiny_converted, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@torch.no_grad()
+def test_fla_format_renames_tensors_bit_for_bit(tiny_run, tmp_path):
+    dest = export(tiny_run, tmp_path / "exp", dtype="fp32", fmt="fla")
+    ours, fla = _tensors(dest), _tensors(dest / "fla")
+    assert len(fla) == len(ours)
+    expected = {
+        "model.embeddings.weight": "model.embed_tokens.weight",
+        "model.layers.1.attn_norm.weight": "model.layers.1.input_layernorm.weight",
+        "model.layers.1.mlp_norm.weight": "model.layers.1.post_attention_layernorm.weight",
+        "model.layers.1.attn.f_proj.weight": "model.layers.1.self_attn.f_proj.weight",
+        "model.layers.1.attn.g_norm.weight": "model.layers.1.self_attn.g_norm.weight",
+        "model.layers.1.attn.q_proj.weight": "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.1.mlp.gate_proj.weight": "model.layers.1.mlp.gate_proj.weight",
+        "model.norm.weight": "model.norm.weight",
+    }
+    for fla_key, our_key in expected.items():
+        assert torch.equal(fla[fla_key], ours[our_key]), fla_key
+    assert not [k for k in fla if "self_attn" in k or "layernorm" in k or "embed_tokens" in k]
+    config = json.loads((dest / "fla" / "config.json").read_text())
+    model = read_run(tiny_run)
+    assert config["model_type"] == "gsa" and config["num_slots"] == 16 and config["num_kv_heads"] == 6
+    assert config["gate_logit_normalizer"] == 8.0 and config["feature_map"] == "swish"
+    assert config["hidden_size"] == 48 and config["num_heads"] == 6 and model["stages_done"]
+    assert (dest / "fla" / "tokenizer.json").is_file()
+    assert json.loads((dest / "export.json").read_text())["fla"]["tensors"] == len(fla)
+
+
+def test_fla_format_refuses_what_fla_cannot_express(tiny_converted, tmp_path):
+    from t2r.convert import ConvertOptions, convert
+
+    teacher = json.loads((tiny_converted / "conversion.json").read_text())["source"]["path"]
+    roped = convert(teacher, tmp_path / "roped", ConvertOptions(slots=16, rope=True, window=4), progress=False)
+    with pytest.raises(T2RError, match=r"cannot load in FLA's GSA: RoPE on q/k .*; hybrid window"):
+        export(roped, tmp_path / "x", fmt="fla")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(T2RError, match="--format must be"):
+        export(roped, tmp_path / "x", fmt="onnx")
+
+
 def test_generate_greedy_sampling_and_padding(tiny_run):
     model, tok = load_for_generation(tiny_run, device="cpu")
     prompts = ["The with statement", "A", "Exceptions are raised when"]

@@ -3,11 +3,12 @@
 # tunables at two shapes (our kernels only), then `t2r bench kernels` (with FLA when its wheels are in /tmp/site).
 # Usage: benchmarks/gpu/kernels.sh [tests] [sweep] [bench] [nofla]   (logs under $OUT)
 set -uo pipefail
-export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+source benchmarks/gpu/env.sh  # carried wheels (FLA for the comparison) in /root/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for step in "$@"; do case $step in
 tests)
+  python -m pip list 2>/dev/null | grep -i -E '^(torch|triton|transformers) '
   python -m pytest -q -p no:cacheprovider tests/test_gsa_triton.py tests/test_gsa_reference.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
 sweep)
   IFS=';' read -ra CFGS <<< "${SWEEP:-64 16 tf32 2;64 16 half 2;128 32 half 2;64 16 half 1;64 32 half 2}"
