@@ -20,6 +20,8 @@ LABELS = {
     "C": "C: B + SWA hybrid W=64, no calibration",
     "B2": "B2: B with output-norm calibration",
     "C2": "C2: C with calibration, window share 0.88 at start",
+    "B3": "B3: B2 on the Triton kernels, 9.2M tokens",
+    "C3": "C3: C2 on the Triton kernels, 9.2M tokens",
 }
 
 
@@ -49,7 +51,7 @@ def main(root: Path) -> None:
         yscale="log",
         xlabel="training tokens (M)",
         ylabel="held-out perplexity (linuxdoc hash split)",
-        title="Recovery at equal tokens (1.57M each), H100, 2026-11-22",
+        title="Held-out recovery vs training tokens, H100, 2026-11-22",
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
