@@ -118,6 +118,22 @@ def _subchunk_gates(s, g, EXP_CLAMP: tl.constexpr):
 
 
 @triton.jit
+def _scan_setup(cu_ptr, segoff_ptr, stride_pd, stride_pm, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+                BD: tl.constexpr):  # fmt: skip
+    """A scan program's rows (d0), KV head, sequence bounds, first segment, and its block's offsets in the public
+    state layout and in the per-segment buffers."""
+    d0 = tl.program_id(0) * BD
+    i_nh = tl.program_id(1)
+    n = i_nh // Hkv
+    bos = tl.load(cu_ptr + n).to(tl.int64)
+    eos = tl.load(cu_ptr + n + 1).to(tl.int64)
+    seg0 = tl.load(segoff_ptr + n).to(tl.int64)
+    public = _state_ptrs(i_nh.to(tl.int64) * D * M + d0 * stride_pd, BD, M, stride_pd, stride_pm)
+    internal = _state_ptrs(d0 * M, BD, M, M, 1)
+    return d0, i_nh % Hkv, bos, eos, seg0, public, internal
+
+
+@triton.jit
 def _state_fwd_kernel(
     x_ptr, s_ptr, g_ptr, h0_ptr, hbuf_ptr, hT_ptr, cu_ptr, segoff_ptr,
     stride_pd, stride_pm,
@@ -127,15 +143,7 @@ def _state_fwd_kernel(
     """Rows d0 .. d0 + BD of one memory (hk with x = k, or hv transposed with x = v) of one sequence and KV head:
     the state at each segment start into hbuf [NS, Hkv, D, M]; h0/hT in the public layout given by
     (stride_pd, stride_pm)."""
-    d0 = tl.program_id(0) * BD
-    i_nh = tl.program_id(1)
-    n = i_nh // Hkv
-    h = i_nh % Hkv
-    bos = tl.load(cu_ptr + n).to(tl.int64)
-    eos = tl.load(cu_ptr + n + 1).to(tl.int64)
-    seg0 = tl.load(segoff_ptr + n).to(tl.int64)
-    public = _state_ptrs(i_nh.to(tl.int64) * D * M + d0 * stride_pd, BD, M, stride_pd, stride_pm)
-    internal = _state_ptrs(d0 * M, BD, M, M, 1)
+    d0, h, bos, eos, seg0, public, internal = _scan_setup(cu_ptr, segoff_ptr, stride_pd, stride_pm, Hkv, D, M, BD)
     if HAS_H0:
         state = tl.load(h0_ptr + public).to(tl.float32)
     else:
@@ -168,15 +176,7 @@ def _state_bwd_kernel(
     dbuf [NS, Hkv, D, M]; each token t of query head h adds x_t (y_t * exp(b_t))^T (x = q, y = dz for hk;
     x = do, y = p for hv)."""
     G: tl.constexpr = H // Hkv
-    d0 = tl.program_id(0) * BD
-    i_nh = tl.program_id(1)
-    n = i_nh // Hkv
-    h = i_nh % Hkv
-    bos = tl.load(cu_ptr + n).to(tl.int64)
-    eos = tl.load(cu_ptr + n + 1).to(tl.int64)
-    seg0 = tl.load(segoff_ptr + n).to(tl.int64)
-    public = _state_ptrs(i_nh.to(tl.int64) * D * M + d0 * stride_pd, BD, M, stride_pd, stride_pm)
-    internal = _state_ptrs(d0 * M, BD, M, M, 1)
+    d0, h, bos, eos, seg0, public, internal = _scan_setup(cu_ptr, segoff_ptr, stride_pd, stride_pm, Hkv, D, M, BD)
     if HAS_DHT:
         dstate = tl.load(dhT_ptr + public).to(tl.float32)
     else:
