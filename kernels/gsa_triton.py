@@ -583,7 +583,7 @@ def gsa_triton(
     """Chunked GSA forward and backward in Triton; the contract of ``gsa_reference.gsa_recurrent``."""
     from .gsa_reference import _check
 
-    _, _ = _check(q, k, v, s, g, initial_state, cu_seqlens)
+    _check(q, k, v, s, g, initial_state, cu_seqlens)
     B, T, H, K = q.shape
     scale = K**-0.5 if scale is None else float(scale)
     plan = _Plan(B, T, cu_seqlens, q.device, SEGMENT)
