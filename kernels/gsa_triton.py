@@ -213,6 +213,17 @@ def _segment_start(seg_ptr, cu_ptr):
 
 
 @triton.jit
+def _load_subchunk(k_ptr, v_ptr, s_ptr, g_ptr, t, valid, Hkv: tl.constexpr, h, K: tl.constexpr, V: tl.constexpr,
+                   M: tl.constexpr):  # fmt: skip
+    """A sub-chunk's keys, values, write weights and log gates of KV head h (fp32, zero past the sequence)."""
+    kc = _load_rows(k_ptr, t, valid, Hkv, h, K)
+    vc = _load_rows(v_ptr, t, valid, Hkv, h, V)
+    sc = _load_rows(s_ptr, t, valid, Hkv, h, M)
+    gc = _load_rows(g_ptr, t, valid, Hkv, h, M)
+    return kc, vc, sc, gc
+
+
+@triton.jit
 def _out_fwd_kernel(
     q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, o_ptr, hk_ptr, hv_ptr, seg_ptr, cu_ptr, scale,
     H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
@@ -229,10 +240,7 @@ def _out_fwd_kernel(
     for c in range(0, BS, BC):
         t = t0 + c + rc
         valid = t < eos
-        kc = _load_rows(k_ptr, t, valid, Hkv, h, K)
-        vc = _load_rows(v_ptr, t, valid, Hkv, h, V)
-        sc = _load_rows(s_ptr, t, valid, Hkv, h, M)
-        gc = _load_rows(g_ptr, t, valid, Hkv, h, M)
+        kc, vc, sc, gc = _load_subchunk(k_ptr, v_ptr, s_ptr, g_ptr, t, valid, Hkv, h, K, V, M)
         eq, _, ek, eb, _, w, decay = _subchunk_gates(sc, gc, EXP_CLAMP)
         for gi in tl.static_range(G):
             qc = _load_rows(q_ptr, t, valid, H, h * G + gi, K)
@@ -267,10 +275,7 @@ def _bwd_sweep_kernel(
     for c in range(0, BS, BC):
         t = t0 + c + rc
         valid = t < eos
-        kc = _load_rows(k_ptr, t, valid, Hkv, h, K)
-        vc = _load_rows(v_ptr, t, valid, Hkv, h, V)
-        sc = _load_rows(s_ptr, t, valid, Hkv, h, M)
-        gc = _load_rows(g_ptr, t, valid, Hkv, h, M)
+        kc, vc, sc, gc = _load_subchunk(k_ptr, v_ptr, s_ptr, g_ptr, t, valid, Hkv, h, K, V, M)
         eq, _, ek, eb, _, w, decay = _subchunk_gates(sc, gc, EXP_CLAMP)
         db = tl.zeros([BC, M], dtype=tl.float32)
         for gi in tl.static_range(G):
@@ -316,10 +321,7 @@ def _bwd_rev_sweep_kernel(
         c = BS - BC - j
         t = t0 + c + rc
         valid = t < eos
-        kc = _load_rows(k_ptr, t, valid, Hkv, h, K)
-        vc = _load_rows(v_ptr, t, valid, Hkv, h, V)
-        sc = _load_rows(s_ptr, t, valid, Hkv, h, M)
-        gc = _load_rows(g_ptr, t, valid, Hkv, h, M)
+        kc, vc, sc, gc = _load_subchunk(k_ptr, v_ptr, s_ptr, g_ptr, t, valid, Hkv, h, K, V, M)
         eq, erb, ek, eb, eend, w, decay = _subchunk_gates(sc, gc, EXP_CLAMP)
         dk = _mm(w, tl.trans(dhk), PREC)
         dv = _mm(w, dhv, PREC)
