@@ -500,7 +500,7 @@ def _forward(q, k, v, s, g, scale, h0, final, plan, prec):
             EXP_CLAMP=EXP_CLAMP,
             **_launch_cfg(K, V, M),
         )  # fmt: skip
-    return o, ((hkT, hvT) if final else None), (hk_buf, hv_buf)
+    return o, ((hkT, hvT) if final else None)
 
 
 def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT):
@@ -554,7 +554,7 @@ class _GSAFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, s, g, scale, hk0, hv0, final, plan):
         prec = _precision(q.dtype)
         h0 = (hk0, hv0) if hk0 is not None else None
-        o, hT, _ = _forward(q, k, v, s, g, scale, h0, final, plan, prec)
+        o, hT = _forward(q, k, v, s, g, scale, h0, final, plan, prec)
         ctx.save_for_backward(q, k, v, s, g, hk0, hv0)
         ctx.scale, ctx.plan, ctx.prec = scale, plan, prec
         hkT, hvT = hT if hT is not None else (None, None)
