@@ -7,22 +7,15 @@ sequences through ``cu_seqlens``. Every batch is handled as packed: a plain [B, 
 How the work is split (per KV head; the G query heads of a group share all state work):
 - ``_state_fwd``: a sequential scan over segments of BS tokens that writes the memories at every segment
   start (and the final state). Its updates use only decays exp(b_last - b) <= 1, so nothing can overflow.
-- Sweeps: one program per segment, starting from that segment's state, walks sub-chunks of BC tokens with
-  one memory ([D, M] fp32, the scans' layout) in registers; sweeps carrying both memories were register- and
-  latency-bound. Inside a sub-chunk the decay exp(b_t - b_j) is split at r = b_last / 2 into
-  exp(b_t - r) * exp(r - b_j), so both passes are matmuls; each factor is at most exp(|b_last| / 2).
-- The passes meet only at the slot softmax, so the forward runs ``_logits_fwd`` (hk: the logits z) then
-  ``_out_v_fwd`` (hv: o), and keeps z (fp32) for the backward, which then never recomputes pass 1.
-- Backward: ``_state_fwd`` again; ``_dz_sweep`` (hv: dp, dz, the read-side gate summands; it stores
-  p = softmax(z) for the hv gradient's scan and ``_rev_v``) then ``_dq_sweep`` (hk); ``_state_bwd`` (reverse
-  scans of the memories' gradients); ``_rev_k`` (dhk: dk, k's part of ds) then ``_rev_v`` (dhv: dv, the rest
-  of ds, -s * ds into the gate summands); a per-sequence reverse cumulative sum turns the summands into dg.
-  dp has pass 1's form (do, v as query and key) and dq pass 2's (dz as slot weights), so the four forward
-  walks share two read helpers and the two reverse walks one body.
+- ``_out_fwd``: one program per segment, starting from that segment's state, walks sub-chunks of BC tokens,
+  keeping the memories in registers. Inside a sub-chunk the decay exp(b_t - b_j) is split at r = b_last / 2
+  into exp(b_t - r) * exp(r - b_j), so both passes are matmuls; each factor is at most exp(|b_last| / 2).
+- Backward: ``_state_fwd`` again, ``_bwd_sweep`` (forward walk: slot softmax, dp, dz, dq), ``_state_bwd`` (the
+  reverse scan of the memories' gradients), ``_bwd_rev_sweep`` (reverse walk: dk, dv, ds and the gate
+  gradient's summands), then a per-sequence reverse cumulative sum turns those summands into dg.
 
-The gate gradient uses d/d b_t = dlog_t * z_t + p_t * dp_t - s_t * ds_t (z the slot logits, dlog their gradient,
-b the running sum of g), because b_t scales every read at t by exp(b_t) and every write at t by exp(-b_t); dg
-is its reverse cumulative sum; dz = scale * dlog is the gradient of the unscaled reads q . hk.
+The gate gradient uses d/d b_t = dz_t * z_t + p_t * dp_t - s_t * ds_t (b the running sum of g), because b_t
+scales every read at t by exp(b_t) and every write at t by exp(-b_t); dg is its reverse cumulative sum.
 
 Exactness bound: a sub-chunk's factors stay finite while its total decay |b_last| <= 2 * EXP_CLAMP nats, i.e.
 log alpha >= -7.5 per token on average over 16 tokens (with tau = 8: any slot-gate logit f >= -60). Beyond that
@@ -51,7 +44,6 @@ DOT_MODE = os.environ.get("T2R_GSA_DOT", "tf32")  # "tf32" or "half" for bf16/fp
 STATE_BLOCK = int(os.environ.get("T2R_GSA_STATE_BLOCK", "32"))  # rows of a memory per scan program
 NUM_STAGES = int(os.environ.get("T2R_GSA_STAGES", "2"))
 NUM_WARPS = int(os.environ.get("T2R_GSA_WARPS", "0"))  # 0: by tile size
-SWEEP_WARPS = int(os.environ.get("T2R_GSA_SWEEP_WARPS", "0"))  # the one-memory sweeps; 0: as T2R_GSA_WARPS
 
 POISON = False  # tests: fill outputs with NaN before the kernels run, so that unwritten elements show
 
@@ -208,213 +200,152 @@ def _state_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Per-segment walks over sub-chunks, each carrying one memory (or its gradient) as [D, M].
+# Per-segment walks over sub-chunks.
 
 
 @triton.jit
-def _segment_start(seg_ptr, cu_ptr, mem_ptr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr):
-    """A sweep program's KV head, first token, sequence end, and the memory it carries at its segment's start
-    (for a reverse walk: the memory's gradient at the segment's end)."""
+def _segment_start(seg_ptr, cu_ptr):
     i_s = tl.program_id(0)
-    h = tl.program_id(1)
     n = tl.load(seg_ptr + 2 * i_s)
     t0 = tl.load(seg_ptr + 2 * i_s + 1).to(tl.int64)
     eos = tl.load(cu_ptr + n + 1).to(tl.int64)
-    mem = tl.load(mem_ptr + (i_s.to(tl.int64) * Hkv + h) * D * M + _state_ptrs(0, D, M, M, 1))
-    return h, t0, eos, mem
+    return i_s.to(tl.int64), t0, eos
 
 
 @triton.jit
-def _load_subchunk(x_ptr, s_ptr, g_ptr, t, valid, Hkv: tl.constexpr, h, D: tl.constexpr, M: tl.constexpr):
-    """A sub-chunk's keys (k or v), write weights and log gates of KV head h (fp32, zero past the sequence)."""
-    xc = _load_rows(x_ptr, t, valid, Hkv, h, D)
+def _load_subchunk(k_ptr, v_ptr, s_ptr, g_ptr, t, valid, Hkv: tl.constexpr, h, K: tl.constexpr, V: tl.constexpr,
+                   M: tl.constexpr):  # fmt: skip
+    """A sub-chunk's keys, values, write weights and log gates of KV head h (fp32, zero past the sequence)."""
+    kc = _load_rows(k_ptr, t, valid, Hkv, h, K)
+    vc = _load_rows(v_ptr, t, valid, Hkv, h, V)
     sc = _load_rows(s_ptr, t, valid, Hkv, h, M)
     gc = _load_rows(g_ptr, t, valid, Hkv, h, M)
-    return xc, sc, gc
+    return kc, vc, sc, gc
 
 
 @triton.jit
-def _causal_mm(a, b, BC: tl.constexpr, PREC: tl.constexpr):
-    """a b^T without the entries of later keys than queries: a sub-chunk's reads of its own writes."""
+def _out_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, o_ptr, hk_ptr, hv_ptr, seg_ptr, cu_ptr, scale,
+    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+    BS: tl.constexpr, BC: tl.constexpr, PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
+):  # fmt: skip
+    G: tl.constexpr = H // Hkv
+    i_s, t0, eos = _segment_start(seg_ptr, cu_ptr)
+    h = tl.program_id(1)
+    base = i_s * Hkv + h
+    hk = tl.load(hk_ptr + base * K * M + _state_ptrs(0, K, M, M, 1))  # [K, M]
+    hv = tl.load(hv_ptr + base * V * M + _state_ptrs(0, M, V, 1, M))  # [M, V] (stored [V, M])
     rc = tl.arange(0, BC)
-    return tl.where(rc[:, None] >= rc[None, :], _mm(a, tl.trans(b), PREC), 0.0)
-
-
-@triton.jit
-def _to_slots(x, xk, mem, eq, ek, eb, BC: tl.constexpr, PREC_IN: tl.constexpr, PREC: tl.constexpr):
-    """Reads of the memory [D, M] by the rows of x [BC, D], each at its own token (the sub-chunk's earlier
-    writes, keys xk, included): pass 1's q -> logits; in the backward, do -> dp."""
-    return _mm(x, mem, PREC) * eb + _mm(_causal_mm(x, xk, BC, PREC_IN), ek, PREC) * eq
-
-
-@triton.jit
-def _from_slots(y, xk, mem, eq, ek, eb, BC: tl.constexpr, PREC: tl.constexpr):
-    """The transposed read: slot weights y [BC, M] through the memory [D, M] and the sub-chunk's keys xk:
-    pass 2's p -> o; in the backward, dz -> dq."""
-    return _mm(y * eb, tl.trans(mem), PREC) + _mm(_causal_mm(y * eq, ek, BC, PREC), xk, PREC)
-
-
-@triton.jit
-def _advance(mem, xk, w, decay, PREC: tl.constexpr):
-    """The memory [D, M] from a sub-chunk's start to its end."""
-    return mem * decay[None, :] + _mm(tl.trans(xk), w, PREC)
-
-
-@triton.jit
-def _softmax(z):
-    """The slot softmax of logits z [BC, M], row-wise."""
-    e = tl.exp(z - tl.max(z, axis=1)[:, None])
-    return e / tl.sum(e, axis=1)[:, None]
-
-
-@triton.jit
-def _logits_fwd_kernel(
-    seg_ptr, cu_ptr, hk_ptr, q_ptr, k_ptr, s_ptr, g_ptr, z_ptr, scale,
-    H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
-    BS: tl.constexpr, BC: tl.constexpr, PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
-):  # fmt: skip
-    """Pass 1 (carries hk): the slot logits z = scale * q . hk of every query head, fp32."""
-    G: tl.constexpr = H // Hkv
-    h, t0, eos, hk = _segment_start(seg_ptr, cu_ptr, hk_ptr, Hkv, D, M)
+    causal = rc[:, None] >= rc[None, :]
     for c in range(0, BS, BC):
-        t = t0 + c + tl.arange(0, BC)
+        t = t0 + c + rc
         valid = t < eos
-        kc, sc, gc = _load_subchunk(k_ptr, s_ptr, g_ptr, t, valid, Hkv, h, D, M)
+        kc, vc, sc, gc = _load_subchunk(k_ptr, v_ptr, s_ptr, g_ptr, t, valid, Hkv, h, K, V, M)
         eq, _, ek, eb, _, w, decay = _subchunk_gates(sc, gc, EXP_CLAMP)
         for gi in tl.static_range(G):
-            qc = _load_rows(q_ptr, t, valid, H, h * G + gi, D)
-            z = scale * _to_slots(qc, kc, hk, eq, ek, eb, BC, PREC_IN, PREC)
-            _store_rows(z_ptr, z, t, valid, H, h * G + gi, M)
-        hk = _advance(hk, kc, w, decay, PREC)
+            qc = _load_rows(q_ptr, t, valid, H, h * G + gi, K)
+            A = tl.where(causal, _mm(qc, tl.trans(kc), PREC_IN), 0.0)
+            logits = scale * (_mm(qc, hk, PREC) * eb + _mm(A, ek, PREC) * eq)
+            e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+            p = e / tl.sum(e, axis=1)[:, None]
+            A2 = tl.where(causal, _mm(p * eq, tl.trans(ek), PREC), 0.0)
+            o = _mm(p * eb, hv, PREC) + _mm(A2, vc, PREC)
+            _store_rows(o_ptr, o, t, valid, H, h * G + gi, V)
+        hk = hk * decay[None, :] + _mm(tl.trans(kc), w, PREC)
+        hv = hv * decay[:, None] + _mm(tl.trans(w), vc, PREC)
 
 
 @triton.jit
-def _from_slots_walk(seg_ptr, cu_ptr, mem_ptr, y_ptr, x_ptr, s_ptr, g_ptr, out_ptr,
-                     H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr,
-                     BC: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr, SOFTMAX: tl.constexpr):  # fmt: skip
-    """A forward walk writing out = _from_slots(y) for every query head (y = softmax of the loaded rows if
-    SOFTMAX), keys x, carrying the memory of x."""
-    G: tl.constexpr = H // Hkv
-    h, t0, eos, mem = _segment_start(seg_ptr, cu_ptr, mem_ptr, Hkv, D, M)
-    for c in range(0, BS, BC):
-        t = t0 + c + tl.arange(0, BC)
-        valid = t < eos
-        xc, sc, gc = _load_subchunk(x_ptr, s_ptr, g_ptr, t, valid, Hkv, h, D, M)
-        eq, _, ek, eb, _, w, decay = _subchunk_gates(sc, gc, EXP_CLAMP)
-        for gi in tl.static_range(G):
-            y = _load_rows(y_ptr, t, valid, H, h * G + gi, M)
-            if SOFTMAX:
-                y = _softmax(y)
-            out = _from_slots(y, xc, mem, eq, ek, eb, BC, PREC)
-            _store_rows(out_ptr, out, t, valid, H, h * G + gi, D)
-        mem = _advance(mem, xc, w, decay, PREC)
-
-
-@triton.jit
-def _out_v_fwd_kernel(
-    seg_ptr, cu_ptr, hv_ptr, z_ptr, v_ptr, s_ptr, g_ptr, o_ptr,
-    H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+def _bwd_sweep_kernel(
+    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, do_ptr, hk_ptr, hv_ptr, seg_ptr, cu_ptr, scale,
+    dq_ptr, p_ptr, dz_ptr, db_ptr,
+    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BS: tl.constexpr, BC: tl.constexpr, PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
 ):  # fmt: skip
-    """Pass 2 (carries hv): o from p = softmax(z)."""
-    _from_slots_walk(seg_ptr, cu_ptr, hv_ptr, z_ptr, v_ptr, s_ptr, g_ptr, o_ptr, H, Hkv, D, M, BS, BC, PREC,
-                     EXP_CLAMP, True)  # fmt: skip
-
-
-@triton.jit
-def _dz_sweep_kernel(
-    seg_ptr, cu_ptr, hv_ptr, do_ptr, z_ptr, v_ptr, s_ptr, g_ptr, p_ptr, dz_ptr, db_ptr, scale,
-    H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
-    BS: tl.constexpr, BC: tl.constexpr, PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
-):  # fmt: skip
-    """Backward of pass 2 and the softmax (carries hv): p, dp (pass 1's form with do and v as query and key),
-    dz = scale * p * (dp - sum(p dp)), and the read-side gate summands dlog * z + p * dp."""
+    """Forward walk of the backward pass: recompute p; dp (pass 2's gradient, same form as pass 1 with do and
+    v as query and key), dz = scale * p * (dp - sum(p dp)), dq; and the read-side gate summands."""
     G: tl.constexpr = H // Hkv
-    h, t0, eos, hv = _segment_start(seg_ptr, cu_ptr, hv_ptr, Hkv, D, M)
+    i_s, t0, eos = _segment_start(seg_ptr, cu_ptr)
+    h = tl.program_id(1)
+    base = i_s * Hkv + h
+    hk = tl.load(hk_ptr + base * K * M + _state_ptrs(0, K, M, M, 1))
+    hv = tl.load(hv_ptr + base * V * M + _state_ptrs(0, M, V, 1, M))
+    rc = tl.arange(0, BC)
+    causal = rc[:, None] >= rc[None, :]
     for c in range(0, BS, BC):
-        t = t0 + c + tl.arange(0, BC)
+        t = t0 + c + rc
         valid = t < eos
-        vc, sc, gc = _load_subchunk(v_ptr, s_ptr, g_ptr, t, valid, Hkv, h, D, M)
+        kc, vc, sc, gc = _load_subchunk(k_ptr, v_ptr, s_ptr, g_ptr, t, valid, Hkv, h, K, V, M)
         eq, _, ek, eb, _, w, decay = _subchunk_gates(sc, gc, EXP_CLAMP)
         db = tl.zeros([BC, M], dtype=tl.float32)
         for gi in tl.static_range(G):
-            z = _load_rows(z_ptr, t, valid, H, h * G + gi, M)
-            p = _softmax(z)
-            doc = _load_rows(do_ptr, t, valid, H, h * G + gi, D)
-            dp = _to_slots(doc, vc, hv, eq, ek, eb, BC, PREC_IN, PREC)
+            qc = _load_rows(q_ptr, t, valid, H, h * G + gi, K)
+            doc = _load_rows(do_ptr, t, valid, H, h * G + gi, V)
+            A = tl.where(causal, _mm(qc, tl.trans(kc), PREC_IN), 0.0)
+            logits = scale * (_mm(qc, hk, PREC) * eb + _mm(A, ek, PREC) * eq)
+            e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+            p = e / tl.sum(e, axis=1)[:, None]
+            Adv = tl.where(causal, _mm(doc, tl.trans(vc), PREC_IN), 0.0)
+            dp = _mm(doc, tl.trans(hv), PREC) * eb + _mm(Adv, ek, PREC) * eq
             dlog = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+            dz = scale * dlog
+            A3 = tl.where(causal, _mm(dz * eq, tl.trans(ek), PREC), 0.0)
+            dq = _mm(dz * eb, tl.trans(hk), PREC) + _mm(A3, kc, PREC)
+            _store_rows(dq_ptr, dq, t, valid, H, h * G + gi, K)
             _store_rows(p_ptr, p, t, valid, H, h * G + gi, M)
-            _store_rows(dz_ptr, scale * dlog, t, valid, H, h * G + gi, M)
-            db += dlog * z + p * dp
+            _store_rows(dz_ptr, dz, t, valid, H, h * G + gi, M)
+            db += dlog * logits + p * dp
         _store_rows(db_ptr, db, t, valid, Hkv, h, M)
-        hv = _advance(hv, vc, w, decay, PREC)
+        hk = hk * decay[None, :] + _mm(tl.trans(kc), w, PREC)
+        hv = hv * decay[:, None] + _mm(tl.trans(w), vc, PREC)
 
 
 @triton.jit
-def _dq_sweep_kernel(
-    seg_ptr, cu_ptr, hk_ptr, dz_ptr, k_ptr, s_ptr, g_ptr, dq_ptr,
-    H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+def _bwd_rev_sweep_kernel(
+    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, do_ptr, p_ptr, dz_ptr, dk_buf, dv_buf, seg_ptr, cu_ptr,
+    dk_ptr, dv_ptr, ds_ptr, db_ptr,
+    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BS: tl.constexpr, BC: tl.constexpr, PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
 ):  # fmt: skip
-    """Backward of pass 1 into q (carries hk): dq, pass 2's form with dz as the slot weights."""
-    _from_slots_walk(seg_ptr, cu_ptr, hk_ptr, dz_ptr, k_ptr, s_ptr, g_ptr, dq_ptr, H, Hkv, D, M, BS, BC, PREC,
-                     EXP_CLAMP, False)  # fmt: skip
-
-
-@triton.jit
-def _rev_subchunk(x_ptr, y_ptr, xk_ptr, s_ptr, g_ptr, dmem, t, valid,
-                  H: tl.constexpr, Hkv: tl.constexpr, h, D: tl.constexpr, M: tl.constexpr, BC: tl.constexpr,
-                  PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr):  # fmt: skip
-    """One sub-chunk of a reverse walk over one memory (x, y, keys xk = q, dz, k for hk; do, p, v for hv): the
-    keys' gradient, this memory's share of ds, s, and dmem carried back to the sub-chunk's start."""
+    """Reverse walk: gradients of k, v, s from reads inside the sub-chunk and (through the memories' gradients
+    at its end) from every later token; completes the gate summands with -s * ds."""
     G: tl.constexpr = H // Hkv
-    xk, sc, gc = _load_subchunk(xk_ptr, s_ptr, g_ptr, t, valid, Hkv, h, D, M)
-    eq, erb, ek, eb, eend, w, decay = _subchunk_gates(sc, gc, EXP_CLAMP)
-    dxk = _mm(w, tl.trans(dmem), PREC)
-    ds = eend * _mm(xk, dmem, PREC)
-    ds_in = tl.zeros([BC, M], dtype=tl.float32)
-    dmem = dmem * decay[None, :]
-    for gi in tl.static_range(G):
-        x = _load_rows(x_ptr, t, valid, H, h * G + gi, D)
-        y = _load_rows(y_ptr, t, valid, H, h * G + gi, M)
-        dxk += _mm(tl.trans(_causal_mm(y * eq, ek, BC, PREC)), x, PREC)
-        ds_in += _mm(tl.trans(_causal_mm(x, xk, BC, PREC_IN)), y * eq, PREC)
-        dmem += _mm(tl.trans(x), y * eb, PREC)
-    return dxk, ds + ds_in * erb, sc, dmem
-
-
-@triton.jit
-def _rev_k_kernel(
-    seg_ptr, cu_ptr, dhk_ptr, q_ptr, dz_ptr, k_ptr, s_ptr, g_ptr, dk_ptr, ds_ptr,
-    H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
-    BS: tl.constexpr, BC: tl.constexpr, PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
-):  # fmt: skip
-    """Reverse walk carrying dhk: dk, and k's share of ds (fp32, completed by _rev_v_kernel)."""
-    h, t0, eos, dhk = _segment_start(seg_ptr, cu_ptr, dhk_ptr, Hkv, D, M)
+    i_s, t0, eos = _segment_start(seg_ptr, cu_ptr)
+    h = tl.program_id(1)
+    base = i_s * Hkv + h
+    dhk = tl.load(dk_buf + base * K * M + _state_ptrs(0, K, M, M, 1))  # [K, M]
+    dhv = tl.load(dv_buf + base * V * M + _state_ptrs(0, M, V, 1, M))  # [M, V]
+    rc = tl.arange(0, BC)
+    causal = rc[:, None] >= rc[None, :]
     for j in range(0, BS, BC):
-        t = t0 + BS - BC - j + tl.arange(0, BC)
+        c = BS - BC - j
+        t = t0 + c + rc
         valid = t < eos
-        dk, ds, _, dhk = _rev_subchunk(q_ptr, dz_ptr, k_ptr, s_ptr, g_ptr, dhk, t, valid, H, Hkv, h, D, M, BC,
-                                       PREC_IN, PREC, EXP_CLAMP)  # fmt: skip
-        _store_rows(dk_ptr, dk, t, valid, Hkv, h, D)
-        _store_rows(ds_ptr, ds, t, valid, Hkv, h, M)
-
-
-@triton.jit
-def _rev_v_kernel(
-    seg_ptr, cu_ptr, dhv_ptr, do_ptr, p_ptr, v_ptr, s_ptr, g_ptr, ds_k_ptr, dv_ptr, ds_ptr, db_ptr,
-    H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
-    BS: tl.constexpr, BC: tl.constexpr, PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
-):  # fmt: skip
-    """Reverse walk carrying dhv: dv, ds (v's share added to k's), and the gate summands' -s * ds."""
-    h, t0, eos, dhv = _segment_start(seg_ptr, cu_ptr, dhv_ptr, Hkv, D, M)
-    for j in range(0, BS, BC):
-        t = t0 + BS - BC - j + tl.arange(0, BC)
-        valid = t < eos
-        dv, ds, sc, dhv = _rev_subchunk(do_ptr, p_ptr, v_ptr, s_ptr, g_ptr, dhv, t, valid, H, Hkv, h, D, M, BC,
-                                        PREC_IN, PREC, EXP_CLAMP)  # fmt: skip
-        ds += _load_rows(ds_k_ptr, t, valid, Hkv, h, M)
-        _store_rows(dv_ptr, dv, t, valid, Hkv, h, D)
+        kc, vc, sc, gc = _load_subchunk(k_ptr, v_ptr, s_ptr, g_ptr, t, valid, Hkv, h, K, V, M)
+        eq, erb, ek, eb, eend, w, decay = _subchunk_gates(sc, gc, EXP_CLAMP)
+        dk = _mm(w, tl.trans(dhk), PREC)
+        dv = _mm(w, dhv, PREC)
+        ds = eend * (_mm(kc, dhk, PREC) + _mm(vc, tl.trans(dhv), PREC))
+        ds_in = tl.zeros([BC, M], dtype=tl.float32)
+        dhk = dhk * decay[None, :]
+        dhv = dhv * decay[:, None]
+        for gi in tl.static_range(G):
+            qc = _load_rows(q_ptr, t, valid, H, h * G + gi, K)
+            doc = _load_rows(do_ptr, t, valid, H, h * G + gi, V)
+            p = _load_rows(p_ptr, t, valid, H, h * G + gi, M)
+            dz = _load_rows(dz_ptr, t, valid, H, h * G + gi, M)
+            A = tl.where(causal, _mm(qc, tl.trans(kc), PREC_IN), 0.0)
+            Adv = tl.where(causal, _mm(doc, tl.trans(vc), PREC_IN), 0.0)
+            A3 = tl.where(causal, _mm(dz * eq, tl.trans(ek), PREC), 0.0)
+            A2 = tl.where(causal, _mm(p * eq, tl.trans(ek), PREC), 0.0)
+            dk += _mm(tl.trans(A3), qc, PREC)
+            dv += _mm(tl.trans(A2), doc, PREC)
+            ds_in += _mm(tl.trans(A), dz * eq, PREC) + _mm(tl.trans(Adv), p * eq, PREC)
+            dhk += _mm(tl.trans(qc), dz * eb, PREC)
+            dhv += _mm(tl.trans(p * eb), doc, PREC)
+        ds += ds_in * erb
+        _store_rows(dk_ptr, dk, t, valid, Hkv, h, K)
+        _store_rows(dv_ptr, dv, t, valid, Hkv, h, V)
         _store_rows(ds_ptr, ds, t, valid, Hkv, h, M)
         db = _load_rows(db_ptr, t, valid, Hkv, h, M) - sc * ds
         _store_rows(db_ptr, db, t, valid, Hkv, h, M)
@@ -536,9 +467,9 @@ class _Plan:
         self.segs = torch.stack([seq, start], 1).to(device, torch.int32).contiguous()
 
 
-def _launch_cfg(D: int, M: int, warps: int = 0) -> dict:
-    """Warps: ``warps``, else T2R_GSA_WARPS, else by the largest memory a program keeps in registers (D x M)."""
-    return {"num_warps": warps or NUM_WARPS or (8 if D * M >= 128 * 64 else 4), "num_stages": NUM_STAGES}
+def _launch_cfg(K: int, V: int, M: int) -> dict:
+    big = max(K, V) * M >= 128 * 64
+    return {"num_warps": NUM_WARPS or (8 if big else 4), "num_stages": NUM_STAGES}
 
 
 def _state_scan(x, s, g, h0, plan, public_strides, prec, final: bool):
@@ -556,31 +487,25 @@ def _state_scan(x, s, g, h0, plan, public_strides, prec, final: bool):
     return hbuf, (hT if final else None)
 
 
-def _sweep(kernel, plan, D, mem, *args, H, Hkv, M, prec):
-    """One program per (segment, KV head), carrying one memory [D, M] from ``mem`` [NS, Hkv, D, M]."""
-    if plan.NS:
-        kernel[(plan.NS, Hkv)](
-            plan.segs, plan.cu, mem, *args,
-            H=H, Hkv=Hkv, D=D, M=M, BS=plan.seg, BC=SUBCHUNK, PREC_IN=prec[0], PREC=prec[1], EXP_CLAMP=EXP_CLAMP,
-            **_launch_cfg(D, M, SWEEP_WARPS),
-        )  # fmt: skip
-
-
 def _forward(q, k, v, s, g, scale, h0, final, plan, prec):
-    """o, the slot logits z [T, H, M] (fp32, for the backward) and the final state."""
-    H, Hkv, K, V, M = q.shape[1], k.shape[1], k.shape[2], v.shape[2], s.shape[2]
+    Hkv, K, V, M = k.shape[1], k.shape[2], v.shape[2], s.shape[2]
+    H = q.shape[1]
     hk_buf, hkT = _state_scan(k, s, g, h0[0] if h0 else None, plan, (M, 1), prec, final)
     hv_buf, hvT = _state_scan(v, s, g, h0[1] if h0 else None, plan, (1, V), prec, final)
-    z = _empty(q.shape[0], H, M, dtype=torch.float32, device=q.device)
     o = _empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
-    dims = dict(H=H, Hkv=Hkv, M=M, prec=prec)
-    _sweep(_logits_fwd_kernel, plan, K, hk_buf, q, k, s, g, z, scale, **dims)
-    _sweep(_out_v_fwd_kernel, plan, V, hv_buf, z, v, s, g, o, **dims)
-    return o, z, ((hkT, hvT) if final else None)
+    if plan.NS:
+        _out_fwd_kernel[(plan.NS, Hkv)](
+            q, k, v, s, g, o, hk_buf, hv_buf, plan.segs, plan.cu, scale,
+            H=H, Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BC=SUBCHUNK, PREC_IN=prec[0], PREC=prec[1],
+            EXP_CLAMP=EXP_CLAMP,
+            **_launch_cfg(K, V, M),
+        )  # fmt: skip
+    return o, ((hkT, hvT) if final else None)
 
 
-def _backward(q, k, v, s, g, z, scale, h0, plan, prec, do, dhT):
-    H, Hkv, K, V, M = q.shape[1], k.shape[1], k.shape[2], v.shape[2], s.shape[2]
+def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT):
+    H, K = q.shape[1], q.shape[2]
+    Hkv, V, M = k.shape[1], v.shape[2], s.shape[2]
     need_final = dhT is not None
     hk_buf, hkT = _state_scan(k, s, g, h0[0] if h0 else None, plan, (M, 1), prec, need_final)
     hv_buf, hvT = _state_scan(v, s, g, h0[1] if h0 else None, plan, (1, V), prec, need_final)
@@ -589,9 +514,13 @@ def _backward(q, k, v, s, g, z, scale, h0, plan, prec, do, dhT):
     p = _empty(q.shape[0], H, M, **f32)
     dz = _empty(q.shape[0], H, M, **f32)
     db = _empty(q.shape[0], Hkv, M, **f32)
-    dims = dict(H=H, Hkv=Hkv, M=M, prec=prec)
-    _sweep(_dz_sweep_kernel, plan, V, hv_buf, do, z, v, s, g, p, dz, db, scale, **dims)
-    _sweep(_dq_sweep_kernel, plan, K, hk_buf, dz, k, s, g, dq, **dims)
+    cfg = dict(H=H, Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BC=SUBCHUNK, PREC_IN=prec[0], PREC=prec[1])
+    cfg["EXP_CLAMP"] = EXP_CLAMP
+    if plan.NS:
+        _bwd_sweep_kernel[(plan.NS, Hkv)](
+            q, k, v, s, g, do, hk_buf, hv_buf, plan.segs, plan.cu, scale, dq, p, dz, db, **cfg,
+            **_launch_cfg(K, V, M),
+        )  # fmt: skip
     dh0 = (_empty(plan.N, Hkv, K, M, **f32), _empty(plan.N, Hkv, M, V, **f32))
     dbufs = []
     for x, y, dh, d0, strides, D in ((q, dz, dhT[0] if dhT else None, dh0[0], (M, 1), K),
@@ -605,10 +534,11 @@ def _backward(q, k, v, s, g, z, scale, h0, plan, prec, do, dhT):
         )  # fmt: skip
         dbufs.append(dbuf)
     dk, dv, ds = (_empty(*x.shape, dtype=x.dtype, device=x.device) for x in (k, v, s))
-    # k's share of ds stays fp32 until _rev_v_kernel adds v's (in place when ds itself is fp32).
-    ds_k = ds if ds.dtype == torch.float32 else _empty(*ds.shape, **f32)
-    _sweep(_rev_k_kernel, plan, K, dbufs[0], q, dz, k, s, g, dk, ds_k, **dims)
-    _sweep(_rev_v_kernel, plan, V, dbufs[1], do, p, v, s, g, ds_k, dv, ds, db, **dims)
+    if plan.NS:
+        _bwd_rev_sweep_kernel[(plan.NS, Hkv)](
+            q, k, v, s, g, do, p, dz, dbufs[0], dbufs[1], plan.segs, plan.cu, dk, dv, ds, db, **cfg,
+            **_launch_cfg(K, V, M),
+        )  # fmt: skip
     # The final state's gradient reaches every gate of the sequence through exp(b_T).
     init = None
     if need_final:
@@ -624,20 +554,19 @@ class _GSAFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, s, g, scale, hk0, hv0, final, plan):
         prec = _precision(q.dtype)
         h0 = (hk0, hv0) if hk0 is not None else None
-        o, z, hT = _forward(q, k, v, s, g, scale, h0, final, plan, prec)
-        ctx.save_for_backward(q, k, v, s, g, z, hk0, hv0)
+        o, hT = _forward(q, k, v, s, g, scale, h0, final, plan, prec)
+        ctx.save_for_backward(q, k, v, s, g, hk0, hv0)
         ctx.scale, ctx.plan, ctx.prec = scale, plan, prec
         hkT, hvT = hT if hT is not None else (None, None)
         return o, hkT, hvT
 
     @staticmethod
     def backward(ctx, do, dhkT, dhvT):
-        q, k, v, s, g, z, hk0, hv0 = ctx.saved_tensors
+        q, k, v, s, g, hk0, hv0 = ctx.saved_tensors
         h0 = (hk0, hv0) if hk0 is not None else None
         # With output_final_state both final-state gradients arrive (autograd materialises unused ones as zeros).
         dhT = (dhkT.contiguous(), dhvT.contiguous()) if dhkT is not None else None
-        dq, dk, dv, ds, dg, dh0 = _backward(q, k, v, s, g, z, ctx.scale, h0, ctx.plan, ctx.prec, do.contiguous(),
-                                            dhT)  # fmt: skip
+        dq, dk, dv, ds, dg, dh0 = _backward(q, k, v, s, g, ctx.scale, h0, ctx.plan, ctx.prec, do.contiguous(), dhT)
         dhk0, dhv0 = dh0 if h0 is not None else (None, None)
         return dq, dk, dv, ds, dg, None, dhk0, dhv0, None, None
 
@@ -681,5 +610,5 @@ def gsa_decode_triton(
     o = _empty(B, T, H, V, dtype=q.dtype, device=q.device)
     scale = K**-0.5 if scale is None else float(scale)
     _decode_kernel[(B * Hkv,)](q, k, v, s, g, o, hk, hv, scale, T, H=H, Hkv=Hkv, K=K, V=V, M=M,
-                               **_launch_cfg(max(K, V), M))  # fmt: skip
+                               **_launch_cfg(K, V, M))  # fmt: skip
     return o
