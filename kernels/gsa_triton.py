@@ -44,6 +44,10 @@ DOT_MODE = os.environ.get("T2R_GSA_DOT", "tf32")  # "tf32" or "half" for bf16/fp
 STATE_BLOCK = int(os.environ.get("T2R_GSA_STATE_BLOCK", "32"))  # rows of a memory per scan program
 NUM_STAGES = int(os.environ.get("T2R_GSA_STAGES", "2"))
 NUM_WARPS = int(os.environ.get("T2R_GSA_WARPS", "0"))  # 0: by tile size
+# Decoding: 0 = one fused program per (sequence, KV head); n >= 1 = a keys launch, then n programs per head over
+# the value memory's columns (more programs in flight).
+DECODE_SPLIT = int(os.environ.get("T2R_GSA_DECODE_SPLIT", "0"))
+DECODE_WARPS = int(os.environ.get("T2R_GSA_DECODE_WARPS", "0"))  # 0: by tile size
 
 POISON = False  # tests: fill outputs with NaN before the kernels run, so that unwritten elements show
 
@@ -353,25 +357,45 @@ def _bwd_rev_sweep_kernel(
 
 @triton.jit
 def _rev_cumsum_kernel(x_ptr, init_ptr, cu_ptr, Hkv: tl.constexpr, M: tl.constexpr, BT: tl.constexpr,
-                       HAS_INIT: tl.constexpr):  # fmt: skip
-    """In place: x_t <- init + sum_{t' >= t} x_t' within each sequence (the gate gradient from its summands)."""
+                       BM: tl.constexpr, HAS_INIT: tl.constexpr):  # fmt: skip
+    """In place: x_t <- init + sum_{t' >= t} x_t' within each sequence (the gate gradient from its summands).
+    Slot columns are split over programs (BM each): a long sequence is otherwise one program per head."""
     i_nh = tl.program_id(0)
     n = i_nh // Hkv
     h = i_nh % Hkv
     bos = tl.load(cu_ptr + n).to(tl.int64)
     eos = tl.load(cu_ptr + n + 1).to(tl.int64)
-    rm = tl.arange(0, M)
+    m0 = tl.program_id(1) * BM
+    rm = m0 + tl.arange(0, BM)
     if HAS_INIT:
         carry = tl.load(init_ptr + i_nh * M + rm)
     else:
-        carry = tl.zeros([M], dtype=tl.float32)
+        carry = tl.zeros([BM], dtype=tl.float32)
     rt = tl.arange(0, BT)
     for i in range(tl.cdiv(eos - bos, BT)):
         t = eos - (i + 1) * BT + rt
         valid = t >= bos
-        x = _load_rows(x_ptr, t, valid, Hkv, h, M)
-        _store_rows(x_ptr, tl.cumsum(x, axis=0, reverse=True) + carry[None, :], t, valid, Hkv, h, M)
+        x = _load_cols(x_ptr, t, valid, Hkv, h, M, m0, BM)
+        ptrs = x_ptr + (t[:, None] * Hkv + h) * M + rm[None, :]
+        tl.store(ptrs, tl.cumsum(x, axis=0, reverse=True) + carry[None, :], mask=valid[:, None])
         carry += tl.sum(x, axis=0)
+
+
+@triton.jit
+def _decode_token(s_ptr, g_ptr, tok, Hkv: tl.constexpr, h, rm):
+    """A decoded token's write weights and decay, one per slot."""
+    s = tl.load(s_ptr + (tok * Hkv + h) * rm.shape[0] + rm).to(tl.float32)
+    a = tl.exp(tl.load(g_ptr + (tok * Hkv + h) * rm.shape[0] + rm).to(tl.float32))
+    return s, a
+
+
+@triton.jit
+def _slot_probs(q_ptr, hk, scale, tok, H: tl.constexpr, head, rk):
+    """Slot softmax of one query against the key memory hk [K, M]."""
+    q = tl.load(q_ptr + (tok * H + head) * rk.shape[0] + rk).to(tl.float32)
+    logits = scale * tl.sum(q[:, None] * hk, axis=0)
+    e = tl.exp(logits - tl.max(logits, axis=0))
+    return e / tl.sum(e, axis=0)
 
 
 @triton.jit
@@ -379,7 +403,7 @@ def _decode_kernel(
     q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, o_ptr, hk_ptr, hv_ptr, scale, T,
     H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
 ):  # fmt: skip
-    """A few tokens per sequence, token by token, the memories updated in place (decoding)."""
+    """A few tokens per sequence, token by token, both memories updated in place by one program."""
     G: tl.constexpr = H // Hkv
     i_nh = tl.program_id(0).to(tl.int64)
     n = i_nh // Hkv
@@ -393,20 +417,68 @@ def _decode_kernel(
     hv = tl.load(hv_ptrs)
     for i in range(T):
         tok = n * T + i
+        s, a = _decode_token(s_ptr, g_ptr, tok, Hkv, h, rm)
         k = tl.load(k_ptr + (tok * Hkv + h) * K + rk).to(tl.float32)
         v = tl.load(v_ptr + (tok * Hkv + h) * V + rv).to(tl.float32)
-        s = tl.load(s_ptr + (tok * Hkv + h) * M + rm).to(tl.float32)
-        a = tl.exp(tl.load(g_ptr + (tok * Hkv + h) * M + rm).to(tl.float32))
         hk = hk * a[None, :] + k[:, None] * s[None, :]
         hv = hv * a[:, None] + s[:, None] * v[None, :]
         for gi in tl.static_range(G):
-            q = tl.load(q_ptr + (tok * H + h * G + gi) * K + rk).to(tl.float32)
-            logits = scale * tl.sum(q[:, None] * hk, axis=0)
-            e = tl.exp(logits - tl.max(logits, axis=0))
-            p = e / tl.sum(e, axis=0)
+            p = _slot_probs(q_ptr, hk, scale, tok, H, h * G + gi, rk)
             o = tl.sum(p[:, None] * hv, axis=0)
             tl.store(o_ptr + (tok * H + h * G + gi) * V + rv, o.to(o_ptr.dtype.element_ty))
     tl.store(hk_ptrs, hk)
+    tl.store(hv_ptrs, hv)
+
+
+@triton.jit
+def _decode_keys_kernel(
+    q_ptr, k_ptr, s_ptr, g_ptr, p_ptr, hk_ptr, scale, T,
+    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
+):  # fmt: skip
+    """Split decoding, first launch: the key memory in place, and the slot weights of every token and query head
+    into p [tokens, H, M]."""
+    G: tl.constexpr = H // Hkv
+    i_nh = tl.program_id(0).to(tl.int64)
+    n = i_nh // Hkv
+    h = i_nh % Hkv
+    rk = tl.arange(0, K)
+    rm = tl.arange(0, M)
+    hk_ptrs = hk_ptr + i_nh * K * M + rk[:, None] * M + rm[None, :]
+    hk = tl.load(hk_ptrs)
+    for i in range(T):
+        tok = n * T + i
+        s, a = _decode_token(s_ptr, g_ptr, tok, Hkv, h, rm)
+        k = tl.load(k_ptr + (tok * Hkv + h) * K + rk).to(tl.float32)
+        hk = hk * a[None, :] + k[:, None] * s[None, :]
+        for gi in tl.static_range(G):
+            p = _slot_probs(q_ptr, hk, scale, tok, H, h * G + gi, rk)
+            tl.store(p_ptr + (tok * H + h * G + gi) * M + rm, p)
+    tl.store(hk_ptrs, hk)
+
+
+@triton.jit
+def _decode_values_kernel(
+    v_ptr, s_ptr, g_ptr, p_ptr, o_ptr, hv_ptr, T,
+    H: tl.constexpr, Hkv: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    """Split decoding, second launch: columns j * BV .. j * BV + BV of the value memory in place, and of o."""
+    G: tl.constexpr = H // Hkv
+    i_nh = tl.program_id(0).to(tl.int64)
+    n = i_nh // Hkv
+    h = i_nh % Hkv
+    rv = tl.program_id(1) * BV + tl.arange(0, BV)
+    rm = tl.arange(0, M)
+    hv_ptrs = hv_ptr + i_nh * M * V + rm[:, None] * V + rv[None, :]
+    hv = tl.load(hv_ptrs)
+    for i in range(T):
+        tok = n * T + i
+        s, a = _decode_token(s_ptr, g_ptr, tok, Hkv, h, rm)
+        v = tl.load(v_ptr + (tok * Hkv + h) * V + rv).to(tl.float32)
+        hv = hv * a[:, None] + s[:, None] * v[None, :]
+        for gi in tl.static_range(G):
+            p = tl.load(p_ptr + (tok * H + h * G + gi) * M + rm)
+            o = tl.sum(p[:, None] * hv, axis=0)
+            tl.store(o_ptr + (tok * H + h * G + gi) * V + rv, o.to(o_ptr.dtype.element_ty))
     tl.store(hv_ptrs, hv)
 
 
@@ -544,8 +616,9 @@ def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT):
     if need_final:
         init = (hkT * dhT[0]).sum(2) + (hvT * dhT[1]).sum(3)  # [N, Hkv, M]
         init = init.contiguous()
-    _rev_cumsum_kernel[(plan.N * Hkv,)](db, init if init is not None else db, plan.cu, Hkv=Hkv, M=M, BT=64,
-                                        HAS_INIT=init is not None)  # fmt: skip
+    BM = 16
+    _rev_cumsum_kernel[(plan.N * Hkv, M // BM)](db, init if init is not None else db, plan.cu, Hkv=Hkv, M=M,
+                                                BT=64, BM=BM, HAS_INIT=init is not None)  # fmt: skip
     return dq, dk, dv, ds, db.to(g.dtype), dh0
 
 
@@ -609,6 +682,16 @@ def gsa_decode_triton(
     q, k, v, s, g = (x.contiguous() for x in (q, k, v, s, g))
     o = _empty(B, T, H, V, dtype=q.dtype, device=q.device)
     scale = K**-0.5 if scale is None else float(scale)
-    _decode_kernel[(B * Hkv,)](q, k, v, s, g, o, hk, hv, scale, T, H=H, Hkv=Hkv, K=K, V=V, M=M,
-                               **_launch_cfg(K, V, M))  # fmt: skip
+    if DECODE_SPLIT == 0:
+        warps = {"num_warps": DECODE_WARPS} if DECODE_WARPS else _launch_cfg(K, V, M)
+        _decode_kernel[(B * Hkv,)](q, k, v, s, g, o, hk, hv, scale, T, H=H, Hkv=Hkv, K=K, V=V, M=M, **warps)
+        return o
+    # Two launches: a program per (sequence, KV head) for hk, DECODE_SPLIT programs for the columns of hv.
+    split = 1 << (max(1, min(DECODE_SPLIT, V // 16)).bit_length() - 1)  # a power of two, blocks >= 16 wide
+    p = torch.empty(B, T, H, M, dtype=torch.float32, device=q.device)
+    warps = {"num_warps": DECODE_WARPS} if DECODE_WARPS else _launch_cfg(K, 1, M)
+    _decode_keys_kernel[(B * Hkv,)](q, k, s, g, p, hk, scale, T, H=H, Hkv=Hkv, K=K, M=M, **warps)
+    warps = {"num_warps": DECODE_WARPS} if DECODE_WARPS else _launch_cfg(V // split, 1, M)
+    _decode_values_kernel[(B * Hkv, split)](v, s, g, p, o, hv, T, H=H, Hkv=Hkv, V=V, M=M, BV=V // split,
+                                            **warps)  # fmt: skip
     return o

@@ -1,0 +1,50 @@
+"""Decode-step variants on the GPU: the fused kernel (split 0) vs the two-launch split (keys, then the value
+memory's columns over `split` programs per head), each at several warp counts. Checks every variant against
+the fused kernel on the same inputs before timing; prints ms per step and the ratio to the state floor.
+
+python benchmarks/decode_sweep.py [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from t2r.kernels import gsa_triton as kernels
+
+from t2r.bench_kernels import _bench, _inputs, copy_bandwidth
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    B, H, K, V, M = 16, 32, 128, 128, 64
+    bw = copy_bandwidth()
+    q, k, v, s, g = _inputs(B, 1, H, K, V, M, torch.bfloat16, requires_grad=False)
+    state = (torch.randn(B, H, K, M, device="cuda"), torch.randn(B, H, M, V, device="cuda"))
+    floor = 2 * sum(x.numel() * 4 for x in state) / bw * 1e3
+    ref = [x.clone() for x in state]
+    o_ref = kernels.gsa_decode_triton(q, k, v, s, g, None, ref)
+    rows = []
+    for split in (0, 1, 2, 4, 8):
+        for warps in (0, 2, 4, 8, 16):
+            kernels.DECODE_SPLIT, kernels.DECODE_WARPS = split, warps
+            st = [x.clone() for x in state]
+            o = kernels.gsa_decode_triton(q, k, v, s, g, None, st)
+            pairs = zip([o, *st], [o_ref, *ref], strict=True)
+            err = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in pairs)
+            ms = _bench(lambda st=st: kernels.gsa_decode_triton(q, k, v, s, g, None, st))
+            rows.append({"split": split, "warps": warps, "ms": round(ms, 4), "floor_ms": round(floor, 4),
+                         "ratio": round(ms / floor, 3), "rel_err_vs_fused": err})  # fmt: skip
+            print(rows[-1], flush=True)
+    best = min(rows, key=lambda r: r["ms"])
+    print("best:", best)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "bandwidth_Bps": bw, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
