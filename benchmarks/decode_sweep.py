@@ -1,6 +1,7 @@
-"""Decode-step variants on the GPU: the fused kernel (split 0) vs the two-launch split (keys, then the value
-memory's columns over `split` programs per head), each at several warp counts. Checks every variant against
-the fused kernel on the same inputs before timing; prints ms per step and the ratio to the state floor.
+"""Warps per program of the fused decode kernel on the GPU (T2R_GSA_DECODE_WARPS). Checks every setting against
+the default on the same inputs before timing; prints ms per step and the ratio to the state floor.
+(A two-launch variant, keys then the value memory's columns split over more programs, measured no faster on the
+H100 and was removed; docs/bench/decode_sweep_2026-11-23_h100.json holds that sweep.)
 
 python benchmarks/decode_sweep.py [--json OUT]
 """
@@ -28,17 +29,16 @@ def main() -> None:
     ref = [x.clone() for x in state]
     o_ref = kernels.gsa_decode_triton(q, k, v, s, g, None, ref)
     rows = []
-    for split in (0, 1, 2, 4, 8):
-        for warps in (0, 2, 4, 8, 16):
-            kernels.DECODE_SPLIT, kernels.DECODE_WARPS = split, warps
-            st = [x.clone() for x in state]
-            o = kernels.gsa_decode_triton(q, k, v, s, g, None, st)
-            pairs = zip([o, *st], [o_ref, *ref], strict=True)
-            err = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in pairs)
-            ms = _bench(lambda st=st: kernels.gsa_decode_triton(q, k, v, s, g, None, st))
-            rows.append({"split": split, "warps": warps, "ms": round(ms, 4), "floor_ms": round(floor, 4),
-                         "ratio": round(ms / floor, 3), "rel_err_vs_fused": err})  # fmt: skip
-            print(rows[-1], flush=True)
+    for warps in (2, 4, 8, 16):
+        kernels.DECODE_WARPS = warps
+        st = [x.clone() for x in state]
+        o = kernels.gsa_decode_triton(q, k, v, s, g, None, st)
+        pairs = zip([o, *st], [o_ref, *ref], strict=True)
+        err = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in pairs)
+        ms = _bench(lambda st=st: kernels.gsa_decode_triton(q, k, v, s, g, None, st))
+        rows.append({"warps": warps, "ms": round(ms, 4), "floor_ms": round(floor, 4), "ratio": round(ms / floor, 3),
+                     "rel_err_vs_default": err})  # fmt: skip
+        print(rows[-1], flush=True)
     best = min(rows, key=lambda r: r["ms"])
     print("best:", best)
     if args.json:

@@ -44,10 +44,9 @@ DOT_MODE = os.environ.get("T2R_GSA_DOT", "tf32")  # "tf32" or "half" for bf16/fp
 STATE_BLOCK = int(os.environ.get("T2R_GSA_STATE_BLOCK", "32"))  # rows of a memory per scan program
 NUM_STAGES = int(os.environ.get("T2R_GSA_STAGES", "2"))
 NUM_WARPS = int(os.environ.get("T2R_GSA_WARPS", "0"))  # 0: by tile size
-# Decoding: 0 = one fused program per (sequence, KV head); n >= 1 = a keys launch, then n programs per head over
-# the value memory's columns (more programs in flight).
-DECODE_SPLIT = int(os.environ.get("T2R_GSA_DECODE_SPLIT", "0"))
-DECODE_WARPS = int(os.environ.get("T2R_GSA_DECODE_WARPS", "0"))  # 0: by tile size
+# Decoding: warps per (sequence, KV head) program; 4 was fastest on the H100 (docs/bench/decode_sweep_*), ahead of
+# 8 and of splitting the value memory's columns over more programs.
+DECODE_WARPS = int(os.environ.get("T2R_GSA_DECODE_WARPS", "4"))
 
 POISON = False  # tests: fill outputs with NaN before the kernels run, so that unwritten elements show
 
@@ -430,58 +429,6 @@ def _decode_kernel(
     tl.store(hv_ptrs, hv)
 
 
-@triton.jit
-def _decode_keys_kernel(
-    q_ptr, k_ptr, s_ptr, g_ptr, p_ptr, hk_ptr, scale, T,
-    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
-):  # fmt: skip
-    """Split decoding, first launch: the key memory in place, and the slot weights of every token and query head
-    into p [tokens, H, M]."""
-    G: tl.constexpr = H // Hkv
-    i_nh = tl.program_id(0).to(tl.int64)
-    n = i_nh // Hkv
-    h = i_nh % Hkv
-    rk = tl.arange(0, K)
-    rm = tl.arange(0, M)
-    hk_ptrs = hk_ptr + i_nh * K * M + rk[:, None] * M + rm[None, :]
-    hk = tl.load(hk_ptrs)
-    for i in range(T):
-        tok = n * T + i
-        s, a = _decode_token(s_ptr, g_ptr, tok, Hkv, h, rm)
-        k = tl.load(k_ptr + (tok * Hkv + h) * K + rk).to(tl.float32)
-        hk = hk * a[None, :] + k[:, None] * s[None, :]
-        for gi in tl.static_range(G):
-            p = _slot_probs(q_ptr, hk, scale, tok, H, h * G + gi, rk)
-            tl.store(p_ptr + (tok * H + h * G + gi) * M + rm, p)
-    tl.store(hk_ptrs, hk)
-
-
-@triton.jit
-def _decode_values_kernel(
-    v_ptr, s_ptr, g_ptr, p_ptr, o_ptr, hv_ptr, T,
-    H: tl.constexpr, Hkv: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BV: tl.constexpr,
-):  # fmt: skip
-    """Split decoding, second launch: columns j * BV .. j * BV + BV of the value memory in place, and of o."""
-    G: tl.constexpr = H // Hkv
-    i_nh = tl.program_id(0).to(tl.int64)
-    n = i_nh // Hkv
-    h = i_nh % Hkv
-    rv = tl.program_id(1) * BV + tl.arange(0, BV)
-    rm = tl.arange(0, M)
-    hv_ptrs = hv_ptr + i_nh * M * V + rm[:, None] * V + rv[None, :]
-    hv = tl.load(hv_ptrs)
-    for i in range(T):
-        tok = n * T + i
-        s, a = _decode_token(s_ptr, g_ptr, tok, Hkv, h, rm)
-        v = tl.load(v_ptr + (tok * Hkv + h) * V + rv).to(tl.float32)
-        hv = hv * a[:, None] + s[:, None] * v[None, :]
-        for gi in tl.static_range(G):
-            p = tl.load(p_ptr + (tok * H + h * G + gi) * M + rm)
-            o = tl.sum(p[:, None] * hv, axis=0)
-            tl.store(o_ptr + (tok * H + h * G + gi) * V + rv, o.to(o_ptr.dtype.element_ty))
-    tl.store(hv_ptrs, hv)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Host side.
 
@@ -616,7 +563,9 @@ def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT):
     if need_final:
         init = (hkT * dhT[0]).sum(2) + (hvT * dhT[1]).sum(3)  # [N, Hkv, M]
         init = init.contiguous()
-    BM = 16
+    BM = M  # split the slot columns only where heads x sequences leave the GPU idle (a single long sequence)
+    while BM > 16 and plan.N * Hkv * (M // BM) < 128:
+        BM //= 2
     _rev_cumsum_kernel[(plan.N * Hkv, M // BM)](db, init if init is not None else db, plan.cu, Hkv=Hkv, M=M,
                                                 BT=64, BM=BM, HAS_INIT=init is not None)  # fmt: skip
     return dq, dk, dv, ds, db.to(g.dtype), dh0
@@ -682,16 +631,6 @@ def gsa_decode_triton(
     q, k, v, s, g = (x.contiguous() for x in (q, k, v, s, g))
     o = _empty(B, T, H, V, dtype=q.dtype, device=q.device)
     scale = K**-0.5 if scale is None else float(scale)
-    if DECODE_SPLIT == 0:
-        warps = {"num_warps": DECODE_WARPS} if DECODE_WARPS else _launch_cfg(K, V, M)
-        _decode_kernel[(B * Hkv,)](q, k, v, s, g, o, hk, hv, scale, T, H=H, Hkv=Hkv, K=K, V=V, M=M, **warps)
-        return o
-    # Two launches: a program per (sequence, KV head) for hk, DECODE_SPLIT programs for the columns of hv.
-    split = 1 << (max(1, min(DECODE_SPLIT, V // 16)).bit_length() - 1)  # a power of two, blocks >= 16 wide
-    p = torch.empty(B, T, H, M, dtype=torch.float32, device=q.device)
-    warps = {"num_warps": DECODE_WARPS} if DECODE_WARPS else _launch_cfg(K, 1, M)
-    _decode_keys_kernel[(B * Hkv,)](q, k, s, g, p, hk, scale, T, H=H, Hkv=Hkv, K=K, M=M, **warps)
-    warps = {"num_warps": DECODE_WARPS} if DECODE_WARPS else _launch_cfg(V // split, 1, M)
-    _decode_values_kernel[(B * Hkv, split)](v, s, g, p, o, hv, T, H=H, Hkv=Hkv, V=V, M=M, BV=V // split,
-                                            **warps)  # fmt: skip
+    _decode_kernel[(B * Hkv,)](q, k, v, s, g, o, hk, hv, scale, T, H=H, Hkv=Hkv, K=K, V=V, M=M,
+                               num_warps=DECODE_WARPS)  # fmt: skip
     return o

@@ -228,7 +228,7 @@ def export_card(record: dict) -> str:
             "## FLA layout",
             "",
             "`fla/` holds the same weights under flash-linear-attention's `gsa` model type and tensor names: "
-            "`import fla` and `AutoModelForCausalLM.from_pretrained(\"PATH/fla\")`.",
+            '`import fla` and `AutoModelForCausalLM.from_pretrained("PATH/fla")`.',
             "",
         ]
     lines += [
