@@ -22,11 +22,18 @@ LABELS = {
     "C2": "C2: C with calibration, window share 0.88 at start",
     "B3": "B3: B2 on the Triton kernels, 9.2M tokens",
     "C3": "C3: C2 on the Triton kernels, 9.2M tokens",
+    "A2": "A2: paper recipe at 15.1M tokens",
+    "B5": "B5: B3 with full finetuning (lr 2e-4), 15.1M tokens",
+    "C4": "C4: C3 with full finetuning (lr 1e-4), 9.2M tokens",
+    "C5": "C5: C3 with full finetuning (lr 2e-4), 15.1M tokens",
+    "C6": "C6: C5 with KD only (no CE)",
 }
+EARLY = {"A", "B", "C", "B2", "C2"}  # the 1.57M-token runs on the reference path
 
 
 def main(root: Path) -> None:
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 6))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
     teacher = None
     for name, label in LABELS.items():
         log = root / name / "log.jsonl"
@@ -44,14 +51,14 @@ def main(root: Path) -> None:
             for e in evals
             if e["stage"] not in ("teacher", "converted", "calibrated")
         ]
-        ax.plot(*zip(*pts, strict=True), marker="o", label=label, linestyle="--" if name in "BC" else "-")
+        ax.plot(*zip(*pts, strict=True), marker="o", label=label, linestyle=":" if name in EARLY else "-")
     if teacher:
         ax.axhline(teacher, color="black", linewidth=1, label=f"teacher SmolLM2-135M-Instruct ({teacher:.2f})")
     ax.set(
         yscale="log",
         xlabel="training tokens (M)",
         ylabel="held-out perplexity (linuxdoc hash split)",
-        title="Held-out recovery vs training tokens, H100, 2026-11-22",
+        title="Held-out recovery vs training tokens, H100, 2026-11-22/23",
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
