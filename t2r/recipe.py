@@ -48,6 +48,7 @@ class DataSettings:
     encoding_errors: str = "strict"  # text files: strict | replace | ignore (as bytes.decode)
     add_eos: bool = True
     eval_fraction: float = 0.01
+    recall_fraction: float = 0.0  # training rows rewritten as synthetic long-range recall tasks (t2r.recall)
 
 
 @dataclass
@@ -81,6 +82,8 @@ class Recipe:
             raise T2RError(f"data.encoding_errors must be strict, replace or ignore, got {self.data.encoding_errors!r}")
         if not 0 <= self.data.eval_fraction < 1:
             raise T2RError("data.eval_fraction must be in [0, 1)")
+        if not 0 <= self.data.recall_fraction <= 1:
+            raise T2RError("data.recall_fraction must be in [0, 1]")
         if not self.stages:
             raise T2RError("a recipe needs at least one stage")
         for i, st in enumerate(self.stages):

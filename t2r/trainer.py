@@ -49,6 +49,7 @@ from .objectives import (
     kd_loss_sum,
     transfer_loss_sum,
 )
+from .recall import add_recall_rows
 from .recipe import Recipe, Stage, load_recipe, recipe_from_dict, recipe_to_dict
 from .runs import (
     NEW_PARAM_MARKERS,
@@ -594,6 +595,7 @@ def finetune(
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_rows, eval_rows = build_rows(run["data"], run.get("eval_data"), tokenizer, recipe, info)
+    train_rows, recall_rows = add_recall_rows(train_rows, tokenizer, recipe.data.recall_fraction, recipe.seed)
     if len(train_rows) < recipe.rows_per_step * info.world:
         raise T2RError(
             f"the corpus has {len(train_rows)} training rows of {recipe.seq_len} tokens, fewer than one "
@@ -606,6 +608,7 @@ def finetune(
             "eval_rows": len(eval_rows),
             "seq_len": recipe.seq_len,
             "train_tokens": len(train_rows) * recipe.seq_len,
+            "recall_rows": recall_rows,
         }
         write_run(out, run)
     trainer = Trainer(model_dir, out, recipe, train_rows, eval_rows, info, run, state, progress)

@@ -189,7 +189,9 @@ def test_two_processes_match_one(tiny_converted, corpus_files, tmp_path, kind):
     assert read_run(tmp_path / "two")["world_size"] == 2
 
 
-@pytest.mark.parametrize("case", ["nodata", "empty", "key", "seqlen", "exists", "noresume", "field", "notconverted"])
+@pytest.mark.parametrize(
+    "case", ["nodata", "empty", "key", "seqlen", "exists", "noresume", "field", "notconverted", "recall"]
+)
 def test_bad_inputs_one_line_errors(tiny_converted, corpus_files, tmp_path, capsys, case):
     out = tmp_path / "run"
     data = ["--data", corpus_files[0]]
@@ -213,6 +215,8 @@ def test_bad_inputs_one_line_errors(tiny_converted, corpus_files, tmp_path, caps
     elif case == "field":
         (tmp_path / "x.jsonl").write_text('{"content": "hello"}\n')
         data, expect = ["--data", str(tmp_path / "x.jsonl")], "has no field 'text'"
+    elif case == "recall":
+        extra, expect = ["--set", "data.recall_fraction=1.5"], "data.recall_fraction must be in [0, 1]"
     else:
         model, expect = str(tmp_path), "not a model directory"
     code, lines = run_cli(["finetune", model, str(out), *data, "--recipe", RECIPE, *extra], capsys)
@@ -319,3 +323,11 @@ def test_run_records_and_reapplies_the_calibration(tiny_run):
     calibrated = tensors(tiny_run / run["prelude"][0]["output"])
     model = rebuild_model(tiny_run, upto=0).state_dict()
     assert all(torch.equal(model[k], v) for k, v in calibrated.items())
+
+
+def test_recall_rows_are_mixed_into_training(tiny_converted, corpus_files, tmp_path):
+    overrides = ["seq_len=256", "micro_batch_size=1", "data.recall_fraction=0.5", "stages.0.steps=2"]
+    overrides += ["stages.1.steps=2", "eval_every=0", "checkpoint_every=0"]
+    run_dir = finetune(str(tiny_converted), tmp_path / "run", corpus_files, RECIPE, overrides, progress=False)
+    stats = read_run(run_dir)["data_stats"]
+    assert 0.25 * stats["train_rows"] < stats["recall_rows"] < 0.75 * stats["train_rows"]

@@ -1,0 +1,82 @@
+"""Synthetic long-range recall rows mixed into training data.
+
+A GSA model only keeps what its slot memories are trained to keep. Ordinary text rarely asks for an exact
+token string seen thousands of tokens earlier, so a converted model learns to forget it (passkey 0-3% in
+docs/results.md). A recall row is a corpus row with a few "facts" (a name and a random number) written at
+random depths and, at the end, a question whose answer is one of those numbers: the LM loss on the answer
+tokens rewards carrying the number through the memory. The wording deliberately differs from the passkey
+evaluation (t2r.evaluate), so the evaluation still measures transfer, not a memorised template.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from .data import PackedRows
+from .errors import T2RError
+
+COLORS = ("red", "blue", "green", "amber", "violet", "silver", "black", "white", "golden", "grey", "orange", "teal")
+ANIMALS = ("otter", "falcon", "badger", "heron", "lynx", "beetle", "walrus", "gecko", "moose", "raven", "koala")
+
+
+def _rng(seed: int, row: int) -> np.random.Generator:
+    digest = hashlib.blake2b(f"t2r-recall:{seed}:{row}".encode(), digest_size=8).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
+
+
+def recall_texts(rng: np.random.Generator, max_facts: int = 3) -> tuple[list[str], str, str]:
+    """(fact sentences, question, answer): 1..max_facts distinct names with 4-7 digit numbers."""
+    n = int(rng.integers(1, max_facts + 1))
+    names = set()
+    while len(names) < n:
+        names.add(f"{COLORS[rng.integers(len(COLORS))]} {ANIMALS[rng.integers(len(ANIMALS))]}")
+    names = sorted(names)
+    numbers = [str(int(rng.integers(10 ** (d - 1), 10**d))) for d in rng.integers(4, 8, size=n)]
+    facts = [f" Note: the {name} has the number {num}. " for name, num in zip(names, numbers, strict=True)]
+    pick = int(rng.integers(n))
+    return facts, f" Question: which number does the {names[pick]} have? Answer:", f" {numbers[pick]}."
+
+
+def recall_row(ids: np.ndarray, tokenizer, rng: np.random.Generator) -> np.ndarray | None:
+    """The row with facts written over its tokens at random depths and the question + answer at its end; None
+    when the row is too short to hold them."""
+    facts, question, answer = recall_texts(rng)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    tail = encode(question) + encode(answer)
+    pieces = [encode(f) for f in facts]
+    room = len(ids) - len(tail)
+    if sum(map(len, pieces)) > room // 2:
+        return None
+    out = ids.copy()
+    out[room:] = tail
+    # Non-overlapping spans: one random start per fact inside its own stretch of [0, room).
+    stretch = room // len(pieces)
+    for i, piece in enumerate(pieces):
+        start = i * stretch + int(rng.integers(0, stretch - len(piece) + 1))
+        out[start : start + len(piece)] = piece
+    return out
+
+
+def add_recall_rows(rows: PackedRows, tokenizer, fraction: float, seed: int) -> tuple[PackedRows, int]:
+    """A copy of ``rows`` in which a deterministic ``fraction`` of rows (chosen by hash of seed and row index)
+    became recall rows, each one document so that no reset clears the memory between fact and question.
+    Returns the rows and how many were rewritten."""
+    if fraction <= 0:
+        return rows, 0
+    ids, starts = rows.input_ids.copy(), rows.doc_start.copy()
+    selected = changed = 0
+    for r in range(len(ids)):
+        rng = _rng(seed, r)
+        if rng.random() >= fraction:
+            continue
+        selected += 1
+        new = recall_row(ids[r], tokenizer, rng)
+        if new is not None:
+            ids[r], starts[r] = new, False
+            starts[r, 0] = True
+            changed += 1
+    if selected and not changed:
+        raise T2RError(f"data.recall_fraction: rows of {rows.seq_len} tokens are too short to hold a recall task")
+    return PackedRows(ids, starts), changed
