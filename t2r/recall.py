@@ -43,9 +43,8 @@ def recall_row(ids: np.ndarray, tokenizer, rng: np.random.Generator) -> np.ndarr
     """The row with facts written over its tokens at random depths and the question + answer at its end; None
     when the row is too short to hold them."""
     facts, question, answer = recall_texts(rng)
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    tail = encode(question) + encode(answer)
-    pieces = [encode(f) for f in facts]
+    question_ids, answer_ids, *pieces = tokenizer([question, answer, *facts], add_special_tokens=False)["input_ids"]
+    tail = question_ids + answer_ids
     room = len(ids) - len(tail)
     if sum(map(len, pieces)) > room // 2:
         return None
