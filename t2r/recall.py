@@ -46,12 +46,11 @@ def recall_row(ids: np.ndarray, tokenizer, rng: np.random.Generator) -> np.ndarr
     question_ids, answer_ids, *pieces = tokenizer([question, answer, *facts], add_special_tokens=False)["input_ids"]
     tail = question_ids + answer_ids
     room = len(ids) - len(tail)
-    if sum(map(len, pieces)) > room // 2:
+    stretch = room // len(pieces)  # one stretch of [0, room) per fact: the spans never overlap
+    if max(map(len, pieces)) > stretch // 2:
         return None
     out = ids.copy()
     out[room:] = tail
-    # Non-overlapping spans: one random start per fact inside its own stretch of [0, room).
-    stretch = room // len(pieces)
     for i, piece in enumerate(pieces):
         start = i * stretch + int(rng.integers(0, stretch - len(piece) + 1))
         out[start : start + len(piece)] = piece
