@@ -90,7 +90,7 @@ def test_transfer_stage_lowers_every_layers_mse(tiny_converted, corpus_files, tm
         tmp_path / "run",
         corpus_files,
         RECIPE,
-        ["stages=[{name: transfer, train: new, steps: 25, lr: 0.02, warmup_steps: 0, loss: {transfer: 1}}]"],
+        ["stages=[{name: transfer, train: new, steps: 60, lr: 0.02, warmup_steps: 0, loss: {transfer: 1}}]"],
         progress=False,
     )
     from transformers import AutoTokenizer
