@@ -381,28 +381,11 @@ def _rev_cumsum_kernel(x_ptr, init_ptr, cu_ptr, Hkv: tl.constexpr, M: tl.constex
 
 
 @triton.jit
-def _decode_token(s_ptr, g_ptr, tok, Hkv: tl.constexpr, h, rm):
-    """A decoded token's write weights and decay, one per slot."""
-    s = tl.load(s_ptr + (tok * Hkv + h) * rm.shape[0] + rm).to(tl.float32)
-    a = tl.exp(tl.load(g_ptr + (tok * Hkv + h) * rm.shape[0] + rm).to(tl.float32))
-    return s, a
-
-
-@triton.jit
-def _slot_probs(q_ptr, hk, scale, tok, H: tl.constexpr, head, rk):
-    """Slot softmax of one query against the key memory hk [K, M]."""
-    q = tl.load(q_ptr + (tok * H + head) * rk.shape[0] + rk).to(tl.float32)
-    logits = scale * tl.sum(q[:, None] * hk, axis=0)
-    e = tl.exp(logits - tl.max(logits, axis=0))
-    return e / tl.sum(e, axis=0)
-
-
-@triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, o_ptr, hk_ptr, hv_ptr, scale, T,
     H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
 ):  # fmt: skip
-    """A few tokens per sequence, token by token, both memories updated in place by one program."""
+    """A few tokens per sequence, token by token, the memories updated in place (decoding)."""
     G: tl.constexpr = H // Hkv
     i_nh = tl.program_id(0).to(tl.int64)
     n = i_nh // Hkv
@@ -416,13 +399,17 @@ def _decode_kernel(
     hv = tl.load(hv_ptrs)
     for i in range(T):
         tok = n * T + i
-        s, a = _decode_token(s_ptr, g_ptr, tok, Hkv, h, rm)
         k = tl.load(k_ptr + (tok * Hkv + h) * K + rk).to(tl.float32)
         v = tl.load(v_ptr + (tok * Hkv + h) * V + rv).to(tl.float32)
+        s = tl.load(s_ptr + (tok * Hkv + h) * M + rm).to(tl.float32)
+        a = tl.exp(tl.load(g_ptr + (tok * Hkv + h) * M + rm).to(tl.float32))
         hk = hk * a[None, :] + k[:, None] * s[None, :]
         hv = hv * a[:, None] + s[:, None] * v[None, :]
         for gi in tl.static_range(G):
-            p = _slot_probs(q_ptr, hk, scale, tok, H, h * G + gi, rk)
+            q = tl.load(q_ptr + (tok * H + h * G + gi) * K + rk).to(tl.float32)
+            logits = scale * tl.sum(q[:, None] * hk, axis=0)
+            e = tl.exp(logits - tl.max(logits, axis=0))
+            p = e / tl.sum(e, axis=0)
             o = tl.sum(p[:, None] * hv, axis=0)
             tl.store(o_ptr + (tok * H + h * G + gi) * V + rv, o.to(o_ptr.dtype.element_ty))
     tl.store(hk_ptrs, hk)
