@@ -205,6 +205,22 @@ class Teacher:
             yield model if self.shared else self.model
 
 
+def _unaliased(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop names that alias an earlier tensor (tied embeddings), which safetensors refuses to write.
+
+    On CUDA the CPU offload copies every tensor, so ties vanish; on CPU they stay shared. Loading with
+    strict=False keeps the tie, so the dropped name comes back through its partner.
+    """
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    out = {}
+    for name, t in sd.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = t.contiguous()
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ the trainer
 class Trainer:
     def __init__(
@@ -490,7 +506,7 @@ class Trainer:
             tmp = root / f".tmp-{final.name}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / "trainable.safetensors"))
+            save_file(_unaliased(model_sd), str(tmp / "trainable.safetensors"))
             torch.save(opt_sd, tmp / "optimizer.pt")
             rng = {"cpu": torch.get_rng_state()}
             if torch.cuda.is_available():
@@ -535,7 +551,7 @@ class Trainer:
             entry = {"kind": "delta", "output": f"stages/{name}.safetensors", "changes_teacher": stage.train == "full"}
             if info.is_main:
                 tmp = outputs / f".tmp-{name}.safetensors"
-                save_file({n: t.contiguous() for n, t in sd.items()}, str(tmp), metadata={"format": "pt"})
+                save_file(_unaliased(sd), str(tmp), metadata={"format": "pt"})
                 tmp.rename(outputs / f"{name}.safetensors")
         del sd
         entry.update(

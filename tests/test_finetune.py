@@ -331,3 +331,28 @@ def test_recall_rows_are_mixed_into_training(tiny_converted, corpus_files, tmp_p
     run_dir = finetune(str(tiny_converted), tmp_path / "run", corpus_files, RECIPE, overrides, progress=False)
     stats = read_run(run_dir)["data_stats"]
     assert 0.25 * stats["train_rows"] < stats["recall_rows"] < 0.75 * stats["train_rows"]
+
+
+def test_full_finetune_of_tied_embeddings_saves_resumes_and_rebuilds(corpus_files, tmp_path):
+    """Full finetuning on CPU writes a tied model's checkpoints and stage output, and the tie survives."""
+    from conftest import teacher_config, tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from t2r.convert import ConvertOptions, convert
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(teacher_config("llama", vocab_size=len(tok), tie_word_embeddings=True))
+    teacher.save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    conv = convert(str(tmp_path / "teacher"), tmp_path / "conv", ConvertOptions(slots=16), progress=False)
+    sets = ["stages.1.train=full", "stages.1.lr=0.001", "checkpoint_every=3"]
+    full = finetune(str(conv), tmp_path / "full", corpus_files, RECIPE, sets, progress=False)
+    part = tmp_path / "part"
+    finetune(str(conv), part, corpus_files, RECIPE, sets, stop_after=9, progress=False)
+    finetune(str(conv), part, corpus_files, RECIPE, sets, resume=True, progress=False)
+    a, b = train_losses(full), train_losses(part)
+    assert all(abs(a[s] - b[s]) <= 1e-6 * max(1.0, abs(a[s])) for s in range(10, 13)), (a, b)
+    base, model = load_converted(conv), rebuild_model(full)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert rel_err(model.model.embed_tokens.weight, base.model.embed_tokens.weight) > 1e-4
