@@ -139,10 +139,12 @@ def tokenize_documents(docs, tokenizer, add_eos: bool = True):
 
 @dataclass
 class PackedRows:
-    """Fixed-length training rows: token ids and document starts (both [rows, seq_len])."""
+    """Fixed-length training rows: token ids and document starts (both [rows, seq_len]), and optionally a loss
+    weight per label (float32, same shape; None means 1 everywhere)."""
 
     input_ids: np.ndarray
     doc_start: np.ndarray
+    weight: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -154,13 +156,17 @@ class PackedRows:
     def batch(self, rows: list[int] | np.ndarray) -> dict[str, torch.Tensor]:
         ids = torch.from_numpy(self.input_ids[rows].astype(np.int64))
         starts = torch.from_numpy(self.doc_start[rows])
-        return {"input_ids": ids, "position_ids": positions_from_starts(starts), "labels": labels_for(ids, starts)}
+        out = {"input_ids": ids, "position_ids": positions_from_starts(starts), "labels": labels_for(ids, starts)}
+        if self.weight is not None:
+            out["label_weights"] = torch.from_numpy(self.weight[rows])
+        return out
 
     def label_count(self, rows) -> int:
         return int((~self.doc_start[rows]).sum())
 
     def select(self, rows) -> PackedRows:
-        return PackedRows(self.input_ids[rows], self.doc_start[rows])
+        weight = None if self.weight is None else self.weight[rows]
+        return PackedRows(self.input_ids[rows], self.doc_start[rows], weight)
 
 
 def positions_from_starts(starts: torch.Tensor) -> torch.Tensor:

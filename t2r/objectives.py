@@ -98,11 +98,13 @@ def transfer_loss_sum(
     return total, collector.layers
 
 
-def ce_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy summed over labelled positions (labels are shifted here)."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+def ce_loss_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy summed over labelled positions (labels are shifted here); ``weights`` (same
+    shape as labels, optional) scales the loss of predicting each label, e.g. a recall row's answer."""
+    per = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="none"
     )
+    return per.sum() if weights is None else (per * weights[:, 1:].flatten().to(per.dtype)).sum()
 
 
 def kd_loss_sum(
@@ -110,18 +112,24 @@ def kd_loss_sum(
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
     temperature: float = 1.0,
+    weights: torch.Tensor | None = None,
     chunk: int = 1024,
 ) -> torch.Tensor:
-    """KL(teacher || student) per labelled position, summed; computed in fp32 over chunks of positions to
-    keep the vocab-sized softmaxes small. Scaled by T^2 as usual for distillation."""
+    """KL(teacher || student) per labelled position, summed (weighted like ``ce_loss_sum``); computed in fp32
+    over chunks of positions to keep the vocab-sized softmaxes small. Scaled by T^2 as usual for distillation."""
     mask = labels[:, 1:].flatten() != IGNORE_INDEX
     s = student_logits[:, :-1].flatten(0, 1)[mask]
     t = teacher_logits[:, :-1].flatten(0, 1)[mask].to(s.device)
+    w = None if weights is None else weights[:, 1:].flatten()[mask].to(s.device, torch.float32)
     total = s.new_zeros((), dtype=torch.float32)
     for i in range(0, s.shape[0], chunk):
         log_p_s = F.log_softmax(s[i : i + chunk].float() / temperature, dim=-1)
         log_p_t = F.log_softmax(t[i : i + chunk].float() / temperature, dim=-1)
-        total = total + F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
+        if w is None:
+            total = total + F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
+        else:
+            per = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="none").sum(-1)
+            total = total + (per * w[i : i + chunk]).sum()
     return total * temperature**2
 
 

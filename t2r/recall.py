@@ -39,9 +39,9 @@ def recall_texts(rng: np.random.Generator, max_facts: int = 3) -> tuple[list[str
     return facts, f" Question: which number does the {names[pick]} have? Answer:", f" {numbers[pick]}."
 
 
-def recall_row(ids: np.ndarray, tokenizer, rng: np.random.Generator) -> np.ndarray | None:
-    """The row with facts written over its tokens at random depths and the question + answer at its end; None
-    when the row is too short to hold them."""
+def recall_row(ids: np.ndarray, tokenizer, rng: np.random.Generator) -> tuple[np.ndarray, int] | None:
+    """The row with facts written over its tokens at random depths and the question + answer at its end, and
+    the number of answer tokens (the row's last); None when the row is too short to hold them."""
     facts, question, answer = recall_texts(rng)
     question_ids, answer_ids, *pieces = tokenizer([question, answer, *facts], add_special_tokens=False)["input_ids"]
     tail = question_ids + answer_ids
@@ -54,16 +54,20 @@ def recall_row(ids: np.ndarray, tokenizer, rng: np.random.Generator) -> np.ndarr
     for i, piece in enumerate(pieces):
         start = i * stretch + int(rng.integers(0, stretch - len(piece) + 1))
         out[start : start + len(piece)] = piece
-    return out
+    return out, len(answer_ids)
 
 
-def add_recall_rows(rows: PackedRows, tokenizer, fraction: float, seed: int) -> tuple[PackedRows, int]:
+def add_recall_rows(
+    rows: PackedRows, tokenizer, fraction: float, seed: int, answer_weight: float = 1.0
+) -> tuple[PackedRows, int]:
     """A copy of ``rows`` in which a deterministic ``fraction`` of rows (chosen by hash of seed and row index)
     became recall rows, each one document so that no reset clears the memory between fact and question.
-    Returns the rows and how many were rewritten."""
+    ``answer_weight`` != 1 scales the loss on the answer tokens: they are a few tokens of 2k, so at weight 1
+    the memory barely feels them. Returns the rows and how many were rewritten."""
     if fraction <= 0:
         return rows, 0
     ids, starts = rows.input_ids.copy(), rows.doc_start.copy()
+    weight = None if answer_weight == 1 else np.ones(ids.shape, dtype=np.float32)
     selected = changed = 0
     for r in range(len(ids)):
         rng = _rng(seed, r)
@@ -72,9 +76,11 @@ def add_recall_rows(rows: PackedRows, tokenizer, fraction: float, seed: int) -> 
         selected += 1
         new = recall_row(ids[r], tokenizer, rng)
         if new is not None:
-            ids[r], starts[r] = new, False
+            ids[r], starts[r] = new[0], False
             starts[r, 0] = True
+            if weight is not None:
+                weight[r, -new[1] :] = answer_weight
             changed += 1
     if selected and not changed:
         raise T2RError(f"data.recall_fraction: rows of {rows.seq_len} tokens are too short to hold a recall task")
-    return PackedRows(ids, starts), changed
+    return PackedRows(ids, starts, weight), changed

@@ -49,6 +49,7 @@ class DataSettings:
     add_eos: bool = True
     eval_fraction: float = 0.01
     recall_fraction: float = 0.0  # training rows rewritten as synthetic long-range recall tasks (t2r.recall)
+    recall_answer_weight: float = 1.0  # loss weight of a recall row's answer tokens (CE and KD)
 
 
 @dataclass
@@ -84,6 +85,8 @@ class Recipe:
             raise T2RError("data.eval_fraction must be in [0, 1)")
         if not 0 <= self.data.recall_fraction <= 1:
             raise T2RError("data.recall_fraction must be in [0, 1]")
+        if not self.data.recall_answer_weight > 0:
+            raise T2RError("data.recall_answer_weight must be > 0")
         if not self.stages:
             raise T2RError("a recipe needs at least one stage")
         for i, st in enumerate(self.stages):

@@ -472,12 +472,14 @@ class Trainer:
                         ).logits
                         loss = 0.0
                         if w["ce"] > 0:
-                            ce = ce_loss_sum(logits, batch["labels"])
+                            ce = ce_loss_sum(logits, batch["labels"], batch.get("label_weights"))
                             loss = loss + w["ce"] * ce / labels_global * world
                             sums["ce"] += ce.detach().double() / labels_global
                         if w["kd"] > 0:
                             t_logits = teacher.logits(wrapped, batch)
-                            kd = kd_loss_sum(logits, t_logits, batch["labels"], stage.kd_temperature)
+                            kd = kd_loss_sum(
+                                logits, t_logits, batch["labels"], stage.kd_temperature, batch.get("label_weights")
+                            )
                             loss = loss + w["kd"] * kd / labels_global * world
                             sums["kd"] += kd.detach().double() / labels_global
                 loss.backward()
@@ -611,7 +613,9 @@ def finetune(
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_rows, eval_rows = build_rows(run["data"], run.get("eval_data"), tokenizer, recipe, info)
-    train_rows, recall_rows = add_recall_rows(train_rows, tokenizer, recipe.data.recall_fraction, recipe.seed)
+    train_rows, recall_rows = add_recall_rows(
+        train_rows, tokenizer, recipe.data.recall_fraction, recipe.seed, recipe.data.recall_answer_weight
+    )
     if len(train_rows) < recipe.rows_per_step * info.world:
         raise T2RError(
             f"the corpus has {len(train_rows)} training rows of {recipe.seq_len} tokens, fewer than one "

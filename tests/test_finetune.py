@@ -326,7 +326,8 @@ def test_run_records_and_reapplies_the_calibration(tiny_run):
 
 
 def test_recall_rows_are_mixed_into_training(tiny_converted, corpus_files, tmp_path):
-    overrides = ["seq_len=256", "micro_batch_size=1", "data.recall_fraction=0.5", "stages.0.steps=2"]
+    overrides = ["seq_len=256", "micro_batch_size=1", "data.recall_fraction=0.5", "data.recall_answer_weight=10"]
+    overrides += ["stages.0.steps=2"]
     overrides += ["stages.1.steps=2", "eval_every=0", "checkpoint_every=0"]
     run_dir = finetune(str(tiny_converted), tmp_path / "run", corpus_files, RECIPE, overrides, progress=False)
     stats = read_run(run_dir)["data_stats"]

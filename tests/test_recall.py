@@ -5,6 +5,7 @@ from __future__ import annotations
 import datasets
 import numpy as np
 import pytest
+import torch
 from conftest import corpus_text, tiny_tokenizer
 
 from t2r.data import pack_documents, tokenize_documents
@@ -57,3 +58,37 @@ def test_rows_too_short_for_a_task_are_an_error(tok, rows):
     short = type(rows)(rows.input_ids[:, :40].copy(), rows.doc_start[:, :40].copy())
     with pytest.raises(T2RError, match="too short to hold a recall task"):
         add_recall_rows(short, tok, 1.0, seed=0)
+
+
+def test_answer_weight_marks_exactly_the_answer_tokens(tok, rows):
+    plain, _ = add_recall_rows(rows, tok, 0.3, seed=1)
+    new, changed = add_recall_rows(rows, tok, 0.3, seed=1, answer_weight=5.0)
+    assert plain.weight is None and np.array_equal(new.input_ids, plain.input_ids)
+    heavy = new.weight != 1
+    assert set(np.unique(new.weight)) == {1.0, 5.0} and heavy.any(1).sum() == changed
+    for r in np.flatnonzero(heavy.any(1)):
+        k = int(heavy[r].sum())
+        assert heavy[r, -k:].all()  # the row's last tokens, and only those
+        answer = tok.decode(new.input_ids[r, -k:].tolist()).strip(" .")
+        assert answer.isdigit() and tok.decode(new.input_ids[r, :-k].tolist()).endswith("Answer:")
+    batch = new.select(np.arange(4)).batch([0, 1, 2])
+    assert torch.equal(batch["label_weights"], torch.from_numpy(new.weight[:3]))
+
+
+def test_weighted_losses_scale_each_labels_term():
+    from t2r.objectives import ce_loss_sum, kd_loss_sum
+
+    torch.manual_seed(0)
+    logits, teacher = torch.randn(2, 9, 13), torch.randn(2, 9, 13)
+    labels = torch.randint(0, 13, (2, 9))
+    labels[1, 4] = -100
+    weights = torch.ones(2, 9)
+    assert torch.allclose(ce_loss_sum(logits, labels, weights), ce_loss_sum(logits, labels))
+    assert torch.allclose(kd_loss_sum(logits, teacher, labels, 2.0, weights), kd_loss_sum(logits, teacher, labels, 2.0))
+    weights[0, 3] = 4.0  # the loss of predicting labels[0, 3] from position 2
+    one = torch.nn.functional.cross_entropy(logits[0, 2], labels[0, 3])
+    assert torch.allclose(ce_loss_sum(logits, labels, weights), ce_loss_sum(logits, labels) + 3 * one)
+    log_s, log_t = torch.log_softmax(logits[0, 2] / 2, -1), torch.log_softmax(teacher[0, 2] / 2, -1)
+    kl = torch.nn.functional.kl_div(log_s, log_t, log_target=True, reduction="sum")
+    expect = kd_loss_sum(logits, teacher, labels, 2.0) + 3 * kl * 4
+    assert torch.allclose(kd_loss_sum(logits, teacher, labels, 2.0, weights, chunk=5), expect)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Join the staged GGUF and convert SmolLM2-135M for the quality runs (kproj gates; hybrid with W = 64).
+# Join the staged GGUF and convert SmolLM2-135M for the quality runs (kproj gates; hybrid with W = 64; the control).
 set -euo pipefail
 source benchmarks/gpu/env.sh
 S=/root/stage
@@ -10,3 +10,5 @@ mkdir -p $S/data && for f in $S/*.txt.xz; do xz -dkc "$f" > $S/data/$(basename "
 G=$S/SmolLM2-135M-Instruct.Q4_1.gguf
 t2r convert $G $S/conv-kproj --gate-init kproj --force
 t2r convert $G $S/conv-hybrid --gate-init kproj --window 64 --force
+# The control: the teacher with every layer kept as softmax attention (recipes/smollm2-control-teacher.yaml).
+t2r convert $G $S/conv-teacher --full-attention-layers $(seq -s, 0 29) --force
