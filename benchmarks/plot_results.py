@@ -27,6 +27,10 @@ LABELS = {
     "C4": "C4: C3 with full finetuning (lr 1e-4), 9.2M tokens",
     "C5": "C5: C3 with full finetuning (lr 2e-4), 15.1M tokens",
     "C6": "C6: C5 with KD only (no CE)",
+    "C7": "C7: C5 + 20% recall rows",
+    "C8": "C8: C7, answer loss x30",
+    "C9": "C9: C5 with lr 4e-4",
+    "T1": "T1: control, the teacher finetuned like C5",
 }
 EARLY = {"A", "B", "C", "B2", "C2"}  # the 1.57M-token runs on the reference path
 
