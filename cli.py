@@ -36,6 +36,9 @@ def convert(
     feature_map: Annotated[str, typer.Option(help="q/k feature map: swish, relu or identity")] = "swish",
     rope: Annotated[bool, typer.Option("--rope/--no-rope", help="apply the teacher's RoPE to q/k")] = False,
     gate_init: Annotated[str, typer.Option(help="random: N(0, 0.02); kproj: pooled teacher k_proj rows")] = "kproj",
+    gate_half_life_max: Annotated[
+        float, typer.Option(help="per-slot gate bias: memory half-lives log-spaced up to this many tokens (0 = none)")
+    ] = 0.0,
     full_attention_layers: Annotated[str, typer.Option(help="layers kept as softmax attention, e.g. 0,16")] = "",
     dtype: Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default: the teacher's)")] = None,
     window: Annotated[int, typer.Option(help="hybrid: sliding-window softmax attention over W tokens (0 = off)")] = 0,
@@ -54,6 +57,7 @@ def convert(
         feature_map=feature_map,
         rope=rope,
         gate_init=gate_init,
+        gate_half_life_max=gate_half_life_max,
         full_attention_layers=parse_layer_list(full_attention_layers),
         dtype=dtype,
         window=window,

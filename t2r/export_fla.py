@@ -45,6 +45,8 @@ def fla_incompatibilities(config) -> list[str]:
         reasons.append("RoPE on q/k (FLA's GSA has none)")
     if config.gsa_window or config.gsa_full_attention_layers:
         reasons.append("hybrid window or full-attention layers")
+    if config.gsa_gate_bias:
+        reasons.append("a gate bias (FLA's f_proj has none)")
     if config.gsa_feature_map not in ("swish", "relu"):
         reasons.append(f"feature map {config.gsa_feature_map}")
     if config.gsa_scale != 1.0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -160,12 +161,14 @@ def test_cli_convert_runs(tmp_path, capsys):
     assert config["model_type"] == "t2r_qwen3"
 
 
-@pytest.mark.parametrize("case", ["missing", "alias", "arch", "slots", "exists", "truncated", "layers", "hub"])
+@pytest.mark.parametrize(
+    "case", ["missing", "alias", "arch", "slots", "exists", "truncated", "layers", "hub", "half-life"]
+)
 def test_cli_bad_inputs(tmp_path, capsys, monkeypatch, case):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "out"
-    if case in ("arch", "slots", "exists", "truncated", "layers"):
+    if case in ("arch", "slots", "exists", "truncated", "layers", "half-life"):
         src, _ = make_teacher(tmp_path, "llama")
     args, expect = {
         "missing": (["./no/such/model", str(out)], "not found"),
@@ -176,6 +179,7 @@ def test_cli_bad_inputs(tmp_path, capsys, monkeypatch, case):
         "truncated": None,
         "layers": (["SRC", str(out), "--full-attention-layers", "1,7"], "out of range"),
         "hub": (["someone/some-model", str(out)], "not in the local Hugging Face cache"),
+        "half-life": (["SRC", str(out), "--gate-half-life-max", "4"], "above the unbiased half-life of 8 tokens"),
     }[case] or (None, None)
     if case == "arch":
         cfg = json.loads((src / "config.json").read_text())
@@ -236,3 +240,34 @@ def test_convert_hybrid_window(tmp_path):
     for t in range(20, 50):
         steps.append(model(ids[:, t : t + 1], past_key_values=out1.past_key_values).logits)
     assert rel_err(torch.cat(steps, 1), full) <= 1e-4
+
+
+@torch.no_grad()
+def test_gate_bias_spreads_memory_half_lives(tmp_path):
+    from t2r.recipe import Stage
+    from t2r.trainer import configure_trainable
+
+    src, _ = make_teacher(tmp_path, "llama")
+    plain = load_all(convert(str(src), tmp_path / "plain", ConvertOptions(slots=8), progress=False))
+    out = convert(str(src), tmp_path / "out", ConvertOptions(slots=8, gate_half_life_max=2048), progress=False)
+    tensors = load_all(out)
+    assert set(tensors) - set(plain) == {f"model.layers.{i}.self_attn.f_proj.bias" for i in range(3)}
+    assert all(torch.equal(tensors[k], v) for k, v in plain.items())  # the weights do not depend on the bias
+    bias = tensors["model.layers.0.self_attn.f_proj.bias"].double().view(-1, 8)  # [KV heads, slots]
+    half_life = math.log(2) / (-torch.nn.functional.logsigmoid(bias) / 8.0)  # tokens, at zero gate input
+    expect = torch.logspace(math.log10(8), math.log10(2048), 8, dtype=torch.float64)
+    assert rel_err(half_life[0], expect) <= 1e-5 and len(bias) > 1 and (bias == bias[0]).all()
+    assert json.loads((out / "config.json").read_text())["gsa_gate_bias"] is True
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert torch.equal(model.model.layers[2].self_attn.f_proj.bias, tensors["model.layers.2.self_attn.f_proj.bias"])
+    ids = torch.randint(3, 101, (1, 40))
+    full = model(ids).logits
+    first = model(ids[:, :25], use_cache=True)
+    steps = [first.logits] + [
+        model(ids[:, t : t + 1], past_key_values=first.past_key_values).logits for t in range(25, 40)
+    ]
+    assert rel_err(torch.cat(steps, 1), full) <= 1e-4
+    trainable = configure_trainable(model, Stage(train="new"), 0)[0]
+    assert {n for n, p in trainable.named_parameters() if p.requires_grad and "f_proj" in n} == {
+        f"model.layers.{i}.self_attn.f_proj.{w}" for i in range(3) for w in ("weight", "bias")
+    }

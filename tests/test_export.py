@@ -163,6 +163,9 @@ def test_fla_format_refuses_what_fla_cannot_express(tiny_converted, tmp_path):
     assert not (tmp_path / "x").exists()
     with pytest.raises(T2RError, match="--format must be"):
         export(roped, tmp_path / "x", fmt="onnx")
+    biased = convert(teacher, tmp_path / "biased", ConvertOptions(slots=16, gate_half_life_max=512), progress=False)
+    with pytest.raises(T2RError, match=r"cannot load in FLA's GSA: a gate bias \(FLA's f_proj has none\)"):
+        export(biased, tmp_path / "x", fmt="fla")
 
 
 def test_generate_greedy_sampling_and_padding(tiny_run):

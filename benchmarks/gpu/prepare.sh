@@ -12,3 +12,5 @@ t2r convert $G $S/conv-kproj --gate-init kproj --force
 t2r convert $G $S/conv-hybrid --gate-init kproj --window 64 --force
 # The control: the teacher with every layer kept as softmax attention (recipes/smollm2-control-teacher.yaml).
 t2r convert $G $S/conv-teacher --full-attention-layers $(seq -s, 0 29) --force
+# The hybrid with a gate bias: memory half-lives log-spaced from 8 to 4096 tokens at zero gate input.
+t2r convert $G $S/conv-hybrid-hl --gate-init kproj --window 64 --gate-half-life-max 4096 --force

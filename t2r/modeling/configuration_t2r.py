@@ -21,6 +21,7 @@ class GSASettings:
     gsa_num_slots: int = 64
     gsa_feature_map: str = "swish"
     gsa_gate_logit_normalizer: float = 8.0
+    gsa_gate_bias: bool = False  # f_proj has a per-slot bias (t2r convert --gate-half-life-max)
     gsa_scale: float = 1.0
     gsa_use_rope: bool = False
     gsa_full_attention_layers: list[int] = field(default_factory=list)

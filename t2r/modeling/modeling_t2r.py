@@ -65,7 +65,7 @@ class GSAAttention(nn.Module):
         self.q_norm = getattr(teacher_attn, "q_norm", None)
         self.k_norm = getattr(teacher_attn, "k_norm", None)
         # New modules.
-        self.f_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.num_slots, bias=False)
+        self.f_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.num_slots, bias=config.gsa_gate_bias)
         self.g_norm = LlamaRMSNorm(self.num_heads * self.head_dim, eps=config.rms_norm_eps)
         # Hybrid: sliding-window softmax attention (the teacher's own q/k/v with RoPE) mixed per head with GSA.
         self.window = config.gsa_window
