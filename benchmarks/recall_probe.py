@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from t2r.recall import _rng, recall_row
+from t2r.recall import recall_row
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     ids = np.array(tok(text)["input_ids"])
     hits = 0
     for r in range(args.rows):
-        row, n_answer = recall_row(ids[r * args.seq : (r + 1) * args.seq].copy(), tok, _rng(1234, r))
+        row, n_answer = recall_row(ids[r * args.seq : (r + 1) * args.seq].copy(), tok, np.random.default_rng(1234 + r))
         prompt, answer = row[:-n_answer], tok.decode(row[-n_answer:]).strip(" .")
         out = model.generate(torch.tensor(prompt[None]).to(device), max_new_tokens=n_answer + 2, do_sample=False)
         hits += answer in tok.decode(out[0, len(prompt) :])

@@ -190,7 +190,7 @@ def test_two_processes_match_one(tiny_converted, corpus_files, tmp_path, kind):
 
 
 @pytest.mark.parametrize(
-    "case", ["nodata", "empty", "key", "seqlen", "exists", "noresume", "field", "notconverted", "recall"]
+    "case", ["nodata", "empty", "key", "seqlen", "exists", "noresume", "field", "notconverted", "recall", "weight"]
 )
 def test_bad_inputs_one_line_errors(tiny_converted, corpus_files, tmp_path, capsys, case):
     out = tmp_path / "run"
@@ -217,6 +217,8 @@ def test_bad_inputs_one_line_errors(tiny_converted, corpus_files, tmp_path, caps
         data, expect = ["--data", str(tmp_path / "x.jsonl")], "has no field 'text'"
     elif case == "recall":
         extra, expect = ["--set", "data.recall_fraction=1.5"], "data.recall_fraction must be in [0, 1]"
+    elif case == "weight":
+        extra, expect = ["--set", "data.recall_answer_weight=0"], "data.recall_answer_weight must be > 0"
     else:
         model, expect = str(tmp_path), "not a model directory"
     code, lines = run_cli(["finetune", model, str(out), *data, "--recipe", RECIPE, *extra], capsys)
