@@ -27,9 +27,14 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, trust_remote_code=True).to(device)
     text = Path(args.corpus).read_text(encoding="utf-8", errors="replace")[:4_000_000]
     ids = np.array(tok(text)["input_ids"])
+    if len(ids) < args.rows * args.seq:
+        raise SystemExit(f"recall_probe: {args.corpus} has {len(ids)} tokens, fewer than {args.rows} x {args.seq}")
     hits = 0
     for r in range(args.rows):
-        row, n_answer = recall_row(ids[r * args.seq : (r + 1) * args.seq].copy(), tok, np.random.default_rng(1234 + r))
+        task = recall_row(ids[r * args.seq : (r + 1) * args.seq].copy(), tok, np.random.default_rng(1234 + r))
+        if task is None:
+            raise SystemExit(f"recall_probe: rows of {args.seq} tokens are too short to hold a recall task")
+        row, n_answer = task
         prompt, answer = row[:-n_answer], tok.decode(row[-n_answer:]).strip(" .")
         out = model.generate(torch.tensor(prompt[None]).to(device), max_new_tokens=n_answer + 2, do_sample=False)
         hits += answer in tok.decode(out[0, len(prompt) :])

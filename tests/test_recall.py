@@ -92,3 +92,33 @@ def test_weighted_losses_scale_each_labels_term():
     kl = torch.nn.functional.kl_div(log_s, log_t, log_target=True, reduction="sum")
     expect = kd_loss_sum(logits, teacher, labels, 2.0) + 3 * kl * 4
     assert torch.allclose(kd_loss_sum(logits, teacher, labels, 2.0, weights, chunk=5), expect)
+
+
+def test_recall_probe_script_scores_a_model(tiny_converted, corpus_files, monkeypatch, capsys):
+    """A model that reads the fact back scores 1.0; rows too short for a task are a one-line exit."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_converted)
+
+    class Oracle(torch.nn.Module):
+        def generate(self, ids, max_new_tokens, do_sample):
+            text = tok.decode(ids[0].tolist())
+            name = text.rpartition(" Question: which number does the ")[2].split(" have")[0]
+            number = text.split(f"the {name} has the number ")[1].split(".")[0]
+            return torch.cat([ids, torch.tensor([tok(f" {number}.", add_special_tokens=False)["input_ids"]])], 1)
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "recall_probe.py"
+    args = [str(script), str(tiny_converted), corpus_files[0], "--rows", "3", "--seq", "1024"]
+    monkeypatch.setattr(sys, "argv", args)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: Oracle())
+    runpy.run_path(str(script), run_name="__main__")
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result == {"model": str(tiny_converted), "rows": 3, "seq": 1024, "recall_acc": 1.0}
+    monkeypatch.setattr(sys, "argv", [*args[:-1], "40"])
+    with pytest.raises(SystemExit, match="too short to hold a recall task"):
+        runpy.run_path(str(script), run_name="__main__")
