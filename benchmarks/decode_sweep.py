@@ -14,7 +14,7 @@ import json
 import torch
 from t2r.kernels import gsa_triton as kernels
 
-from t2r.bench_kernels import _bench, _inputs, copy_bandwidth
+from t2r.bench_kernels import _bench, copy_bandwidth, decode_inputs, rel_err, state_floor_ms
 
 
 def main() -> None:
@@ -23,9 +23,8 @@ def main() -> None:
     args = ap.parse_args()
     B, H, K, V, M = 16, 32, 128, 128, 64
     bw = copy_bandwidth()
-    q, k, v, s, g = _inputs(B, 1, H, K, V, M, torch.bfloat16, requires_grad=False)
-    state = (torch.randn(B, H, K, M, device="cuda"), torch.randn(B, H, M, V, device="cuda"))
-    floor = 2 * sum(x.numel() * 4 for x in state) / bw * 1e3
+    (q, k, v, s, g), state = decode_inputs(B, H, K, V, M, torch.bfloat16)
+    floor = state_floor_ms(state, bw)
     ref = [x.clone() for x in state]
     o_ref = kernels.gsa_decode_triton(q, k, v, s, g, None, ref)
     rows = []
@@ -34,7 +33,7 @@ def main() -> None:
         st = [x.clone() for x in state]
         o = kernels.gsa_decode_triton(q, k, v, s, g, None, st)
         pairs = zip([o, *st], [o_ref, *ref], strict=True)
-        err = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in pairs)
+        err = max(rel_err(a, b) for a, b in pairs)
         ms = _bench(lambda st=st: kernels.gsa_decode_triton(q, k, v, s, g, None, st))
         rows.append({"warps": warps, "ms": round(ms, 4), "floor_ms": round(floor, 4), "ratio": round(ms / floor, 3),
                      "rel_err_vs_default": err})  # fmt: skip

@@ -73,25 +73,31 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(ptr, t, valid, heads, head, D: tl.constexpr):
-    """[len(t), D] tile of a token-major [T, heads, D] tensor, zero outside ``valid``, as fp32."""
-    rd = tl.arange(0, D)
-    x = tl.load(ptr + (t[:, None] * heads + head) * D + rd[None, :], mask=valid[:, None], other=0.0)
-    return x.to(tl.float32)
+def _cols_ptrs(ptr, t, heads, head, D: tl.constexpr, d0, BD: tl.constexpr):
+    """Pointers to columns d0 .. d0 + BD of the rows ``t`` of a token-major [T, heads, D] tensor."""
+    return ptr + (t[:, None] * heads + head) * D + (d0 + tl.arange(0, BD))[None, :]
 
 
 @triton.jit
 def _load_cols(ptr, t, valid, heads, head, D: tl.constexpr, d0, BD: tl.constexpr):
-    """Columns d0 .. d0 + BD of a token-major [T, heads, D] tensor, as fp32."""
-    rd = d0 + tl.arange(0, BD)
-    x = tl.load(ptr + (t[:, None] * heads + head) * D + rd[None, :], mask=valid[:, None], other=0.0)
-    return x.to(tl.float32)
+    """Columns d0 .. d0 + BD of a token-major [T, heads, D] tensor, zero outside ``valid``, as fp32."""
+    return tl.load(_cols_ptrs(ptr, t, heads, head, D, d0, BD), mask=valid[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_cols(ptr, x, t, valid, heads, head, D: tl.constexpr, d0, BD: tl.constexpr):
+    tl.store(_cols_ptrs(ptr, t, heads, head, D, d0, BD), x.to(ptr.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit
+def _load_rows(ptr, t, valid, heads, head, D: tl.constexpr):
+    """[len(t), D] tile of a token-major [T, heads, D] tensor, zero outside ``valid``, as fp32."""
+    return _load_cols(ptr, t, valid, heads, head, D, 0, D)
 
 
 @triton.jit
 def _store_rows(ptr, x, t, valid, heads, head, D: tl.constexpr):
-    rd = tl.arange(0, D)
-    tl.store(ptr + (t[:, None] * heads + head) * D + rd[None, :], x.to(ptr.dtype.element_ty), mask=valid[:, None])
+    _store_cols(ptr, x, t, valid, heads, head, D, 0, D)
 
 
 @triton.jit
@@ -375,8 +381,7 @@ def _rev_cumsum_kernel(x_ptr, init_ptr, cu_ptr, Hkv: tl.constexpr, M: tl.constex
         t = eos - (i + 1) * BT + rt
         valid = t >= bos
         x = _load_cols(x_ptr, t, valid, Hkv, h, M, m0, BM)
-        ptrs = x_ptr + (t[:, None] * Hkv + h) * M + rm[None, :]
-        tl.store(ptrs, tl.cumsum(x, axis=0, reverse=True) + carry[None, :], mask=valid[:, None])
+        _store_cols(x_ptr, tl.cumsum(x, axis=0, reverse=True) + carry[None, :], t, valid, Hkv, h, M, m0, BM)
         carry += tl.sum(x, axis=0)
 
 

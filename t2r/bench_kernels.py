@@ -38,6 +38,21 @@ def _inputs(B, T, H, K, V, M, dtype, requires_grad=True):
     return q, k, v, s, g
 
 
+def decode_inputs(B, H, K, V, M, dtype):
+    """One token per sequence and a random fp32 state (keys memory, values memory) for decode timings."""
+    state = (torch.randn(B, H, K, M, device="cuda"), torch.randn(B, H, M, V, device="cuda"))
+    return _inputs(B, 1, H, K, V, M, dtype, requires_grad=False), state
+
+
+def state_floor_ms(state, bandwidth: float) -> float:
+    """The decode step's memory floor: every fp32 memory read and written once at ``bandwidth`` bytes/s."""
+    return 2 * sum(x.numel() * x.element_size() for x in state) / bandwidth * 1e3
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
 def _fla():
     try:
         from fla.ops.gsa import chunk_gsa
@@ -114,8 +129,7 @@ def decode_rows(B=16, H=32, K=128, V=128, M=64, context=32768, dtype=torch.bfloa
     from t2r.kernels.gsa_triton import gsa_decode_triton
 
     fla_step = _fla()[1] if fla else None
-    q, k, v, s, g = _inputs(B, 1, H, K, V, M, dtype, requires_grad=False)
-    state = (torch.randn(B, H, K, M, device="cuda"), torch.randn(B, H, M, V, device="cuda"))
+    (q, k, v, s, g), state = decode_inputs(B, H, K, V, M, dtype)
     scale = K**-0.5
     row = {"B": B, "H": H, "ours_step_ms": _bench(lambda: gsa_decode_triton(q, k, v, s, g, scale, state))}
     if fla_step is not None:
@@ -123,8 +137,8 @@ def decode_rows(B=16, H=32, K=128, V=128, M=64, context=32768, dtype=torch.bfloa
     kv = torch.randn(2, B, H, context, K, device="cuda", dtype=dtype)
     qt = q.transpose(1, 2)
     row[f"kv_cache_{context // 1024}k_ms"] = _bench(lambda: F.scaled_dot_product_attention(qt, kv[0], kv[1]))
-    if bandwidth:  # each memory read and written once, fp32
-        row["state_floor_ms"] = 2 * sum(x.numel() * 4 for x in state) / bandwidth * 1e3
+    if bandwidth:
+        row["state_floor_ms"] = state_floor_ms(state, bandwidth)
         row["ours/floor"] = row["ours_step_ms"] / row["state_floor_ms"]
     if "fla_step_ms" in row:
         row["fla/ours"] = row["fla_step_ms"] / row["ours_step_ms"]
@@ -151,7 +165,7 @@ def check_against_reference(B=2, T=700, H=8, Hkv=4, K=128, V=128, M=64, dtype=to
         results.append([o, hk, hv, *grads])
     names = ["o", "hk", "hv", "dq", "dk", "dv", "ds", "dg", "dhk0", "dhv0"]
     for name, a, b in zip(names, *results, strict=True):
-        errors[name] = float((a.float() - b.float()).norm() / b.float().norm())
+        errors[name] = rel_err(a, b)
     return {k: f"{v:.1e}" for k, v in errors.items()}
 
 

@@ -125,11 +125,8 @@ def kd_loss_sum(
     for i in range(0, s.shape[0], chunk):
         log_p_s = F.log_softmax(s[i : i + chunk].float() / temperature, dim=-1)
         log_p_t = F.log_softmax(t[i : i + chunk].float() / temperature, dim=-1)
-        if w is None:
-            total = total + F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
-        else:
-            per = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="none").sum(-1)
-            total = total + (per * w[i : i + chunk]).sum()
+        per = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="none").sum(-1)
+        total = total + (per if w is None else per * w[i : i + chunk]).sum()
     return total * temperature**2
 
 

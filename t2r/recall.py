@@ -74,13 +74,15 @@ def add_recall_rows(
         if rng.random() >= fraction:
             continue
         selected += 1
-        new = recall_row(ids[r], tokenizer, rng)
-        if new is not None:
-            ids[r], starts[r] = new[0], False
-            starts[r, 0] = True
-            if weight is not None:
-                weight[r, -new[1] :] = answer_weight
-            changed += 1
+        task = recall_row(ids[r], tokenizer, rng)
+        if task is None:
+            continue
+        ids[r], n_answer = task
+        starts[r] = False
+        starts[r, 0] = True  # one document: no memory reset between the facts and the question
+        if weight is not None:
+            weight[r, -n_answer:] = answer_weight
+        changed += 1
     if selected and not changed:
         raise T2RError(f"data.recall_fraction: rows of {rows.seq_len} tokens are too short to hold a recall task")
     return PackedRows(ids, starts, weight), changed
