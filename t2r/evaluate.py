@@ -6,6 +6,7 @@ as the teacher architecture's own transformers class: same tokenizer, same windo
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -59,28 +60,44 @@ def token_stream(specs: list[str], tokenizer, text_field: str = "text") -> torch
     return torch.tensor([t for ids in docs["input_ids"] for t in ids], dtype=torch.long)
 
 
+POSITION_EDGES = (0, 64, 256, 1024, 2048, 4096, 8192, 16384)
+
+
+def position_buckets(window: int) -> list[tuple[int, int]]:
+    """[lo, hi) target-position ranges; the first 64 sit inside a W=64 window, the rest test the memory."""
+    edges = [e for e in POSITION_EDGES if e < window - 1] + [window - 1]
+    return list(itertools.pairwise(edges))
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, tokens: torch.Tensor, window: int, max_windows: int, batch: int = 4) -> dict:
-    """Mean next-token NLL over the first ``max_windows`` non-overlapping windows (each scored from scratch)."""
+    """Mean next-token NLL over the first ``max_windows`` non-overlapping windows (each scored from scratch),
+    also split by position, because a recurrent student can match the teacher early and lose it later."""
     n = min(len(tokens) // window, max_windows)
     if n == 0:
         raise T2RError(f"the evaluation data has fewer than {window} tokens")
     rows = tokens[: n * window].view(n, window)
     device = next(model.parameters()).device
-    nll, count = 0.0, 0
+    per_position = torch.zeros(window - 1, dtype=torch.float64)
     for i in range(0, n, batch):
         ids = rows[i : i + batch].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(input_ids=ids, use_cache=False).logits
-        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
-        nll += loss.item()
-        count += ids[:, 1:].numel()
+        loss = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none")
+        per_position += loss.sum(0).double().cpu()
+    count = n * (window - 1)
+    nll = per_position.sum().item() / count
+    by_position = {
+        f"{lo}-{hi}": round(math.exp(min(per_position[lo:hi].mean().item() / n, 50.0)), 4)
+        for lo, hi in position_buckets(window)
+    }
     return {
         "window": window,
         "windows": n,
         "tokens": count,
-        "nll": nll / count,
-        "ppl": math.exp(min(nll / count, 50.0)),
+        "nll": nll,
+        "ppl": math.exp(min(nll, 50.0)),
+        "ppl_by_position": by_position,
     }
 
 
@@ -176,6 +193,10 @@ def format_table(result: dict) -> str:
             vals = [result["ppl"][n][i]["ppl"] for n in names]
             ratio = f"{vals[0] / vals[1]:.3f}x" if len(vals) > 1 else ""
             lines.append(f"window {row['window']:>5} | " + " | ".join(f"{v:>10.3f}" for v in vals) + f" | {ratio}")
+            for span in row.get("ppl_by_position", {}):
+                vals = [result["ppl"][n][i]["ppl_by_position"][span] for n in names]
+                ratio = f"{vals[0] / vals[1]:.3f}x" if len(vals) > 1 else ""
+                lines.append(f"  pos {span:>9} | " + " | ".join(f"{v:>10.3f}" for v in vals) + f" | {ratio}")
     if result["passkey"]:
         lines.append("passkey      | " + " | ".join(f"{n:>10}" for n in names))
         for i, row in enumerate(result["passkey"][names[0]]):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from pathlib import Path
 
 import pytest
 
-from t2r.evaluate import evaluate, passkey_accuracy, passkey_prompts
+from t2r.evaluate import evaluate, passkey_accuracy, passkey_prompts, position_buckets
 
 
 def test_eval_tiny_model_is_finite_and_reproducible(tiny_converted, corpus_files):
@@ -20,6 +22,19 @@ def test_eval_tiny_model_is_finite_and_reproducible(tiny_converted, corpus_files
         assert all(1 < r["ppl"] < 1e6 for r in a["ppl"][name])
         assert 0 <= a["passkey"][name][0]["accuracy"] <= 1
     assert a["ppl"]["student"][0]["tokens"] == 4 * 63
+    # The by-position split partitions the scored tokens: its token-weighted log-mean is the overall NLL.
+    for row in a["ppl"]["student"]:
+        spans = position_buckets(row["window"])
+        assert list(row["ppl_by_position"]) == [f"{lo}-{hi}" for lo, hi in spans]
+        mixed = sum((hi - lo) * math.log(row["ppl_by_position"][f"{lo}-{hi}"]) for lo, hi in spans)
+        assert abs(mixed / (row["window"] - 1) - row["nll"]) < 1e-3
+
+
+def test_position_buckets_cover_every_target_once():
+    assert position_buckets(128) == [(0, 64), (64, 127)]
+    spans = position_buckets(4096)
+    assert spans[0] == (0, 64) and spans[-1] == (2048, 4095)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
 
 
 def test_passkey_prompts_are_deterministic_per_seed(tiny_converted):
