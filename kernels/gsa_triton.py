@@ -41,7 +41,7 @@ EXP_CLAMP = 60.0
 SEGMENT = int(os.environ.get("T2R_GSA_SEGMENT", "64"))
 SUBCHUNK = int(os.environ.get("T2R_GSA_SUBCHUNK", "16"))
 DOT_MODE = os.environ.get("T2R_GSA_DOT", "tf32")  # "tf32" or "half" for bf16/fp16 inputs
-STATE_BLOCK = int(os.environ.get("T2R_GSA_STATE_BLOCK", "32"))  # rows of a memory per scan program
+STATE_BLOCK = int(os.environ.get("T2R_GSA_STATE_BLOCK", "64"))  # rows of a memory per scan program
 NUM_STAGES = int(os.environ.get("T2R_GSA_STAGES", "2"))
 NUM_WARPS = int(os.environ.get("T2R_GSA_WARPS", "0"))  # 0: by tile size
 # Decoding: warps per (sequence, KV head) program; 4 was fastest on the H100 (docs/bench/decode_sweep_*), ahead of
@@ -108,12 +108,10 @@ def _state_ptrs(base, D: tl.constexpr, M: tl.constexpr, stride_d, stride_m):
 
 
 @triton.jit
-def _subchunk_gates(s, g, EXP_CLAMP: tl.constexpr):
-    """Decay factors of one sub-chunk (rows = tokens, columns = slots): query side exp(b - r), key side
-    exp(r - b) (times s: ``ek``; without: ``erb``), to the sub-chunk start exp(b), to its end s * exp(b_last - b),
-    and the whole sub-chunk's decay exp(b_last)."""
-    b = tl.cumsum(g, axis=0)
-    b_last = tl.sum(g, axis=0)
+def _subchunk_gates(s, b, b_last, EXP_CLAMP: tl.constexpr):
+    """Decay factors of one sub-chunk (rows = tokens, columns = slots) from its running log decay b and total
+    b_last: query side exp(b - r), key side exp(r - b) (times s: ``ek``; without: ``erb``), to the sub-chunk start
+    exp(b), to its end s * exp(b_last - b), and the whole sub-chunk's decay exp(b_last)."""
     r = 0.5 * b_last
     eq = tl.exp(tl.minimum(b - r[None, :], EXP_CLAMP))
     erb = tl.exp(tl.minimum(r[None, :] - b, EXP_CLAMP))
@@ -128,35 +126,56 @@ def _subchunk_gates(s, g, EXP_CLAMP: tl.constexpr):
 
 @triton.jit
 def _scan_setup(cu_ptr, segoff_ptr, stride_pd, stride_pm, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
-                BD: tl.constexpr):  # fmt: skip
-    """A scan program's rows (d0), KV head, sequence bounds, first segment, and its block's offsets in the public
-    state layout and in the per-segment buffers."""
+                BD: tl.constexpr, BM: tl.constexpr):  # fmt: skip
+    """A scan program's block (rows d0 .. d0 + BD, slot columns m0 .. m0 + BM), KV head, sequence bounds, first
+    segment, and its block's offsets in the public state layout and in the per-segment buffers."""
     d0 = tl.program_id(0) * BD
+    m0 = tl.program_id(2) * BM
     i_nh = tl.program_id(1)
     n = i_nh // Hkv
     bos = tl.load(cu_ptr + n).to(tl.int64)
     eos = tl.load(cu_ptr + n + 1).to(tl.int64)
     seg0 = tl.load(segoff_ptr + n).to(tl.int64)
-    public = _state_ptrs(i_nh.to(tl.int64) * D * M + d0 * stride_pd, BD, M, stride_pd, stride_pm)
-    internal = _state_ptrs(d0 * M, BD, M, M, 1)
-    return d0, i_nh % Hkv, bos, eos, seg0, public, internal
+    public = _state_ptrs(i_nh.to(tl.int64) * D * M + d0 * stride_pd + m0 * stride_pm, BD, BM, stride_pd, stride_pm)
+    internal = _state_ptrs(d0 * M + m0, BD, BM, M, 1)
+    return d0, m0, i_nh % Hkv, bos, eos, seg0, public, internal
+
+
+@triton.jit
+def _segment_cumsum_kernel(g_ptr, b_ptr, seg_ptr, cu_ptr, Hkv: tl.constexpr, M: tl.constexpr, BS: tl.constexpr):
+    """b = the log gates' running sum within each segment (fp32), computed once for every scan."""
+    _, t0, eos = _segment_start(seg_ptr, cu_ptr)
+    h = tl.program_id(1)
+    t = t0 + tl.arange(0, BS)
+    valid = t < eos
+    _store_rows(b_ptr, tl.cumsum(_load_rows(g_ptr, t, valid, Hkv, h, M), axis=0), t, valid, Hkv, h, M)
+
+
+@triton.jit
+def _segment_gates(b_ptr, t, valid, seg_end, Hkv: tl.constexpr, h, M: tl.constexpr, m0, BM: tl.constexpr):
+    """Slots m0 .. m0 + BM of a segment's running log decay b (rows = tokens) and of its total b_last (the row of
+    its last token). Loading b instead of summing g here halved the scans' time (H100, 2026-11-23)."""
+    b = _load_cols(b_ptr, t, valid, Hkv, h, M, m0, BM)
+    b_last = tl.load(b_ptr + ((seg_end - 1) * Hkv + h) * M + m0 + tl.arange(0, BM))
+    return b, b_last
 
 
 @triton.jit
 def _state_fwd_kernel(
-    x_ptr, s_ptr, g_ptr, h0_ptr, hbuf_ptr, hT_ptr, cu_ptr, segoff_ptr,
+    x_ptr, s_ptr, b_ptr, h0_ptr, hbuf_ptr, hT_ptr, cu_ptr, segoff_ptr,
     stride_pd, stride_pm,
-    Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+    Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Rows d0 .. d0 + BD of one memory (hk with x = k, or hv transposed with x = v) of one sequence and KV head:
+    """A [BD, BM] block of one memory (hk with x = k, or hv transposed with x = v) of one sequence and KV head:
     the state at each segment start into hbuf [NS, Hkv, D, M]; h0/hT in the public layout given by
     (stride_pd, stride_pm)."""
-    d0, h, bos, eos, seg0, public, internal = _scan_setup(cu_ptr, segoff_ptr, stride_pd, stride_pm, Hkv, D, M, BD)
+    d0, m0, h, bos, eos, seg0, public, internal = _scan_setup(cu_ptr, segoff_ptr, stride_pd, stride_pm, Hkv, D, M,
+                                                              BD, BM)  # fmt: skip
     if HAS_H0:
         state = tl.load(h0_ptr + public).to(tl.float32)
     else:
-        state = tl.zeros([BD, M], dtype=tl.float32)
+        state = tl.zeros([BD, BM], dtype=tl.float32)
     rt = tl.arange(0, BS)
     nseg = tl.cdiv(eos - bos, BS)
     for i in range(nseg):
@@ -164,10 +183,8 @@ def _state_fwd_kernel(
         t = bos + i * BS + rt
         valid = t < eos
         x = _load_cols(x_ptr, t, valid, Hkv, h, D, d0, BD)
-        s = _load_rows(s_ptr, t, valid, Hkv, h, M)
-        g = _load_rows(g_ptr, t, valid, Hkv, h, M)
-        b = tl.cumsum(g, axis=0)
-        b_last = tl.sum(g, axis=0)
+        s = _load_cols(s_ptr, t, valid, Hkv, h, M, m0, BM)
+        b, b_last = _segment_gates(b_ptr, t, valid, tl.minimum(bos + i * BS + BS, eos), Hkv, h, M, m0, BM)
         w = s * tl.exp(b_last[None, :] - b)
         state = state * tl.exp(b_last)[None, :] + _mm(tl.trans(x), w, PREC)
     if STORE_FINAL:
@@ -176,20 +193,21 @@ def _state_fwd_kernel(
 
 @triton.jit
 def _state_bwd_kernel(
-    x_ptr, y_ptr, g_ptr, dhT_ptr, dbuf_ptr, dh0_ptr, cu_ptr, segoff_ptr,
+    x_ptr, y_ptr, b_ptr, dhT_ptr, dbuf_ptr, dh0_ptr, cu_ptr, segoff_ptr,
     stride_pd, stride_pm,
     H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
-    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Reverse scan of one memory's gradient (rows d0 .. d0 + BD): the gradient at each segment end into
     dbuf [NS, Hkv, D, M]; each token t of query head h adds x_t (y_t * exp(b_t))^T (x = q, y = dz for hk;
     x = do, y = p for hv)."""
     G: tl.constexpr = H // Hkv
-    d0, h, bos, eos, seg0, public, internal = _scan_setup(cu_ptr, segoff_ptr, stride_pd, stride_pm, Hkv, D, M, BD)
+    d0, m0, h, bos, eos, seg0, public, internal = _scan_setup(cu_ptr, segoff_ptr, stride_pd, stride_pm, Hkv, D, M,
+                                                              BD, BM)  # fmt: skip
     if HAS_DHT:
         dstate = tl.load(dhT_ptr + public).to(tl.float32)
     else:
-        dstate = tl.zeros([BD, M], dtype=tl.float32)
+        dstate = tl.zeros([BD, BM], dtype=tl.float32)
     rt = tl.arange(0, BS)
     nseg = tl.cdiv(eos - bos, BS)
     for j in range(nseg):
@@ -197,12 +215,12 @@ def _state_bwd_kernel(
         tl.store(dbuf_ptr + ((seg0 + i) * Hkv + h) * D * M + internal, dstate)
         t = bos + i * BS + rt
         valid = t < eos
-        g = _load_rows(g_ptr, t, valid, Hkv, h, M)
-        eb = tl.exp(tl.cumsum(g, axis=0))
-        dstate = dstate * tl.exp(tl.sum(g, axis=0))[None, :]
+        b, b_last = _segment_gates(b_ptr, t, valid, tl.minimum(bos + i * BS + BS, eos), Hkv, h, M, m0, BM)
+        eb = tl.exp(b)
+        dstate = dstate * tl.exp(b_last)[None, :]
         for gi in tl.static_range(G):
             x = _load_cols(x_ptr, t, valid, H, h * G + gi, D, d0, BD)
-            y = _load_rows(y_ptr, t, valid, H, h * G + gi, M)
+            y = _load_cols(y_ptr, t, valid, H, h * G + gi, M, m0, BM)
             dstate += _mm(tl.trans(x), y * eb, PREC)
     if STORE_DH0:
         tl.store(dh0_ptr + public, dstate)
@@ -222,19 +240,26 @@ def _segment_start(seg_ptr, cu_ptr):
 
 
 @triton.jit
-def _load_subchunk(k_ptr, v_ptr, s_ptr, g_ptr, t, valid, Hkv: tl.constexpr, h, K: tl.constexpr, V: tl.constexpr,
-                   M: tl.constexpr):  # fmt: skip
-    """A sub-chunk's keys, values, write weights and log gates of KV head h (fp32, zero past the sequence)."""
+def _load_subchunk(k_ptr, v_ptr, s_ptr, b_ptr, t0, c, eos, Hkv: tl.constexpr, h, K: tl.constexpr, V: tl.constexpr,
+                   M: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+    """Tokens, validity, keys, values and write weights (fp32, zero past the sequence) of the sub-chunk at offset c
+    of the segment starting at t0, with its running log decay and total: the segment's running sum b minus its
+    value before the sub-chunk (flat past the sequence's end, where nothing is written)."""
+    t = t0 + c + tl.arange(0, BC)
+    valid = t < eos
     kc = _load_rows(k_ptr, t, valid, Hkv, h, K)
     vc = _load_rows(v_ptr, t, valid, Hkv, h, V)
     sc = _load_rows(s_ptr, t, valid, Hkv, h, M)
-    gc = _load_rows(g_ptr, t, valid, Hkv, h, M)
-    return kc, vc, sc, gc
+    rm = tl.arange(0, M)
+    before = tl.load(b_ptr + ((tl.minimum(t0 + c, eos) - 1) * Hkv + h) * M + rm, mask=(rm < M) & (c > 0), other=0.0)
+    b_last = tl.load(b_ptr + ((tl.minimum(t0 + c + BC, eos) - 1) * Hkv + h) * M + rm) - before
+    bc = tl.where(valid[:, None], _load_rows(b_ptr, t, valid, Hkv, h, M) - before[None, :], b_last[None, :])
+    return t, valid, kc, vc, sc, bc, b_last
 
 
 @triton.jit
 def _out_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, o_ptr, hk_ptr, hv_ptr, seg_ptr, cu_ptr, scale,
+    q_ptr, k_ptr, v_ptr, s_ptr, b_ptr, o_ptr, hk_ptr, hv_ptr, seg_ptr, cu_ptr, scale,
     H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BS: tl.constexpr, BC: tl.constexpr, PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
 ):  # fmt: skip
@@ -247,10 +272,8 @@ def _out_fwd_kernel(
     rc = tl.arange(0, BC)
     causal = rc[:, None] >= rc[None, :]
     for c in range(0, BS, BC):
-        t = t0 + c + rc
-        valid = t < eos
-        kc, vc, sc, gc = _load_subchunk(k_ptr, v_ptr, s_ptr, g_ptr, t, valid, Hkv, h, K, V, M)
-        eq, _, ek, eb, _, w, decay = _subchunk_gates(sc, gc, EXP_CLAMP)
+        t, valid, kc, vc, sc, bc, bl = _load_subchunk(k_ptr, v_ptr, s_ptr, b_ptr, t0, c, eos, Hkv, h, K, V, M, BC)
+        eq, _, ek, eb, _, w, decay = _subchunk_gates(sc, bc, bl, EXP_CLAMP)
         for gi in tl.static_range(G):
             qc = _load_rows(q_ptr, t, valid, H, h * G + gi, K)
             A = tl.where(causal, _mm(qc, tl.trans(kc), PREC_IN), 0.0)
@@ -266,7 +289,7 @@ def _out_fwd_kernel(
 
 @triton.jit
 def _bwd_sweep_kernel(
-    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, do_ptr, hk_ptr, hv_ptr, seg_ptr, cu_ptr, scale,
+    q_ptr, k_ptr, v_ptr, s_ptr, b_ptr, do_ptr, hk_ptr, hv_ptr, seg_ptr, cu_ptr, scale,
     dq_ptr, p_ptr, dz_ptr, db_ptr,
     H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BS: tl.constexpr, BC: tl.constexpr, PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
@@ -282,10 +305,8 @@ def _bwd_sweep_kernel(
     rc = tl.arange(0, BC)
     causal = rc[:, None] >= rc[None, :]
     for c in range(0, BS, BC):
-        t = t0 + c + rc
-        valid = t < eos
-        kc, vc, sc, gc = _load_subchunk(k_ptr, v_ptr, s_ptr, g_ptr, t, valid, Hkv, h, K, V, M)
-        eq, _, ek, eb, _, w, decay = _subchunk_gates(sc, gc, EXP_CLAMP)
+        t, valid, kc, vc, sc, bc, bl = _load_subchunk(k_ptr, v_ptr, s_ptr, b_ptr, t0, c, eos, Hkv, h, K, V, M, BC)
+        eq, _, ek, eb, _, w, decay = _subchunk_gates(sc, bc, bl, EXP_CLAMP)
         db = tl.zeros([BC, M], dtype=tl.float32)
         for gi in tl.static_range(G):
             qc = _load_rows(q_ptr, t, valid, H, h * G + gi, K)
@@ -311,7 +332,7 @@ def _bwd_sweep_kernel(
 
 @triton.jit
 def _bwd_rev_sweep_kernel(
-    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, do_ptr, p_ptr, dz_ptr, dk_buf, dv_buf, seg_ptr, cu_ptr,
+    q_ptr, k_ptr, v_ptr, s_ptr, b_ptr, do_ptr, p_ptr, dz_ptr, dk_buf, dv_buf, seg_ptr, cu_ptr,
     dk_ptr, dv_ptr, ds_ptr, db_ptr,
     H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BS: tl.constexpr, BC: tl.constexpr, PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
@@ -328,10 +349,8 @@ def _bwd_rev_sweep_kernel(
     causal = rc[:, None] >= rc[None, :]
     for j in range(0, BS, BC):
         c = BS - BC - j
-        t = t0 + c + rc
-        valid = t < eos
-        kc, vc, sc, gc = _load_subchunk(k_ptr, v_ptr, s_ptr, g_ptr, t, valid, Hkv, h, K, V, M)
-        eq, erb, ek, eb, eend, w, decay = _subchunk_gates(sc, gc, EXP_CLAMP)
+        t, valid, kc, vc, sc, bc, bl = _load_subchunk(k_ptr, v_ptr, s_ptr, b_ptr, t0, c, eos, Hkv, h, K, V, M, BC)
+        eq, erb, ek, eb, eend, w, decay = _subchunk_gates(sc, bc, bl, EXP_CLAMP)
         dk = _mm(w, tl.trans(dhk), PREC)
         dv = _mm(w, dhv, PREC)
         ds = eend * (_mm(kc, dhk, PREC) + _mm(vc, tl.trans(dhv), PREC))
@@ -483,30 +502,48 @@ def _launch_cfg(K: int, V: int, M: int) -> dict:
     return {"num_warps": NUM_WARPS or (8 if big else 4), "num_stages": NUM_STAGES}
 
 
-def _state_scan(x, s, g, h0, plan, public_strides, prec, final: bool):
+def _scan_blocks(D: int, M: int, Hkv: int, plan: _Plan) -> tuple[int, int, int]:
+    """(rows, slot columns, pipeline stages) of a scan program. Measured on an H100 (scratch probe, 2026-11-23):
+    64-row blocks beat 32; few sequences x heads (long sequences) also want the slots split in two."""
+    BD = min(D, STATE_BLOCK)
+    if plan.N * Hkv * (D // BD) >= 512 or M <= 16:
+        return BD, M, NUM_STAGES
+    return BD, max(16, M // 2), 3
+
+
+def _segment_cumsum(g: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    b = _empty(*g.shape, dtype=torch.float32, device=g.device)
+    if plan.NS:
+        _segment_cumsum_kernel[(plan.NS, g.shape[1])](g, b, plan.segs, plan.cu, Hkv=g.shape[1], M=g.shape[2],
+                                                       BS=plan.seg)  # fmt: skip
+    return b
+
+
+def _state_scan(x, s, b, h0, plan, public_strides, prec, final: bool):
     """Memory states at every segment start [NS, Hkv, D, M] (and the final state in the public layout)."""
     Hkv, D, M = x.shape[1], x.shape[2], s.shape[2]
     hbuf = _empty(max(plan.NS, 1), Hkv, D, M, dtype=torch.float32, device=x.device)
     shape = (plan.N, Hkv, D, M) if public_strides == (M, 1) else (plan.N, Hkv, M, D)
-    hT = _empty(*shape, dtype=torch.float32, device=x.device) if final else hbuf
-    BD = min(D, STATE_BLOCK)
-    _state_fwd_kernel[(D // BD, plan.N * Hkv)](
-        x, s, g, h0 if h0 is not None else hbuf, hbuf, hT, plan.cu, plan.segoff, *public_strides,
-        Hkv=Hkv, D=D, M=M, BS=plan.seg, BD=BD, HAS_H0=h0 is not None, STORE_FINAL=final, PREC=prec[1],
-        num_warps=4, num_stages=NUM_STAGES,
+    hT = _empty(*shape, dtype=torch.float32, device=x.device) if final else None
+    BD, BM, stages = _scan_blocks(D, M, Hkv, plan)
+    _state_fwd_kernel[(D // BD, plan.N * Hkv, M // BM)](
+        x, s, b, h0 if h0 is not None else hbuf, hbuf, hT if final else hbuf, plan.cu, plan.segoff, *public_strides,
+        Hkv=Hkv, D=D, M=M, BS=plan.seg, BD=BD, BM=BM, HAS_H0=h0 is not None, STORE_FINAL=final, PREC=prec[1],
+        num_warps=4, num_stages=stages,
     )  # fmt: skip
-    return hbuf, (hT if final else None)
+    return hbuf, hT
 
 
 def _forward(q, k, v, s, g, scale, h0, final, plan, prec):
     Hkv, K, V, M = k.shape[1], k.shape[2], v.shape[2], s.shape[2]
     H = q.shape[1]
-    hk_buf, hkT = _state_scan(k, s, g, h0[0] if h0 else None, plan, (M, 1), prec, final)
-    hv_buf, hvT = _state_scan(v, s, g, h0[1] if h0 else None, plan, (1, V), prec, final)
+    b = _segment_cumsum(g, plan)
+    hk_buf, hkT = _state_scan(k, s, b, h0[0] if h0 else None, plan, (M, 1), prec, final)
+    hv_buf, hvT = _state_scan(v, s, b, h0[1] if h0 else None, plan, (1, V), prec, final)
     o = _empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     if plan.NS:
         _out_fwd_kernel[(plan.NS, Hkv)](
-            q, k, v, s, g, o, hk_buf, hv_buf, plan.segs, plan.cu, scale,
+            q, k, v, s, b, o, hk_buf, hv_buf, plan.segs, plan.cu, scale,
             H=H, Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BC=SUBCHUNK, PREC_IN=prec[0], PREC=prec[1],
             EXP_CLAMP=EXP_CLAMP,
             **_launch_cfg(K, V, M),
@@ -518,8 +555,9 @@ def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT):
     H, K = q.shape[1], q.shape[2]
     Hkv, V, M = k.shape[1], v.shape[2], s.shape[2]
     need_final = dhT is not None
-    hk_buf, hkT = _state_scan(k, s, g, h0[0] if h0 else None, plan, (M, 1), prec, need_final)
-    hv_buf, hvT = _state_scan(v, s, g, h0[1] if h0 else None, plan, (1, V), prec, need_final)
+    b = _segment_cumsum(g, plan)
+    hk_buf, hkT = _state_scan(k, s, b, h0[0] if h0 else None, plan, (M, 1), prec, need_final)
+    hv_buf, hvT = _state_scan(v, s, b, h0[1] if h0 else None, plan, (1, V), prec, need_final)
     f32 = dict(dtype=torch.float32, device=q.device)
     dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
     p = _empty(q.shape[0], H, M, **f32)
@@ -529,7 +567,7 @@ def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT):
     cfg["EXP_CLAMP"] = EXP_CLAMP
     if plan.NS:
         _bwd_sweep_kernel[(plan.NS, Hkv)](
-            q, k, v, s, g, do, hk_buf, hv_buf, plan.segs, plan.cu, scale, dq, p, dz, db, **cfg,
+            q, k, v, s, b, do, hk_buf, hv_buf, plan.segs, plan.cu, scale, dq, p, dz, db, **cfg,
             **_launch_cfg(K, V, M),
         )  # fmt: skip
     dh0 = (_empty(plan.N, Hkv, K, M, **f32), _empty(plan.N, Hkv, M, V, **f32))
@@ -537,17 +575,17 @@ def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT):
     for x, y, dh, d0, strides, D in ((q, dz, dhT[0] if dhT else None, dh0[0], (M, 1), K),
                                      (do, p, dhT[1] if dhT else None, dh0[1], (1, V), V)):  # fmt: skip
         dbuf = _empty(max(plan.NS, 1), Hkv, D, M, **f32)
-        BD = min(D, STATE_BLOCK)
-        _state_bwd_kernel[(D // BD, plan.N * Hkv)](
-            x, y, g, dh if dh is not None else dbuf, dbuf, d0, plan.cu, plan.segoff, *strides,
-            H=H, Hkv=Hkv, D=D, M=M, BS=plan.seg, BD=BD, HAS_DHT=dh is not None, STORE_DH0=True, PREC=prec[1],
-            num_warps=4, num_stages=NUM_STAGES,
+        BD, BM, stages = _scan_blocks(D, M, Hkv, plan)
+        _state_bwd_kernel[(D // BD, plan.N * Hkv, M // BM)](
+            x, y, b, dh if dh is not None else dbuf, dbuf, d0, plan.cu, plan.segoff, *strides,
+            H=H, Hkv=Hkv, D=D, M=M, BS=plan.seg, BD=BD, BM=BM, HAS_DHT=dh is not None, STORE_DH0=True,
+            PREC=prec[1], num_warps=4, num_stages=stages,
         )  # fmt: skip
         dbufs.append(dbuf)
     dk, dv, ds = (_empty(*x.shape, dtype=x.dtype, device=x.device) for x in (k, v, s))
     if plan.NS:
         _bwd_rev_sweep_kernel[(plan.NS, Hkv)](
-            q, k, v, s, g, do, p, dz, dbufs[0], dbufs[1], plan.segs, plan.cu, dk, dv, ds, db, **cfg,
+            q, k, v, s, b, do, p, dz, dbufs[0], dbufs[1], plan.segs, plan.cu, dk, dv, ds, db, **cfg,
             **_launch_cfg(K, V, M),
         )  # fmt: skip
     # The final state's gradient reaches every gate of the sequence through exp(b_T).

@@ -69,6 +69,16 @@ def test_kernels_match_oracle_fp32(shape, initial_state):
     compare(out, oracle(inputs, h0), 1e-3)
 
 
+@pytest.mark.parametrize("split_slots", [True, False])
+def test_scan_block_shapes_agree(monkeypatch, split_slots):
+    """The memory scans run in [rows, slots] blocks chosen by the launch size; both shapes must be exact."""
+    B, T, H, Hkv, K, V, M = SHAPES[1]
+    inputs, h0 = make_inputs(B, T, H, Hkv, K, V, M, device=DEVICE)
+    rows = min(K, V, kernels.STATE_BLOCK)
+    monkeypatch.setattr(kernels, "_scan_blocks", lambda D, M, Hkv, plan: (rows, M // 2 if split_slots else M, 2))
+    compare(run_with_grads(kernels.gsa_triton, inputs, h0), oracle(inputs, h0), 1e-3)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernels_match_oracle_half(dtype):
     B, T, H, Hkv, K, V, M = SHAPES[1]
