@@ -1,4 +1,5 @@
-"""docs/results/recovery.png: held-out perplexity against training tokens for the SmolLM2 runs, teacher beside.
+"""docs/results/recovery.png: held-out perplexity against training tokens for the SmolLM2 runs, teacher beside;
+docs/results/positions.png: pydoc perplexity by target position (teacher vs the runs evaluated by position).
 
 python benchmarks/plot_results.py docs/results
 """
@@ -31,6 +32,8 @@ LABELS = {
     "C8": "C8: C7, answer loss x30",
     "C9": "C9: C5 with lr 4e-4",
     "T1": "T1: control, the teacher finetuned like C5",
+    "C10": "C10: C9 on gates with half-lives up to 4096",
+    "C11": "C11: C10 + 20% recall rows, answer loss x30",
 }
 EARLY = {"A", "B", "C", "B2", "C2"}  # the 1.57M-token runs on the reference path
 
@@ -69,5 +72,37 @@ def main(root: Path) -> None:
     fig.savefig(root / "recovery.png", dpi=110)
 
 
+def plot_positions(root: Path, window: int = 4096) -> None:
+    """Where the gap to the teacher is: perplexity of each target-position range within ``window``-token windows."""
+    curves = {}
+    teacher = root / "teacher_positions.json"
+    if teacher.is_file():
+        curves["teacher SmolLM2-135M-Instruct"] = json.loads(teacher.read_text())["ppl"]["teacher"]
+    for name, label in LABELS.items():
+        path = root / name / "eval.json"
+        if path.is_file():
+            rows = json.loads(path.read_text())["ppl"]["student"]
+            if "ppl_by_position" in rows[0]:
+                curves[label] = rows
+    if len(curves) < 2:
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, rows in curves.items():
+        row = next(r for r in rows if r["window"] == window)
+        spans = list(row["ppl_by_position"])
+        ax.plot(range(len(spans)), list(row["ppl_by_position"].values()), marker="o", label=label)
+    ax.set_xticks(range(len(spans)), spans)
+    ax.set(
+        yscale="log",
+        xlabel=f"target position within a {window}-token window",
+        ylabel="perplexity (pydoc, held out)",
+        title="Where the student loses to the teacher: beyond the 64-token window",
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "positions.png", dpi=110)
+
+
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    plot_positions(Path(sys.argv[1]))
