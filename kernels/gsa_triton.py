@@ -251,7 +251,7 @@ def _load_subchunk(k_ptr, v_ptr, s_ptr, b_ptr, t0, c, eos, Hkv: tl.constexpr, h,
     vc = _load_rows(v_ptr, t, valid, Hkv, h, V)
     sc = _load_rows(s_ptr, t, valid, Hkv, h, M)
     rm = tl.arange(0, M)
-    before = tl.load(b_ptr + ((tl.minimum(t0 + c, eos) - 1) * Hkv + h) * M + rm, mask=(rm < M) & (c > 0), other=0.0)
+    before = tl.load(b_ptr + ((tl.minimum(t0 + c, eos) - 1) * Hkv + h) * M + rm, mask=(rm * 0 + c) > 0, other=0.0)
     b_last = tl.load(b_ptr + ((tl.minimum(t0 + c + BC, eos) - 1) * Hkv + h) * M + rm) - before
     bc = tl.where(valid[:, None], _load_rows(b_ptr, t, valid, Hkv, h, M) - before[None, :], b_last[None, :])
     return t, valid, kc, vc, sc, bc, b_last
