@@ -503,12 +503,14 @@ def _launch_cfg(K: int, V: int, M: int) -> dict:
 
 
 def _scan_blocks(D: int, M: int, Hkv: int, plan: _Plan) -> tuple[int, int, int]:
-    """(rows, slot columns, pipeline stages) of a scan program. Measured on an H100 (scratch probe, 2026-11-23):
-    64-row blocks beat 32; few sequences x heads (long sequences) also want the slots split in two."""
+    """(rows, slot columns, pipeline stages) of a scan program. Measured on an H100 (benchmarks/scan_probe.py,
+    2026-11-23): 64-row blocks beat 32; few sequences x heads (long sequences) also want the slots split in two,
+    with a third pipeline stage where the blocks are small enough for its shared memory (M = 128 is not)."""
     BD = min(D, STATE_BLOCK)
     if plan.N * Hkv * (D // BD) >= 512 or M <= 16:
         return BD, M, NUM_STAGES
-    return BD, max(16, M // 2), 3
+    BM = max(16, M // 2)
+    return BD, BM, 3 if BD * BM <= 64 * 32 else NUM_STAGES
 
 
 def _segment_cumsum(g: torch.Tensor, plan: _Plan) -> torch.Tensor:
