@@ -17,33 +17,22 @@ from triton.testing import do_bench
 
 
 @triton.jit
-def _scan_v(
-    x_ptr,
-    s_ptr,
-    g_ptr,
-    b_ptr,
-    hbuf_ptr,
-    cu_ptr,
-    segoff_ptr,
-    Hkv: tl.constexpr,
-    D: tl.constexpr,
-    M: tl.constexpr,
-    BS: tl.constexpr,
-    BD: tl.constexpr,
-    BM: tl.constexpr,
-    PRE_B: tl.constexpr,
-    HB16: tl.constexpr,
-    STORE: tl.constexpr,
-    DOT: tl.constexpr,
-):
-    d0 = tl.program_id(0) * BD
-    m0 = tl.program_id(2) * BM
+def _sequence(cu_ptr, segoff_ptr, Hkv: tl.constexpr):
+    """KV head, token bounds and first segment of the (sequence, KV head) of program_id(1)."""
     i_nh = tl.program_id(1)
     n = i_nh // Hkv
-    h = i_nh % Hkv
     bos = tl.load(cu_ptr + n).to(tl.int64)
     eos = tl.load(cu_ptr + n + 1).to(tl.int64)
-    seg0 = tl.load(segoff_ptr + n).to(tl.int64)
+    return i_nh % Hkv, bos, eos, tl.load(segoff_ptr + n).to(tl.int64)
+
+
+@triton.jit
+def _scan_v(x_ptr, s_ptr, g_ptr, b_ptr, hbuf_ptr, cu_ptr, segoff_ptr, Hkv: tl.constexpr, D: tl.constexpr,
+            M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, PRE_B: tl.constexpr,
+            HB16: tl.constexpr, STORE: tl.constexpr, DOT: tl.constexpr):  # fmt: skip
+    d0 = tl.program_id(0) * BD
+    m0 = tl.program_id(2) * BM
+    h, bos, eos, seg0 = _sequence(cu_ptr, segoff_ptr, Hkv)
     rd = d0 + tl.arange(0, BD)
     rm = m0 + tl.arange(0, BM)
     internal = rd[:, None] * M + rm[None, :]
@@ -114,25 +103,11 @@ def _local_kernel(
 
 
 @triton.jit
-def _combine_kernel(
-    dh_ptr,
-    dec_ptr,
-    cu_ptr,
-    segoff_ptr,
-    Hkv: tl.constexpr,
-    D: tl.constexpr,
-    M: tl.constexpr,
-    BS: tl.constexpr,
-    BE: tl.constexpr,
-):
+def _combine_kernel(dh_ptr, dec_ptr, cu_ptr, segoff_ptr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+                    BS: tl.constexpr, BE: tl.constexpr):  # fmt: skip
     """Phase B: in place, segment contributions -> states at segment starts (elementwise, sequential)."""
     e0 = tl.program_id(0) * BE
-    i_nh = tl.program_id(1)
-    n = i_nh // Hkv
-    h = i_nh % Hkv
-    bos = tl.load(cu_ptr + n).to(tl.int64)
-    eos = tl.load(cu_ptr + n + 1).to(tl.int64)
-    seg0 = tl.load(segoff_ptr + n).to(tl.int64)
+    h, bos, eos, seg0 = _sequence(cu_ptr, segoff_ptr, Hkv)
     re = e0 + tl.arange(0, BE)
     state = tl.zeros([BE], dtype=tl.float32)
     for i in range(tl.cdiv(eos - bos, BS)):
