@@ -164,6 +164,7 @@ def eval_(
     import json
 
     from t2r.evaluate import evaluate, format_table
+    from t2r.fsutil import atomic_write_text
 
     result = evaluate(
         model,
@@ -181,7 +182,7 @@ def eval_(
     )
     typer.echo(format_table(result))
     if json_out is not None:
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Speed and memory benchmarks (ratios measured in one run).")
@@ -196,8 +197,11 @@ def _write_json(rows: list[dict], out: Path | None) -> None:
 
         import torch
 
+        from t2r.fsutil import atomic_write_text
+
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-        out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "device": device, "rows": rows}, indent=2))
+        record = {"date": time.strftime("%Y-%m-%d"), "device": device, "rows": rows}
+        atomic_write_text(out, json.dumps(record, indent=2))
 
 
 @bench_app.command("train")

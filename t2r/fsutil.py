@@ -43,6 +43,19 @@ def atomic_directory(out: str | Path, force: bool = False) -> Iterator[Path]:
         raise
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file through a temporary sibling and a rename: readers see the old file or the new one, whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _publish_permissions(root: Path) -> None:
     """mkdtemp and some writers create owner-only entries; give the result the usual umask permissions."""
     umask = os.umask(0)

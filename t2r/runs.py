@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .errors import T2RError
+from .fsutil import atomic_write_text
 
 RUN_FILE = "run.json"
 NEW_PARAM_MARKERS = (".f_proj.", ".g_norm.", ".window_mix.")
@@ -33,9 +34,7 @@ def read_run(run_dir: Path) -> dict:
 
 def write_run(run_dir: Path, run: dict) -> None:
     run["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    tmp = Path(run_dir) / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(run, indent=2) + "\n")
-    tmp.replace(Path(run_dir) / RUN_FILE)
+    atomic_write_text(Path(run_dir) / RUN_FILE, json.dumps(run, indent=2) + "\n")
 
 
 def check_converted_dir(model_dir: str | Path) -> Path:

@@ -8,12 +8,13 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from t2r.evaluate import evaluate, passkey_accuracy, passkey_prompts, position_buckets
 
 
 def test_eval_tiny_model_is_finite_and_reproducible(tiny_converted, corpus_files):
-    kw = dict(windows=(64, 128), max_windows=4, contexts=(96,), trials=4, device="cpu")
+    kw = dict(windows=(64, 128), max_windows=4, contexts=(128,), trials=4, device="cpu")
     a = evaluate(tiny_converted, corpus_files, **kw)
     b = evaluate(tiny_converted, corpus_files, **kw)
     assert a == b
@@ -35,6 +36,24 @@ def test_position_buckets_cover_every_target_once():
     spans = position_buckets(4096)
     assert spans[0] == (0, 64) and spans[-1] == (2048, 4095)
     assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+
+
+@pytest.mark.parametrize(
+    ("option", "expect"),
+    [
+        (["--window", "1"], "--window must be at least 2 tokens"),
+        (["--context", "64"], "--context must be at least 128 tokens"),
+        (["--trials", "0"], "--trials must be at least 1"),
+        (["--max-windows", "0"], "--max-windows must be at least 1"),
+        (["--batch", "0"], "--batch must be at least 1"),
+    ],
+)
+def test_bad_options_one_line_errors(tiny_converted, corpus_files, tmp_path, capsys, option, expect):
+    out = tmp_path / "r.json"
+    args = ["eval", str(tiny_converted), "--data", corpus_files[0], "--device", "cpu", "--json", str(out), *option]
+    code, lines = run_cli(args, capsys)
+    assert code == 1 and lines[-1].startswith("t2r: error: ") and expect in lines[-1], lines
+    assert not out.exists()
 
 
 def test_passkey_prompts_are_deterministic_per_seed(tiny_converted):
