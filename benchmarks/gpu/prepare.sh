@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Join the staged GGUF and convert SmolLM2-135M for the quality runs (kproj gates; hybrid with W = 64; the control).
+# Join the staged GGUF and convert SmolLM2-135M for the quality runs (kproj gates; hybrid with W = 64, also with a
+# gate bias and with 128 slots; the control).
 set -euo pipefail
 source benchmarks/gpu/env.sh
 S=/root/stage
@@ -14,3 +15,5 @@ t2r convert $G $S/conv-hybrid --gate-init kproj --window 64 --force
 t2r convert $G $S/conv-teacher --full-attention-layers $(seq -s, 0 29) --force
 # The hybrid with a gate bias: memory half-lives log-spaced from 8 to 4096 tokens at zero gate input.
 t2r convert $G $S/conv-hybrid-hl --gate-init kproj --window 64 --gate-half-life-max 4096 --force
+# Twice the slots (M = 128), same gate bias: more memory for the long-range context the hybrids miss.
+t2r convert $G $S/conv-hybrid-m128 --gate-init kproj --window 64 --slots 128 --gate-half-life-max 4096 --force
