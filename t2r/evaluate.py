@@ -152,13 +152,14 @@ def passkey_accuracy(model: nn.Module, tokenizer, context: int, trials: int, see
 MIN_PASSKEY_CONTEXT = 128  # the passkey prompt's fixed text alone is 67 SmolLM2 tokens, one filler 25
 
 
-def check_options(windows, max_windows: int, contexts, trials: int, batch: int) -> None:
-    """One-line errors for options that would divide by zero or build prompts longer than asked."""
-    if not windows or min(windows) < 2:
+def check_options(do_ppl: bool, windows, max_windows: int, do_passkey: bool, contexts, trials: int, batch: int) -> None:
+    """One-line errors for the options in use that would divide by zero or build prompts longer than asked."""
+    if do_ppl and (not windows or min(windows) < 2):
         raise T2RError(f"--window must be at least 2 tokens, got {list(windows)}")
-    if not contexts or min(contexts) < MIN_PASSKEY_CONTEXT:
+    if do_passkey and (not contexts or min(contexts) < MIN_PASSKEY_CONTEXT):
         raise T2RError(f"--context must be at least {MIN_PASSKEY_CONTEXT} tokens, got {list(contexts)}")
-    for name, value in (("--max-windows", max_windows), ("--trials", trials), ("--batch", batch)):
+    counts = [("--batch", batch)] + [("--max-windows", max_windows)] * do_ppl + [("--trials", trials)] * do_passkey
+    for name, value in counts:
         if value < 1:
             raise T2RError(f"{name} must be at least 1, got {value}")
 
@@ -182,7 +183,7 @@ def evaluate(
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     if do_ppl and not data:
         raise T2RError("--ppl needs --data (held-out text)")
-    check_options(windows, max_windows, contexts, trials, batch)
+    check_options(do_ppl, windows, max_windows, do_passkey, contexts, trials, batch)
     student, teacher, tokenizer = load_student_and_teacher(path, device, dtype, with_teacher)
     models = {"student": student, **({"teacher": teacher} if teacher is not None else {})}
     result: dict = {"model": str(path), "device": device, "ppl": {}, "passkey": {}}

@@ -56,6 +56,13 @@ def test_bad_options_one_line_errors(tiny_converted, corpus_files, tmp_path, cap
     assert not out.exists()
 
 
+def test_options_of_a_skipped_part_are_not_checked(tiny_converted, corpus_files, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = ["eval", str(tiny_converted), "--data", corpus_files[0], "--device", "cpu", "--json", str(out)]
+    code, _ = run_cli([*args, "--no-passkey", "--context", "64", "--window", "64", "--max-windows", "2"], capsys)
+    assert code in (0, None) and json.loads(out.read_text())["passkey"] == {}
+
+
 def test_passkey_prompts_are_deterministic_per_seed(tiny_converted):
     from transformers import AutoTokenizer
 
