@@ -43,6 +43,9 @@ def convert(
     dtype: Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default: the teacher's)")] = None,
     window: Annotated[int, typer.Option(help="hybrid: sliding-window softmax attention over W tokens (0 = off)")] = 0,
     window_mix_init: Annotated[float, typer.Option(help="initial per-head window-share logit")] = 2.0,
+    window_mix_per_token: Annotated[
+        bool, typer.Option(help="hybrid: the window share also reads each token's hidden state (a learned router)")
+    ] = False,
     max_shard_size: Annotated[str, typer.Option(help="largest output shard")] = "2GB",
     seed: Annotated[int, typer.Option(help="seed for random gate init")] = 0,
     force: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
@@ -62,6 +65,7 @@ def convert(
         dtype=dtype,
         window=window,
         window_mix_init=window_mix_init,
+        window_mix_per_token=window_mix_per_token,
         seed=seed,
         max_shard_size=max_shard_size,
     )

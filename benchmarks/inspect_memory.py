@@ -1,9 +1,10 @@
 """How long do a converted model's GSA memories hold, and how much does a hybrid lean on its window?
 
 Per GSA layer: each slot's memory half-life in tokens on real text (ln 2 over the slot's mean -log forget gate),
-summarised as the median and the share of slots holding beyond 500 and 2,000 tokens; for hybrids, the learned
-per-head share of the window branch. Run it on a trained export to see whether finetuning taught the slots to
-hold (docs/results.md: the student loses to the teacher only beyond its 64-token window).
+summarised as the median and the share of slots holding beyond 500 and 2,000 tokens; for hybrids, each head's
+learned share of the window branch (averaged over the tokens where it is read per token). Run it on a trained
+export to see whether finetuning taught the slots to hold (docs/results.md: the student loses to the teacher
+only beyond its 64-token window).
 
 Usage: python benchmarks/inspect_memory.py MODEL CORPUS [--tokens 2048] [--json FILE]
 """
@@ -27,21 +28,27 @@ def gsa_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 @torch.no_grad()
-def slot_half_lives(model: torch.nn.Module, ids: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Layer index -> half-life of every slot [Hkv * M] over the tokens of ``ids`` (the model's own gates)."""
-    means, hooks = {}, []
+def memory_stats(model: torch.nn.Module, ids: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Over the tokens of ``ids``, per GSA layer index: every slot's half-life [Hkv * M] (the model's own gates),
+    and for hybrids each head's window share [H], averaged over the tokens when it is read per token."""
+    gates, shares, hooks = {}, {}, []
     for layer in gsa_layers(model):
 
-        def hook(_m, _inp, out, idx=layer.layer_idx, n=layer.gate_logit_normalizer):
-            means[idx] = (F.logsigmoid(out.float()) / n).mean(dim=(0, 1))
+        def gate_hook(_m, _inp, out, idx=layer.layer_idx, n=layer.gate_logit_normalizer):
+            gates[idx] = (F.logsigmoid(out.float()) / n).mean(dim=(0, 1))
 
-        hooks.append(layer.f_proj.register_forward_hook(hook))
+        def share_hook(_m, _inp, out, idx=layer.layer_idx):
+            shares[idx] = torch.sigmoid(out.float()).reshape(-1, out.shape[-1]).mean(0)
+
+        hooks.append(layer.f_proj.register_forward_hook(gate_hook))
+        if getattr(layer, "window_mix", None) is not None:
+            hooks.append(layer.window_mix.register_forward_hook(share_hook))
     try:
         model(input_ids=ids, use_cache=False)
     finally:
         for h in hooks:
             h.remove()
-    return {idx: math.log(2) / -g.clamp(max=-1e-12) for idx, g in means.items()}
+    return {idx: math.log(2) / -g.clamp(max=-1e-12) for idx, g in gates.items()}, shares
 
 
 def summary(half_lives: torch.Tensor) -> dict:
@@ -68,12 +75,12 @@ def main() -> None:
     ids = tok(text, return_tensors="pt").input_ids[:, : args.tokens]
     if ids.shape[1] < args.tokens:
         raise SystemExit(f"inspect_memory: {args.corpus} has {ids.shape[1]} tokens, fewer than {args.tokens}")
-    per_layer = slot_half_lives(model, ids.to(device))
+    per_layer, shares = memory_stats(model, ids.to(device))
     rows = []
     for layer in gsa_layers(model):
         row = {"layer": layer.layer_idx, **summary(per_layer[layer.layer_idx])}
-        if getattr(layer, "window_mix", None) is not None:
-            share = torch.sigmoid(layer.window_mix.weight.float())
+        if layer.layer_idx in shares:
+            share = shares[layer.layer_idx]
             row["window_share"] = [round(x, 3) for x in (share.min().item(), share.median().item(), share.max().item())]
         rows.append(row)
     result = {"model": args.model, "tokens": args.tokens, "all": summary(torch.cat(list(per_layer.values()))),

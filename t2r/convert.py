@@ -43,6 +43,7 @@ class ConvertOptions:
     gate_half_life_max: float = 0.0  # > 0: a per-slot gate bias spreading half-lives from the normalizer to this
     window: int = 0  # hybrid: sliding-window softmax attention over this many tokens inside each GSA layer
     window_mix_init: float = 2.0  # sigmoid(2) = 0.88 of each head from the window at first (see docs/results.md)
+    window_mix_per_token: bool = False  # the window share also reads each token's hidden state (starts at zero)
     seed: int = 0
     max_shard_size: str = "2GB"
 
@@ -57,6 +58,8 @@ class ConvertOptions:
             raise T2RError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.window, int) or self.window < 0:
             raise T2RError(f"--window must be a non-negative integer, got {self.window}")
+        if self.window_mix_per_token and not self.window:
+            raise T2RError("--window-mix-per-token needs a hybrid (--window W)")
         if self.gate_half_life_max and not self.gate_half_life_max > self.gate_logit_normalizer:
             raise T2RError(
                 f"--gate-half-life-max must be above the unbiased half-life of {self.gate_logit_normalizer:g} tokens "
@@ -104,6 +107,7 @@ def gsa_config_from_teacher(teacher_config: dict, options: ConvertOptions):
         gsa_full_attention_layers=sorted(options.full_attention_layers),
         gsa_window=options.window,
         gsa_window_mix_init=options.window_mix_init,
+        gsa_window_mix_per_token=options.window_mix_per_token,
     )
     config.architectures = [cls.__name__.replace("Config", "ForCausalLM")]
     return config
@@ -226,6 +230,9 @@ def _write_weights(infos, config, options: ConvertOptions, out_dir: Path, progre
             if config.gsa_window:
                 mix = torch.full((config.num_attention_heads,), config.gsa_window_mix_init, dtype=dtype)
                 new.append((f"{prefix}.window_mix.weight", mix))
+                if config.gsa_window_mix_per_token:
+                    router = torch.zeros(config.num_attention_heads, config.hidden_size, dtype=dtype)
+                    new.append((f"{prefix}.window_mix.proj.weight", router))
             for name, t in new:
                 writer.add(name, t)
                 new_names.append(name)
@@ -286,6 +293,7 @@ def model_card(record: dict, config) -> str:
         f"| gate bias (half-lives up to) | {opts['gate_half_life_max'] or 'none'} |",
         f"| full-attention layers | {opts['full_attention_layers'] or 'none'} |",
         f"| sliding window (hybrid) | {opts['window'] or 'off'} |",
+        f"| window share per token | {'yes' if opts['window_mix_per_token'] else 'no'} |",
         f"| parameters | {record['params_total']:,} ({record['params_new']:,} new) |",
         "",
         "**Not finetuned yet**: the new gate projections are untrained, so quality is far below the teacher",

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from t2r.convert import ConvertOptions, convert, init_gate
+from t2r.errors import T2RError
 from t2r.modeling.modeling_t2r import GSAAttention
 
 
@@ -240,6 +241,26 @@ def test_convert_hybrid_window(tmp_path):
     for t in range(20, 50):
         steps.append(model(ids[:, t : t + 1], past_key_values=out1.past_key_values).logits)
     assert rel_err(torch.cat(steps, 1), full) <= 1e-4
+
+
+@torch.no_grad()
+def test_convert_hybrid_with_per_token_window_share(tmp_path):
+    """The router starts at zero: the converted model is the per-head hybrid exactly, with one more tensor."""
+    src, _ = make_teacher(tmp_path, "llama")
+    plain = convert(str(src), tmp_path / "plain", ConvertOptions(slots=8, window=16), progress=False)
+    out = convert(str(src), tmp_path / "out", ConvertOptions(slots=8, window=16, window_mix_per_token=True),
+                  progress=False)  # fmt: skip
+    extra = set(load_all(out)) - set(load_all(plain))
+    assert extra == {f"model.layers.{i}.self_attn.window_mix.proj.weight" for i in range(3)}
+    router = load_all(out)["model.layers.0.self_attn.window_mix.proj.weight"]
+    assert router.shape == (6, 48) and not router.any()
+    ids = torch.randint(3, 101, (2, 30))
+    a, b = (AutoModelForCausalLM.from_pretrained(p).eval() for p in (plain, out))
+    assert torch.equal(a(ids).logits, b(ids).logits)
+    assert json.loads((out / "config.json").read_text())["gsa_window_mix_per_token"] is True
+    with pytest.raises(T2RError, match="--window-mix-per-token needs a hybrid"):
+        convert(str(src), tmp_path / "bad", ConvertOptions(slots=8, window_mix_per_token=True), progress=False)
+    assert not (tmp_path / "bad").exists()
 
 
 @torch.no_grad()

@@ -281,19 +281,32 @@ def test_transfer_gradients_stay_inside_each_layer(tiny_converted):
     assert torch.equal(grads[0], grads[1])
 
 
-def test_hybrid_model_trains_its_window_mix(tmp_path, corpus_files, tiny_converted):
+@pytest.mark.parametrize("per_token", [False, True], ids=["mix-per-head", "mix-per-token"])
+def test_hybrid_model_trains_its_window_mix(tmp_path, corpus_files, tiny_converted, per_token):
     from t2r.convert import ConvertOptions, convert
 
     teacher = json.loads((tiny_converted / "conversion.json").read_text())["source"]["path"]
-    hybrid = convert(teacher, tmp_path / "hybrid", ConvertOptions(slots=16, window=8), progress=False)
+    options = ConvertOptions(slots=16, window=8, window_mix_per_token=per_token)
+    hybrid = convert(teacher, tmp_path / "hybrid", options, progress=False)
     run = finetune(str(hybrid), tmp_path / "run", corpus_files, RECIPE, progress=False)
     delta = tensors(run / "stages" / "00-transfer.safetensors")
-    assert {k.split(".")[-2] for k in delta} == {"f_proj", "g_norm", "window_mix"}
+    assert {k.split(".")[-2] for k in delta} == {"f_proj", "g_norm", "window_mix"} | ({"proj"} if per_token else set())
     base = load_converted(hybrid).state_dict()
     final = rebuild_model(run).state_dict()
+    mixes = ["window_mix.weight"] + ["window_mix.proj.weight"] * per_token
     for i in range(3):
-        name = f"model.layers.{i}.self_attn.window_mix.weight"
-        assert not torch.equal(final[name], base[name])
+        for mix in mixes:
+            name = f"model.layers.{i}.self_attn.{mix}"
+            assert not torch.equal(final[name], base[name]), name
+    # The export (which itself checks step decoding against the parallel forward) loads as the trained model.
+    from transformers import AutoModelForCausalLM
+
+    from t2r.export import export
+
+    exported = AutoModelForCausalLM.from_pretrained(export(run, tmp_path / "exp", dtype="fp32")).eval()
+    ids = torch.randint(3, 90, (2, 24))
+    with torch.no_grad():
+        assert rel_err(exported(ids).logits, rebuild_model(run).eval()(ids).logits) <= 1e-6
 
 
 @torch.no_grad()

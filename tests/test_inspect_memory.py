@@ -26,11 +26,12 @@ def test_half_lives_match_the_gate_bias_at_zero_input(tiny_converted, tmp_path):
     for layer in model.model.layers:
         torch.nn.init.zeros_(layer.self_attn.f_proj.weight)
     tool = runpy.run_path(str(SCRIPT))
-    half_lives = tool["slot_half_lives"](model, torch.randint(3, 90, (2, 30)))
+    half_lives, shares = tool["memory_stats"](model, torch.randint(3, 90, (2, 30)))
     expect = torch.logspace(math.log10(8), math.log10(2048), 16, dtype=torch.float64)
     assert sorted(half_lives) == list(range(len(model.model.layers)))
     for h in half_lives.values():
         assert rel_err(h.view(-1, 16).double(), expect.expand(h.numel() // 16, 16)) <= 1e-4
+    assert shares == {}  # not a hybrid
     assert tool["summary"](expect)["share_over_500"] == pytest.approx(4 / 16)  # 8 * 256 ** (i / 15) > 500: i >= 12
 
 

@@ -223,14 +223,17 @@ def _hybrid(arch="mistral", window=16, **kw):
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.window_mix.weight.uniform_(-2, 2)  # heads with different window shares
+            if layer.self_attn.window_mix.proj is not None:  # and tokens that lean differently
+                layer.self_attn.window_mix.proj.weight.normal_(0, 0.5)
     return model
 
 
 @torch.no_grad()
-def test_hybrid_decode_matches_full_forward_across_the_window():
+@pytest.mark.parametrize("per_token", [False, True], ids=["mix-per-head", "mix-per-token"])
+def test_hybrid_decode_matches_full_forward_across_the_window(per_token):
     """Prefill shorter than the window, then decode far past it: the carried window must match the
     parallel sliding-window attention at every step (the path Liger's GSA+SWA gets wrong)."""
-    model = _hybrid(window=16, gsa_use_rope=True)
+    model = _hybrid(window=16, gsa_use_rope=True, gsa_window_mix_per_token=per_token)
     ids = torch.randint(3, 101, (2, 70))
     full = model(ids, use_cache=False).logits
     for cut in (5, 16, 40):
@@ -264,8 +267,9 @@ def test_hybrid_window_cache_size_is_constant():
 
 
 @torch.no_grad()
-def test_hybrid_padding_and_packing_are_exact():
-    model = _hybrid(window=8, gsa_use_rope=True)
+@pytest.mark.parametrize("per_token", [False, True], ids=["mix-per-head", "mix-per-token"])
+def test_hybrid_padding_and_packing_are_exact(per_token):
+    model = _hybrid(window=8, gsa_use_rope=True, gsa_window_mix_per_token=per_token)
     prompts = [torch.randint(3, 101, (n,)) for n in (5, 13)]
     ids = torch.zeros(2, 13, dtype=torch.long)
     mask = torch.zeros_like(ids)

@@ -17,3 +17,5 @@ t2r convert $G $S/conv-teacher --full-attention-layers $(seq -s, 0 29) --force
 t2r convert $G $S/conv-hybrid-hl --gate-init kproj --window 64 --gate-half-life-max 4096 --force
 # Twice the slots (M = 128), same gate bias: more memory for the long-range context the hybrids miss.
 t2r convert $G $S/conv-hybrid-m128 --gate-init kproj --window 64 --slots 128 --gate-half-life-max 4096 --force
+# The window share read per token from the hidden state (a router starting at zero), same gate bias.
+t2r convert $G $S/conv-hybrid-tok --gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --force

@@ -27,6 +27,7 @@ class GSASettings:
     gsa_full_attention_layers: list[int] = field(default_factory=list)
     gsa_window: int = 0  # > 0: hybrid layers add sliding-window softmax attention over this many tokens
     gsa_window_mix_init: float = 2.0  # initial per-head mix logit: sigmoid(2) = 88% from the window branch
+    gsa_window_mix_per_token: bool = False  # the mix logit also reads the token's hidden state (a linear router)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -69,7 +69,11 @@ class GSAAttention(nn.Module):
         self.g_norm = LlamaRMSNorm(self.num_heads * self.head_dim, eps=config.rms_norm_eps)
         # Hybrid: sliding-window softmax attention (the teacher's own q/k/v with RoPE) mixed per head with GSA.
         self.window = config.gsa_window
-        self.window_mix = WindowMix(self.num_heads, config.gsa_window_mix_init) if self.window else None
+        self.window_mix = (
+            WindowMix(self.num_heads, config.gsa_window_mix_init, config.hidden_size * config.gsa_window_mix_per_token)
+            if self.window
+            else None
+        )
         # The teacher's softmax attention over the same projection modules, kept unregistered (its weights are
         # the ones above) for attention transfer and teacher forwards. Wrappers that replace the projections
         # on this module (peft LoRA) leave it on the original base layers, i.e. on the frozen teacher weights.
@@ -137,7 +141,7 @@ class GSAAttention(nn.Module):
             o_win, window = sliding_window_attention(
                 q_rot, k_rot, v_raw, self.window, self._teacher[0].scaling, valid, doc, past
             )
-            mix = torch.sigmoid(self.window_mix.weight.float())[:, None].to(o.dtype)  # [H, 1]
+            mix = torch.sigmoid(self.window_mix(hidden_states))[..., None].to(o.dtype)  # [H, 1] or [B, T, H, 1]
             o = (mix * o_win.to(o.dtype) + (1 - mix) * o.view(B, T, self.num_heads, -1)).reshape(B, T, -1)
         if layer_cache is not None:
             layer_cache.update_state(state, T, window)
@@ -178,11 +182,21 @@ class GSAAttention(nn.Module):
 
 
 class WindowMix(nn.Module):
-    """Per-head logit of the hybrid's mixing weight: sigmoid(weight[h]) of head h comes from the window."""
+    """Logit of the hybrid's mixing weight, per head: sigmoid(logit[h]) of head h comes from the window.
 
-    def __init__(self, num_heads: int, init: float):
+    Per head only (``hidden_size`` 0), or plus a linear read of each token's hidden state, so that a token can
+    turn to the memories when its window lacks what it needs (``proj`` starts at zero: the per-head mix)."""
+
+    def __init__(self, num_heads: int, init: float, hidden_size: int = 0):
         super().__init__()
         self.weight = nn.Parameter(torch.full((num_heads,), float(init)))
+        self.proj = nn.Linear(hidden_size, num_heads, bias=False) if hidden_size else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Mix logits in fp32: [H], or [B, T, H] per token."""
+        if self.proj is None:
+            return self.weight.float()
+        return self.weight.float() + self.proj(hidden_states).float()
 
 
 class _TeacherForced(torch.autograd.Function):
