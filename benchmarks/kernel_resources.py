@@ -1,0 +1,90 @@
+"""Registers, spills and shared memory of every GSA Triton kernel, compiled for an H100 (sm_90) on any machine.
+
+No GPU needed: Triton compiles for a named target and cuobjdump (shipped with Triton) reads the cubin. Run it
+before spending GPU time on a kernel change: register pressure and spills (STACK > 0) are what sank the
+chunk-parallel forward (docs/benchmarks.md). Shapes are the kernels issue's (K = V = 128, M = 64, H = Hkv = 32,
+bf16 inputs), launch settings those the host code would pick at 1 x 16k.
+
+Usage: python benchmarks/kernel_resources.py [KERNELS_FILE]   (default: the checkout's kernels/gsa_triton.py)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+
+import t2r.kernels  # noqa: F401  (the package the kernels file's relative imports resolve against)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# Tensors in the inputs' dtype (the rest are fp32 work buffers): x and a stand for k / v and q / do.
+HALF_INPUTS = {"q_ptr", "k_ptr", "v_ptr", "s_ptr", "g_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "ds_ptr",
+               "x_ptr", "a_ptr", "dx_ptr"}  # fmt: skip
+INT_POINTERS = {"cu_ptr", "segoff_ptr", "seg_ptr"}
+INT_SCALARS = {"T", "stride_pd", "stride_pm", "d0"}
+CONSTEXPRS = dict(H=32, Hkv=32, K=128, V=128, M=64, D=128, BS=64, BC=16, BD=64, BM=32, BT=64, GP=1, BK=32, BV=32,
+                  PREC_IN=0, PREC=3, EXP_CLAMP=60.0, HAS_H0=False, HAS_DHT=False, HAS_INIT=False, STORE_FINAL=False,
+                  STORE_DH0=True, FINISH=True)  # fmt: skip
+
+
+def load_kernels(path: str):
+    spec = importlib.util.spec_from_file_location("t2r.kernels._resources_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def signature(fn) -> tuple[dict, dict]:
+    sig, consts = {}, {}
+    for name, param in zip(fn.arg_names, fn.params, strict=True):
+        if param.is_constexpr:
+            sig[name], consts[name] = "constexpr", CONSTEXPRS[name]
+        elif name in INT_POINTERS:
+            sig[name] = "*i32"
+        elif name.endswith(("_ptr", "_buf")):
+            sig[name] = "*bf16" if name in HALF_INPUTS else "*fp32"
+        else:
+            sig[name] = "i32" if name in INT_SCALARS else "fp32"
+    return sig, consts
+
+
+def resources(fn, warps: int, stages: int) -> str:
+    sig, consts = signature(fn)
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": stages})  # fmt: skip
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    line = next(x for x in out.splitlines() if "REG:" in x)
+    return " ".join(x for x in line.split() if x.split(":")[0] in ("REG", "STACK", "SHARED", "LOCAL"))
+
+
+def main() -> None:
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels", "gsa_triton.py")
+    path = os.path.normpath(sys.argv[1] if len(sys.argv) > 1 else default)
+    kernels = load_kernels(path)
+    sweeps = kernels._launch_cfg(128, 128, 64)
+    print(f"{path}: sm_90, K = V = 128, M = 64, H = Hkv = 32, bf16 inputs")
+    for name in sorted(n for n in dir(kernels) if n.endswith("_kernel")):
+        fn = getattr(kernels, name)
+        if not isinstance(fn, triton.runtime.jit.JITFunction):
+            continue
+        sweep = "BC" in fn.arg_names  # walks sub-chunks: launched with the host's _launch_cfg
+        warps, stages = (sweeps["num_warps"], sweeps["num_stages"]) if sweep else (4, 3 if "state" in name else 2)
+        try:
+            report = resources(fn, warps, stages)
+        except Exception as err:  # a kernel this table cannot build: say so, go on with the others
+            report = f"not compiled here: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
+        print(f"{name:28s} warps {warps} stages {stages}: {report}")
+
+
+if __name__ == "__main__":
+    main()
