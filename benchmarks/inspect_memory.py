@@ -17,14 +17,13 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import t2r  # noqa: F401  (registers the converted architectures)
 
 
 def gsa_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if hasattr(m, "f_proj") and hasattr(m, "gate_logit_normalizer")]
+    return [m for m in model.modules() if hasattr(m, "log_forget_gate")]
 
 
 @torch.no_grad()
@@ -34,8 +33,8 @@ def memory_stats(model: torch.nn.Module, ids: torch.Tensor) -> tuple[dict[int, t
     gates, shares, hooks = {}, {}, []
     for layer in gsa_layers(model):
 
-        def gate_hook(_m, _inp, out, idx=layer.layer_idx, n=layer.gate_logit_normalizer):
-            gates[idx] = (F.logsigmoid(out.float()) / n).mean(dim=(0, 1))
+        def gate_hook(_m, _inp, out, layer=layer):
+            gates[layer.layer_idx] = layer.log_forget_gate(out).mean(dim=(0, 1))
 
         def share_hook(_m, _inp, out, idx=layer.layer_idx):
             shares[idx] = torch.sigmoid(out.float()).reshape(-1, out.shape[-1]).mean(0)

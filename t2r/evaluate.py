@@ -158,8 +158,12 @@ def check_options(do_ppl: bool, windows, max_windows: int, do_passkey: bool, con
         raise T2RError(f"--window must be at least 2 tokens, got {list(windows)}")
     if do_passkey and (not contexts or min(contexts) < MIN_PASSKEY_CONTEXT):
         raise T2RError(f"--context must be at least {MIN_PASSKEY_CONTEXT} tokens, got {list(contexts)}")
-    counts = [("--batch", batch)] + [("--max-windows", max_windows)] * do_ppl + [("--trials", trials)] * do_passkey
-    for name, value in counts:
+    counts = {"--batch": batch}
+    if do_ppl:
+        counts["--max-windows"] = max_windows
+    if do_passkey:
+        counts["--trials"] = trials
+    for name, value in counts.items():
         if value < 1:
             raise T2RError(f"{name} must be at least 1, got {value}")
 
@@ -205,14 +209,16 @@ def format_table(result: dict) -> str:
     names = list(result["ppl"] or result["passkey"])
     if result["ppl"]:
         lines.append("perplexity   | " + " | ".join(f"{n:>10}" for n in names) + " | ratio")
-        for i, row in enumerate(result["ppl"][names[0]]):
-            vals = [result["ppl"][n][i]["ppl"] for n in names]
+
+        def ppl_line(label: str, vals: list[float]) -> str:
             ratio = f"{vals[0] / vals[1]:.3f}x" if len(vals) > 1 else ""
-            lines.append(f"window {row['window']:>5} | " + " | ".join(f"{v:>10.3f}" for v in vals) + f" | {ratio}")
+            return f"{label} | " + " | ".join(f"{v:>10.3f}" for v in vals) + f" | {ratio}"
+
+        for i, row in enumerate(result["ppl"][names[0]]):
+            lines.append(ppl_line(f"window {row['window']:>5}", [result["ppl"][n][i]["ppl"] for n in names]))
             for span in row.get("ppl_by_position", {}):
                 vals = [result["ppl"][n][i]["ppl_by_position"][span] for n in names]
-                ratio = f"{vals[0] / vals[1]:.3f}x" if len(vals) > 1 else ""
-                lines.append(f"  pos {span:>9} | " + " | ".join(f"{v:>10.3f}" for v in vals) + f" | {ratio}")
+                lines.append(ppl_line(f"  pos {span:>9}", vals))
     if result["passkey"]:
         lines.append("passkey      | " + " | ".join(f"{n:>10}" for n in names))
         for i, row in enumerate(result["passkey"][names[0]]):

@@ -69,11 +69,8 @@ class GSAAttention(nn.Module):
         self.g_norm = LlamaRMSNorm(self.num_heads * self.head_dim, eps=config.rms_norm_eps)
         # Hybrid: sliding-window softmax attention (the teacher's own q/k/v with RoPE) mixed per head with GSA.
         self.window = config.gsa_window
-        self.window_mix = (
-            WindowMix(self.num_heads, config.gsa_window_mix_init, config.hidden_size * config.gsa_window_mix_per_token)
-            if self.window
-            else None
-        )
+        router_inputs = config.hidden_size if config.gsa_window_mix_per_token else 0
+        self.window_mix = WindowMix(self.num_heads, config.gsa_window_mix_init, router_inputs) if self.window else None
         # The teacher's softmax attention over the same projection modules, kept unregistered (its weights are
         # the ones above) for attention transfer and teacher forwards. Wrappers that replace the projections
         # on this module (peft LoRA) leave it on the original base layers, i.e. on the frozen teacher weights.
@@ -105,7 +102,7 @@ class GSAAttention(nn.Module):
         v_raw = v
         q, k, v = self.feature_map(q), self.feature_map(k), F.silu(v)
         f = self.f_proj(hidden_states).view(B, T, self.num_kv_heads, self.num_slots)
-        g = F.logsigmoid(f.float()) / self.gate_logit_normalizer  # log forget gate, fp32
+        g = self.log_forget_gate(f)
         s = -torch.expm1(g)  # write weight 1 - alpha
         token_mask = kwargs.get("gsa_token_mask")
         if token_mask is not None:  # padding neither writes nor decays the memories
@@ -153,6 +150,10 @@ class GSAAttention(nn.Module):
                 self.transfer_collector.add(self.layer_idx, o, target, token_mask)
             return _TeacherForced.apply(target, o), None
         return o, None
+
+    def log_forget_gate(self, f: torch.Tensor) -> torch.Tensor:
+        """log alpha (fp32) from the slot-gate logits f = f_proj(x); benchmarks/inspect_memory.py reads it too."""
+        return F.logsigmoid(f.float()) / self.gate_logit_normalizer
 
     def teacher_forward(
         self, hidden_states, position_embeddings, attention_mask, capture_input_of_o_proj=False, **kwargs
