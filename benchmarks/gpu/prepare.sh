@@ -9,13 +9,20 @@ cat $S/*.part1 .stage2/*.part2 > $S/SmolLM2-135M-Instruct.Q4_1.gguf
 cp .stage2/*.xz $S/ 2>/dev/null || true
 mkdir -p $S/data && for f in $S/*.txt.xz; do xz -dkc "$f" > $S/data/$(basename "$f" .xz); done
 G=$S/SmolLM2-135M-Instruct.Q4_1.gguf
-t2r convert $G $S/conv-kproj --gate-init kproj --force
-t2r convert $G $S/conv-hybrid --gate-init kproj --window 64 --force
-# The control: the teacher with every layer kept as softmax attention (recipes/smollm2-control-teacher.yaml).
-t2r convert $G $S/conv-teacher --full-attention-layers $(seq -s, 0 29) --force
-# The hybrid with a gate bias: memory half-lives log-spaced from 8 to 4096 tokens at zero gate input.
-t2r convert $G $S/conv-hybrid-hl --gate-init kproj --window 64 --gate-half-life-max 4096 --force
-# Twice the slots (M = 128), same gate bias: more memory for the long-range context the hybrids miss.
-t2r convert $G $S/conv-hybrid-m128 --gate-init kproj --window 64 --slots 128 --gate-half-life-max 4096 --force
-# The window share read per token from the hidden state (a router starting at zero), same gate bias.
-t2r convert $G $S/conv-hybrid-tok --gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --force
+declare -A ARGS=(
+  [kproj]="--gate-init kproj"
+  [hybrid]="--gate-init kproj --window 64"
+  # The control: the teacher with every layer kept as softmax attention (recipes/smollm2-control-teacher.yaml).
+  [teacher]="--full-attention-layers $(seq -s, 0 29)"
+  # The hybrid with a gate bias: memory half-lives log-spaced from 8 to 4096 tokens at zero gate input.
+  [hybrid-hl]="--gate-init kproj --window 64 --gate-half-life-max 4096"
+  # Twice the slots (M = 128), same gate bias: more memory for the long-range context the hybrids miss.
+  [hybrid-m128]="--gate-init kproj --window 64 --slots 128 --gate-half-life-max 4096"
+  # The window share read per token from the hidden state (a router starting at zero), same gate bias.
+  [hybrid-tok]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096"
+)
+# ONLY="hybrid-hl hybrid-tok" converts just those (each conversion takes ~20 s of a GPU call).
+for name in ${ONLY:-kproj hybrid teacher hybrid-hl hybrid-m128 hybrid-tok}; do
+  [ -n "${ARGS[$name]+x}" ] || { echo "prepare.sh: unknown conversion '$name' (one of: ${!ARGS[*]})" >&2; exit 2; }
+  t2r convert $G $S/conv-$name ${ARGS[$name]} --force
+done
