@@ -40,6 +40,9 @@ class Stage:
     loss: dict[str, float] = field(default_factory=lambda: {"ce": 1.0})
     kd_temperature: float = 1.0
     lora: LoraSettings = field(default_factory=LoraSettings)
+    # Learning rates by module name, e.g. {window_mix: 1.0e-2}: a hybrid's per-head window share is one logit per
+    # head, and Adam moves a parameter by at most about lr per step, so at a full finetune's lr it barely moves.
+    module_lr: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -105,6 +108,13 @@ class Recipe:
                 )
             if st.steps < 1 or st.lr <= 0:
                 raise T2RError(f"{where}: steps must be >= 1 and lr > 0")
+            for module, lr in st.module_lr.items():
+                try:
+                    st.module_lr[module] = float(lr)  # YAML reads 1e-2 (no dot) as text
+                except (TypeError, ValueError):
+                    raise T2RError(f"{where}: module_lr.{module} must be a number, got {lr!r}") from None
+                if not st.module_lr[module] > 0:
+                    raise T2RError(f"{where}: module_lr.{module} must be > 0")
 
     @property
     def rows_per_step(self) -> int:

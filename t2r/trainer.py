@@ -166,6 +166,26 @@ def configure_trainable(model: nn.Module, stage: Stage, seed: int) -> tuple[nn.M
     return model, names
 
 
+def param_groups(model: nn.Module, stage: Stage) -> list[dict]:
+    """AdamW groups: weight decay on matrices only; the stage's lr, or ``module_lr`` for parameters under a module
+    of that name (the stage's lr first, so the logged lr is the stage's)."""
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    used = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        module = next((m for m in stage.module_lr if m in name.split(".")), None)
+        used.add(module)
+        groups.setdefault((stage.module_lr.get(module, stage.lr), p.ndim >= 2), []).append(p)
+    unused = sorted(set(stage.module_lr) - used)
+    if unused:
+        raise T2RError(f"stage {stage.name}: module_lr names {unused[0]!r}, which holds no parameter this stage trains")
+    order = sorted(groups, key=lambda key: (key[0] != stage.lr, -key[1]))
+    return [
+        {"params": groups[key], "lr": key[0], "weight_decay": stage.weight_decay if key[1] else 0.0} for key in order
+    ]
+
+
 class Teacher:
     """Teacher logits for KD. While the teacher's weights are untouched (stages before any LoRA merge or full
     finetune), the student itself runs as the teacher: GSA layers switched to their softmax attention and LoRA
@@ -309,13 +329,7 @@ class Trainer:
         model.train()
         wrapped = wrap_model(model, info, recipe.distributed, side_losses=stage.loss.get("transfer", 0) > 0)
         params = [p for p in wrapped.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=stage.lr,
-            betas=tuple(stage.betas),
-        )
+        opt = torch.optim.AdamW(param_groups(wrapped, stage), lr=stage.lr, betas=tuple(stage.betas))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(stage))
         if state.stage_step > 0:
             self._load_checkpoint(wrapped, opt, sched)

@@ -77,6 +77,28 @@ def test_lm_loss_falls_on_a_fixed_batch(tiny_converted, tmp_path):
     assert losses[20] < 0.6 * losses[1]
 
 
+def test_module_lr_trains_the_named_modules_at_their_own_rate(tmp_path, corpus_files, tiny_converted):
+    """Adam's first step moves every parameter with a gradient by about its lr: the window mix by module_lr,
+    everything else by the stage's lr (fails if module_lr were ignored or applied to all)."""
+    from t2r.convert import ConvertOptions, convert
+
+    teacher = json.loads((tiny_converted / "conversion.json").read_text())["source"]["path"]
+    hybrid = convert(teacher, tmp_path / "hybrid", ConvertOptions(slots=16, window=8), progress=False)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "seq_len: 64\nmicro_batch_size: 2\nprecision: fp32\ncalibrate_rows: 0\ncheckpoint_every: 0\n"
+        "stages:\n  - {name: lm, train: full, steps: 1, lr: 1.0e-6, warmup_steps: 0, loss: {ce: 1.0},"
+        " module_lr: {window_mix: 5e-2}}\n"
+    )
+    run = finetune(str(hybrid), tmp_path / "run", corpus_files, str(recipe), progress=False)
+    base, final = load_converted(hybrid).state_dict(), rebuild_model(run).state_dict()
+    moved = {k: (final[k] - base[k]).abs().max().item() for k in base}
+    mix = [v for k, v in moved.items() if ".window_mix." in k]
+    rest = [v for k, v in moved.items() if ".window_mix." not in k]
+    assert len(mix) == 3 and all(4e-2 < v < 6e-2 for v in mix), mix
+    assert 0 < max(rest) < 2e-6, max(rest)
+
+
 @torch.no_grad()
 def per_layer_mse(model, batch) -> dict[int, float]:
     collector = TransferCollector()
@@ -190,8 +212,10 @@ def test_two_processes_match_one(tiny_converted, corpus_files, tmp_path, kind):
 
 
 @pytest.mark.parametrize(
-    "case", ["nodata", "empty", "key", "seqlen", "exists", "noresume", "field", "notconverted", "recall", "weight"]
-)
+    "case",
+    ["nodata", "empty", "key", "seqlen", "exists", "noresume", "field", "notconverted", "recall", "weight", "modlr",
+     "modlrnum"],
+)  # fmt: skip
 def test_bad_inputs_one_line_errors(tiny_converted, corpus_files, tmp_path, capsys, case):
     out = tmp_path / "run"
     data = ["--data", corpus_files[0]]
@@ -219,6 +243,11 @@ def test_bad_inputs_one_line_errors(tiny_converted, corpus_files, tmp_path, caps
         extra, expect = ["--set", "data.recall_fraction=1.5"], "data.recall_fraction must be in [0, 1]"
     elif case == "weight":
         extra, expect = ["--set", "data.recall_answer_weight=0"], "data.recall_answer_weight must be > 0"
+    elif case == "modlr":  # a misspelt module (this model has no window_mix either: not a hybrid)
+        extra = ["--set", "stages.1.module_lr.window_mix=1e-2"]
+        expect = "stage lm: module_lr names 'window_mix', which holds no parameter this stage trains"
+    elif case == "modlrnum":
+        extra, expect = ["--set", "stages.1.module_lr.f_proj=fast"], "module_lr.f_proj must be a number, got 'fast'"
     else:
         model, expect = str(tmp_path), "not a model directory"
     code, lines = run_cli(["finetune", model, str(out), *data, "--recipe", RECIPE, *extra], capsys)
