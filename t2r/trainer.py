@@ -168,13 +168,16 @@ def configure_trainable(model: nn.Module, stage: Stage, seed: int) -> tuple[nn.M
 
 def param_groups(model: nn.Module, stage: Stage) -> list[dict]:
     """AdamW groups: weight decay on matrices only; the stage's lr, or ``module_lr`` for parameters under a module
-    of that name (the stage's lr first, so the logged lr is the stage's)."""
+    of that name (the innermost one named; the stage's lr first, so the logged lr is the stage's)."""
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     used = set()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        module = next((m for m in stage.module_lr if m in name.split(".")), None)
+        parts = name.split(".")
+        # The innermost named module wins: {window_mix: 1e-2, proj: 4e-4} gives the router inside window_mix 4e-4.
+        module = max((m for m in stage.module_lr if m in parts), key=lambda m: len(parts) - parts[::-1].index(m),
+                     default=None)  # fmt: skip
         used.add(module)
         groups.setdefault((stage.module_lr.get(module, stage.lr), p.ndim >= 2), []).append(p)
     unused = sorted(set(stage.module_lr) - used)

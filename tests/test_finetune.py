@@ -99,6 +99,21 @@ def test_module_lr_trains_the_named_modules_at_their_own_rate(tmp_path, corpus_f
     assert 0 < max(rest) < 2e-6, max(rest)
 
 
+def test_module_lr_innermost_name_wins():
+    from t2r.trainer import param_groups
+
+    model = torch.nn.Module()
+    model.window_mix = torch.nn.Module()
+    model.window_mix.weight = torch.nn.Parameter(torch.zeros(3))
+    model.window_mix.proj = torch.nn.Linear(4, 3, bias=False)
+    model.other = torch.nn.Linear(4, 4)
+    for order in ({"window_mix": 1e-2, "proj": 1e-4}, {"proj": 1e-4, "window_mix": 1e-2}):
+        groups = param_groups(model, Stage(lr=1e-3, weight_decay=0.1, module_lr=order))
+        by_lr = {(g["lr"], g["weight_decay"]): {p.shape for p in g["params"]} for g in groups}
+        assert groups[0]["lr"] == 1e-3
+        assert by_lr == {(1e-3, 0.1): {(4, 4)}, (1e-3, 0.0): {(4,)}, (1e-2, 0.0): {(3,)}, (1e-4, 0.1): {(3, 4)}}
+
+
 @torch.no_grad()
 def per_layer_mse(model, batch) -> dict[int, float]:
     collector = TransferCollector()
