@@ -34,6 +34,7 @@ LABELS = {
     "T1": "T1: control, the teacher finetuned like C5",
     "C10": "C10: C9 on gates with half-lives up to 4096",
     "C11": "C11: C10 + 20% recall rows, answer loss x30",
+    "C12": "C12: C10 with 128 slots",
 }
 EARLY = {"A", "B", "C", "B2", "C2"}  # the 1.57M-token runs on the reference path
 
