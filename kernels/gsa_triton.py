@@ -129,11 +129,10 @@ def _subchunk_gates(s, b, b_last, EXP_CLAMP: tl.constexpr):
 
 
 @triton.jit
-def _scan_setup(cu_ptr, segoff_ptr, stride_pd, stride_pm, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+def _scan_setup(d0, cu_ptr, segoff_ptr, stride_pd, stride_pm, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
                 BD: tl.constexpr, BM: tl.constexpr):  # fmt: skip
-    """A scan program's block (rows d0 .. d0 + BD, slot columns m0 .. m0 + BM), KV head, sequence bounds, first
+    """A scan program's slot columns (m0 .. m0 + BM; its rows start at d0), KV head, sequence bounds, first
     segment, and its block's offsets in the public state layout and in the per-segment buffers."""
-    d0 = tl.program_id(0) * BD
     m0 = tl.program_id(2) * BM
     i_nh = tl.program_id(1)
     n = i_nh // Hkv
@@ -142,7 +141,7 @@ def _scan_setup(cu_ptr, segoff_ptr, stride_pd, stride_pm, Hkv: tl.constexpr, D: 
     seg0 = tl.load(segoff_ptr + n).to(tl.int64)
     public = _state_ptrs(i_nh.to(tl.int64) * D * M + d0 * stride_pd + m0 * stride_pm, BD, BM, stride_pd, stride_pm)
     internal = _state_ptrs(d0 * M + m0, BD, BM, M, 1)
-    return d0, m0, i_nh % Hkv, bos, eos, seg0, public, internal
+    return m0, i_nh % Hkv, bos, eos, seg0, public, internal
 
 
 @triton.jit
@@ -166,16 +165,32 @@ def _segment_gates(b_ptr, t, valid, seg_end, Hkv: tl.constexpr, h, M: tl.constex
 
 @triton.jit
 def _state_fwd_kernel(
-    x_ptr, s_ptr, b_ptr, h0_ptr, hbuf_ptr, hT_ptr, cu_ptr, segoff_ptr,
-    stride_pd, stride_pm,
+    k_ptr, v_ptr, s_ptr, b_ptr, hk0_ptr, hv0_ptr, hkbuf_ptr, hvbuf_ptr, hkT_ptr, hvT_ptr, cu_ptr, segoff_ptr,
+    Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+    BM: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Both memories in one launch (programs below K / BD: the keys memory, the rest: the values memory), so that a
+    long sequence's few programs per memory run side by side instead of one launch after the other."""
+    pid = tl.program_id(0)
+    if pid < K // BD:
+        _state_fwd_block(k_ptr, s_ptr, b_ptr, hk0_ptr, hkbuf_ptr, hkT_ptr, cu_ptr, segoff_ptr, M, 1, pid * BD,
+                         Hkv, K, M, BS, BD, BM, HAS_H0, STORE_FINAL, PREC)  # fmt: skip
+    else:
+        _state_fwd_block(v_ptr, s_ptr, b_ptr, hv0_ptr, hvbuf_ptr, hvT_ptr, cu_ptr, segoff_ptr, 1, V,
+                         (pid - K // BD) * BD, Hkv, V, M, BS, BD, BM, HAS_H0, STORE_FINAL, PREC)  # fmt: skip
+
+
+@triton.jit
+def _state_fwd_block(
+    x_ptr, s_ptr, b_ptr, h0_ptr, hbuf_ptr, hT_ptr, cu_ptr, segoff_ptr, stride_pd, stride_pm, d0,
     Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """A [BD, BM] block of one memory (hk with x = k, or hv transposed with x = v) of one sequence and KV head:
-    the state at each segment start into hbuf [NS, Hkv, D, M]; h0/hT in the public layout given by
+    """A [BD, BM] block (rows from d0) of one memory (hk with x = k, or hv transposed with x = v) of one sequence
+    and KV head: the state at each segment start into hbuf [NS, Hkv, D, M]; h0/hT in the public layout given by
     (stride_pd, stride_pm)."""
-    d0, m0, h, bos, eos, seg0, public, internal = _scan_setup(cu_ptr, segoff_ptr, stride_pd, stride_pm, Hkv, D, M,
-                                                              BD, BM)  # fmt: skip
+    m0, h, bos, eos, seg0, public, internal = _scan_setup(d0, cu_ptr, segoff_ptr, stride_pd, stride_pm, Hkv, D, M,
+                                                          BD, BM)  # fmt: skip
     if HAS_H0:
         state = tl.load(h0_ptr + public).to(tl.float32)
     else:
@@ -197,17 +212,33 @@ def _state_fwd_kernel(
 
 @triton.jit
 def _state_bwd_kernel(
-    x_ptr, y_ptr, b_ptr, dhT_ptr, dbuf_ptr, dh0_ptr, cu_ptr, segoff_ptr,
-    stride_pd, stride_pm,
-    H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
-    BM: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
+    q_ptr, dz_ptr, do_ptr, p_ptr, b_ptr, dhkT_ptr, dhvT_ptr, dkbuf_ptr, dvbuf_ptr, dhk0_ptr, dhv0_ptr,
+    cu_ptr, segoff_ptr,
+    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BS: tl.constexpr,
+    BD: tl.constexpr, BM: tl.constexpr, HAS_DHT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Reverse scan of one memory's gradient (rows d0 .. d0 + BD): the gradient at each segment end into
-    dbuf [NS, Hkv, D, M]; each token t of query head h adds x_t (y_t * exp(b_t))^T (x = q, y = dz for hk;
-    x = do, y = p for hv)."""
+    """Both memories' gradients in one launch, split like ``_state_fwd_kernel``."""
+    pid = tl.program_id(0)
+    if pid < K // BD:
+        _state_bwd_block(q_ptr, dz_ptr, b_ptr, dhkT_ptr, dkbuf_ptr, dhk0_ptr, cu_ptr, segoff_ptr, M, 1, pid * BD,
+                         H, Hkv, K, M, BS, BD, BM, HAS_DHT, PREC)  # fmt: skip
+    else:
+        _state_bwd_block(do_ptr, p_ptr, b_ptr, dhvT_ptr, dvbuf_ptr, dhv0_ptr, cu_ptr, segoff_ptr, 1, V,
+                         (pid - K // BD) * BD, H, Hkv, V, M, BS, BD, BM, HAS_DHT, PREC)  # fmt: skip
+
+
+@triton.jit
+def _state_bwd_block(
+    x_ptr, y_ptr, b_ptr, dhT_ptr, dbuf_ptr, dh0_ptr, cu_ptr, segoff_ptr, stride_pd, stride_pm, d0,
+    H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+    BM: tl.constexpr, HAS_DHT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Reverse scan of one memory's gradient (a [BD, BM] block, rows from d0): the gradient at each segment end
+    into dbuf [NS, Hkv, D, M] and the initial state's into dh0; each token t of query head h adds
+    x_t (y_t * exp(b_t))^T (x = q, y = dz for hk; x = do, y = p for hv)."""
     G: tl.constexpr = H // Hkv
-    d0, m0, h, bos, eos, seg0, public, internal = _scan_setup(cu_ptr, segoff_ptr, stride_pd, stride_pm, Hkv, D, M,
-                                                              BD, BM)  # fmt: skip
+    m0, h, bos, eos, seg0, public, internal = _scan_setup(d0, cu_ptr, segoff_ptr, stride_pd, stride_pm, Hkv, D, M,
+                                                          BD, BM)  # fmt: skip
     if HAS_DHT:
         dstate = tl.load(dhT_ptr + public).to(tl.float32)
     else:
@@ -226,8 +257,7 @@ def _state_bwd_kernel(
             x = _load_cols(x_ptr, t, valid, H, h * G + gi, D, d0, BD)
             y = _load_cols(y_ptr, t, valid, H, h * G + gi, M, m0, BM)
             dstate += _mm(tl.trans(x), y * eb, PREC)
-    if STORE_DH0:
-        tl.store(dh0_ptr + public, dstate)
+    tl.store(dh0_ptr + public, dstate)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -507,12 +537,13 @@ def _launch_cfg(K: int, V: int, M: int) -> dict:
     return {"num_warps": NUM_WARPS or (8 if big else 4), "num_stages": NUM_STAGES}
 
 
-def _scan_blocks(D: int, M: int, Hkv: int, plan: _Plan) -> tuple[int, int, int]:
-    """(rows, slot columns, pipeline stages) of a scan program. Measured on an H100 (benchmarks/scan_probe.py,
-    2026-11-23): 64-row blocks beat 32; few sequences x heads (long sequences) also want the slots split in two,
-    with a third pipeline stage where the blocks are small enough for its shared memory (M = 128 is not)."""
-    BD = min(D, STATE_BLOCK)
-    if plan.N * Hkv * (D // BD) >= 512 or M <= 16:
+def _scan_blocks(K: int, V: int, M: int, Hkv: int, plan: _Plan) -> tuple[int, int, int]:
+    """(rows, slot columns, pipeline stages) of a scan program (both memories). Measured on an H100
+    (benchmarks/scan_probe.py, 2026-11-23): 64-row blocks beat 32; few sequences x heads (long sequences) also want
+    the slots split in two, with a third pipeline stage where the blocks are small enough for its shared memory
+    (M = 128 is not)."""
+    BD = min(K, V, STATE_BLOCK)
+    if plan.N * Hkv * ((K + V) // BD) >= 1024 or M <= 16:
         return BD, M, NUM_STAGES
     BM = max(16, M // 2)
     return BD, BM, 3 if BD * BM <= 64 * 32 else NUM_STAGES
@@ -526,27 +557,27 @@ def _segment_cumsum(g: torch.Tensor, plan: _Plan) -> torch.Tensor:
     return b
 
 
-def _state_scan(x, s, b, h0, plan, public_strides, prec, final: bool):
-    """Memory states at every segment start [NS, Hkv, D, M] (and the final state in the public layout)."""
-    Hkv, D, M = x.shape[1], x.shape[2], s.shape[2]
-    hbuf = _empty(max(plan.NS, 1), Hkv, D, M, dtype=torch.float32, device=x.device)
-    shape = (plan.N, Hkv, D, M) if public_strides == (M, 1) else (plan.N, Hkv, M, D)
-    hT = _empty(*shape, dtype=torch.float32, device=x.device) if final else None
-    BD, BM, stages = _scan_blocks(D, M, Hkv, plan)
-    _state_fwd_kernel[(D // BD, plan.N * Hkv, M // BM)](
-        x, s, b, h0 if h0 is not None else hbuf, hbuf, hT if final else hbuf, plan.cu, plan.segoff, *public_strides,
-        Hkv=Hkv, D=D, M=M, BS=plan.seg, BD=BD, BM=BM, HAS_H0=h0 is not None, STORE_FINAL=final, PREC=prec[1],
+def _state_scans(k, v, s, b, h0, plan, prec, final: bool):
+    """Both memories' states at every segment start, hk [NS, Hkv, K, M] and hv [NS, Hkv, V, M] (and the final
+    states in the public layout: [N, Hkv, K, M], [N, Hkv, M, V])."""
+    Hkv, K, V, M = k.shape[1], k.shape[2], v.shape[2], s.shape[2]
+    f32 = dict(dtype=torch.float32, device=k.device)
+    bufs = (_empty(max(plan.NS, 1), Hkv, K, M, **f32), _empty(max(plan.NS, 1), Hkv, V, M, **f32))
+    finals = (_empty(plan.N, Hkv, K, M, **f32), _empty(plan.N, Hkv, M, V, **f32)) if final else bufs
+    BD, BM, stages = _scan_blocks(K, V, M, Hkv, plan)
+    _state_fwd_kernel[((K + V) // BD, plan.N * Hkv, M // BM)](
+        k, v, s, b, *(h0 if h0 is not None else bufs), *bufs, *finals, plan.cu, plan.segoff,
+        Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BD=BD, BM=BM, HAS_H0=h0 is not None, STORE_FINAL=final, PREC=prec[1],
         num_warps=4, num_stages=stages,
     )  # fmt: skip
-    return hbuf, hT
+    return bufs, (finals if final else None)
 
 
 def _forward(q, k, v, s, g, scale, h0, final, plan, prec):
     Hkv, K, V, M = k.shape[1], k.shape[2], v.shape[2], s.shape[2]
     H = q.shape[1]
     b = _segment_cumsum(g, plan)
-    hk_buf, hkT = _state_scan(k, s, b, h0[0] if h0 else None, plan, (M, 1), prec, final)
-    hv_buf, hvT = _state_scan(v, s, b, h0[1] if h0 else None, plan, (1, V), prec, final)
+    (hk_buf, hv_buf), hT = _state_scans(k, v, s, b, h0, plan, prec, final)
     o = _empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     if plan.NS:
         _out_fwd_kernel[(plan.NS, Hkv)](
@@ -555,7 +586,7 @@ def _forward(q, k, v, s, g, scale, h0, final, plan, prec):
             EXP_CLAMP=EXP_CLAMP,
             **_launch_cfg(K, V, M),
         )  # fmt: skip
-    return o, ((hkT, hvT) if final else None)
+    return o, hT
 
 
 def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT):
@@ -563,8 +594,7 @@ def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT):
     Hkv, V, M = k.shape[1], v.shape[2], s.shape[2]
     need_final = dhT is not None
     b = _segment_cumsum(g, plan)
-    hk_buf, hkT = _state_scan(k, s, b, h0[0] if h0 else None, plan, (M, 1), prec, need_final)
-    hv_buf, hvT = _state_scan(v, s, b, h0[1] if h0 else None, plan, (1, V), prec, need_final)
+    (hk_buf, hv_buf), hT = _state_scans(k, v, s, b, h0, plan, prec, need_final)
     f32 = dict(dtype=torch.float32, device=q.device)
     dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
     p = _empty(q.shape[0], H, M, **f32)
@@ -578,17 +608,13 @@ def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT):
             **_launch_cfg(K, V, M),
         )  # fmt: skip
     dh0 = (_empty(plan.N, Hkv, K, M, **f32), _empty(plan.N, Hkv, M, V, **f32))
-    dbufs = []
-    for x, y, dh, d0, strides, D in ((q, dz, dhT[0] if dhT else None, dh0[0], (M, 1), K),
-                                     (do, p, dhT[1] if dhT else None, dh0[1], (1, V), V)):  # fmt: skip
-        dbuf = _empty(max(plan.NS, 1), Hkv, D, M, **f32)
-        BD, BM, stages = _scan_blocks(D, M, Hkv, plan)
-        _state_bwd_kernel[(D // BD, plan.N * Hkv, M // BM)](
-            x, y, b, dh if dh is not None else dbuf, dbuf, d0, plan.cu, plan.segoff, *strides,
-            H=H, Hkv=Hkv, D=D, M=M, BS=plan.seg, BD=BD, BM=BM, HAS_DHT=dh is not None, STORE_DH0=True,
-            PREC=prec[1], num_warps=4, num_stages=stages,
-        )  # fmt: skip
-        dbufs.append(dbuf)
+    dbufs = (_empty(max(plan.NS, 1), Hkv, K, M, **f32), _empty(max(plan.NS, 1), Hkv, V, M, **f32))
+    BD, BM, stages = _scan_blocks(K, V, M, Hkv, plan)
+    _state_bwd_kernel[((K + V) // BD, plan.N * Hkv, M // BM)](
+        q, dz, do, p, b, *(dhT if dhT is not None else dbufs), *dbufs, *dh0, plan.cu, plan.segoff,
+        H=H, Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BD=BD, BM=BM, HAS_DHT=dhT is not None, PREC=prec[1],
+        num_warps=4, num_stages=stages,
+    )  # fmt: skip
     dk, dv, ds = (_empty(*x.shape, dtype=x.dtype, device=x.device) for x in (k, v, s))
     if plan.NS:
         _bwd_rev_sweep_kernel[(plan.NS, Hkv)](
@@ -598,7 +624,7 @@ def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT):
     # The final state's gradient reaches every gate of the sequence through exp(b_T).
     init = None
     if need_final:
-        init = (hkT * dhT[0]).sum(2) + (hvT * dhT[1]).sum(3)  # [N, Hkv, M]
+        init = (hT[0] * dhT[0]).sum(2) + (hT[1] * dhT[1]).sum(3)  # [N, Hkv, M]
         init = init.contiguous()
     BM = M  # split the slot columns only where heads x sequences leave the GPU idle (a single long sequence)
     while BM > 16 and plan.N * Hkv * (M // BM) < 128:

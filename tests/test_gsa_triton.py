@@ -75,7 +75,7 @@ def test_scan_block_shapes_agree(monkeypatch, split_slots):
     B, T, H, Hkv, K, V, M = SHAPES[1]
     inputs, h0 = make_inputs(B, T, H, Hkv, K, V, M, device=DEVICE)
     rows = min(K, V, kernels.STATE_BLOCK)
-    monkeypatch.setattr(kernels, "_scan_blocks", lambda D, M, Hkv, plan: (rows, M // 2 if split_slots else M, 2))
+    monkeypatch.setattr(kernels, "_scan_blocks", lambda K, V, M, Hkv, plan: (rows, M // 2 if split_slots else M, 2))
     compare(run_with_grads(kernels.gsa_triton, inputs, h0), oracle(inputs, h0), 1e-3)
 
 
