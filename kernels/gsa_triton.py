@@ -368,7 +368,7 @@ def _bwd_sweep_kernel(
 @triton.jit
 def _bwd_rev_sweep_kernel(
     q_ptr, k_ptr, v_ptr, s_ptr, b_ptr, do_ptr, p_ptr, dz_ptr, dk_buf, dv_buf, seg_ptr, cu_ptr,
-    dk_ptr, dv_ptr, ds_ptr, db_ptr,
+    dk_ptr, dv_ptr, ds_ptr, db_ptr, segtot_ptr,
     H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BS: tl.constexpr, BC: tl.constexpr, PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
 ):  # fmt: skip
@@ -380,6 +380,7 @@ def _bwd_rev_sweep_kernel(
     base = i_s * Hkv + h
     dhk = tl.load(dk_buf + base * K * M + _state_ptrs(0, K, M, M, 1))  # [K, M]
     dhv = tl.load(dv_buf + base * V * M + _state_ptrs(0, M, V, 1, M))  # [M, V]
+    total = tl.zeros([M], dtype=tl.float32)  # this segment's gate summands, for the gate gradient's carries
     rc = tl.arange(0, BC)
     causal = rc[:, None] >= rc[None, :]
     for j in range(0, BS, BC):
@@ -412,31 +413,44 @@ def _bwd_rev_sweep_kernel(
         _store_rows(ds_ptr, ds, t, valid, Hkv, h, M)
         db = _load_rows(db_ptr, t, valid, Hkv, h, M) - sc * ds
         _store_rows(db_ptr, db, t, valid, Hkv, h, M)
+        total += tl.sum(db, axis=0)
+    tl.store(segtot_ptr + base * M + tl.arange(0, M), total)
 
 
 @triton.jit
-def _rev_cumsum_kernel(x_ptr, init_ptr, cu_ptr, Hkv: tl.constexpr, M: tl.constexpr, BT: tl.constexpr,
-                       BM: tl.constexpr, HAS_INIT: tl.constexpr):  # fmt: skip
-    """In place: x_t <- init + sum_{t' >= t} x_t' within each sequence (the gate gradient from its summands).
-    Slot columns are split over programs (BM each): a long sequence is otherwise one program per head."""
+def _segment_carry_kernel(tot_ptr, init_ptr, cu_ptr, segoff_ptr, Hkv: tl.constexpr, M: tl.constexpr,
+                          BS: tl.constexpr, HAS_INIT: tl.constexpr):  # fmt: skip
+    """In place, per sequence and KV head: each segment's gate-summand total [M] becomes what enters it from the
+    right, init + the totals of every later segment (a short reverse scan over segments, not tokens)."""
     i_nh = tl.program_id(0)
     n = i_nh // Hkv
     h = i_nh % Hkv
-    bos = tl.load(cu_ptr + n).to(tl.int64)
-    eos = tl.load(cu_ptr + n + 1).to(tl.int64)
-    m0 = tl.program_id(1) * BM
-    rm = m0 + tl.arange(0, BM)
+    nseg = tl.cdiv(tl.load(cu_ptr + n + 1) - tl.load(cu_ptr + n), BS)
+    seg0 = tl.load(segoff_ptr + n).to(tl.int64)
+    rm = tl.arange(0, M)
     if HAS_INIT:
         carry = tl.load(init_ptr + i_nh * M + rm)
     else:
-        carry = tl.zeros([BM], dtype=tl.float32)
-    rt = tl.arange(0, BT)
-    for i in range(tl.cdiv(eos - bos, BT)):
-        t = eos - (i + 1) * BT + rt
-        valid = t >= bos
-        x = _load_cols(x_ptr, t, valid, Hkv, h, M, m0, BM)
-        _store_cols(x_ptr, tl.cumsum(x, axis=0, reverse=True) + carry[None, :], t, valid, Hkv, h, M, m0, BM)
-        carry += tl.sum(x, axis=0)
+        carry = tl.zeros([M], dtype=tl.float32)
+    for j in range(nseg):
+        p = tot_ptr + ((seg0 + nseg - 1 - j) * Hkv + h) * M + rm
+        total = tl.load(p)
+        tl.store(p, carry)
+        carry += total
+
+
+@triton.jit
+def _segment_rev_cumsum_kernel(x_ptr, carry_ptr, seg_ptr, cu_ptr, Hkv: tl.constexpr, M: tl.constexpr,
+                               BS: tl.constexpr):  # fmt: skip
+    """In place: x_t <- carry(segment) + sum_{t' >= t in the segment} x_t', one program per segment and KV head:
+    with the carries, the gate gradient dg_t = init + sum_{t' >= t} (summand) of the whole sequence."""
+    i_s, t0, eos = _segment_start(seg_ptr, cu_ptr)
+    h = tl.program_id(1)
+    t = t0 + tl.arange(0, BS)
+    valid = t < eos
+    carry = tl.load(carry_ptr + (i_s * Hkv + h) * M + tl.arange(0, M))
+    x = _load_rows(x_ptr, t, valid, Hkv, h, M)
+    _store_rows(x_ptr, tl.cumsum(x, axis=0, reverse=True) + carry[None, :], t, valid, Hkv, h, M)
 
 
 @triton.jit
@@ -616,9 +630,10 @@ def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT):
         num_warps=4, num_stages=stages,
     )  # fmt: skip
     dk, dv, ds = (_empty(*x.shape, dtype=x.dtype, device=x.device) for x in (k, v, s))
+    segtot = _empty(max(plan.NS, 1), Hkv, M, **f32)
     if plan.NS:
         _bwd_rev_sweep_kernel[(plan.NS, Hkv)](
-            q, k, v, s, b, do, p, dz, dbufs[0], dbufs[1], plan.segs, plan.cu, dk, dv, ds, db, **cfg,
+            q, k, v, s, b, do, p, dz, dbufs[0], dbufs[1], plan.segs, plan.cu, dk, dv, ds, db, segtot, **cfg,
             **_launch_cfg(K, V, M),
         )  # fmt: skip
     # The final state's gradient reaches every gate of the sequence through exp(b_T).
@@ -626,11 +641,12 @@ def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT):
     if need_final:
         init = (hT[0] * dhT[0]).sum(2) + (hT[1] * dhT[1]).sum(3)  # [N, Hkv, M]
         init = init.contiguous()
-    BM = M  # split the slot columns only where heads x sequences leave the GPU idle (a single long sequence)
-    while BM > 16 and plan.N * Hkv * (M // BM) < 128:
-        BM //= 2
-    _rev_cumsum_kernel[(plan.N * Hkv, M // BM)](db, init if init is not None else db, plan.cu, Hkv=Hkv, M=M,
-                                                BT=64, BM=BM, HAS_INIT=init is not None)  # fmt: skip
+    # dg is the reverse cumulative sum of the summands within each sequence: segment totals (from the reverse
+    # sweep) -> carries into each segment (a scan over segments), then every segment's own sum, in parallel.
+    if plan.NS:
+        _segment_carry_kernel[(plan.N * Hkv,)](segtot, init if init is not None else segtot, plan.cu, plan.segoff,
+                                               Hkv=Hkv, M=M, BS=plan.seg, HAS_INIT=init is not None)  # fmt: skip
+        _segment_rev_cumsum_kernel[(plan.NS, Hkv)](db, segtot, plan.segs, plan.cu, Hkv=Hkv, M=M, BS=plan.seg)
     return dq, dk, dv, ds, db.to(g.dtype), dh0
 
 
