@@ -51,6 +51,8 @@ NUM_WARPS = int(os.environ.get("T2R_GSA_WARPS", "0"))  # 0: by tile size
 # Decoding: warps per (sequence, KV head) program; 4 was fastest on the H100 (docs/bench/decode_sweep_*), ahead of
 # 8 and of splitting the value memory's columns over more programs.
 DECODE_WARPS = int(os.environ.get("T2R_GSA_DECODE_WARPS", "4"))
+# One-token decoding streams the memories in blocks of this many rows / columns (0: off, the all-at-once kernel).
+DECODE_BLOCK = int(os.environ.get("T2R_GSA_DECODE_BLOCK", "32"))
 
 POISON = False  # tests: fill outputs with NaN before the kernels run, so that unwritten elements show
 
@@ -489,6 +491,46 @@ def _decode_kernel(
     tl.store(hv_ptrs, hv)
 
 
+@triton.jit
+def _decode_step_kernel(
+    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, o_ptr, hk_ptr, hv_ptr, scale,
+    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, GP: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    """One token per sequence (decoding proper), the memories streamed through registers in blocks: keys-memory
+    rows (decay, write, store, and every query head's slot logits), then value-memory columns (decay, write,
+    store, output). A block's load does not wait on the previous block's math, so the state's bytes flow at
+    close to copy speed instead of one 64 KB load, then compute, then one store per program."""
+    G: tl.constexpr = H // Hkv
+    i_nh = tl.program_id(0).to(tl.int64)  # = sequence * Hkv + KV head, the token's row in k, v, s, g
+    rg = tl.arange(0, GP)
+    rm = tl.arange(0, M)
+    heads = (i_nh * G + rg)[:, None]  # query heads of this KV head: rows of q and o
+    in_group = rg[:, None] < G
+    s = tl.load(s_ptr + i_nh * M + rm).to(tl.float32)
+    a = tl.exp(tl.load(g_ptr + i_nh * M + rm).to(tl.float32))
+    logits = tl.zeros([GP, M], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        ptrs = hk_ptr + i_nh * K * M + rk[:, None] * M + rm[None, :]
+        kb = tl.load(k_ptr + i_nh * K + rk).to(tl.float32)
+        hk = tl.load(ptrs) * a[None, :] + kb[:, None] * s[None, :]
+        tl.store(ptrs, hk)
+        qb = tl.load(q_ptr + heads * K + rk[None, :], mask=in_group, other=0.0).to(tl.float32)  # [GP, BK]
+        logits += tl.sum(qb[:, :, None] * hk[None, :, :], axis=1)
+    logits = scale * logits
+    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    p = e / tl.sum(e, axis=1)[:, None]
+    for v0 in range(0, V, BV):
+        rv = v0 + tl.arange(0, BV)
+        ptrs = hv_ptr + i_nh * M * V + rm[:, None] * V + rv[None, :]
+        vb = tl.load(v_ptr + i_nh * V + rv).to(tl.float32)
+        hv = tl.load(ptrs) * a[:, None] + s[:, None] * vb[None, :]
+        tl.store(ptrs, hv)
+        o = tl.sum(p[:, :, None] * hv[None, :, :], axis=1)  # [GP, BV]
+        tl.store(o_ptr + heads * V + rv[None, :], o.to(o_ptr.dtype.element_ty), mask=in_group)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Host side.
 
@@ -710,6 +752,11 @@ def gsa_decode_triton(
     q, k, v, s, g = (x.contiguous() for x in (q, k, v, s, g))
     o = _empty(B, T, H, V, dtype=q.dtype, device=q.device)
     scale = K**-0.5 if scale is None else float(scale)
-    _decode_kernel[(B * Hkv,)](q, k, v, s, g, o, hk, hv, scale, T, H=H, Hkv=Hkv, K=K, V=V, M=M,
-                               num_warps=DECODE_WARPS)  # fmt: skip
+    if T == 1 and DECODE_BLOCK:
+        _decode_step_kernel[(B * Hkv,)](q, k, v, s, g, o, hk, hv, scale, H=H, Hkv=Hkv, K=K, V=V, M=M,
+                                        GP=triton.next_power_of_2(H // Hkv), BK=min(K, DECODE_BLOCK),
+                                        BV=min(V, DECODE_BLOCK), num_warps=DECODE_WARPS)  # fmt: skip
+    else:
+        _decode_kernel[(B * Hkv,)](q, k, v, s, g, o, hk, hv, scale, T, H=H, Hkv=Hkv, K=K, V=V, M=M,
+                                   num_warps=DECODE_WARPS)  # fmt: skip
     return o
