@@ -278,20 +278,27 @@ def _segment_start(seg_ptr, cu_ptr):
 @triton.jit
 def _load_subchunk(k_ptr, v_ptr, s_ptr, b_ptr, t0, c, eos, Hkv: tl.constexpr, h, K: tl.constexpr, V: tl.constexpr,
                    M: tl.constexpr, BC: tl.constexpr):  # fmt: skip
-    """Tokens, validity, keys, values and write weights (fp32, zero past the sequence) of the sub-chunk at offset c
-    of the segment starting at t0, with its running log decay and total: the segment's running sum b minus its
-    value before the sub-chunk (flat past the sequence's end, where nothing is written)."""
-    t = t0 + c + tl.arange(0, BC)
-    valid = t < eos
+    """``_subchunk_decay`` plus the sub-chunk's keys, values and write weights (fp32, zero past the sequence)."""
+    t, valid, bc, b_last = _subchunk_decay(b_ptr, t0, c, eos, Hkv, h, M, BC)
     kc = _load_rows(k_ptr, t, valid, Hkv, h, K)
     vc = _load_rows(v_ptr, t, valid, Hkv, h, V)
     sc = _load_rows(s_ptr, t, valid, Hkv, h, M)
+    return t, valid, kc, vc, sc, bc, b_last
+
+
+@triton.jit
+def _subchunk_decay(b_ptr, t0, c, eos, Hkv: tl.constexpr, h, M: tl.constexpr, BC: tl.constexpr):
+    """Tokens and validity of the sub-chunk at offset c of the segment starting at t0, with its running log decay
+    and total: the segment's running sum b minus its value before the sub-chunk (flat past the sequence's end,
+    where nothing is written)."""
+    t = t0 + c + tl.arange(0, BC)
+    valid = t < eos
     rm = tl.arange(0, M)
     # The mask is a tensor comparison: in Triton's interpreter c is a Python int, and tensor & bool is refused.
     before = tl.load(b_ptr + ((tl.minimum(t0 + c, eos) - 1) * Hkv + h) * M + rm, mask=(rm * 0 + c) > 0, other=0.0)
     b_last = tl.load(b_ptr + ((tl.minimum(t0 + c + BC, eos) - 1) * Hkv + h) * M + rm) - before
     bc = tl.where(valid[:, None], _load_rows(b_ptr, t, valid, Hkv, h, M) - before[None, :], b_last[None, :])
-    return t, valid, kc, vc, sc, bc, b_last
+    return t, valid, bc, b_last
 
 
 @triton.jit
@@ -368,55 +375,55 @@ def _bwd_sweep_kernel(
 
 
 @triton.jit
-def _bwd_rev_sweep_kernel(
-    q_ptr, k_ptr, v_ptr, s_ptr, b_ptr, do_ptr, p_ptr, dz_ptr, dk_buf, dv_buf, seg_ptr, cu_ptr,
-    dk_ptr, dv_ptr, ds_ptr, db_ptr, segtot_ptr,
-    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
-    BS: tl.constexpr, BC: tl.constexpr, PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
+def _bwd_rev_memory_kernel(
+    x_ptr, a_ptr, y_ptr, s_ptr, b_ptr, dbuf_ptr, seg_ptr, cu_ptr, dx_ptr, dspart_ptr, ds_ptr, db_ptr, segtot_ptr,
+    H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr,
+    PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr, FINISH: tl.constexpr,
 ):  # fmt: skip
-    """Reverse walk: gradients of k, v, s from reads inside the sub-chunk and (through the memories' gradients
-    at its end) from every later token; completes the gate summands with -s * ds."""
+    """Reverse walk through one memory's side of the backward, the two sides being the same computation:
+    keys memory (x = k, read by a = q with slot weights y = dz) and values memory held as [V, M] (x = v, read by
+    a = do with y = p). Gradient of x from reads inside the sub-chunk and, through the memory's gradient at its
+    end, from every later token; its share of ds. The keys side (FINISH False) leaves its share in dspart; the
+    values side adds it, writes ds and completes the gate summands with -s * ds (and their segment totals). One
+    memory per program keeps the register file from spilling (benchmarks/kernel_resources.py)."""
     G: tl.constexpr = H // Hkv
     i_s, t0, eos = _segment_start(seg_ptr, cu_ptr)
     h = tl.program_id(1)
     base = i_s * Hkv + h
-    dhk = tl.load(dk_buf + base * K * M + _state_ptrs(0, K, M, M, 1))  # [K, M]
-    dhv = tl.load(dv_buf + base * V * M + _state_ptrs(0, M, V, 1, M))  # [M, V]
+    dmem = tl.load(dbuf_ptr + base * D * M + _state_ptrs(0, D, M, M, 1))  # [D, M]
     total = tl.zeros([M], dtype=tl.float32)  # this segment's gate summands, for the gate gradient's carries
     rc = tl.arange(0, BC)
     causal = rc[:, None] >= rc[None, :]
     for j in range(0, BS, BC):
         c = BS - BC - j
-        t, valid, kc, vc, sc, bc, bl = _load_subchunk(k_ptr, v_ptr, s_ptr, b_ptr, t0, c, eos, Hkv, h, K, V, M, BC)
+        t, valid, bc, bl = _subchunk_decay(b_ptr, t0, c, eos, Hkv, h, M, BC)
+        xc = _load_rows(x_ptr, t, valid, Hkv, h, D)
+        sc = _load_rows(s_ptr, t, valid, Hkv, h, M)
         eq, erb, ek, eb, eend, w, decay = _subchunk_gates(sc, bc, bl, EXP_CLAMP)
-        dk = _mm(w, tl.trans(dhk), PREC)
-        dv = _mm(w, dhv, PREC)
-        ds = eend * (_mm(kc, dhk, PREC) + _mm(vc, tl.trans(dhv), PREC))
+        dx = _mm(w, tl.trans(dmem), PREC)
+        ds = eend * _mm(xc, dmem, PREC)
         ds_in = tl.zeros([BC, M], dtype=tl.float32)
-        dhk = dhk * decay[None, :]
-        dhv = dhv * decay[:, None]
+        dmem = dmem * decay[None, :]
         for gi in tl.static_range(G):
-            qc = _load_rows(q_ptr, t, valid, H, h * G + gi, K)
-            doc = _load_rows(do_ptr, t, valid, H, h * G + gi, V)
-            p = _load_rows(p_ptr, t, valid, H, h * G + gi, M)
-            dz = _load_rows(dz_ptr, t, valid, H, h * G + gi, M)
-            A = tl.where(causal, _mm(qc, tl.trans(kc), PREC_IN), 0.0)
-            Adv = tl.where(causal, _mm(doc, tl.trans(vc), PREC_IN), 0.0)
-            A3 = tl.where(causal, _mm(dz * eq, tl.trans(ek), PREC), 0.0)
-            A2 = tl.where(causal, _mm(p * eq, tl.trans(ek), PREC), 0.0)
-            dk += _mm(tl.trans(A3), qc, PREC)
-            dv += _mm(tl.trans(A2), doc, PREC)
-            ds_in += _mm(tl.trans(A), dz * eq, PREC) + _mm(tl.trans(Adv), p * eq, PREC)
-            dhk += _mm(tl.trans(qc), dz * eb, PREC)
-            dhv += _mm(tl.trans(p * eb), doc, PREC)
+            ac = _load_rows(a_ptr, t, valid, H, h * G + gi, D)
+            yc = _load_rows(y_ptr, t, valid, H, h * G + gi, M)
+            A = tl.where(causal, _mm(ac, tl.trans(xc), PREC_IN), 0.0)
+            Ay = tl.where(causal, _mm(yc * eq, tl.trans(ek), PREC), 0.0)
+            dx += _mm(tl.trans(Ay), ac, PREC)
+            ds_in += _mm(tl.trans(A), yc * eq, PREC)
+            dmem += _mm(tl.trans(ac), yc * eb, PREC)
         ds += ds_in * erb
-        _store_rows(dk_ptr, dk, t, valid, Hkv, h, K)
-        _store_rows(dv_ptr, dv, t, valid, Hkv, h, V)
-        _store_rows(ds_ptr, ds, t, valid, Hkv, h, M)
-        db = _load_rows(db_ptr, t, valid, Hkv, h, M) - sc * ds
-        _store_rows(db_ptr, db, t, valid, Hkv, h, M)
-        total += tl.sum(db, axis=0)
-    tl.store(segtot_ptr + base * M + tl.arange(0, M), total)
+        _store_rows(dx_ptr, dx, t, valid, Hkv, h, D)
+        if FINISH:
+            ds += _load_rows(dspart_ptr, t, valid, Hkv, h, M)
+            _store_rows(ds_ptr, ds, t, valid, Hkv, h, M)
+            db = _load_rows(db_ptr, t, valid, Hkv, h, M) - sc * ds
+            _store_rows(db_ptr, db, t, valid, Hkv, h, M)
+            total += tl.sum(db, axis=0)
+        else:
+            _store_rows(dspart_ptr, ds, t, valid, Hkv, h, M)
+    if FINISH:
+        tl.store(segtot_ptr + base * M + tl.arange(0, M), total)
 
 
 @triton.jit
@@ -674,10 +681,13 @@ def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT):
     dk, dv, ds = (_empty(*x.shape, dtype=x.dtype, device=x.device) for x in (k, v, s))
     segtot = _empty(max(plan.NS, 1), Hkv, M, **f32)
     if plan.NS:
-        _bwd_rev_sweep_kernel[(plan.NS, Hkv)](
-            q, k, v, s, b, do, p, dz, dbufs[0], dbufs[1], plan.segs, plan.cu, dk, dv, ds, db, segtot, **cfg,
-            **_launch_cfg(K, V, M),
-        )  # fmt: skip
+        ds_keys = _empty(*s.shape, **f32)  # the keys memory's share of ds, completed by the values side
+        side = dict(H=H, Hkv=Hkv, M=M, BS=plan.seg, BC=SUBCHUNK, PREC_IN=prec[0], PREC=prec[1], EXP_CLAMP=EXP_CLAMP)
+        for x, a, y, dbuf, dx, D, finish in ((k, q, dz, dbufs[0], dk, K, False), (v, do, p, dbufs[1], dv, V, True)):
+            _bwd_rev_memory_kernel[(plan.NS, Hkv)](
+                x, a, y, s, b, dbuf, plan.segs, plan.cu, dx, ds_keys, ds, db, segtot, D=D, FINISH=finish, **side,
+                **_launch_cfg(K, V, M),
+            )  # fmt: skip
     # The final state's gradient reaches every gate of the sequence through exp(b_T).
     init = None
     if need_final:
