@@ -28,7 +28,7 @@ INT_POINTERS = {"cu_ptr", "segoff_ptr", "seg_ptr"}
 INT_SCALARS = {"T", "stride_pd", "stride_pm", "d0"}
 CONSTEXPRS = dict(H=32, Hkv=32, K=128, V=128, M=64, D=128, BS=64, BC=16, BD=64, BM=32, BT=64, GP=1, BK=32, BV=32,
                   PREC_IN=0, PREC=3, EXP_CLAMP=60.0, HAS_H0=False, HAS_DHT=False, HAS_INIT=False, STORE_FINAL=False,
-                  STORE_DH0=True, FINISH=True)  # fmt: skip
+                  STORE_DH0=True, FINISH=True, STORE_OUT=True, REVERSE=False)  # fmt: skip
 
 
 def load_kernels(path: str):
@@ -39,11 +39,11 @@ def load_kernels(path: str):
     return module
 
 
-def signature(fn) -> tuple[dict, dict]:
+def signature(fn, **overrides) -> tuple[dict, dict]:
     sig, consts = {}, {}
     for name, param in zip(fn.arg_names, fn.params, strict=True):
         if param.is_constexpr:
-            sig[name], consts[name] = "constexpr", CONSTEXPRS[name]
+            sig[name], consts[name] = "constexpr", overrides.get(name, CONSTEXPRS[name])
         elif name in INT_POINTERS:
             sig[name] = "*i32"
         elif name.endswith(("_ptr", "_buf")):
@@ -53,8 +53,8 @@ def signature(fn) -> tuple[dict, dict]:
     return sig, consts
 
 
-def resources(fn, warps: int, stages: int) -> str:
-    sig, consts = signature(fn)
+def resources(fn, warps: int, stages: int, **overrides) -> str:
+    sig, consts = signature(fn, **overrides)
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": warps, "num_stages": stages})  # fmt: skip
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -79,11 +79,14 @@ def main() -> None:
             continue
         sweep = "BC" in fn.arg_names  # walks sub-chunks: launched with the host's _launch_cfg
         warps, stages = (sweeps["num_warps"], sweeps["num_stages"]) if sweep else (4, 3 if "state" in name else 2)
-        try:
-            report = resources(fn, warps, stages)
-        except Exception as err:  # a kernel this table cannot build: say so, go on with the others
-            report = f"not compiled here: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
-        print(f"{name:28s} warps {warps} stages {stages}: {report}")
+        # A kernel with both directions (REVERSE) is two compiled programs: one row each.
+        for reverse in (False, True) if "REVERSE" in fn.arg_names else (False,):
+            label = name + (" (reverse)" if reverse else "")
+            try:
+                report = resources(fn, warps, stages, REVERSE=reverse)
+            except Exception as err:  # a kernel this table cannot build: say so, go on with the others
+                report = f"not compiled here: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
+            print(f"{label:38s} warps {warps} stages {stages}: {report}")
 
 
 if __name__ == "__main__":

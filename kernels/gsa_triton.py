@@ -166,20 +166,32 @@ def _segment_gates(b_ptr, t, valid, seg_end, Hkv: tl.constexpr, h, M: tl.constex
 
 
 @triton.jit
-def _state_fwd_kernel(
-    k_ptr, v_ptr, s_ptr, b_ptr, hk0_ptr, hv0_ptr, hkbuf_ptr, hvbuf_ptr, hkT_ptr, hvT_ptr, cu_ptr, segoff_ptr,
-    Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
-    BM: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr,
+def _state_scan_kernel(
+    xk_ptr, yk_ptr, xv_ptr, yv_ptr, b_ptr, ik_ptr, iv_ptr, bk_ptr, bv_ptr, ok_ptr, ov_ptr, cu_ptr, segoff_ptr,
+    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BS: tl.constexpr,
+    BD: tl.constexpr, BM: tl.constexpr, HAS_INIT: tl.constexpr, STORE_OUT: tl.constexpr, REVERSE: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     """Both memories in one launch (programs below K / BD: the keys memory, the rest: the values memory), so that a
-    long sequence's few programs per memory run side by side instead of one launch after the other."""
+    long sequence's few programs per memory run side by side instead of one launch after the other. Forward
+    (x, y = k, s and v, s): states from the initial ones (i) into segment buffers (b*) and final states (o*);
+    REVERSE (x, y = q, dz and do, p): gradients from the final states' (i) into buffers and the initial's (o*)."""
     pid = tl.program_id(0)
-    if pid < K // BD:
-        _state_fwd_block(k_ptr, s_ptr, b_ptr, hk0_ptr, hkbuf_ptr, hkT_ptr, cu_ptr, segoff_ptr, M, 1, pid * BD,
-                         Hkv, K, M, BS, BD, BM, HAS_H0, STORE_FINAL, PREC)  # fmt: skip
+    keys = pid < K // BD
+    d0 = tl.where(keys, pid, pid - K // BD) * BD
+    if REVERSE:
+        if keys:
+            _state_bwd_block(xk_ptr, yk_ptr, b_ptr, ik_ptr, bk_ptr, ok_ptr, cu_ptr, segoff_ptr, M, 1, d0,
+                             H, Hkv, K, M, BS, BD, BM, HAS_INIT, PREC)  # fmt: skip
+        else:
+            _state_bwd_block(xv_ptr, yv_ptr, b_ptr, iv_ptr, bv_ptr, ov_ptr, cu_ptr, segoff_ptr, 1, V,
+                             d0, H, Hkv, V, M, BS, BD, BM, HAS_INIT, PREC)  # fmt: skip
+    elif keys:
+        _state_fwd_block(xk_ptr, yk_ptr, b_ptr, ik_ptr, bk_ptr, ok_ptr, cu_ptr, segoff_ptr, M, 1, d0,
+                         Hkv, K, M, BS, BD, BM, HAS_INIT, STORE_OUT, PREC)  # fmt: skip
     else:
-        _state_fwd_block(v_ptr, s_ptr, b_ptr, hv0_ptr, hvbuf_ptr, hvT_ptr, cu_ptr, segoff_ptr, 1, V,
-                         (pid - K // BD) * BD, Hkv, V, M, BS, BD, BM, HAS_H0, STORE_FINAL, PREC)  # fmt: skip
+        _state_fwd_block(xv_ptr, yv_ptr, b_ptr, iv_ptr, bv_ptr, ov_ptr, cu_ptr, segoff_ptr, 1, V,
+                         d0, Hkv, V, M, BS, BD, BM, HAS_INIT, STORE_OUT, PREC)  # fmt: skip
 
 
 @triton.jit
@@ -210,23 +222,6 @@ def _state_fwd_block(
         state = state * tl.exp(b_last)[None, :] + _mm(tl.trans(x), w, PREC)
     if STORE_FINAL:
         tl.store(hT_ptr + public, state)
-
-
-@triton.jit
-def _state_bwd_kernel(
-    q_ptr, dz_ptr, do_ptr, p_ptr, b_ptr, dhkT_ptr, dhvT_ptr, dkbuf_ptr, dvbuf_ptr, dhk0_ptr, dhv0_ptr,
-    cu_ptr, segoff_ptr,
-    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BS: tl.constexpr,
-    BD: tl.constexpr, BM: tl.constexpr, HAS_DHT: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
-    """Both memories' gradients in one launch, split like ``_state_fwd_kernel``."""
-    pid = tl.program_id(0)
-    if pid < K // BD:
-        _state_bwd_block(q_ptr, dz_ptr, b_ptr, dhkT_ptr, dkbuf_ptr, dhk0_ptr, cu_ptr, segoff_ptr, M, 1, pid * BD,
-                         H, Hkv, K, M, BS, BD, BM, HAS_DHT, PREC)  # fmt: skip
-    else:
-        _state_bwd_block(do_ptr, p_ptr, b_ptr, dhvT_ptr, dvbuf_ptr, dhv0_ptr, cu_ptr, segoff_ptr, 1, V,
-                         (pid - K // BD) * BD, H, Hkv, V, M, BS, BD, BM, HAS_DHT, PREC)  # fmt: skip
 
 
 @triton.jit
@@ -628,10 +623,10 @@ def _state_scans(k, v, s, b, h0, plan, prec, final: bool):
     bufs = (_empty(max(plan.NS, 1), Hkv, K, M, **f32), _empty(max(plan.NS, 1), Hkv, V, M, **f32))
     finals = (_empty(plan.N, Hkv, K, M, **f32), _empty(plan.N, Hkv, M, V, **f32)) if final else bufs
     BD, BM, stages = _scan_blocks(K, V, M, Hkv, plan)
-    _state_fwd_kernel[((K + V) // BD, plan.N * Hkv, M // BM)](
-        k, v, s, b, *(h0 if h0 is not None else bufs), *bufs, *finals, plan.cu, plan.segoff,
-        Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BD=BD, BM=BM, HAS_H0=h0 is not None, STORE_FINAL=final, PREC=prec[1],
-        num_warps=4, num_stages=stages,
+    _state_scan_kernel[((K + V) // BD, plan.N * Hkv, M // BM)](
+        k, s, v, s, b, *(h0 if h0 is not None else bufs), *bufs, *finals, plan.cu, plan.segoff,
+        H=Hkv, Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BD=BD, BM=BM, HAS_INIT=h0 is not None, STORE_OUT=final,
+        REVERSE=False, PREC=prec[1], num_warps=4, num_stages=stages,
     )  # fmt: skip
     return bufs, (finals if final else None)
 
@@ -673,10 +668,10 @@ def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT):
     dh0 = (_empty(plan.N, Hkv, K, M, **f32), _empty(plan.N, Hkv, M, V, **f32))
     dbufs = (_empty(max(plan.NS, 1), Hkv, K, M, **f32), _empty(max(plan.NS, 1), Hkv, V, M, **f32))
     BD, BM, stages = _scan_blocks(K, V, M, Hkv, plan)
-    _state_bwd_kernel[((K + V) // BD, plan.N * Hkv, M // BM)](
+    _state_scan_kernel[((K + V) // BD, plan.N * Hkv, M // BM)](
         q, dz, do, p, b, *(dhT if dhT is not None else dbufs), *dbufs, *dh0, plan.cu, plan.segoff,
-        H=H, Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BD=BD, BM=BM, HAS_DHT=dhT is not None, PREC=prec[1],
-        num_warps=4, num_stages=stages,
+        H=H, Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BD=BD, BM=BM, HAS_INIT=dhT is not None, STORE_OUT=True,
+        REVERSE=True, PREC=prec[1], num_warps=4, num_stages=stages,
     )  # fmt: skip
     dk, dv, ds = (_empty(*x.shape, dtype=x.dtype, device=x.device) for x in (k, v, s))
     segtot = _empty(max(plan.NS, 1), Hkv, M, **f32)
