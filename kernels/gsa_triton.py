@@ -8,14 +8,18 @@ How the work is split (per KV head; the G query heads of a group share all state
 - ``_segment_cumsum``: the log gates' running sum b within each segment, once per pass (fp32); every kernel
   below loads it instead of re-summing g (summing was half of a scan's time). A sub-chunk's own running sum is
   the difference to the row before it.
-- ``_state_fwd``: a sequential scan over segments of BS tokens that writes the memories at every segment
-  start (and the final state). Its updates use only decays exp(b_last - b) <= 1, so nothing can overflow.
+- ``_state_scan``: a sequential scan over segments of BS tokens that writes both memories at every segment start
+  (and the final state), keys and values memory side by side in one launch. Its updates use only decays
+  exp(b_last - b) <= 1, so nothing can overflow.
 - ``_out_fwd``: one program per segment, starting from that segment's state, walks sub-chunks of BC tokens,
   keeping the memories in registers. Inside a sub-chunk the decay exp(b_t - b_j) is split at r = b_last / 2
   into exp(b_t - r) * exp(r - b_j), so both passes are matmuls; each factor is at most exp(|b_last| / 2).
-- Backward: ``_state_fwd`` again, ``_bwd_sweep`` (forward walk: slot softmax, dp, dz, dq), ``_state_bwd`` (the
-  reverse scan of the memories' gradients), ``_bwd_rev_sweep`` (reverse walk: dk, dv, ds and the gate
-  gradient's summands), then a per-sequence reverse cumulative sum turns those summands into dg.
+- Backward: the scan again, ``_bwd_sweep`` (forward walk: slot softmax, dp, dz, dq), the scan in reverse (the
+  memories' gradients), ``_bwd_rev_memory`` once per memory (reverse walk: dk or dv, ds and the gate gradient's
+  summands; one memory per launch keeps its registers from spilling), then the summands' reverse cumulative
+  sum in two levels (segment carries, then every segment in parallel) gives dg.
+- Decoding: ``_decode_step`` streams one token's update through the memories in blocks (``_decode`` takes a few
+  tokens at once).
 
 The gate gradient uses d/d b_t = dz_t * z_t + p_t * dp_t - s_t * ds_t (b the running sum of g), because b_t
 scales every read at t by exp(b_t) and every write at t by exp(-b_t); dg is its reverse cumulative sum.
