@@ -35,6 +35,8 @@ LABELS = {
     "C10": "C10: C9 on gates with half-lives up to 4096",
     "C11": "C11: C10 + 20% recall rows, answer loss x30",
     "C12": "C12: C10 with 128 slots",
+    "C14": "C14: C10, window mix at lr 1e-2",
+    "C15": "C15: C14 with a per-token window share",
 }
 EARLY = {"A", "B", "C", "B2", "C2"}  # the 1.57M-token runs on the reference path
 

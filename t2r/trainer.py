@@ -182,7 +182,10 @@ def param_groups(model: nn.Module, stage: Stage) -> list[dict]:
         groups.setdefault((stage.module_lr.get(module, stage.lr), p.ndim >= 2), []).append(p)
     unused = sorted(set(stage.module_lr) - used)
     if unused:
-        raise T2RError(f"stage {stage.name}: module_lr names {unused[0]!r}, which holds no parameter this stage trains")
+        raise T2RError(
+            f"stage {stage.name}: module_lr names {unused[0]!r}, which holds no parameter this stage trains "
+            "(a recipe for another model? override it: --set 'stages.N.module_lr={}')"
+        )
     order = sorted(groups, key=lambda key: (key[0] != stage.lr, -key[1]))
     return [
         {"params": groups[key], "lr": key[0], "weight_decay": stage.weight_decay if key[1] else 0.0} for key in order
