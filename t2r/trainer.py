@@ -676,6 +676,7 @@ def _open_run(out: Path, model_dir: str, recipe: Recipe, data, eval_data, resume
     if out.exists() and any(out.iterdir()):
         raise T2RError(f"run directory {out} already exists and is not empty (use --resume to continue it)")
     check_converted_dir(model_dir)
+    _check_module_lr(model_dir, recipe)
     run = {
         "t2r_version": __version__,
         "model_dir": model_dir,
@@ -692,6 +693,25 @@ def _open_run(out: Path, model_dir: str, recipe: Recipe, data, eval_data, resume
         write_run(out, run)
     barrier(info)
     return broadcast_object(run, info)
+
+
+def _check_module_lr(model_dir: str, recipe: Recipe) -> None:
+    """A module_lr entry that names no module of this model fails before anything is written (it would otherwise
+    surface only when its stage starts, after the earlier stages trained)."""
+    if not any(stage.module_lr for stage in recipe.stages):
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):  # the module tree only: no weights read or allocated
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    names = {part for name, _ in skeleton.named_parameters() for part in name.split(".")}
+    for i, stage in enumerate(recipe.stages):
+        missing = sorted(set(stage.module_lr) - names)
+        if missing:
+            raise T2RError(
+                f"stages.{i} ({stage.name}): module_lr names {missing[0]!r}, which this model does not have "
+                f"(a recipe for another model? override it: --set 'stages.{i}.module_lr={{}}')"
+            )
 
 
 def _resume_state(out: Path, run: dict) -> TrainState:

@@ -99,6 +99,15 @@ def test_module_lr_trains_the_named_modules_at_their_own_rate(tmp_path, corpus_f
     assert 0 < max(rest) < 2e-6, max(rest)
 
 
+def test_module_lr_on_a_module_the_stage_does_not_train(tiny_converted):
+    from t2r.errors import T2RError
+    from t2r.trainer import param_groups
+
+    model, _ = configure_trainable(load_converted(tiny_converted), Stage(train="new"), 0)
+    with pytest.raises(T2RError, match="module_lr names 'q_proj', which holds no parameter this stage trains"):
+        param_groups(model, Stage(name="transfer", train="new", module_lr={"q_proj": 1e-3}))
+
+
 def test_module_lr_innermost_name_wins():
     from t2r.trainer import param_groups
 
@@ -258,15 +267,17 @@ def test_bad_inputs_one_line_errors(tiny_converted, corpus_files, tmp_path, caps
         extra, expect = ["--set", "data.recall_fraction=1.5"], "data.recall_fraction must be in [0, 1]"
     elif case == "weight":
         extra, expect = ["--set", "data.recall_answer_weight=0"], "data.recall_answer_weight must be > 0"
-    elif case == "modlr":  # a misspelt module (this model has no window_mix either: not a hybrid)
+    elif case == "modlr":  # a misspelt module, or a hybrid's recipe on a model without a window: found up front
         extra = ["--set", "stages.1.module_lr.window_mix=1e-2"]
-        expect = "stage lm: module_lr names 'window_mix', which holds no parameter this stage trains"
+        expect = "stages.1 (lm): module_lr names 'window_mix', which this model does not have"
     elif case == "modlrnum":
         extra, expect = ["--set", "stages.1.module_lr.f_proj=fast"], "module_lr.f_proj must be a number, got 'fast'"
     else:
         model, expect = str(tmp_path), "not a model directory"
     code, lines = run_cli(["finetune", model, str(out), *data, "--recipe", RECIPE, *extra], capsys)
     assert code == 1 and lines[-1].startswith("t2r: error: ") and expect in lines[-1], lines
+    if case in ("modlr", "modlrnum"):
+        assert not out.exists()  # found before the run directory is written, not when the stage starts
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_converted, corpus_files, tmp_path, capsys):
