@@ -1,5 +1,6 @@
-"""Warps per program of the fused decode kernel on the GPU (T2R_GSA_DECODE_WARPS). Checks every setting against
-the default on the same inputs before timing; prints ms per step and the ratio to the state floor.
+"""Block size and warps of the fused decode step on the GPU (T2R_GSA_DECODE_BLOCK: rows / columns the memories
+stream through per step, 0 = the all-at-once kernel; T2R_GSA_DECODE_WARPS). Checks every setting against the
+default on the same inputs before timing; prints ms per step and the ratio to the state floor.
 (A two-launch variant, keys then the value memory's columns split over more programs, measured no faster on the
 H100 and was removed; docs/bench/decode_sweep_2026-11-23_h100.json holds that sweep.)
 
@@ -28,16 +29,17 @@ def main() -> None:
     ref = [x.clone() for x in state]
     o_ref = kernels.gsa_decode_triton(q, k, v, s, g, None, ref)
     rows = []
-    for warps in (2, 4, 8, 16):
-        kernels.DECODE_WARPS = warps
-        st = [x.clone() for x in state]
-        o = kernels.gsa_decode_triton(q, k, v, s, g, None, st)
-        pairs = zip([o, *st], [o_ref, *ref], strict=True)
-        err = max(rel_err(a, b) for a, b in pairs)
-        ms = _bench(lambda st=st: kernels.gsa_decode_triton(q, k, v, s, g, None, st))
-        rows.append({"warps": warps, "ms": round(ms, 4), "floor_ms": round(floor, 4), "ratio": round(ms / floor, 3),
-                     "rel_err_vs_default": err})  # fmt: skip
-        print(rows[-1], flush=True)
+    for block in (0, 16, 32, 64):
+        for warps in (2, 4, 8):
+            kernels.DECODE_BLOCK, kernels.DECODE_WARPS = block, warps
+            st = [x.clone() for x in state]
+            o = kernels.gsa_decode_triton(q, k, v, s, g, None, st)
+            pairs = zip([o, *st], [o_ref, *ref], strict=True)
+            err = max(rel_err(a, b) for a, b in pairs)
+            ms = _bench(lambda st=st: kernels.gsa_decode_triton(q, k, v, s, g, None, st))
+            rows.append({"block": block, "warps": warps, "ms": round(ms, 4), "floor_ms": round(floor, 4),
+                         "ratio": round(ms / floor, 3), "rel_err_vs_default": err})  # fmt: skip
+            print(rows[-1], flush=True)
     best = min(rows, key=lambda r: r["ms"])
     print("best:", best)
     if args.json:

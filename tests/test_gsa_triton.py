@@ -124,9 +124,9 @@ def test_kernels_stay_finite_beyond_the_exactness_bound():
     assert all(torch.isfinite(x).all() for x in [*out[:3], *out[3]])
 
 
-@pytest.mark.parametrize(("T", "block"), [(1, 32), (1, 16), (1, 0), (3, 32)])
+@pytest.mark.parametrize(("T", "block"), [(1, 64), (1, 32), (1, 16), (1, 0), (3, 32)])
 def test_decode_kernel_updates_state_in_place(monkeypatch, T, block):
-    """One token: the streaming kernel (memory blocks of 32 or 16 rows / columns) or, block 0, the all-at-once
+    """One token: the streaming kernel (memory blocks of 64, 32 or 16 rows / columns) or, block 0, the all-at-once
     one; several tokens: always the all-at-once one."""
     monkeypatch.setattr(kernels, "DECODE_BLOCK", block)
     H, Hkv, K, V, M = 6, 2, 32, 64, 32
