@@ -10,8 +10,11 @@ it this way, so no intermediate full copy of a large model is ever written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -82,8 +85,18 @@ def apply_stage_outputs(model: nn.Module, run_dir: Path, stages: list[dict]) -> 
         else:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, str(out)).merge_and_unload()
+            with quiet_peft_wrap():
+                model = PeftModel.from_pretrained(model, str(out)).merge_and_unload()
     return model
+
+
+@contextlib.contextmanager
+def quiet_peft_wrap() -> Iterator[None]:
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` alias whenever it wraps a model: a
+    FutureWarning about peft's code, not the user's, on every LoRA stage and rebuild."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def rebuild_model(run_dir: Path, upto: int | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -57,6 +57,7 @@ from .runs import (
     apply_stage_outputs,
     check_converted_dir,
     load_converted,
+    quiet_peft_wrap,
     read_run,
     teacher_weights_changed,
     write_run,
@@ -156,7 +157,8 @@ def configure_trainable(model: nn.Module, stage: Stage, seed: int) -> tuple[nn.M
             modules_to_save=["f_proj", "g_norm", "window_mix"],
             bias="none",
         )
-        model = get_peft_model(model, config)
+        with quiet_peft_wrap():
+            model = get_peft_model(model, config)
     for p in model.parameters():  # trainable tensors live in fp32 (master weights under bf16 autocast)
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()

@@ -108,6 +108,21 @@ def test_module_lr_on_a_module_the_stage_does_not_train(tiny_converted):
         param_groups(model, Stage(name="transfer", train="new", module_lr={"q_proj": 1e-3}))
 
 
+def test_lora_stage_and_rebuild_raise_no_upstream_deprecation_warning(tiny_converted, tiny_run):
+    """peft's read of transformers' deprecated alias is silenced where t2r wraps models (the user cannot act on it),
+    while other warnings still pass."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        configure_trainable(load_converted(tiny_converted), Stage(train="lora"), 0)
+        rebuild_model(tiny_run)
+        warnings.warn("still shown", FutureWarning, stacklevel=1)
+    messages = [str(w.message) for w in caught]
+    assert "still shown" in messages
+    assert not [m for m in messages if "is_gradient_checkpointing" in m], messages
+
+
 def test_module_lr_innermost_name_wins():
     from t2r.trainer import param_groups
 
