@@ -20,9 +20,12 @@ declare -A ARGS=(
   [hybrid-m128]="--gate-init kproj --window 64 --slots 128 --gate-half-life-max 4096"
   # The window share read per token from the hidden state (a router starting at zero), same gate bias.
   [hybrid-tok]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096"
+  # hybrid-tok with the two layers that hold the teacher's passkey-retrieval heads kept as softmax attention
+  # (benchmarks/long_range_layers.py; docs/results/long_range_layers_smollm2_cpu.json).
+  [hybrid-tok-fa2]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --full-attention-layers 22,23"
 )
 # ONLY="hybrid-hl hybrid-tok" converts just those (each conversion takes ~20 s of a GPU call).
-for name in ${ONLY:-kproj hybrid teacher hybrid-hl hybrid-m128 hybrid-tok}; do
+for name in ${ONLY:-kproj hybrid teacher hybrid-hl hybrid-m128 hybrid-tok hybrid-tok-fa2}; do
   [ -n "${ARGS[$name]+x}" ] || { echo "prepare.sh: unknown conversion '$name' (one of: ${!ARGS[*]})" >&2; exit 2; }
   t2r convert $G $S/conv-$name ${ARGS[$name]} --force
 done
