@@ -203,7 +203,7 @@ def run_train_bench(path, shape, seqs, batch, steps, lora, device, reference: bo
     for seq in seqs:
         if lora:
             from .recipe import LoraSettings, Stage
-            from .trainer import configure_trainable
+            from .trainable import configure_trainable
 
             stage = Stage(train="lora", lora=LoraSettings(r=8, alpha=16))
             student, _ = configure_trainable(model, stage, 0)

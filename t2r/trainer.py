@@ -52,16 +52,15 @@ from .objectives import (
 from .recall import add_recall_rows
 from .recipe import Recipe, Stage, load_recipe, recipe_from_dict, recipe_to_dict
 from .runs import (
-    NEW_PARAM_MARKERS,
     RUN_FILE,
     apply_stage_outputs,
     check_converted_dir,
     load_converted,
-    quiet_peft_wrap,
     read_run,
     teacher_weights_changed,
     write_run,
 )
+from .trainable import check_module_lr, configure_trainable, lr_lambda, param_groups
 
 LOG_FILE = "log.jsonl"
 CKPT_DIR = "checkpoints"
@@ -119,79 +118,10 @@ class TrainState:
     best: dict = field(default_factory=dict)
 
 
-def _lr_lambda(stage: Stage):
-    def fn(step: int) -> float:
-        if step < stage.warmup_steps:
-            return (step + 1) / (stage.warmup_steps + 1)
-        progress = (step - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
-        return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return fn
-
-
 def _autocast(recipe: Recipe, device: torch.device):
     if recipe.precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-# ------------------------------------------------------------------------------------------------ stage model
-def configure_trainable(model: nn.Module, stage: Stage, seed: int) -> tuple[nn.Module, list[str]]:
-    """Freeze / wrap for the stage's mode; returns the (maybe peft-wrapped) model and trainable names."""
-    model.requires_grad_(False)
-    if stage.train == "full":
-        model.requires_grad_(True)
-    elif stage.train == "new":
-        for name, p in model.named_parameters():
-            p.requires_grad_(any(m in name for m in NEW_PARAM_MARKERS))
-    else:
-        from peft import LoraConfig, get_peft_model
-
-        torch.manual_seed(seed)
-        lora = stage.lora
-        config = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
-            modules_to_save=["f_proj", "g_norm", "window_mix"],
-            bias="none",
-        )
-        with quiet_peft_wrap():
-            model = get_peft_model(model, config)
-    for p in model.parameters():  # trainable tensors live in fp32 (master weights under bf16 autocast)
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    if not names:
-        raise T2RError(f"stage {stage.name}: nothing to train (no GSA layers and train={stage.train})")
-    return model, names
-
-
-def param_groups(model: nn.Module, stage: Stage) -> list[dict]:
-    """AdamW groups: weight decay on matrices only; the stage's lr, or ``module_lr`` for parameters under a module
-    of that name (the innermost one named; the stage's lr first, so the logged lr is the stage's)."""
-    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
-    used = set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        parts = name.split(".")
-        # The innermost named module wins: {window_mix: 1e-2, proj: 4e-4} gives the router inside window_mix 4e-4.
-        module = max((m for m in stage.module_lr if m in parts), key=lambda m: len(parts) - parts[::-1].index(m),
-                     default=None)  # fmt: skip
-        used.add(module)
-        groups.setdefault((stage.module_lr.get(module, stage.lr), p.ndim >= 2), []).append(p)
-    unused = sorted(set(stage.module_lr) - used)
-    if unused:
-        raise T2RError(
-            f"stage {stage.name}: module_lr names {unused[0]!r}, which holds no parameter this stage trains "
-            "(a recipe for another model? override it: --set 'stages.N.module_lr={}')"
-        )
-    order = sorted(groups, key=lambda key: (key[0] != stage.lr, -key[1]))
-    return [
-        {"params": groups[key], "lr": key[0], "weight_decay": stage.weight_decay if key[1] else 0.0} for key in order
-    ]
 
 
 class Teacher:
@@ -338,7 +268,7 @@ class Trainer:
         wrapped = wrap_model(model, info, recipe.distributed, side_losses=stage.loss.get("transfer", 0) > 0)
         params = [p for p in wrapped.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(param_groups(wrapped, stage), lr=stage.lr, betas=tuple(stage.betas))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(stage))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(stage))
         if state.stage_step > 0:
             self._load_checkpoint(wrapped, opt, sched)
         elif info.is_main:
@@ -678,7 +608,7 @@ def _open_run(out: Path, model_dir: str, recipe: Recipe, data, eval_data, resume
     if out.exists() and any(out.iterdir()):
         raise T2RError(f"run directory {out} already exists and is not empty (use --resume to continue it)")
     check_converted_dir(model_dir)
-    _check_module_lr(model_dir, recipe)
+    check_module_lr(model_dir, recipe)
     run = {
         "t2r_version": __version__,
         "model_dir": model_dir,
@@ -695,25 +625,6 @@ def _open_run(out: Path, model_dir: str, recipe: Recipe, data, eval_data, resume
         write_run(out, run)
     barrier(info)
     return broadcast_object(run, info)
-
-
-def _check_module_lr(model_dir: str, recipe: Recipe) -> None:
-    """A module_lr entry that names no module of this model fails before anything is written (it would otherwise
-    surface only when its stage starts, after the earlier stages trained)."""
-    if not any(stage.module_lr for stage in recipe.stages):
-        return
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):  # the module tree only: no weights read or allocated
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    names = {part for name, _ in skeleton.named_parameters() for part in name.split(".")}
-    for i, stage in enumerate(recipe.stages):
-        missing = sorted(set(stage.module_lr) - names)
-        if missing:
-            raise T2RError(
-                f"stages.{i} ({stage.name}): module_lr names {missing[0]!r}, which this model does not have "
-                f"(a recipe for another model? override it: --set 'stages.{i}.module_lr={{}}')"
-            )
 
 
 def _resume_state(out: Path, run: dict) -> TrainState:

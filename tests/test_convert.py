@@ -266,7 +266,7 @@ def test_convert_hybrid_with_per_token_window_share(tmp_path):
 @torch.no_grad()
 def test_gate_bias_spreads_memory_half_lives(tmp_path):
     from t2r.recipe import Stage
-    from t2r.trainer import configure_trainable
+    from t2r.trainable import configure_trainable
 
     src, _ = make_teacher(tmp_path, "llama")
     plain = load_all(convert(str(src), tmp_path / "plain", ConvertOptions(slots=8), progress=False))

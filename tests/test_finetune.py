@@ -17,7 +17,8 @@ from t2r.data import load_documents, pack_documents, tokenize_documents
 from t2r.objectives import TransferCollector, transfer_loss_sum
 from t2r.recipe import Stage, load_recipe
 from t2r.runs import load_converted, read_run, rebuild_model
-from t2r.trainer import configure_trainable, finetune
+from t2r.trainable import configure_trainable
+from t2r.trainer import finetune
 
 RECIPE = str(Path(__file__).resolve().parent.parent / "recipes" / "tiny-test.yaml")
 
@@ -101,7 +102,7 @@ def test_module_lr_trains_the_named_modules_at_their_own_rate(tmp_path, corpus_f
 
 def test_module_lr_on_a_module_the_stage_does_not_train(tiny_converted):
     from t2r.errors import T2RError
-    from t2r.trainer import param_groups
+    from t2r.trainable import param_groups
 
     model, _ = configure_trainable(load_converted(tiny_converted), Stage(train="new"), 0)
     with pytest.raises(T2RError, match="module_lr names 'q_proj', which holds no parameter this stage trains"):
@@ -124,7 +125,7 @@ def test_lora_stage_and_rebuild_raise_no_upstream_deprecation_warning(tiny_conve
 
 
 def test_module_lr_innermost_name_wins():
-    from t2r.trainer import param_groups
+    from t2r.trainable import param_groups
 
     model = torch.nn.Module()
     model.window_mix = torch.nn.Module()
