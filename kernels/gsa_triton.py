@@ -619,27 +619,29 @@ def _segment_cumsum(g: torch.Tensor, plan: _Plan) -> torch.Tensor:
     return b
 
 
-def _state_scans(k, v, s, b, h0, plan, prec, final: bool):
-    """Both memories' states at every segment start, hk [NS, Hkv, K, M] and hv [NS, Hkv, V, M] (and the final
-    states in the public layout: [N, Hkv, K, M], [N, Hkv, M, V])."""
-    Hkv, K, V, M = k.shape[1], k.shape[2], v.shape[2], s.shape[2]
-    f32 = dict(dtype=torch.float32, device=k.device)
+def _state_scan(xk, yk, xv, yv, b, init, plan, prec, Hkv: int, M: int, store_out: bool, reverse: bool):
+    """Both memories scanned over segments in one launch (``_state_scan_kernel``). Forward (x, y = k, s and v, s):
+    the states at every segment start, hk [NS, Hkv, K, M] and hv [NS, Hkv, V, M], from the initial ones, and the
+    final states in the public layout ([N, Hkv, K, M], [N, Hkv, M, V]) if ``store_out``. Reverse (x, y = q, dz and
+    do, p): the memories' gradients at every segment end from the final states', and the initial states'."""
+    H, K, V = xk.shape[1], xk.shape[2], xv.shape[2]
+    f32 = dict(dtype=torch.float32, device=xk.device)
     bufs = (_empty(max(plan.NS, 1), Hkv, K, M, **f32), _empty(max(plan.NS, 1), Hkv, V, M, **f32))
-    finals = (_empty(plan.N, Hkv, K, M, **f32), _empty(plan.N, Hkv, M, V, **f32)) if final else bufs
+    outs = (_empty(plan.N, Hkv, K, M, **f32), _empty(plan.N, Hkv, M, V, **f32)) if store_out else bufs
     BD, BM, stages = _scan_blocks(K, V, M, Hkv, plan)
     _state_scan_kernel[((K + V) // BD, plan.N * Hkv, M // BM)](
-        k, s, v, s, b, *(h0 if h0 is not None else bufs), *bufs, *finals, plan.cu, plan.segoff,
-        H=Hkv, Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BD=BD, BM=BM, HAS_INIT=h0 is not None, STORE_OUT=final,
-        REVERSE=False, PREC=prec[1], num_warps=4, num_stages=stages,
+        xk, yk, xv, yv, b, *(init if init is not None else bufs), *bufs, *outs, plan.cu, plan.segoff,
+        H=H, Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BD=BD, BM=BM, HAS_INIT=init is not None, STORE_OUT=store_out,
+        REVERSE=reverse, PREC=prec[1], num_warps=4, num_stages=stages,
     )  # fmt: skip
-    return bufs, (finals if final else None)
+    return bufs, (outs if store_out else None)
 
 
 def _forward(q, k, v, s, g, scale, h0, final, plan, prec):
     Hkv, K, V, M = k.shape[1], k.shape[2], v.shape[2], s.shape[2]
     H = q.shape[1]
     b = _segment_cumsum(g, plan)
-    (hk_buf, hv_buf), hT = _state_scans(k, v, s, b, h0, plan, prec, final)
+    (hk_buf, hv_buf), hT = _state_scan(k, s, v, s, b, h0, plan, prec, Hkv, M, final, reverse=False)
     o = _empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     if plan.NS:
         _out_fwd_kernel[(plan.NS, Hkv)](
@@ -656,32 +658,24 @@ def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT):
     Hkv, V, M = k.shape[1], v.shape[2], s.shape[2]
     need_final = dhT is not None
     b = _segment_cumsum(g, plan)
-    (hk_buf, hv_buf), hT = _state_scans(k, v, s, b, h0, plan, prec, need_final)
+    (hk_buf, hv_buf), hT = _state_scan(k, s, v, s, b, h0, plan, prec, Hkv, M, need_final, reverse=False)
     f32 = dict(dtype=torch.float32, device=q.device)
     dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
     p = _empty(q.shape[0], H, M, **f32)
     dz = _empty(q.shape[0], H, M, **f32)
     db = _empty(q.shape[0], Hkv, M, **f32)
-    cfg = dict(H=H, Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BC=SUBCHUNK, PREC_IN=prec[0], PREC=prec[1])
-    cfg["EXP_CLAMP"] = EXP_CLAMP
+    side = dict(H=H, Hkv=Hkv, M=M, BS=plan.seg, BC=SUBCHUNK, PREC_IN=prec[0], PREC=prec[1], EXP_CLAMP=EXP_CLAMP)
+    cfg = dict(side, K=K, V=V)
     if plan.NS:
         _bwd_sweep_kernel[(plan.NS, Hkv)](
             q, k, v, s, b, do, hk_buf, hv_buf, plan.segs, plan.cu, scale, dq, p, dz, db, **cfg,
             **_launch_cfg(K, V, M),
         )  # fmt: skip
-    dh0 = (_empty(plan.N, Hkv, K, M, **f32), _empty(plan.N, Hkv, M, V, **f32))
-    dbufs = (_empty(max(plan.NS, 1), Hkv, K, M, **f32), _empty(max(plan.NS, 1), Hkv, V, M, **f32))
-    BD, BM, stages = _scan_blocks(K, V, M, Hkv, plan)
-    _state_scan_kernel[((K + V) // BD, plan.N * Hkv, M // BM)](
-        q, dz, do, p, b, *(dhT if dhT is not None else dbufs), *dbufs, *dh0, plan.cu, plan.segoff,
-        H=H, Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BD=BD, BM=BM, HAS_INIT=dhT is not None, STORE_OUT=True,
-        REVERSE=True, PREC=prec[1], num_warps=4, num_stages=stages,
-    )  # fmt: skip
+    dbufs, dh0 = _state_scan(q, dz, do, p, b, dhT, plan, prec, Hkv, M, store_out=True, reverse=True)
     dk, dv, ds = (_empty(*x.shape, dtype=x.dtype, device=x.device) for x in (k, v, s))
     segtot = _empty(max(plan.NS, 1), Hkv, M, **f32)
     if plan.NS:
         ds_keys = _empty(*s.shape, **f32)  # the keys memory's share of ds, completed by the values side
-        side = dict(H=H, Hkv=Hkv, M=M, BS=plan.seg, BC=SUBCHUNK, PREC_IN=prec[0], PREC=prec[1], EXP_CLAMP=EXP_CLAMP)
         for x, a, y, dbuf, dx, D, finish in ((k, q, dz, dbufs[0], dk, K, False), (v, do, p, dbufs[1], dv, V, True)):
             _bwd_rev_memory_kernel[(plan.NS, Hkv)](
                 x, a, y, s, b, dbuf, plan.segs, plan.cu, dx, ds_keys, ds, db, segtot, D=D, FINISH=finish, **side,

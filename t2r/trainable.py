@@ -53,10 +53,8 @@ def param_groups(model: nn.Module, stage: Stage) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        parts = name.split(".")
         # The innermost named module wins: {window_mix: 1e-2, proj: 4e-4} gives the router inside window_mix 4e-4.
-        module = max((m for m in stage.module_lr if m in parts), key=lambda m: len(parts) - parts[::-1].index(m),
-                     default=None)  # fmt: skip
+        module = next((part for part in reversed(name.split(".")) if part in stage.module_lr), None)
         used.add(module)
         groups.setdefault((stage.module_lr.get(module, stage.lr), p.ndim >= 2), []).append(p)
     unused = sorted(set(stage.module_lr) - used)
