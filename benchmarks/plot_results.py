@@ -37,6 +37,9 @@ LABELS = {
     "C12": "C12: C10 with 128 slots",
     "C14": "C14: C10, window mix at lr 1e-2",
     "C15": "C15: C14 with a per-token window share",
+    "C16": "C16: C15 with layers 22, 23 kept as softmax attention",
+    "C17": "C17: C15 on 4096-token rows",
+    "C18": "C18: C15 with layers 20-23 kept as softmax attention",
 }
 EARLY = {"A", "B", "C", "B2", "C2"}  # the 1.57M-token runs on the reference path
 

@@ -129,7 +129,7 @@ def passkey_accuracy(model: nn.Module, tokenizer, context: int, trials: int, see
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     device = next(model.parameters()).device
-    hits, lengths = [], []
+    hits, lengths, answers = [], [], []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i : i + batch]
         enc = tokenizer([p for p, _, _ in chunk], return_tensors="pt", padding=True).to(device)
@@ -137,6 +137,7 @@ def passkey_accuracy(model: nn.Module, tokenizer, context: int, trials: int, see
         out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
         hits += [key in text for text, (_, key, _) in zip(texts, chunk, strict=True)]
+        answers += texts
     by_depth = {}
     for hit, (_, _, depth) in zip(hits, prompts, strict=True):
         by_depth.setdefault(round(depth, 1), []).append(hit)
@@ -146,6 +147,11 @@ def passkey_accuracy(model: nn.Module, tokenizer, context: int, trials: int, see
         "accuracy": sum(hits) / len(hits),
         "mean_prompt_tokens": round(sum(lengths) / len(lengths)),
         "by_depth": {str(d): sum(v) / len(v) for d, v in sorted(by_depth.items())},
+        # What a model says instead of the key (wrong digits, the filler, nothing) tells where retrieval fails.
+        "samples": [
+            {"depth": round(depth, 3), "key": key, "answer": answer}
+            for answer, (_, key, depth) in list(zip(answers, prompts, strict=True))[:: max(1, len(prompts) // 8)]
+        ],
     }
 
 

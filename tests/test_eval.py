@@ -90,4 +90,6 @@ def test_teacher_smollm2_retrieves_passkeys():
     tok = AutoTokenizer.from_pretrained(src.path)
     result = passkey_accuracy(model, tok, context=256, trials=6, batch=6)
     assert result["accuracy"] >= 5 / 6, result
+    assert [x["key"] for x in result["samples"]] == [key for _, key, _ in passkey_prompts(tok, 256, 6)]
+    assert sum(x["key"] in x["answer"] for x in result["samples"]) >= 5
     assert json.loads(json.dumps(result)) == result and Path(src.path).is_dir()

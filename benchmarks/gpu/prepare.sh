@@ -23,9 +23,11 @@ declare -A ARGS=(
   # hybrid-tok with the two layers that hold the teacher's passkey-retrieval heads kept as softmax attention
   # (benchmarks/long_range_layers.py; docs/results/long_range_layers_smollm2_cpu.json).
   [hybrid-tok-fa2]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --full-attention-layers 22,23"
+  # ... and with all four layers that hold retrieval heads (20-23): C16 (22, 23 kept) still missed the passkey.
+  [hybrid-tok-fa4]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --full-attention-layers 20,21,22,23"
 )
 # ONLY="hybrid-hl hybrid-tok" converts just those (each conversion takes ~20 s of a GPU call).
-for name in ${ONLY:-kproj hybrid teacher hybrid-hl hybrid-m128 hybrid-tok hybrid-tok-fa2}; do
+for name in ${ONLY:-kproj hybrid teacher hybrid-hl hybrid-m128 hybrid-tok hybrid-tok-fa2 hybrid-tok-fa4}; do
   [ -n "${ARGS[$name]+x}" ] || { echo "prepare.sh: unknown conversion '$name' (one of: ${!ARGS[*]})" >&2; exit 2; }
   t2r convert $G $S/conv-$name ${ARGS[$name]} --force
 done
