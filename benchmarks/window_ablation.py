@@ -8,8 +8,9 @@ layers can do with exact local attention and no memory at all. If the teacher re
 keeps KEEP and misses the key loses it in conversion or training; if not, retrieval needs more far-reaching
 layers than KEEP.
 
-Usage: python benchmarks/window_ablation.py TEACHER CORPUS [--window 64] [--keep 22,23 --keep 20,21,22,23 ...]
-                                            [--context 1024] [--trials 20] [--ppl-window 2048] [--json FILE]
+Usage: python benchmarks/window_ablation.py TEACHER CORPUS [--window 64] [--sink 4] [--keep 22,23 --keep 20,21,22,23]
+                                            [--context 1024] [--trials 20] [--ppl-window 2048] [--ppl-windows 4]
+                                            [--json FILE]
 """
 
 from __future__ import annotations
@@ -61,13 +62,13 @@ class Windowed:
 
 
 @torch.no_grad()
-def ablate(model, tokenizer, corpus: str, keep: set[int] | None, window: int, sink: int, contexts, trials: int,
-           ppl_window: int, ppl_windows: int) -> dict:  # fmt: skip
+def ablate(model, tokenizer, tokens: torch.Tensor, keep: set[int] | None, window: int, sink: int, contexts,
+           trials: int, ppl_window: int, ppl_windows: int) -> dict:  # fmt: skip
     """Passkey accuracy and perplexity with every layer outside ``keep`` windowed (``keep`` None: the teacher).
     Prompts go one at a time: left padding would move the sinks."""
     tap = Windowed(model, keep, window, sink) if keep is not None else None
     try:
-        ppl = perplexity(model, token_stream([corpus], tokenizer), ppl_window, ppl_windows, batch=1)
+        ppl = perplexity(model, tokens, ppl_window, ppl_windows, batch=1)
         passkey = {c: passkey_accuracy(model, tokenizer, c, trials, batch=1) for c in contexts}
     finally:
         if tap is not None:
@@ -98,9 +99,10 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     keeps = [None, set()] + [{int(x) for x in k.split(",") if x} for k in args.keep]
+    tokens = token_stream([args.corpus], tokenizer)
     rows = []
     for keep in keeps:
-        rows.append(ablate(model, tokenizer, args.corpus, keep, args.window, args.sink, args.context or [1024],
+        rows.append(ablate(model, tokenizer, tokens, keep, args.window, args.sink, args.context or [1024],
                            args.trials, args.ppl_window, args.ppl_windows))  # fmt: skip
         r = rows[-1]
         print(f"keep {r['keep']}: ppl {r['ppl']}, passkey {r['passkey']}", flush=True)
