@@ -19,10 +19,9 @@ import argparse
 import json
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from t2r.evaluate import passkey_prompts, token_stream
-from t2r.sources import resolve_source
+from t2r.sources import load_eager_teacher
 
 SINK = 4
 
@@ -112,9 +111,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=2)
     ap.add_argument("--json")
     args = ap.parse_args()
-    path = resolve_source(args.teacher).path
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model, tokenizer = load_eager_teacher(args.teacher)
     result = long_range_profile(model, tokenizer, args.corpus, args.window, args.tokens, args.context, args.trials)
     print("layer | far share (max / mean head) | key share (max / mean head)")
     for r in result["layers"]:

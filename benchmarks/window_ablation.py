@@ -19,10 +19,9 @@ import argparse
 import json
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from t2r.evaluate import passkey_accuracy, perplexity, token_stream
-from t2r.sources import resolve_source
+from t2r.sources import load_eager_teacher
 
 
 def window_mask(mask: torch.Tensor, window: int, sink: int) -> torch.Tensor:
@@ -95,9 +94,7 @@ def main() -> None:
     ap.add_argument("--ppl-windows", type=int, default=4)
     ap.add_argument("--json")
     args = ap.parse_args()
-    path = resolve_source(args.teacher).path
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model, tokenizer = load_eager_teacher(args.teacher)
     keeps = [None, set()] + [{int(x) for x in k.split(",") if x} for k in args.keep]
     tokens = token_stream([args.corpus], tokenizer)
     rows = []
