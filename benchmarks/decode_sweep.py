@@ -1,6 +1,7 @@
 """Block size and warps of the fused decode step on the GPU (T2R_GSA_DECODE_BLOCK: rows / columns the memories
 stream through per step, 0 = the all-at-once kernel; T2R_GSA_DECODE_WARPS). Checks every setting against the
-default on the same inputs before timing; prints ms per step and the ratio to the state floor.
+default on the same inputs before timing; prints ms per step and its ratio to the state floor and to a plain
+copy of the state's bytes.
 (A two-launch variant, keys then the value memory's columns split over more programs, measured no faster on the
 H100 and was removed; docs/bench/decode_sweep_2026-11-23_h100.json holds that sweep.)
 
@@ -15,7 +16,7 @@ import json
 import torch
 from t2r.kernels import gsa_triton as kernels
 
-from t2r.bench_kernels import _bench, copy_bandwidth, decode_inputs, rel_err, state_floor_ms
+from t2r.bench_kernels import _bench, copy_bandwidth, decode_inputs, rel_err, state_copy_ms, state_floor_ms
 
 
 def main() -> None:
@@ -26,6 +27,7 @@ def main() -> None:
     bw = copy_bandwidth()
     (q, k, v, s, g), state = decode_inputs(B, H, K, V, M, torch.bfloat16)
     floor = state_floor_ms(state, bw)
+    copy_ms = state_copy_ms(state)
     ref = [x.clone() for x in state]
     o_ref = kernels.gsa_decode_triton(q, k, v, s, g, None, ref)
     rows = []
@@ -38,7 +40,8 @@ def main() -> None:
             err = max(rel_err(a, b) for a, b in pairs)
             ms = _bench(lambda st=st: kernels.gsa_decode_triton(q, k, v, s, g, None, st))
             rows.append({"block": block, "warps": warps, "ms": round(ms, 4), "floor_ms": round(floor, 4),
-                         "ratio": round(ms / floor, 3), "rel_err_vs_default": err})  # fmt: skip
+                         "ratio": round(ms / floor, 3), "state_copy_ms": round(copy_ms, 4),
+                         "ratio_copy": round(ms / copy_ms, 3), "rel_err_vs_default": err})  # fmt: skip
             print(rows[-1], flush=True)
     best = min(rows, key=lambda r: r["ms"])
     print("best:", best)

@@ -49,6 +49,14 @@ def state_floor_ms(state, bandwidth: float) -> float:
     return 2 * sum(x.numel() * x.element_size() for x in state) / bandwidth * 1e3
 
 
+def state_copy_ms(state) -> float:
+    """A plain copy of as many bytes as the state (read + written once): what the decode step's traffic costs at
+    its own size, where a 1 GiB copy's bandwidth (the floor above) is out of reach."""
+    src = torch.cat([x.flatten() for x in state])
+    dst = torch.empty_like(src)
+    return _bench(lambda: dst.copy_(src))
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -140,6 +148,8 @@ def decode_rows(B=16, H=32, K=128, V=128, M=64, context=32768, dtype=torch.bfloa
     if bandwidth:
         row["state_floor_ms"] = state_floor_ms(state, bandwidth)
         row["ours/floor"] = row["ours_step_ms"] / row["state_floor_ms"]
+    row["state_copy_ms"] = state_copy_ms(state)
+    row["ours/state_copy"] = row["ours_step_ms"] / row["state_copy_ms"]
     if "fla_step_ms" in row:
         row["fla/ours"] = row["fla_step_ms"] / row["ours_step_ms"]
     return [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}]
