@@ -39,7 +39,13 @@ def convert(
     gate_half_life_max: Annotated[
         float, typer.Option(help="per-slot gate bias: memory half-lives log-spaced up to this many tokens (0 = none)")
     ] = 0.0,
-    full_attention_layers: Annotated[str, typer.Option(help="layers kept as softmax attention, e.g. 0,16")] = "",
+    full_attention_layers: Annotated[
+        str,
+        typer.Option(
+            help="layers kept as softmax attention, e.g. 0,16; or auto:N, the N layers with the teacher's strongest "
+            "retrieval heads (measured on passkey prompts, on CUDA if available)"
+        ),
+    ] = "",
     dtype: Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default: the teacher's)")] = None,
     window: Annotated[int, typer.Option(help="hybrid: sliding-window softmax attention over W tokens (0 = off)")] = 0,
     window_mix_init: Annotated[float, typer.Option(help="initial per-head window-share logit")] = 2.0,
@@ -52,16 +58,18 @@ def convert(
     allow_download: Annotated[bool, typer.Option(help="fetch hub ids missing from the local HF cache")] = False,
 ) -> None:
     """Convert a pretrained Transformer checkpoint into a GSA checkpoint (streamed, shard by shard)."""
-    from t2r.convert import ConvertOptions, parse_layer_list
+    from t2r.convert import ConvertOptions, parse_full_attention
     from t2r.convert import convert as run_convert
 
+    layers, auto = parse_full_attention(full_attention_layers)
     options = ConvertOptions(
         slots=slots,
         feature_map=feature_map,
         rope=rope,
         gate_init=gate_init,
         gate_half_life_max=gate_half_life_max,
-        full_attention_layers=parse_layer_list(full_attention_layers),
+        full_attention_layers=layers,
+        full_attention_auto=auto,
         dtype=dtype,
         window=window,
         window_mix_init=window_mix_init,

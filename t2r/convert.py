@@ -13,7 +13,7 @@ import math
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ class ConvertOptions:
     rope: bool = False
     gate_init: str = "kproj"
     full_attention_layers: list[int] = field(default_factory=list)
+    full_attention_auto: int = 0  # > 0: keep this many layers, those with the teacher's strongest retrieval heads
     dtype: str | None = None  # None keeps the teacher's dtype
     gate_logit_normalizer: float = 8.0
     gate_half_life_max: float = 0.0  # > 0: a per-slot gate bias spreading half-lives from the normalizer to this
@@ -65,12 +66,21 @@ class ConvertOptions:
                 f"--gate-half-life-max must be above the unbiased half-life of {self.gate_logit_normalizer:g} tokens "
                 f"(or 0 for no gate bias), got {self.gate_half_life_max:g}"
             )
+        if not isinstance(self.full_attention_auto, int) or self.full_attention_auto < 0:
+            raise T2RError(f"--full-attention-layers auto:N needs a positive N, got {self.full_attention_auto}")
+        if self.full_attention_auto and self.full_attention_layers:
+            raise T2RError("--full-attention-layers takes either a list of layers or auto:N, not both")
         if len(set(self.full_attention_layers)) != len(self.full_attention_layers):
             raise T2RError(f"--full-attention-layers repeats a layer: {self.full_attention_layers}")
         if num_layers is not None:
             bad = [i for i in self.full_attention_layers if not 0 <= i < num_layers]
             if bad:
                 raise T2RError(f"--full-attention-layers {bad} out of range: the model has {num_layers} layers")
+            if self.full_attention_auto >= num_layers:
+                raise T2RError(
+                    f"--full-attention-layers auto:{self.full_attention_auto} would keep every layer: the model has "
+                    f"{num_layers}"
+                )
         parse_size(self.max_shard_size)
 
 
@@ -81,7 +91,17 @@ def parse_layer_list(text: str | None) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise T2RError(f"--full-attention-layers expects comma-separated integers, got {text!r}") from None
+        raise T2RError(f"--full-attention-layers expects comma-separated integers or auto:N, got {text!r}") from None
+
+
+def parse_full_attention(text: str | None) -> tuple[list[int], int]:
+    """'0,16' -> ([0, 16], 0); 'auto:4' -> ([], 4): the layers, or how many to pick from the teacher."""
+    if text and text.strip().startswith("auto"):
+        _, sep, n = text.strip().partition(":")
+        if not sep or not n.strip().isdigit() or int(n) < 1:
+            raise T2RError(f"--full-attention-layers auto:N needs a positive integer N, got {text!r}")
+        return [], int(n)
+    return parse_layer_list(text), 0
 
 
 def gsa_config_from_teacher(teacher_config: dict, options: ConvertOptions):
@@ -169,6 +189,13 @@ def convert(
     out = check_destination(out, force)
     source = resolve_source(src, allow_download=allow_download)
     teacher_config = json.loads((source.path / "config.json").read_text())
+    options.validate(teacher_config.get("num_hidden_layers"))
+    selection = None
+    if options.full_attention_auto:
+        from .layer_select import select_full_attention_layers
+
+        layers, selection = select_full_attention_layers(source.path, options.full_attention_auto, progress=progress)
+        options = replace(options, full_attention_layers=layers, full_attention_auto=0)
     config = gsa_config_from_teacher(teacher_config, options)
     infos = read_tensor_infos(shard_files(source.path))
     _check_layout(infos, config)
@@ -182,6 +209,7 @@ def convert(
             "teacher_model_type": teacher_config.get("model_type"),
             "options": asdict(options),
             "gsa_layers": [i for i in range(config.num_hidden_layers) if config.is_gsa_layer(i)],
+            **({"full_attention_selection": selection} if selection else {}),
             **stats,
             "seconds": round(time.time() - started, 1),
         }
@@ -273,6 +301,8 @@ def model_card(record: dict, config) -> str:
         front.append(f"base_model: {base}")
     front.append("---")
     n_gsa, n_layers = len(record["gsa_layers"]), config.num_hidden_layers
+    sel = record.get("full_attention_selection")
+    chosen = f" (auto: the teacher's {len(sel['chosen'])} strongest retrieval layers)" if sel else ""
     lines = [
         *front,
         "",
@@ -291,7 +321,7 @@ def model_card(record: dict, config) -> str:
         f"| RoPE on q/k | {opts['rope']} |",
         f"| gate init | {opts['gate_init']} |",
         f"| gate bias (half-lives up to) | {opts['gate_half_life_max'] or 'none'} |",
-        f"| full-attention layers | {opts['full_attention_layers'] or 'none'} |",
+        f"| full-attention layers | {opts['full_attention_layers'] or 'none'}{chosen} |",
         f"| sliding window (hybrid) | {opts['window'] or 'off'} |",
         f"| window share per token | {'yes' if opts['window_mix_per_token'] else 'no'} |",
         f"| parameters | {record['params_total']:,} ({record['params_new']:,} new) |",

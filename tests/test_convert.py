@@ -163,13 +163,14 @@ def test_cli_convert_runs(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "case", ["missing", "alias", "arch", "slots", "exists", "truncated", "layers", "hub", "half-life"]
+    "case",
+    ["missing", "alias", "arch", "slots", "exists", "truncated", "layers", "hub", "half-life", "auto-n", "auto-all"],
 )
 def test_cli_bad_inputs(tmp_path, capsys, monkeypatch, case):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "out"
-    if case in ("arch", "slots", "exists", "truncated", "layers", "half-life"):
+    if case in ("arch", "slots", "exists", "truncated", "layers", "half-life", "auto-n", "auto-all"):
         src, _ = make_teacher(tmp_path, "llama")
     args, expect = {
         "missing": (["./no/such/model", str(out)], "not found"),
@@ -181,6 +182,8 @@ def test_cli_bad_inputs(tmp_path, capsys, monkeypatch, case):
         "layers": (["SRC", str(out), "--full-attention-layers", "1,7"], "out of range"),
         "hub": (["someone/some-model", str(out)], "not in the local Hugging Face cache"),
         "half-life": (["SRC", str(out), "--gate-half-life-max", "4"], "above the unbiased half-life of 8 tokens"),
+        "auto-n": (["SRC", str(out), "--full-attention-layers", "auto:x"], "auto:N needs a positive integer N"),
+        "auto-all": (["SRC", str(out), "--full-attention-layers", "auto:3"], "would keep every layer: the model has 3"),
     }[case] or (None, None)
     if case == "arch":
         cfg = json.loads((src / "config.json").read_text())
