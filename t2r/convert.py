@@ -189,14 +189,14 @@ def convert(
     out = check_destination(out, force)
     source = resolve_source(src, allow_download=allow_download)
     teacher_config = json.loads((source.path / "config.json").read_text())
-    options.validate(teacher_config.get("num_hidden_layers"))
+    config = gsa_config_from_teacher(teacher_config, options)  # architecture and options checked before any work
     selection = None
     if options.full_attention_auto:
         from .layer_select import select_full_attention_layers
 
         layers, selection = select_full_attention_layers(source.path, options.full_attention_auto, progress=progress)
         options = replace(options, full_attention_layers=layers, full_attention_auto=0)
-    config = gsa_config_from_teacher(teacher_config, options)
+        config = gsa_config_from_teacher(teacher_config, options)
     infos = read_tensor_infos(shard_files(source.path))
     _check_layout(infos, config)
     started = time.time()
