@@ -101,6 +101,8 @@ def train_throughput(
     model: nn.Module, batch: int, seq: int, steps: int = 5, warmup: int = 2, label: str = "GSA"
 ) -> dict:
     """Tokens/s of full training steps (forward, backward, AdamW) under bf16 autocast on the model's device."""
+    from .objectives import ce_loss_sum
+
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
@@ -112,7 +114,7 @@ def train_throughput(
             start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16):
             logits = model(input_ids=ids, use_cache=False).logits
-            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            loss = ce_loss_sum(logits, ids) / (batch * (seq - 1))  # the trainer's chunked loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .data import IGNORE_INDEX
 from .modeling.modeling_t2r import GSAAttention
@@ -98,13 +99,35 @@ def transfer_loss_sum(
     return total, collector.layers
 
 
-def ce_loss_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def _sum_over_chunks(fn, tensors: list[torch.Tensor | None], chunk: int) -> torch.Tensor:
+    """sum of fn(*row slices) over chunks of ``chunk`` rows. Under autograd each chunk is recomputed in the
+    backward (activation checkpointing), so the fp32 vocab-sized intermediates of only one chunk are alive at a
+    time, instead of every chunk's being kept for the backward (2 x rows x vocab x 4 bytes: 13 GB at 4 x 8k
+    tokens with a 49k vocabulary)."""
+    total = None
+    for i in range(0, tensors[0].shape[0], chunk):
+        parts = [None if x is None else x[i : i + chunk] for x in tensors]
+        if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in parts):
+            value = checkpoint(fn, *parts, use_reentrant=False)
+        else:
+            value = fn(*parts)
+        total = value if total is None else total + value
+    return total if total is not None else tensors[0].new_zeros((), dtype=torch.float32)
+
+
+def _ce_chunk(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    per = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return per.sum() if weights is None else (per * weights).sum()
+
+
+def ce_loss_sum(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None, chunk: int = 2048
+) -> torch.Tensor:
     """Next-token cross-entropy summed over labelled positions (labels are shifted here); ``weights`` (same
-    shape as labels, optional) scales the loss of predicting each label, e.g. a recall row's answer."""
-    per = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    return per.sum() if weights is None else (per * weights[:, 1:].flatten().to(per.dtype)).sum()
+    shape as labels, optional) scales the loss of predicting each label, e.g. a recall row's answer. Computed
+    in fp32 over chunks of positions (see ``_sum_over_chunks``)."""
+    w = None if weights is None else weights[:, 1:].flatten().to(torch.float32)
+    return _sum_over_chunks(_ce_chunk, [logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), w], chunk)
 
 
 def kd_loss_sum(
@@ -116,18 +139,19 @@ def kd_loss_sum(
     chunk: int = 1024,
 ) -> torch.Tensor:
     """KL(teacher || student) per labelled position, summed (weighted like ``ce_loss_sum``); computed in fp32
-    over chunks of positions to keep the vocab-sized softmaxes small. Scaled by T^2 as usual for distillation."""
+    over chunks of positions (see ``_sum_over_chunks``). Scaled by T^2 as usual for distillation."""
     mask = labels[:, 1:].flatten() != IGNORE_INDEX
     s = student_logits[:, :-1].flatten(0, 1)[mask]
     t = teacher_logits[:, :-1].flatten(0, 1)[mask].to(s.device)
     w = None if weights is None else weights[:, 1:].flatten()[mask].to(s.device, torch.float32)
-    total = s.new_zeros((), dtype=torch.float32)
-    for i in range(0, s.shape[0], chunk):
-        log_p_s = F.log_softmax(s[i : i + chunk].float() / temperature, dim=-1)
-        log_p_t = F.log_softmax(t[i : i + chunk].float() / temperature, dim=-1)
+
+    def kl(s: torch.Tensor, t: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        log_p_s = F.log_softmax(s.float() / temperature, dim=-1)
+        log_p_t = F.log_softmax(t.float() / temperature, dim=-1)
         per = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="none").sum(-1)
-        total = total + (per if w is None else per * w[i : i + chunk]).sum()
-    return total * temperature**2
+        return (per if w is None else per * w).sum()
+
+    return _sum_over_chunks(kl, [s, t, w], chunk) * temperature**2
 
 
 @torch.no_grad()
