@@ -116,12 +116,11 @@ def select_full_attention_layers(path, n: int, context: int = 1024, trials: int 
     """The ``n`` layers of the teacher at ``path`` (an HF directory) with the strongest retrieval heads, and the
     profile behind the choice (for conversion.json). Runs the teacher with eager attention, on CUDA if there is
     one."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .sources import load_eager_teacher
 
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    model, tokenizer = load_eager_teacher(str(path))
     if torch.cuda.is_available():
         model = model.to("cuda")
-    tokenizer = AutoTokenizer.from_pretrained(path)
     rows = layer_table(retrieval_profile(model, tokenizer, context, trials, progress=progress))
     ranked = rank_layers(rows)
     chosen = sorted(ranked[:n])

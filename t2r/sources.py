@@ -123,7 +123,7 @@ def resolve_source(spec: str, allow_download: bool = False) -> Source:
 
 def load_eager_teacher(spec: str):
     """(model, tokenizer) of SRC with eager attention, whose weights and masks are materialised tensors: for the
-    analysis scripts that read or edit them (benchmarks/long_range_layers.py, window_ablation.py)."""
+    analysis code that reads or edits them (t2r.layer_select, benchmarks/window_ablation.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_source(spec).path
