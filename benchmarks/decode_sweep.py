@@ -1,11 +1,12 @@
 """Block size and warps of the fused decode step on the GPU (T2R_GSA_DECODE_BLOCK: rows / columns the memories
 stream through per step, 0 = the all-at-once kernel; T2R_GSA_DECODE_WARPS). Checks every setting against the
 default on the same inputs before timing; prints ms per step and its ratio to the state floor and to a plain
-copy of the state's bytes.
+copy of the state's bytes. With ``--batch`` (repeatable) it instead times the default setting at each batch size,
+which shows how much of the gap to the floor is a fixed per-step cost rather than bandwidth.
 (A two-launch variant, keys then the value memory's columns split over more programs, measured no faster on the
 H100 and was removed; docs/bench/decode_sweep_2026-11-23_h100.json holds that sweep.)
 
-python benchmarks/decode_sweep.py [--json OUT]
+python benchmarks/decode_sweep.py [--batch B ...] [--json OUT]
 """
 
 from __future__ import annotations
@@ -22,12 +23,38 @@ from t2r.bench_kernels import _bench, copy_bandwidth, decode_inputs, rel_err, st
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
+    ap.add_argument("--batch", type=int, action="append", help="time the default setting at this batch size")
     args = ap.parse_args()
-    B, H, K, V, M = 16, 32, 128, 128, 64
     bw = copy_bandwidth()
+    rows = batch_rows(args.batch, bw) if args.batch else setting_rows(bw)
+    best = min(rows, key=lambda r: r["ms"] / r["floor_ms"])
+    print("best:", best)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "bandwidth_Bps": bw, "rows": rows}, f, indent=1)
+
+
+def _row(ms: float, floor: float, copy_ms: float, **extra) -> dict:
+    row = {**extra, "ms": round(ms, 4), "floor_ms": round(floor, 4), "ratio": round(ms / floor, 3),
+           "state_copy_ms": round(copy_ms, 4), "ratio_copy": round(ms / copy_ms, 3)}  # fmt: skip
+    print(row, flush=True)
+    return row
+
+
+def batch_rows(batches: list[int], bw: float, H: int = 32, K: int = 128, V: int = 128, M: int = 64) -> list[dict]:
+    rows = []
+    for B in batches:
+        (q, k, v, s, g), state = decode_inputs(B, H, K, V, M, torch.bfloat16)
+        ms = _bench(lambda q=q, k=k, v=v, s=s, g=g, st=state: kernels.gsa_decode_triton(q, k, v, s, g, None, st))
+        rows.append(_row(ms, state_floor_ms(state, bw), state_copy_ms(state), B=B))
+    return rows
+
+
+def setting_rows(bw: float, B: int = 16, H: int = 32, K: int = 128, V: int = 128, M: int = 64) -> list[dict]:
     (q, k, v, s, g), state = decode_inputs(B, H, K, V, M, torch.bfloat16)
     floor = state_floor_ms(state, bw)
     copy_ms = state_copy_ms(state)
+    default = kernels.DECODE_BLOCK, kernels.DECODE_WARPS
     ref = [x.clone() for x in state]
     o_ref = kernels.gsa_decode_triton(q, k, v, s, g, None, ref)
     rows = []
@@ -39,15 +66,9 @@ def main() -> None:
             pairs = zip([o, *st], [o_ref, *ref], strict=True)
             err = max(rel_err(a, b) for a, b in pairs)
             ms = _bench(lambda st=st: kernels.gsa_decode_triton(q, k, v, s, g, None, st))
-            rows.append({"block": block, "warps": warps, "ms": round(ms, 4), "floor_ms": round(floor, 4),
-                         "ratio": round(ms / floor, 3), "state_copy_ms": round(copy_ms, 4),
-                         "ratio_copy": round(ms / copy_ms, 3), "rel_err_vs_default": err})  # fmt: skip
-            print(rows[-1], flush=True)
-    best = min(rows, key=lambda r: r["ms"])
-    print("best:", best)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "bandwidth_Bps": bw, "rows": rows}, f, indent=1)
+            rows.append(_row(ms, floor, copy_ms, block=block, warps=warps, rel_err_vs_default=err))
+    kernels.DECODE_BLOCK, kernels.DECODE_WARPS = default
+    return rows
 
 
 if __name__ == "__main__":

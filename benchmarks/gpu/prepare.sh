@@ -25,6 +25,8 @@ declare -A ARGS=(
   [hybrid-tok-fa2]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --full-attention-layers 22,23"
   # ... and with all four layers that hold retrieval heads (20-23): C16 (22, 23 kept) still missed the passkey.
   [hybrid-tok-fa4]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --full-attention-layers 20,21,22,23"
+  # The same four layers picked by the converter itself (t2r convert --full-attention-layers auto:4).
+  [hybrid-tok-auto4]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --full-attention-layers auto:4"
 )
 # ONLY="hybrid-hl hybrid-tok" converts just those (each conversion takes ~20 s of a GPU call).
 for name in ${ONLY:-kproj hybrid teacher hybrid-hl hybrid-m128 hybrid-tok hybrid-tok-fa2 hybrid-tok-fa4}; do
