@@ -15,9 +15,10 @@ How the work is split (per KV head; the G query heads of a group share all state
   keeping the memories in registers. Inside a sub-chunk the decay exp(b_t - b_j) is split at r = b_last / 2
   into exp(b_t - r) * exp(r - b_j), so both passes are matmuls; each factor is at most exp(|b_last| / 2).
 - Backward: the scan again, ``_bwd_sweep`` (forward walk: slot softmax, dp, dz, dq), the scan in reverse (the
-  memories' gradients), ``_bwd_rev_memory`` once per memory (reverse walk: dk or dv, ds and the gate gradient's
-  summands; one memory per launch keeps its registers from spilling), then the summands' reverse cumulative
-  sum in two levels (segment carries, then every segment in parallel) gives dg.
+  memories' gradients), ``_bwd_rev_memory`` once per memory (reverse walk: dk or dv, ds, the gate gradient's
+  summands and its carry into the segment, <memory, gradient> at the segment's end; one memory per launch keeps
+  its registers from spilling), then every segment's reverse cumulative sum of the summands plus its carry
+  gives dg, all segments in parallel.
 - Decoding: ``_decode_step`` streams one token's update through the memories in blocks (``_decode`` takes a few
   tokens at once).
 
@@ -48,7 +49,16 @@ EXP_CLAMP = 60.0
 # Tunables (chosen on an H100; see docs/benchmarks.md): segment length between stored states, sub-chunk length.
 SEGMENT = int(os.environ.get("T2R_GSA_SEGMENT", "64"))
 SUBCHUNK = int(os.environ.get("T2R_GSA_SUBCHUNK", "16"))
-DOT_MODE = os.environ.get("T2R_GSA_DOT", "tf32")  # "tf32" or "half" for bf16/fp16 inputs
+# Products of fp32 intermediates for bf16/fp16 inputs: "tf32", "half", or "half:GROUP,..." for half precision in
+# some kernels only (groups: PREC_GROUPS). The default takes the forward walk's slot logits and memory updates in
+# half precision (forward 6-13% faster on an H100, o's error unchanged at 2e-3); its output products in half took
+# o to 1.1e-2 at tiny head dims, and the backward's walks in half double dg's error to 6e-3
+# (benchmarks/precision_sweep.py, docs/benchmarks.md).
+DOT_MODE = os.environ.get("T2R_GSA_DOT", "half:out")
+# scan: the memories' forward scan (both passes); dscan: their gradients' reverse scan; out: the forward walk's
+# slot logits and memory updates; o: the forward walk's output products; sweep: the backward's forward walk;
+# rev: the backward's reverse walks.
+PREC_GROUPS = ("scan", "dscan", "out", "o", "sweep", "rev")
 STATE_BLOCK = int(os.environ.get("T2R_GSA_STATE_BLOCK", "64"))  # rows of a memory per scan program
 NUM_STAGES = int(os.environ.get("T2R_GSA_STAGES", "2"))
 NUM_WARPS = int(os.environ.get("T2R_GSA_WARPS", "0"))  # 0: by tile size
@@ -304,8 +314,10 @@ def _subchunk_decay(b_ptr, t0, c, eos, Hkv: tl.constexpr, h, M: tl.constexpr, BC
 def _out_fwd_kernel(
     q_ptr, k_ptr, v_ptr, s_ptr, b_ptr, o_ptr, hk_ptr, hv_ptr, seg_ptr, cu_ptr, scale,
     H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
-    BS: tl.constexpr, BC: tl.constexpr, PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
+    BS: tl.constexpr, BC: tl.constexpr, PREC_IN: tl.constexpr, PREC: tl.constexpr, PREC_O: tl.constexpr,
+    EXP_CLAMP: tl.constexpr,
 ):  # fmt: skip
+    """The forward walk: slot logits and memory updates in PREC, the output's products in PREC_O."""
     G: tl.constexpr = H // Hkv
     i_s, t0, eos = _segment_start(seg_ptr, cu_ptr)
     h = tl.program_id(1)
@@ -323,8 +335,8 @@ def _out_fwd_kernel(
             logits = scale * (_mm(qc, hk, PREC) * eb + _mm(A, ek, PREC) * eq)
             e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
             p = e / tl.sum(e, axis=1)[:, None]
-            A2 = tl.where(causal, _mm(p * eq, tl.trans(ek), PREC), 0.0)
-            o = _mm(p * eb, hv, PREC) + _mm(A2, vc, PREC)
+            A2 = tl.where(causal, _mm(p * eq, tl.trans(ek), PREC_O), 0.0)
+            o = _mm(p * eb, hv, PREC_O) + _mm(A2, vc, PREC_O)
             _store_rows(o_ptr, o, t, valid, H, h * G + gi, V)
         hk = hk * decay[None, :] + _mm(tl.trans(kc), w, PREC)
         hv = hv * decay[:, None] + _mm(tl.trans(w), vc, PREC)
@@ -375,7 +387,8 @@ def _bwd_sweep_kernel(
 
 @triton.jit
 def _bwd_rev_memory_kernel(
-    x_ptr, a_ptr, y_ptr, s_ptr, b_ptr, dbuf_ptr, seg_ptr, cu_ptr, dx_ptr, dspart_ptr, ds_ptr, db_ptr, segtot_ptr,
+    x_ptr, a_ptr, y_ptr, s_ptr, b_ptr, dbuf_ptr, mbuf_ptr, seg_ptr, cu_ptr, dx_ptr, dspart_ptr, ds_ptr, db_ptr,
+    cpart_ptr, carry_ptr,
     H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr,
     PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr, FINISH: tl.constexpr,
 ):  # fmt: skip
@@ -383,14 +396,23 @@ def _bwd_rev_memory_kernel(
     keys memory (x = k, read by a = q with slot weights y = dz) and values memory held as [V, M] (x = v, read by
     a = do with y = p). Gradient of x from reads inside the sub-chunk and, through the memory's gradient at its
     end, from every later token; its share of ds. The keys side (FINISH False) leaves its share in dspart; the
-    values side adds it, writes ds and completes the gate summands with -s * ds (and their segment totals). One
-    memory per program keeps the register file from spilling (benchmarks/kernel_resources.py)."""
+    values side adds it, writes ds and completes the gate summands with -s * ds.
+
+    Also the gate gradient's carry into the segment, sum over later tokens of the summands, taken directly as
+    <memory, its gradient> at the segment's end (the memory mbuf holds at the next segment's start): what scaling
+    that memory by exp(delta) does to the loss. Summing the later segments' summands instead gives the same
+    value in exact arithmetic, but their rounding errors add up over the whole sequence (dg's error grew with T,
+    8.9e-3 at 4k; benchmarks/precision_sweep.py). The keys side leaves its share in cpart, the values side adds it
+    and writes carry (zero after a sequence's last segment: the final state's share is added by the caller).
+    One memory per program keeps the register file from spilling (benchmarks/kernel_resources.py)."""
     G: tl.constexpr = H // Hkv
     i_s, t0, eos = _segment_start(seg_ptr, cu_ptr)
     h = tl.program_id(1)
     base = i_s * Hkv + h
     dmem = tl.load(dbuf_ptr + base * D * M + _state_ptrs(0, D, M, M, 1))  # [D, M]
-    total = tl.zeros([M], dtype=tl.float32)  # this segment's gate summands, for the gate gradient's carries
+    more = tl.zeros([D, M], dtype=tl.int32) + (t0 + BS < eos)  # a tensor mask, for the interpreter
+    mem = tl.load(mbuf_ptr + (base + Hkv) * D * M + _state_ptrs(0, D, M, M, 1), mask=more > 0, other=0.0)
+    carry = tl.sum(mem * dmem, axis=0)  # [M]
     rc = tl.arange(0, BC)
     causal = rc[:, None] >= rc[None, :]
     for j in range(0, BS, BC):
@@ -418,40 +440,20 @@ def _bwd_rev_memory_kernel(
             _store_rows(ds_ptr, ds, t, valid, Hkv, h, M)
             db = _load_rows(db_ptr, t, valid, Hkv, h, M) - sc * ds
             _store_rows(db_ptr, db, t, valid, Hkv, h, M)
-            total += tl.sum(db, axis=0)
         else:
             _store_rows(dspart_ptr, ds, t, valid, Hkv, h, M)
     if FINISH:
-        tl.store(segtot_ptr + base * M + tl.arange(0, M), total)
-
-
-@triton.jit
-def _segment_carry_kernel(tot_ptr, init_ptr, cu_ptr, segoff_ptr, Hkv: tl.constexpr, M: tl.constexpr,
-                          BS: tl.constexpr, HAS_INIT: tl.constexpr):  # fmt: skip
-    """In place, per sequence and KV head: each segment's gate-summand total [M] becomes what enters it from the
-    right, init + the totals of every later segment (a short reverse scan over segments, not tokens)."""
-    i_nh = tl.program_id(0)
-    n = i_nh // Hkv
-    h = i_nh % Hkv
-    nseg = tl.cdiv(tl.load(cu_ptr + n + 1) - tl.load(cu_ptr + n), BS)
-    seg0 = tl.load(segoff_ptr + n).to(tl.int64)
-    rm = tl.arange(0, M)
-    if HAS_INIT:
-        carry = tl.load(init_ptr + i_nh * M + rm)
+        tl.store(carry_ptr + base * M + tl.arange(0, M), carry + tl.load(cpart_ptr + base * M + tl.arange(0, M)))
     else:
-        carry = tl.zeros([M], dtype=tl.float32)
-    for j in range(nseg):
-        p = tot_ptr + ((seg0 + nseg - 1 - j) * Hkv + h) * M + rm
-        total = tl.load(p)
-        tl.store(p, carry)
-        carry += total
+        tl.store(cpart_ptr + base * M + tl.arange(0, M), carry)
 
 
 @triton.jit
 def _segment_rev_cumsum_kernel(x_ptr, carry_ptr, seg_ptr, cu_ptr, Hkv: tl.constexpr, M: tl.constexpr,
                                BS: tl.constexpr):  # fmt: skip
     """In place: x_t <- carry(segment) + sum_{t' >= t in the segment} x_t', one program per segment and KV head:
-    with the carries, the gate gradient dg_t = init + sum_{t' >= t} (summand) of the whole sequence."""
+    with the carries, the gate gradient dg_t = sum_{t' >= t} (summand) of the whole sequence, plus the final
+    state's share."""
     i_s, t0, eos = _segment_start(seg_ptr, cu_ptr)
     h = tl.program_id(1)
     t = t0 + tl.arange(0, BS)
@@ -551,21 +553,32 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor)
     return ok(q.shape[-1]) and ok(v.shape[-1]) and ok(s.shape[-1]) and s.shape[-1] <= 128
 
 
-def _precision(dtype: torch.dtype) -> tuple[int, int]:
-    """Operand precisions of the kernels' matmuls: (products of two input tensors, everything else).
+def _half_groups(mode: str) -> set[str]:
+    if mode in ("tf32", "half"):
+        return set(PREC_GROUPS) if mode == "half" else set()
+    names = set(mode.removeprefix("half:").split(","))
+    if not mode.startswith("half:") or not names <= set(PREC_GROUPS):
+        raise ValueError(f"T2R_GSA_DOT={mode!r}: expected tf32, half or half:GROUP,... with groups {PREC_GROUPS}")
+    return names
+
+
+def _precision(dtype: torch.dtype) -> dict[str, int]:
+    """Operand precisions of the kernels' matmuls: "in" for products of two input tensors, and one per kernel
+    group (PREC_GROUPS) for the rest.
 
     Products of two half-precision inputs (q k^T, do v^T) are exact in half precision. The other products
-    take fp32 intermediates (memories, slot weights, decay factors): in tf32 by default (10 mantissa bits
-    instead of 7, about 8x less rounding) or, with T2R_GSA_DOT=half, in the inputs' half precision."""
+    take fp32 intermediates (memories, slot weights, decay factors): in tf32 (10 mantissa bits instead of 7,
+    about 8x less rounding) or, for the groups T2R_GSA_DOT names (by default "out"), in the inputs' half
+    precision."""
     if dtype in (torch.bfloat16, torch.float16):
         half = PREC_BF16 if dtype == torch.bfloat16 else PREC_FP16
         if INTERPRETED:
             half = PREC_BF16_EMULATED if dtype == torch.bfloat16 else PREC_FP16_EMULATED
-        rest = half if DOT_MODE == "half" else (PREC_IEEE if INTERPRETED else PREC_TF32)
-        return half, rest
-    if INTERPRETED or not torch.backends.cuda.matmul.allow_tf32:
-        return PREC_IEEE, PREC_IEEE
-    return PREC_TF32, PREC_TF32
+        halves = _half_groups(DOT_MODE)
+        rest = PREC_IEEE if INTERPRETED else PREC_TF32
+        return {"in": half} | {group: half if group in halves else rest for group in PREC_GROUPS}
+    full = PREC_IEEE if INTERPRETED or not torch.backends.cuda.matmul.allow_tf32 else PREC_TF32
+    return dict.fromkeys(("in", *PREC_GROUPS), full)
 
 
 def _empty(*shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -593,6 +606,8 @@ class _Plan:
         self.cu = cu.to(device, torch.int32)
         self.segoff = segoff.to(device, torch.int32)
         self.segs = torch.stack([seq, start], 1).to(device, torch.int32).contiguous()
+        self.has_segments = (nseg > 0).to(device)
+        self.last = (segoff + nseg - 1)[nseg > 0].to(device)  # each non-empty sequence's last segment
 
 
 def _launch_cfg(K: int, V: int, M: int) -> dict:
@@ -633,7 +648,7 @@ def _state_scan(xk, yk, xv, yv, b, init, plan, prec, Hkv: int, M: int, store_out
     _state_scan_kernel[((K + V) // BD, plan.N * Hkv, M // BM)](
         xk, yk, xv, yv, b, *(init if init is not None else bufs), *bufs, *outs, plan.cu, plan.segoff,
         H=H, Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BD=BD, BM=BM, HAS_INIT=init is not None, STORE_OUT=store_out,
-        REVERSE=reverse, PREC=prec[1], num_warps=4, num_stages=stages,
+        REVERSE=reverse, PREC=prec, num_warps=4, num_stages=stages,
     )  # fmt: skip
     return bufs, (outs if store_out else None)
 
@@ -642,13 +657,13 @@ def _forward(q, k, v, s, g, scale, h0, final, plan, prec):
     Hkv, K, V, M = k.shape[1], k.shape[2], v.shape[2], s.shape[2]
     H = q.shape[1]
     b = _segment_cumsum(g, plan)
-    (hk_buf, hv_buf), hT = _state_scan(k, s, v, s, b, h0, plan, prec, Hkv, M, final, reverse=False)
+    (hk_buf, hv_buf), hT = _state_scan(k, s, v, s, b, h0, plan, prec["scan"], Hkv, M, final, reverse=False)
     o = _empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     if plan.NS:
         _out_fwd_kernel[(plan.NS, Hkv)](
             q, k, v, s, b, o, hk_buf, hv_buf, plan.segs, plan.cu, scale,
-            H=H, Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BC=SUBCHUNK, PREC_IN=prec[0], PREC=prec[1],
-            EXP_CLAMP=EXP_CLAMP,
+            H=H, Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BC=SUBCHUNK, PREC_IN=prec["in"], PREC=prec["out"],
+            PREC_O=prec["o"], EXP_CLAMP=EXP_CLAMP,
             **_launch_cfg(K, V, M),
         )  # fmt: skip
     return o, hT
@@ -659,40 +674,37 @@ def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT):
     Hkv, V, M = k.shape[1], v.shape[2], s.shape[2]
     need_final = dhT is not None
     b = _segment_cumsum(g, plan)
-    (hk_buf, hv_buf), hT = _state_scan(k, s, v, s, b, h0, plan, prec, Hkv, M, need_final, reverse=False)
+    (hk_buf, hv_buf), hT = _state_scan(k, s, v, s, b, h0, plan, prec["scan"], Hkv, M, need_final, reverse=False)
     f32 = dict(dtype=torch.float32, device=q.device)
     dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
     p = _empty(q.shape[0], H, M, **f32)
     dz = _empty(q.shape[0], H, M, **f32)
     db = _empty(q.shape[0], Hkv, M, **f32)
-    side = dict(H=H, Hkv=Hkv, M=M, BS=plan.seg, BC=SUBCHUNK, PREC_IN=prec[0], PREC=prec[1], EXP_CLAMP=EXP_CLAMP)
-    cfg = dict(side, K=K, V=V)
+    side = dict(H=H, Hkv=Hkv, M=M, BS=plan.seg, BC=SUBCHUNK, PREC_IN=prec["in"], EXP_CLAMP=EXP_CLAMP)
+    cfg = dict(side, K=K, V=V, PREC=prec["sweep"])
     if plan.NS:
         _bwd_sweep_kernel[(plan.NS, Hkv)](
             q, k, v, s, b, do, hk_buf, hv_buf, plan.segs, plan.cu, scale, dq, p, dz, db, **cfg,
             **_launch_cfg(K, V, M),
         )  # fmt: skip
-    dbufs, dh0 = _state_scan(q, dz, do, p, b, dhT, plan, prec, Hkv, M, store_out=True, reverse=True)
+    dbufs, dh0 = _state_scan(q, dz, do, p, b, dhT, plan, prec["dscan"], Hkv, M, store_out=True, reverse=True)
     dk, dv, ds = (_empty(*x.shape, dtype=x.dtype, device=x.device) for x in (k, v, s))
-    segtot = _empty(max(plan.NS, 1), Hkv, M, **f32)
     if plan.NS:
         ds_keys = _empty(*s.shape, **f32)  # the keys memory's share of ds, completed by the values side
-        for x, a, y, dbuf, dx, D, finish in ((k, q, dz, dbufs[0], dk, K, False), (v, do, p, dbufs[1], dv, V, True)):
+        carry_keys, carry = (_empty(plan.NS, Hkv, M, **f32) for _ in range(2))  # dg's carries into the segments
+        for x, a, y, dbuf, mbuf, dx, D, finish in (
+            (k, q, dz, dbufs[0], hk_buf, dk, K, False),
+            (v, do, p, dbufs[1], hv_buf, dv, V, True),
+        ):
             _bwd_rev_memory_kernel[(plan.NS, Hkv)](
-                x, a, y, s, b, dbuf, plan.segs, plan.cu, dx, ds_keys, ds, db, segtot, D=D, FINISH=finish, **side,
-                **_launch_cfg(K, V, M),
+                x, a, y, s, b, dbuf, mbuf, plan.segs, plan.cu, dx, ds_keys, ds, db, carry_keys, carry, D=D,
+                FINISH=finish, PREC=prec["rev"], **side, **_launch_cfg(K, V, M),
             )  # fmt: skip
-    # The final state's gradient reaches every gate of the sequence through exp(b_T).
-    init = None
-    if need_final:
-        init = (hT[0] * dhT[0]).sum(2) + (hT[1] * dhT[1]).sum(3)  # [N, Hkv, M]
-        init = init.contiguous()
-    # dg is the reverse cumulative sum of the summands within each sequence: segment totals (from the reverse
-    # sweep) -> carries into each segment (a scan over segments), then every segment's own sum, in parallel.
-    if plan.NS:
-        _segment_carry_kernel[(plan.N * Hkv,)](segtot, init if init is not None else segtot, plan.cu, plan.segoff,
-                                               Hkv=Hkv, M=M, BS=plan.seg, HAS_INIT=init is not None)  # fmt: skip
-        _segment_rev_cumsum_kernel[(plan.NS, Hkv)](db, segtot, plan.segs, plan.cu, Hkv=Hkv, M=M, BS=plan.seg)
+        if need_final:  # the final state's gradient reaches every gate of the sequence through exp(b_T)
+            final = (hT[0] * dhT[0]).sum(2) + (hT[1] * dhT[1]).sum(3)  # [N, Hkv, M]
+            carry[plan.last] += final[plan.has_segments]
+        # dg: every segment's own reverse cumulative sum plus its carry, all segments in parallel.
+        _segment_rev_cumsum_kernel[(plan.NS, Hkv)](db, carry, plan.segs, plan.cu, Hkv=Hkv, M=M, BS=plan.seg)
     return dq, dk, dv, ds, db.to(g.dtype), dh0
 
 
