@@ -172,7 +172,10 @@ def print_table(rows: list[dict]) -> None:
 
 
 def load_bench_model(path: str | None, shape: str | None, device: str) -> nn.Module:
+    from .devices import resolve_device
     from .runs import load_converted
+
+    device = resolve_device(device)
 
     if (path is None) == (shape is None):
         from .errors import T2RError

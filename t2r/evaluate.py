@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .devices import resolve_device
 from .errors import T2RError
 from .runs import RUN_FILE, load_converted, read_run, rebuild_model
 
@@ -189,7 +190,7 @@ def evaluate(
     batch: int = 4,
     with_teacher: bool = True,
 ) -> dict:
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     if do_ppl and not data:
         raise T2RError("--ppl needs --data (held-out text)")

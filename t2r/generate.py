@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from .devices import resolve_device
 from .errors import T2RError
 from .runs import RUN_FILE, load_converted, rebuild_model
 
@@ -18,12 +19,12 @@ def load_for_generation(path: str | Path, device: str | None = None, dtype: str 
     from .runs import read_run
 
     path = Path(path)
+    device = resolve_device(device)
     torch_dtype = DTYPES[dtype] if dtype else torch.float32
     if (path / RUN_FILE).is_file():
         model, tok_dir = rebuild_model(path, dtype=torch_dtype), Path(read_run(path)["model_dir"])
     else:
         model, tok_dir = load_converted(path, torch_dtype), path
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     except (OSError, ValueError) as e:
