@@ -55,6 +55,9 @@ SUBCHUNK = int(os.environ.get("T2R_GSA_SUBCHUNK", "16"))
 # o to 1.1e-2 at tiny head dims, and the backward's walks in half double dg's error to 6e-3
 # (benchmarks/precision_sweep.py, docs/benchmarks.md).
 DOT_MODE = os.environ.get("T2R_GSA_DOT", "half:out")
+# fp16 inputs take the half groups only when asked for: fp16 cannot hold the sub-chunk decay factors (up to
+# exp(EXP_CLAMP) under strongly forgetting gates) that bf16 can.
+HALF_FOR_FP16 = "T2R_GSA_DOT" in os.environ
 # scan: the memories' forward scan (both passes); dscan: their gradients' reverse scan; out: the forward walk's
 # slot logits and memory updates; o: the forward walk's output products; sweep: the backward's forward walk;
 # rev: the backward's reverse walks.
@@ -568,13 +571,13 @@ def _precision(dtype: torch.dtype) -> dict[str, int]:
 
     Products of two half-precision inputs (q k^T, do v^T) are exact in half precision. The other products
     take fp32 intermediates (memories, slot weights, decay factors): in tf32 (10 mantissa bits instead of 7,
-    about 8x less rounding) or, for the groups T2R_GSA_DOT names (by default "out"), in the inputs' half
-    precision."""
+    about 8x less rounding) or, for the groups T2R_GSA_DOT names (by default "out", for bf16 inputs), in the
+    inputs' half precision."""
     if dtype in (torch.bfloat16, torch.float16):
         half = PREC_BF16 if dtype == torch.bfloat16 else PREC_FP16
         if INTERPRETED:
             half = PREC_BF16_EMULATED if dtype == torch.bfloat16 else PREC_FP16_EMULATED
-        halves = _half_groups(DOT_MODE)
+        halves = _half_groups(DOT_MODE) if dtype == torch.bfloat16 or HALF_FOR_FP16 else set()
         rest = PREC_IEEE if INTERPRETED else PREC_TF32
         return {"in": half} | {group: half if group in halves else rest for group in PREC_GROUPS}
     full = PREC_IEEE if INTERPRETED or not torch.backends.cuda.matmul.allow_tf32 else PREC_TF32
