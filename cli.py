@@ -52,6 +52,13 @@ def convert(
     window_mix_per_token: Annotated[
         bool, typer.Option(help="hybrid: the window share also reads each token's hidden state (a learned router)")
     ] = False,
+    window_sink: Annotated[
+        bool,
+        typer.Option(
+            help="hybrid: the window also attends to a virtual first token (a newline's key and value in each layer, "
+            "from one token through the teacher), as softmax attention needs its sink"
+        ),
+    ] = False,
     max_shard_size: Annotated[str, typer.Option(help="largest output shard")] = "2GB",
     seed: Annotated[int, typer.Option(help="seed for random gate init")] = 0,
     force: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
@@ -74,6 +81,7 @@ def convert(
         window=window,
         window_mix_init=window_mix_init,
         window_mix_per_token=window_mix_per_token,
+        window_sink=window_sink,
         seed=seed,
         max_shard_size=max_shard_size,
     )

@@ -45,6 +45,7 @@ class ConvertOptions:
     window: int = 0  # hybrid: sliding-window softmax attention over this many tokens inside each GSA layer
     window_mix_init: float = 2.0  # sigmoid(2) = 0.88 of each head from the window at first (see docs/results.md)
     window_mix_per_token: bool = False  # the window share also reads each token's hidden state (starts at zero)
+    window_sink: bool = False  # the window also sees a virtual first token, its key and value from the teacher
     seed: int = 0
     max_shard_size: str = "2GB"
 
@@ -61,6 +62,8 @@ class ConvertOptions:
             raise T2RError(f"--window must be a non-negative integer, got {self.window}")
         if self.window_mix_per_token and not self.window:
             raise T2RError("--window-mix-per-token needs a hybrid (--window W)")
+        if self.window_sink and not self.window:
+            raise T2RError("--window-sink needs a hybrid (--window W)")
         if self.gate_half_life_max and not self.gate_half_life_max > self.gate_logit_normalizer:
             raise T2RError(
                 f"--gate-half-life-max must be above the unbiased half-life of {self.gate_logit_normalizer:g} tokens "
@@ -128,6 +131,7 @@ def gsa_config_from_teacher(teacher_config: dict, options: ConvertOptions):
         gsa_window=options.window,
         gsa_window_mix_init=options.window_mix_init,
         gsa_window_mix_per_token=options.window_mix_per_token,
+        gsa_window_sink=options.window_sink,
     )
     config.architectures = [cls.__name__.replace("Config", "ForCausalLM")]
     return config
@@ -199,9 +203,15 @@ def convert(
         config = gsa_config_from_teacher(teacher_config, options)
     infos = read_tensor_infos(shard_files(source.path))
     _check_layout(infos, config)
+    sink = None
+    if options.window_sink:
+        from .window_sink import sink_key_values
+
+        gsa_layers = [i for i in range(config.num_hidden_layers) if config.is_gsa_layer(i)]
+        sink = sink_key_values(str(source.path), gsa_layers)
     started = time.time()
     with atomic_directory(out, force=force) as tmp:
-        stats = _write_weights(infos, config, options, tmp, progress)
+        stats = _write_weights(infos, config, options, tmp, progress, sink[1] if sink else None)
         _write_side_files(source, config, tmp)
         record = {
             "t2r_version": __version__,
@@ -210,6 +220,7 @@ def convert(
             "options": asdict(options),
             "gsa_layers": [i for i in range(config.num_hidden_layers) if config.is_gsa_layer(i)],
             **({"full_attention_selection": selection} if selection else {}),
+            **({"window_sink_token": sink[0]} if sink else {}),
             **stats,
             "seconds": round(time.time() - started, 1),
         }
@@ -234,7 +245,7 @@ def _check_layout(infos, config) -> None:
         raise T2RError(f"source already has GSA tensors ({clash[0]}); it looks converted already")
 
 
-def _write_weights(infos, config, options: ConvertOptions, out_dir: Path, progress: bool) -> dict:
+def _write_weights(infos, config, options: ConvertOptions, out_dir: Path, progress: bool, sink=None) -> dict:
     out_dtype = DTYPES.get(options.dtype) if options.dtype else None
     writer = ShardWriter(out_dir, parse_size(options.max_shard_size), metadata={"t2r": __version__})
     gsa_layers = [i for i in range(config.num_hidden_layers) if config.is_gsa_layer(i)]
@@ -261,6 +272,9 @@ def _write_weights(infos, config, options: ConvertOptions, out_dir: Path, progre
                 if config.gsa_window_mix_per_token:
                     router = torch.zeros(config.num_attention_heads, config.hidden_size, dtype=dtype)
                     new.append((f"{prefix}.window_mix.proj.weight", router))
+                if sink is not None:
+                    new += [(f"{prefix}.window_sink.key", sink[idx][0].to(dtype)),
+                            (f"{prefix}.window_sink.value", sink[idx][1].to(dtype))]  # fmt: skip
             for name, t in new:
                 writer.add(name, t)
                 new_names.append(name)
@@ -324,6 +338,7 @@ def model_card(record: dict, config) -> str:
         f"| full-attention layers | {opts['full_attention_layers'] or 'none'}{chosen} |",
         f"| sliding window (hybrid) | {opts['window'] or 'off'} |",
         f"| window share per token | {'yes' if opts['window_mix_per_token'] else 'no'} |",
+        f"| window sink token | {record.get('window_sink_token', 'none')} |",
         f"| parameters | {record['params_total']:,} ({record['params_new']:,} new) |",
         "",
         "**Not finetuned yet**: the new gate projections are untrained, so quality is far below the teacher",

@@ -25,7 +25,7 @@ from .errors import T2RError
 from .fsutil import atomic_write_text
 
 RUN_FILE = "run.json"
-NEW_PARAM_MARKERS = (".f_proj.", ".g_norm.", ".window_mix.")
+NEW_PARAM_MARKERS = (".f_proj.", ".g_norm.", ".window_mix.", ".window_sink.")
 
 
 def read_run(run_dir: Path) -> dict:

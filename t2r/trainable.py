@@ -31,7 +31,7 @@ def configure_trainable(model: nn.Module, stage: Stage, seed: int) -> tuple[nn.M
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             target_modules=list(lora.target_modules),
-            modules_to_save=["f_proj", "g_norm", "window_mix"],
+            modules_to_save=["f_proj", "g_norm", "window_mix", "window_sink"],
             bias="none",
         )
         with quiet_peft_wrap():

@@ -267,6 +267,41 @@ def test_convert_hybrid_with_per_token_window_share(tmp_path):
 
 
 @torch.no_grad()
+def test_convert_hybrid_with_window_sink(tmp_path):
+    """The sink of each layer is the teacher's own key (after RoPE) and value of a newline at position 0: what its
+    KV cache holds after that one token."""
+    from transformers import AutoTokenizer
+
+    from t2r.window_sink import sink_token
+
+    src, _ = make_teacher(tmp_path, "qwen3")  # q/k norms: the sink key must pass through them too
+    out = convert(str(src), tmp_path / "out", ConvertOptions(slots=8, window=16, window_sink=True), progress=False)
+    tensors = load_all(out)
+    record = json.loads((out / "conversion.json").read_text())
+    token = sink_token(AutoTokenizer.from_pretrained(src))
+    assert record["window_sink_token"] == token and "window sink token" in (out / "README.md").read_text()
+    teacher = AutoModelForCausalLM.from_pretrained(src).eval()
+    cache = teacher(torch.tensor([[token]]), use_cache=True).past_key_values
+    for i in range(3):
+        key, value = (
+            tensors[f"model.layers.{i}.self_attn.window_sink.key"],
+            tensors[f"model.layers.{i}.self_attn.window_sink.value"],
+        )
+        assert (
+            rel_err(key, cache.layers[i].keys[0, :, 0]) <= 1e-5
+            and rel_err(value, cache.layers[i].values[0, :, 0]) <= 1e-5
+        )
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert (
+        model.model.layers[0].self_attn.window_sink is not None
+        and torch.isfinite(model(torch.randint(3, 101, (1, 40))).logits).all()
+    )
+    with pytest.raises(T2RError, match="--window-sink needs a hybrid"):
+        convert(str(src), tmp_path / "bad", ConvertOptions(slots=8, window_sink=True), progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+@torch.no_grad()
 def test_gate_bias_spreads_memory_half_lives(tmp_path):
     from t2r.recipe import Stage
     from t2r.trainable import configure_trainable

@@ -443,3 +443,19 @@ def test_full_finetune_of_tied_embeddings_saves_resumes_and_rebuilds(corpus_file
     base, model = load_converted(conv), rebuild_model(full)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert rel_err(model.model.embed_tokens.weight, base.model.embed_tokens.weight) > 1e-4
+
+
+@pytest.mark.parametrize("mode", ["new", "lora"])
+def test_window_sink_is_trained_as_a_new_parameter(mode):
+    """The sink's key and value train with the other new parameters, also behind peft's modules_to_save."""
+    from conftest import tiny_gsa_model
+
+    from t2r.recipe import Stage
+    from t2r.trainable import configure_trainable
+
+    model = tiny_gsa_model("mistral", gsa_window=8, gsa_window_sink=True)
+    model, names = configure_trainable(model, Stage(name="s", train=mode), 0)
+    model(input_ids=torch.randint(3, 100, (2, 30))).logits.sum().backward()
+    sinks = [(n, p) for n, p in model.named_parameters() if "window_sink" in n and p.requires_grad]
+    assert len(sinks) == 6 and all(n in names for n, _ in sinks)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in sinks)

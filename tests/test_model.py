@@ -225,15 +225,25 @@ def _hybrid(arch="mistral", window=16, **kw):
             layer.self_attn.window_mix.weight.uniform_(-2, 2)  # heads with different window shares
             if layer.self_attn.window_mix.proj is not None:  # and tokens that lean differently
                 layer.self_attn.window_mix.proj.weight.normal_(0, 0.5)
+            if layer.self_attn.window_sink is not None:  # a sink that matters
+                layer.self_attn.window_sink.key.normal_(0, 3.0)
+                layer.self_attn.window_sink.value.normal_(0, 1.0)
     return model
 
 
+HYBRIDS = pytest.mark.parametrize(
+    "variant",
+    [{}, {"gsa_window_mix_per_token": True}, {"gsa_window_sink": True}],
+    ids=["mix-per-head", "mix-per-token", "sink"],
+)
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("per_token", [False, True], ids=["mix-per-head", "mix-per-token"])
-def test_hybrid_decode_matches_full_forward_across_the_window(per_token):
+@HYBRIDS
+def test_hybrid_decode_matches_full_forward_across_the_window(variant):
     """Prefill shorter than the window, then decode far past it: the carried window must match the
     parallel sliding-window attention at every step (the path Liger's GSA+SWA gets wrong)."""
-    model = _hybrid(window=16, gsa_use_rope=True, gsa_window_mix_per_token=per_token)
+    model = _hybrid(window=16, gsa_use_rope=True, **variant)
     ids = torch.randint(3, 101, (2, 70))
     full = model(ids, use_cache=False).logits
     for cut in (5, 16, 40):
@@ -267,9 +277,9 @@ def test_hybrid_window_cache_size_is_constant():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("per_token", [False, True], ids=["mix-per-head", "mix-per-token"])
-def test_hybrid_padding_and_packing_are_exact(per_token):
-    model = _hybrid(window=8, gsa_use_rope=True, gsa_window_mix_per_token=per_token)
+@HYBRIDS
+def test_hybrid_padding_and_packing_are_exact(variant):
+    model = _hybrid(window=8, gsa_use_rope=True, **variant)
     prompts = [torch.randint(3, 101, (n,)) for n in (5, 13)]
     ids = torch.zeros(2, 13, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -283,3 +293,21 @@ def test_hybrid_padding_and_packing_are_exact(per_token):
     pos = torch.cat([torch.arange(len(d)) for d in docs])[None]
     packed = model(torch.cat(docs)[None], position_ids=pos).logits
     assert rel_err(packed[:, 11:], model(docs[1][None]).logits) <= 1e-5
+
+
+@torch.no_grad()
+def test_window_sink_is_a_first_token_seen_from_everywhere():
+    """Windowed attention over tokens 1.. with token 0 as the sink equals attention over the window plus token 0
+    (an explicit mask), for queries inside and far beyond the window."""
+    from t2r.modeling.window_attention import sliding_window_attention
+
+    B, T, H, Hkv, D, W = 2, 40, 4, 2, 8, 6
+    q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
+    k[1, 0], v[1, 0] = k[0, 0], v[0, 0]  # the sink is one token, shared by the batch
+    t = torch.arange(T)
+    allowed = ((t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - W)) | (t[None, :] == 0)
+    scores = torch.einsum("bthd,bjhd->bhtj", q, k.repeat_interleave(H // Hkv, 2)) * 0.3
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    expected = torch.einsum("bhtj,bjhd->bthd", weights, v.repeat_interleave(H // Hkv, 2))[:, 1:]
+    out, _ = sliding_window_attention(q[:, 1:], k[:, 1:], v[:, 1:], W, 0.3, sink=(k[0, 0], v[0, 0]), block=7)
+    assert rel_err(out, expected) <= 1e-5

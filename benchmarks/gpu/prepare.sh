@@ -25,6 +25,9 @@ declare -A ARGS=(
   [hybrid-tok-fa2]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --full-attention-layers 22,23"
   # ... and with all four layers that hold retrieval heads (20-23): C16 (22, 23 kept) still missed the passkey.
   [hybrid-tok-fa4]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --full-attention-layers 20,21,22,23"
+  # hybrid-tok whose windows also see a virtual first token (the teacher's newline key and value): without a
+  # sink the windowed teacher collapses (docs/results.md, window sink).
+  [hybrid-tok-sink]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --window-sink"
   # The same four layers picked by the converter itself (t2r convert --full-attention-layers auto:4).
   [hybrid-tok-auto4]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --full-attention-layers auto:4"
 )

@@ -28,6 +28,7 @@ class GSASettings:
     gsa_window: int = 0  # > 0: hybrid layers add sliding-window softmax attention over this many tokens
     gsa_window_mix_init: float = 2.0  # initial per-head mix logit: sigmoid(2) = 88% from the window branch
     gsa_window_mix_per_token: bool = False  # the mix logit also reads the token's hidden state (a linear router)
+    gsa_window_sink: bool = False  # the window also sees a fixed virtual first token (t2r convert --window-sink)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -42,6 +43,8 @@ class GSASettings:
             raise ValueError(f"gsa_gate_logit_normalizer must be > 0, got {self.gsa_gate_logit_normalizer!r}")
         if not isinstance(self.gsa_window, int) or self.gsa_window < 0:
             raise ValueError(f"gsa_window must be a non-negative integer, got {self.gsa_window!r}")
+        if self.gsa_window_sink and not self.gsa_window:
+            raise ValueError("gsa_window_sink needs a hybrid (gsa_window > 0)")
         layers = list(self.gsa_full_attention_layers)
         bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
         if bad or len(set(layers)) != len(layers):

@@ -23,12 +23,14 @@ def sliding_window_attention(
     doc: torch.Tensor | None = None,
     past: Window | None = None,
     block: int = 1024,
+    sink: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, Window]:
     """Causal softmax attention of each token over itself and the previous ``window - 1`` tokens.
 
     q [B, T, H, D]; k, v [B, T, Hkv, D]; ``valid`` [B, T] marks real (non-padding) tokens; ``doc`` [B, T]
     numbers packed documents (attention never crosses them); ``past`` is the window carried from earlier
-    calls (its tokens continue each row's first document). Returns the output and the new window.
+    calls (its tokens continue each row's first document); ``sink`` (key, value [Hkv, D]) is a virtual token
+    every query also sees. Returns the output and the new window.
     """
     B, T, H, _ = q.shape
     Hkv = k.shape[2]
@@ -53,10 +55,15 @@ def sliding_window_attention(
         if doc_all is not None:
             mask = mask & (doc_all[:, None, lo:hi] == doc[:, s:e, None])
         mask = mask | (kpos == qpos)[None]  # padding queries see themselves: finite, and ignored
+        k_blk, v_blk = k_all[:, lo:hi], v_all[:, lo:hi]
+        if sink is not None:
+            k_blk = torch.cat([sink[0].to(k.dtype).expand(B, 1, Hkv, -1), k_blk], dim=1)
+            v_blk = torch.cat([sink[1].to(v.dtype).expand(B, 1, Hkv, -1), v_blk], dim=1)
+            mask = F.pad(mask, (1, 0), value=True)
         o = F.scaled_dot_product_attention(
             q[:, s:e].transpose(1, 2),
-            k_all[:, lo:hi].transpose(1, 2),
-            v_all[:, lo:hi].transpose(1, 2),
+            k_blk.transpose(1, 2),
+            v_blk.transpose(1, 2),
             attn_mask=mask[:, None],
             scale=scale,
             enable_gqa=Hkv != H,
