@@ -56,7 +56,7 @@ def convert(
         bool,
         typer.Option(
             help="hybrid: the window also attends to a virtual first token (a newline's key and value in each layer, "
-            "from one token through the teacher), as softmax attention needs its sink"
+            "from one token through the teacher, which is loaded once for it), as softmax attention needs its sink"
         ),
     ] = False,
     max_shard_size: Annotated[str, typer.Option(help="largest output shard")] = "2GB",
