@@ -27,12 +27,17 @@ def sink_token(tokenizer) -> int:
 def sink_key_values(source: str, layers: list[int]) -> tuple[int, dict[int, tuple]]:
     """(token id, {layer: (key [Hkv, D], value [Hkv, D])}) of the sink token (``sink_token``) through the
     teacher."""
+    from transformers import AutoTokenizer
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     from .sources import load_eager_teacher
 
-    model, tokenizer = load_eager_teacher(source)
-    token = sink_token(tokenizer)
+    try:  # before the weights load: a teacher without a tokenizer fails at once
+        token = sink_token(AutoTokenizer.from_pretrained(source))
+    except (OSError, ValueError) as e:
+        detail = str(e).strip().splitlines()[0]
+        raise T2RError(f"--window-sink needs the teacher's tokenizer to choose the sink token ({detail})") from None
+    model, _ = load_eager_teacher(source)
     captured: dict[int, tuple] = {}
 
     def hook(idx):

@@ -301,6 +301,20 @@ def test_convert_hybrid_with_window_sink(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_cli_window_sink(tmp_path, capsys):
+    src, _ = make_teacher(tmp_path / "q", "qwen3")
+    args = ["convert", str(src), str(tmp_path / "out"), "--slots", "8", "--window", "16", "--window-sink"]
+    code, lines = run_cli(args, capsys)
+    assert code == 0, lines
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["gsa_window_sink"] is True
+    code, lines = run_cli(["convert", str(src), str(tmp_path / "bad"), "--window-sink"], capsys)
+    assert_one_line_error(code, lines, "--window-sink needs a hybrid")
+    no_tokenizer, _ = make_teacher(tmp_path / "l", "llama")  # its tokenizer_config.json names no tokenizer
+    code, lines = run_cli([*args[:1], str(no_tokenizer), str(tmp_path / "bad"), *args[3:]], capsys)
+    assert_one_line_error(code, lines, "--window-sink needs the teacher's tokenizer")
+    assert not (tmp_path / "bad").exists()
+
+
 @torch.no_grad()
 def test_gate_bias_spreads_memory_half_lives(tmp_path):
     from t2r.recipe import Stage
