@@ -609,8 +609,13 @@ class _Plan:
         self.cu = cu.to(device, torch.int32)
         self.segoff = segoff.to(device, torch.int32)
         self.segs = torch.stack([seq, start], 1).to(device, torch.int32).contiguous()
-        self.has_segments = (nseg > 0).to(device)
-        self.last = (segoff + nseg - 1)[nseg > 0].to(device)  # each non-empty sequence's last segment
+        self._nseg, self._segoff, self._device = nseg, segoff, device
+
+    def last_segments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(non-empty sequences, their last segments) on the device; built only when a final-state gradient needs
+        them, so that plain calls copy nothing more to the device."""
+        seqs = (self._nseg > 0).nonzero().flatten()
+        return seqs.to(self._device), (self._segoff + self._nseg - 1)[seqs].to(self._device)
 
 
 def _launch_cfg(K: int, V: int, M: int) -> dict:
@@ -705,7 +710,8 @@ def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT):
             )  # fmt: skip
         if need_final:  # the final state's gradient reaches every gate of the sequence through exp(b_T)
             final = (hT[0] * dhT[0]).sum(2) + (hT[1] * dhT[1]).sum(3)  # [N, Hkv, M]
-            carry[plan.last] += final[plan.has_segments]
+            seqs, last = plan.last_segments()
+            carry[last] += final[seqs]
         # dg: every segment's own reverse cumulative sum plus its carry, all segments in parallel.
         _segment_rev_cumsum_kernel[(plan.NS, Hkv)](db, carry, plan.segs, plan.cu, Hkv=Hkv, M=M, BS=plan.seg)
     return dq, dk, dv, ds, db.to(g.dtype), dh0

@@ -203,11 +203,11 @@ def convert(
         config = gsa_config_from_teacher(teacher_config, options)
     infos = read_tensor_infos(shard_files(source.path))
     _check_layout(infos, config)
+    gsa_layers = [i for i in range(config.num_hidden_layers) if config.is_gsa_layer(i)]
     sink = None
     if options.window_sink:
         from .window_sink import sink_key_values
 
-        gsa_layers = [i for i in range(config.num_hidden_layers) if config.is_gsa_layer(i)]
         sink = sink_key_values(str(source.path), gsa_layers)
     started = time.time()
     with atomic_directory(out, force=force) as tmp:
@@ -218,7 +218,7 @@ def convert(
             "source": source.provenance(),
             "teacher_model_type": teacher_config.get("model_type"),
             "options": asdict(options),
-            "gsa_layers": [i for i in range(config.num_hidden_layers) if config.is_gsa_layer(i)],
+            "gsa_layers": gsa_layers,
             **({"full_attention_selection": selection} if selection else {}),
             **({"window_sink_token": sink[0]} if sink else {}),
             **stats,

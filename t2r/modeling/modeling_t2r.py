@@ -71,7 +71,7 @@ class GSAAttention(nn.Module):
         self.window = config.gsa_window
         router_inputs = config.hidden_size if config.gsa_window_mix_per_token else 0
         self.window_mix = WindowMix(self.num_heads, config.gsa_window_mix_init, router_inputs) if self.window else None
-        use_sink = self.window and getattr(config, "gsa_window_sink", False)
+        use_sink = self.window and config.gsa_window_sink
         self.window_sink = WindowSink(self.num_kv_heads, self.head_dim) if use_sink else None
         # The teacher's softmax attention over the same projection modules, kept unregistered (its weights are
         # the ones above) for attention transfer and teacher forwards. Wrappers that replace the projections
