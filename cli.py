@@ -53,12 +53,15 @@ def convert(
         bool, typer.Option(help="hybrid: the window share also reads each token's hidden state (a learned router)")
     ] = False,
     window_sink: Annotated[
-        bool,
+        bool | None,
         typer.Option(
+            "--window-sink/--no-window-sink",
             help="hybrid: the window also attends to a virtual first token (a newline's key and value in each layer, "
-            "from one token through the teacher, which is loaded once for it), as softmax attention needs its sink"
+            "from one token through the teacher, which is loaded once for it), as softmax attention needs its sink "
+            "[default: on with --window]",
+            show_default=False,
         ),
-    ] = False,
+    ] = None,
     max_shard_size: Annotated[str, typer.Option(help="largest output shard")] = "2GB",
     seed: Annotated[int, typer.Option(help="seed for random gate init")] = 0,
     force: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,

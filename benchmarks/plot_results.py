@@ -40,6 +40,7 @@ LABELS = {
     "C16": "C16: C15 with layers 22, 23 kept as softmax attention",
     "C17": "C17: C15 on 4096-token rows",
     "C18": "C18: C15 with layers 20-23 kept as softmax attention",
+    "C19": "C19: C15 with a window sink (--window-sink)",
 }
 EARLY = {"A", "B", "C", "B2", "C2"}  # the 1.57M-token runs on the reference path
 

@@ -45,7 +45,9 @@ class ConvertOptions:
     window: int = 0  # hybrid: sliding-window softmax attention over this many tokens inside each GSA layer
     window_mix_init: float = 2.0  # sigmoid(2) = 0.88 of each head from the window at first (see docs/results.md)
     window_mix_per_token: bool = False  # the window share also reads each token's hidden state (starts at zero)
-    window_sink: bool = False  # the window also sees a virtual first token, its key and value from the teacher
+    # The window also sees a virtual first token, its key and value from the teacher. None: on for hybrids (a
+    # window without a sink collapses: docs/results.md, window sink).
+    window_sink: bool | None = None
     seed: int = 0
     max_shard_size: str = "2GB"
 
@@ -190,6 +192,8 @@ def convert(
     """Convert SRC (alias, directory, hub id or .gguf) into a GSA checkpoint directory OUT (atomically)."""
     options = options or ConvertOptions()
     options.validate()
+    if options.window_sink is None:
+        options = replace(options, window_sink=options.window > 0)
     out = check_destination(out, force)
     source = resolve_source(src, allow_download=allow_download)
     teacher_config = json.loads((source.path / "config.json").read_text())

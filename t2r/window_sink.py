@@ -36,8 +36,11 @@ def sink_key_values(source: str, layers: list[int]) -> tuple[int, dict[int, tupl
         token = sink_token(AutoTokenizer.from_pretrained(source))
     except (OSError, ValueError) as e:
         detail = str(e).strip().splitlines()[0]
-        raise T2RError(f"--window-sink needs the teacher's tokenizer to choose the sink token ({detail})") from None
-    model, _ = load_eager_teacher(source)
+        raise T2RError(
+            f"--window-sink needs the teacher's tokenizer to choose the sink token ({detail}); "
+            "--no-window-sink converts the hybrid without a sink"
+        ) from None
+    model, _ = load_eager_teacher(source, dtype="auto")  # the dtype the converted sink is stored in
     captured: dict[int, tuple] = {}
 
     def hook(idx):

@@ -229,8 +229,12 @@ def test_convert_real_smollm2_from_gguf(tmp_path):
 
 @torch.no_grad()
 def test_convert_hybrid_window(tmp_path):
-    src, _ = make_teacher(tmp_path, "llama")
-    out = convert(str(src), tmp_path / "out", ConvertOptions(slots=8, window=16, window_mix_init=1.5), progress=False)
+    src, _ = make_teacher(tmp_path, "llama")  # no tokenizer: the default window sink cannot be chosen
+    with pytest.raises(T2RError, match=r"needs the teacher's tokenizer .*--no-window-sink converts the hybrid"):
+        convert(str(src), tmp_path / "out", ConvertOptions(slots=8, window=16), progress=False)
+    assert not (tmp_path / "out").exists()
+    options = ConvertOptions(slots=8, window=16, window_mix_init=1.5, window_sink=False)
+    out = convert(str(src), tmp_path / "out", options, progress=False)
     tensors = load_all(out)
     mix = tensors["model.layers.1.self_attn.window_mix.weight"]
     assert torch.equal(mix, torch.full((6,), 1.5))
@@ -250,9 +254,9 @@ def test_convert_hybrid_window(tmp_path):
 def test_convert_hybrid_with_per_token_window_share(tmp_path):
     """The router starts at zero: the converted model is the per-head hybrid exactly, with one more tensor."""
     src, _ = make_teacher(tmp_path, "llama")
-    plain = convert(str(src), tmp_path / "plain", ConvertOptions(slots=8, window=16), progress=False)
-    out = convert(str(src), tmp_path / "out", ConvertOptions(slots=8, window=16, window_mix_per_token=True),
-                  progress=False)  # fmt: skip
+    plain = convert(str(src), tmp_path / "plain", ConvertOptions(slots=8, window=16, window_sink=False), progress=False)
+    options = ConvertOptions(slots=8, window=16, window_mix_per_token=True, window_sink=False)
+    out = convert(str(src), tmp_path / "out", options, progress=False)
     extra = set(load_all(out)) - set(load_all(plain))
     assert extra == {f"model.layers.{i}.self_attn.window_mix.proj.weight" for i in range(3)}
     router = load_all(out)["model.layers.0.self_attn.window_mix.proj.weight"]
@@ -268,14 +272,14 @@ def test_convert_hybrid_with_per_token_window_share(tmp_path):
 
 @torch.no_grad()
 def test_convert_hybrid_with_window_sink(tmp_path):
-    """The sink of each layer is the teacher's own key (after RoPE) and value of a newline at position 0: what its
-    KV cache holds after that one token."""
+    """The sink of each layer (on by default for hybrids) is the teacher's own key (after RoPE) and value of a
+    newline at position 0: what its KV cache holds after that one token."""
     from transformers import AutoTokenizer
 
     from t2r.window_sink import sink_token
 
     src, _ = make_teacher(tmp_path, "qwen3")  # q/k norms: the sink key must pass through them too
-    out = convert(str(src), tmp_path / "out", ConvertOptions(slots=8, window=16, window_sink=True), progress=False)
+    out = convert(str(src), tmp_path / "out", ConvertOptions(slots=8, window=16), progress=False)
     tensors = load_all(out)
     record = json.loads((out / "conversion.json").read_text())
     token = sink_token(AutoTokenizer.from_pretrained(src))
@@ -307,6 +311,10 @@ def test_cli_window_sink(tmp_path, capsys):
     code, lines = run_cli(args, capsys)
     assert code == 0, lines
     assert json.loads((tmp_path / "out" / "config.json").read_text())["gsa_window_sink"] is True
+    for flag, expected in (([], True), (["--no-window-sink"], False)):  # on by default for hybrids
+        code, lines = run_cli([*args[:-1], *flag, "--force"], capsys)
+        config = json.loads((tmp_path / "out" / "config.json").read_text())
+        assert code == 0 and config["gsa_window_sink"] is expected, (flag, lines)
     code, lines = run_cli(["convert", str(src), str(tmp_path / "bad"), "--window-sink"], capsys)
     assert_one_line_error(code, lines, "--window-sink needs a hybrid")
     no_tokenizer, _ = make_teacher(tmp_path / "l", "llama")  # its tokenizer_config.json names no tokenizer

@@ -357,7 +357,7 @@ def test_hybrid_model_trains_its_window_mix(tmp_path, corpus_files, tiny_convert
     from t2r.convert import ConvertOptions, convert
 
     teacher = json.loads((tiny_converted / "conversion.json").read_text())["source"]["path"]
-    options = ConvertOptions(slots=16, window=8, window_mix_per_token=per_token)
+    options = ConvertOptions(slots=16, window=8, window_mix_per_token=per_token, window_sink=False)
     hybrid = convert(teacher, tmp_path / "hybrid", options, progress=False)
     run = finetune(str(hybrid), tmp_path / "run", corpus_files, RECIPE, progress=False)
     delta = tensors(run / "stages" / "00-transfer.safetensors")

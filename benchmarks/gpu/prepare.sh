@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Join the staged GGUF and convert SmolLM2-135M for the quality runs (kproj gates; hybrid with W = 64, also with a
-# gate bias and with 128 slots; the control).
+# gate bias and with 128 slots; the control). Hybrids get a window sink by default since the seventh session; the
+# conversions of the runs before it (C-C18) say --no-window-sink.
 set -euo pipefail
 source benchmarks/gpu/env.sh
 S=/root/stage
@@ -11,25 +12,27 @@ mkdir -p $S/data && for f in $S/*.txt.xz; do xz -dkc "$f" > $S/data/$(basename "
 G=$S/SmolLM2-135M-Instruct.Q4_1.gguf
 declare -A ARGS=(
   [kproj]="--gate-init kproj"
-  [hybrid]="--gate-init kproj --window 64"
+  [hybrid]="--gate-init kproj --window 64 --no-window-sink"
   # The control: the teacher with every layer kept as softmax attention (recipes/smollm2-control-teacher.yaml).
   [teacher]="--full-attention-layers $(seq -s, 0 29)"
   # The hybrid with a gate bias: memory half-lives log-spaced from 8 to 4096 tokens at zero gate input.
-  [hybrid-hl]="--gate-init kproj --window 64 --gate-half-life-max 4096"
+  [hybrid-hl]="--gate-init kproj --window 64 --gate-half-life-max 4096 --no-window-sink"
   # Twice the slots (M = 128), same gate bias: more memory for the long-range context the hybrids miss.
-  [hybrid-m128]="--gate-init kproj --window 64 --slots 128 --gate-half-life-max 4096"
+  [hybrid-m128]="--gate-init kproj --window 64 --slots 128 --gate-half-life-max 4096 --no-window-sink"
   # The window share read per token from the hidden state (a router starting at zero), same gate bias.
-  [hybrid-tok]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096"
+  [hybrid-tok]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --no-window-sink"
   # hybrid-tok with the two layers that hold the teacher's passkey-retrieval heads kept as softmax attention
   # (benchmarks/long_range_layers.py; docs/results/long_range_layers_smollm2_cpu.json).
-  [hybrid-tok-fa2]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --full-attention-layers 22,23"
+  [hybrid-tok-fa2]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --full-attention-layers 22,23 --no-window-sink"
   # ... and with all four layers that hold retrieval heads (20-23): C16 (22, 23 kept) still missed the passkey.
-  [hybrid-tok-fa4]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --full-attention-layers 20,21,22,23"
+  [hybrid-tok-fa4]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --full-attention-layers 20,21,22,23 --no-window-sink"
   # hybrid-tok whose windows also see a virtual first token (the teacher's newline key and value): without a
   # sink the windowed teacher collapses (docs/results.md, window sink).
   [hybrid-tok-sink]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --window-sink"
-  # The same four layers picked by the converter itself (t2r convert --full-attention-layers auto:4).
+  # The same four layers picked by the converter itself (t2r convert --full-attention-layers auto:4), with the sink.
   [hybrid-tok-auto4]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --full-attention-layers auto:4"
+  # C18's four softmax layers with the sink in the other 26 (C19 vs C15: the sink is worth 8% on pydoc).
+  [hybrid-tok-sink-fa4]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --full-attention-layers 20,21,22,23"
 )
 # ONLY="hybrid-hl hybrid-tok" converts just those (each conversion takes ~20 s of a GPU call).
 for name in ${ONLY:-kproj hybrid teacher hybrid-hl hybrid-m128 hybrid-tok hybrid-tok-fa2 hybrid-tok-fa4}; do
