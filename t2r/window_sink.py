@@ -23,24 +23,26 @@ def sink_token(tokenizer) -> int:
     raise T2RError("--window-sink: the tokenizer has no newline, BOS or EOS token to use as the sink")
 
 
-@torch.no_grad()
-def sink_key_values(source: str, layers: list[int]) -> tuple[int, dict[int, tuple]]:
-    """(token id, {layer: (key [Hkv, D], value [Hkv, D])}) of the sink token (``sink_token``) through the
-    teacher."""
+def teacher_sink_token(source: str) -> int:
+    """The sink token of the teacher at SOURCE (an HF directory), checked before any weights load."""
     from transformers import AutoTokenizer
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from .sources import load_eager_teacher
-
-    try:  # before the weights load: a teacher without a tokenizer fails at once
-        token = sink_token(AutoTokenizer.from_pretrained(source))
+    try:
+        return sink_token(AutoTokenizer.from_pretrained(source))
     except (OSError, ValueError) as e:
         detail = str(e).strip().splitlines()[0]
         raise T2RError(
             f"--window-sink needs the teacher's tokenizer to choose the sink token ({detail}); "
             "--no-window-sink converts the hybrid without a sink"
         ) from None
-    model, _ = load_eager_teacher(source, dtype="auto")  # the dtype the converted sink is stored in
+
+
+@torch.no_grad()
+def sink_key_values(model, token: int, layers: list[int]) -> dict[int, tuple]:
+    """{layer: (key [Hkv, D], value [Hkv, D])} of TOKEN at position 0 through the teacher MODEL (eager attention;
+    ``t2r.sources.load_eager_teacher``), on CPU in fp32."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
     captured: dict[int, tuple] = {}
 
     def hook(idx):
@@ -52,14 +54,14 @@ def sink_key_values(source: str, layers: list[int]) -> tuple[int, dict[int, tupl
             if getattr(attn, "k_norm", None) is not None:
                 k = attn.k_norm(k)
             _, k = apply_rotary_pos_emb(k, k, cos, sin, unsqueeze_dim=2)
-            captured[idx] = (k[0, 0].float().clone(), v[0, 0].float().clone())
+            captured[idx] = (k[0, 0].float().cpu(), v[0, 0].float().cpu())
 
         return capture
 
     handles = [model.model.layers[i].self_attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i in layers]
     try:
-        model(input_ids=torch.tensor([[token]]), use_cache=False)
+        model(input_ids=torch.tensor([[token]], device=model.device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return token, captured
+    return captured

@@ -108,3 +108,30 @@ def test_convert_auto_keeps_the_ranked_layers(tiny_converted, tmp_path):
     assert config["gsa_full_attention_layers"] == sel["chosen"]
     assert record["gsa_layers"] == [i for i in range(3) if i not in sel["chosen"]]
     assert "strongest retrieval layers" in (out / "README.md").read_text()
+
+
+def test_convert_auto_with_window_sink_loads_the_teacher_once(tiny_converted, tmp_path, monkeypatch):
+    """auto:N and the hybrids' default window sink share one load of the whole teacher (a 7B is tens of GB), and
+    the sink is the same as a conversion without the selection gives."""
+    from safetensors.torch import load_file
+
+    import t2r.sources
+
+    loads = []
+    real = t2r.sources.load_eager_teacher
+    monkeypatch.setattr(t2r.sources, "load_eager_teacher", lambda *a, **k: loads.append(a) or real(*a, **k))
+    teacher = Path(tiny_converted).parent / "teacher"
+    both = convert(str(teacher), tmp_path / "both", ConvertOptions(slots=8, window=8, full_attention_auto=1),
+                   progress=False)  # fmt: skip
+    sink_only = convert(str(teacher), tmp_path / "sink", ConvertOptions(slots=8, window=8), progress=False)
+    assert len(loads) == 2  # one per conversion
+    chosen = json.loads((both / "conversion.json").read_text())["options"]["full_attention_layers"]
+    a, b = (
+        {k: v for f in sorted(p.glob("*.safetensors")) for k, v in load_file(str(f)).items()} for p in (both, sink_only)
+    )
+    for i in range(3):
+        for part in ("key", "value"):
+            name = f"model.layers.{i}.self_attn.window_sink.{part}"
+            assert (name in a) == (i not in chosen) and name in b
+            if name in a:
+                assert torch.equal(a[name], b[name]), name
