@@ -57,7 +57,7 @@ def convert(
         typer.Option(
             "--window-sink/--no-window-sink",
             help="hybrid: the window also attends to a virtual first token (a newline's key and value in each layer, "
-            "from one token through the teacher, loaded once for it and auto:N), as softmax attention needs its sink "
+            "from one token through the teacher, streamed layer by layer), as softmax attention needs its sink "
             "[default: on with --window]",
             show_default=False,
         ),

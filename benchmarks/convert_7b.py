@@ -2,9 +2,11 @@
 
 The input has the real shapes (32 layers, hidden 4096, GQA 32/8, vocab 32000; 7.24B parameters, 14.5 GB)
 and is sharded like the hub's (two shards split at 10 GB). The conversion runs as `t2r convert` in a child
-process, so its peak RSS is measured alone (ru_maxrss of the child). Not a test: it needs ~30 GB of disk.
+process, so its peak RSS is measured alone (ru_maxrss of that child). Not a test: it needs ~30 GB of disk.
+`--window 64` converts the hybrid, whose default window sink runs the teacher on one token, layer by layer
+(the input gets a four-word tokenizer for it: the sink's values do not matter here, its memory does).
 
-    python benchmarks/convert_7b.py --workdir /tmp/t2r-bench-7b [--keep] [--drop-caches]
+    python benchmarks/convert_7b.py --workdir /tmp/t2r-bench-7b [--keep] [--drop-caches] [--window 64]
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,12 @@ MISTRAL_7B = {
     "torch_dtype": "bfloat16",
     "hidden_act": "silu",
 }
+
+
+MEASURE = """import resource, subprocess, sys
+code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+sys.exit(code)"""
 
 
 def tensor_shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -86,6 +93,17 @@ def build(src: Path, shard_bytes: int = 10 * 10**9) -> None:
     (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
+def add_tokenizer(src: Path) -> None:
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "\n": 3}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    ).save_pretrained(src)
+
+
 def _save(src: Path, shards: list[dict], i: int) -> None:
     save_file(shards[i], str(src / f"part{i}.safetensors"), metadata={"format": "pt"})
     (src / f"part{i}.json").write_text(json.dumps(list(shards[i])))
@@ -97,25 +115,29 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/t2r-bench-7b"))
     ap.add_argument("--keep", action="store_true", help="keep the input and output checkpoints")
     ap.add_argument("--drop-caches", action="store_true", help="start from a cold page cache (needs root)")
+    ap.add_argument("--window", type=int, default=0, help="convert the hybrid (with its default window sink)")
     args = ap.parse_args()
     src, out = args.workdir / "mistral-7b-shaped", args.workdir / "converted"
     if not (src / "model.safetensors.index.json").is_file():
         t = time.time()
         build(src)
         print(f"built input in {time.time() - t:.0f} s", flush=True)
+    if args.window and not (src / "tokenizer.json").is_file():
+        add_tokenizer(src)
     in_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     if args.drop_caches:
         subprocess.run(["sync"], check=True)
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
     t2r = Path(sys.executable).parent / "t2r"
+    command = [str(t2r), "convert", str(src), str(out), "--slots", "64", "--window", str(args.window), "--force"]
+    # A fresh interpreter runs the conversion and reports its children's peak RSS: this process's own children
+    # (the input's builder) would count in its ru_maxrss too.
     started = time.time()
-    proc = subprocess.run(
-        [str(t2r), "convert", str(src), str(out), "--slots", "64", "--force"], capture_output=True, text=True
-    )
+    proc = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True)
     wall = time.time() - started
-    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
     if proc.returncode:
         sys.exit(f"convert failed: {proc.stderr[-2000:]}")
+    peak_gb = int(proc.stdout.strip().splitlines()[-1]) / 1024**2
     record = json.loads((out / "conversion.json").read_text())
     result = {
         "date": time.strftime("%Y-%m-%d"),
@@ -124,6 +146,8 @@ def main() -> None:
         "output_gb": round(record["output_bytes"] / 1e9, 2),
         "params_total": record["params_total"],
         "cold_cache": args.drop_caches,
+        "window": args.window,
+        "window_sink": record["options"]["window_sink"],
         "wall_s": round(wall, 1),
         "peak_rss_gb": round(peak_gb, 2),
     }

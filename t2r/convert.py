@@ -203,17 +203,11 @@ def convert(
         from .window_sink import teacher_sink_token
 
         sink_token = teacher_sink_token(str(source.path))  # before any weights load
-    teacher = None
-    if options.full_attention_auto or options.window_sink:  # one load of the whole teacher serves both
-        from .sources import load_eager_teacher
-
-        # fp32 for the selection's attention probabilities; the sink alone is stored in the teacher's dtype
-        teacher = load_eager_teacher(str(source.path), dtype=None if options.full_attention_auto else "auto")
     selection = None
     if options.full_attention_auto:
         from .layer_select import select_full_attention_layers
 
-        layers, selection = select_full_attention_layers(*teacher, options.full_attention_auto, progress=progress)
+        layers, selection = select_full_attention_layers(source.path, options.full_attention_auto, progress=progress)
         options = replace(options, full_attention_layers=layers, full_attention_auto=0)
         config = gsa_config_from_teacher(teacher_config, options)
     infos = read_tensor_infos(shard_files(source.path))
@@ -223,8 +217,7 @@ def convert(
     if options.window_sink:
         from .window_sink import sink_key_values
 
-        sink = sink_token, sink_key_values(teacher[0], sink_token, gsa_layers)
-    del teacher
+        sink = sink_token, sink_key_values(source.path, sink_token, gsa_layers)
     started = time.time()
     with atomic_directory(out, force=force) as tmp:
         stats = _write_weights(infos, config, options, tmp, progress, sink[1] if sink else None)

@@ -111,11 +111,14 @@ def rank_layers(rows: list[dict]) -> list[int]:
     return [r["layer"] for r in sorted(rows, key=lambda r: (-r["key_share_max"], -r.get("far_share_max", 0.0)))]
 
 
-def select_full_attention_layers(model, tokenizer, n: int, context: int = 1024, trials: int = 8,
+def select_full_attention_layers(path, n: int, context: int = 1024, trials: int = 8,
                                  progress: bool = True) -> tuple[list[int], dict]:  # fmt: skip
-    """The ``n`` layers of the teacher MODEL (eager attention: ``t2r.sources.load_eager_teacher``) with the
-    strongest retrieval heads, and the profile behind the choice (for conversion.json). Moves the teacher to CUDA
-    if there is one."""
+    """The ``n`` layers of the teacher at ``path`` (an HF directory) with the strongest retrieval heads, and the
+    profile behind the choice (for conversion.json). Runs the teacher with eager attention, on CUDA if there is
+    one."""
+    from .sources import load_eager_teacher
+
+    model, tokenizer = load_eager_teacher(str(path))
     if torch.cuda.is_available():
         model = model.to("cuda")
     rows = layer_table(retrieval_profile(model, tokenizer, context, trials, progress=progress))

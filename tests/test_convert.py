@@ -305,6 +305,21 @@ def test_convert_hybrid_with_window_sink(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@torch.no_grad()
+def test_window_sink_streamed_equals_the_teachers_kv_cache(tmp_path, arch):
+    """The layer-by-layer sink pass of every supported architecture gives what the whole teacher caches after the
+    token (so nothing a layer needs is lost by building it from the shards alone)."""
+    from t2r.window_sink import sink_key_values
+
+    src, teacher = make_teacher(tmp_path, arch)
+    sink = sink_key_values(src, 7, [0, 2])
+    cache = teacher(torch.tensor([[7]]), use_cache=True).past_key_values
+    assert sorted(sink) == [0, 2]
+    for i in (0, 2):
+        assert rel_err(sink[i][0], cache.layers[i].keys[0, :, 0]) <= 1e-5
+        assert rel_err(sink[i][1], cache.layers[i].values[0, :, 0]) <= 1e-5
+
+
 def test_cli_window_sink(tmp_path, capsys):
     src, _ = make_teacher(tmp_path / "q", "qwen3")
     args = ["convert", str(src), str(tmp_path / "out"), "--slots", "8", "--window", "16", "--window-sink"]

@@ -110,9 +110,9 @@ def test_convert_auto_keeps_the_ranked_layers(tiny_converted, tmp_path):
     assert "strongest retrieval layers" in (out / "README.md").read_text()
 
 
-def test_convert_auto_with_window_sink_loads_the_teacher_once(tiny_converted, tmp_path, monkeypatch):
-    """auto:N and the hybrids' default window sink share one load of the whole teacher (a 7B is tens of GB), and
-    the sink is the same as a conversion without the selection gives."""
+def test_convert_auto_with_window_sink(tiny_converted, tmp_path, monkeypatch):
+    """auto:N loads the whole teacher once; the hybrids' default window sink never does (it streams the teacher
+    layer by layer), and its values do not depend on the selection."""
     from safetensors.torch import load_file
 
     import t2r.sources
@@ -123,12 +123,11 @@ def test_convert_auto_with_window_sink_loads_the_teacher_once(tiny_converted, tm
     teacher = Path(tiny_converted).parent / "teacher"
     both = convert(str(teacher), tmp_path / "both", ConvertOptions(slots=8, window=8, full_attention_auto=1),
                    progress=False)  # fmt: skip
+    assert len(loads) == 1
     sink_only = convert(str(teacher), tmp_path / "sink", ConvertOptions(slots=8, window=8), progress=False)
-    assert len(loads) == 2  # one per conversion
+    assert len(loads) == 1
     chosen = json.loads((both / "conversion.json").read_text())["options"]["full_attention_layers"]
-    a, b = (
-        {k: v for f in sorted(p.glob("*.safetensors")) for k, v in load_file(str(f)).items()} for p in (both, sink_only)
-    )
+    a, b = ({k: v for f in p.glob("*.safetensors") for k, v in load_file(str(f)).items()} for p in (both, sink_only))
     for i in range(3):
         for part in ("key", "value"):
             name = f"model.layers.{i}.self_attn.window_sink.{part}"
