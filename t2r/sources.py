@@ -121,14 +121,13 @@ def resolve_source(spec: str, allow_download: bool = False) -> Source:
     raise T2RError(f"unknown model alias {spec!r}; known aliases: {known} (or give a directory, hub id or .gguf)")
 
 
-def load_eager_teacher(spec: str, dtype: str | None = None):
+def load_eager_teacher(spec: str):
     """(model, tokenizer) of SRC with eager attention, whose weights and masks are materialised tensors: for the
-    analysis code that reads or edits them (t2r.layer_select, benchmarks/window_ablation.py). fp32 unless DTYPE
-    ("auto": the checkpoint's own, half the memory of a bf16 7B in fp32)."""
+    analysis code that reads or edits them (t2r.layer_select, benchmarks/window_ablation.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_source(spec).path
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
     return model, AutoTokenizer.from_pretrained(path)
 
 
