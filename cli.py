@@ -58,7 +58,7 @@ def convert(
             "--window-sink/--no-window-sink",
             help="hybrid: the window also attends to a virtual first token (a newline's key and value in each layer, "
             "from one token through the teacher, streamed layer by layer), as softmax attention needs its sink "
-            "[default: on with --window]",
+            "(on by default with --window)",
             show_default=False,
         ),
     ] = None,
