@@ -51,6 +51,10 @@ class ConvertOptions:
     seed: int = 0
     max_shard_size: str = "2GB"
 
+    def __post_init__(self) -> None:
+        if self.window_sink is None:
+            self.window_sink = isinstance(self.window, int) and self.window > 0
+
     def validate(self, num_layers: int | None = None) -> None:
         if not isinstance(self.slots, int) or self.slots < 1:
             raise T2RError(f"--slots must be a positive integer, got {self.slots}")
@@ -192,15 +196,13 @@ def convert(
     """Convert SRC (alias, directory, hub id or .gguf) into a GSA checkpoint directory OUT (atomically)."""
     options = options or ConvertOptions()
     options.validate()
-    if options.window_sink is None:
-        options = replace(options, window_sink=options.window > 0)
     out = check_destination(out, force)
     source = resolve_source(src, allow_download=allow_download)
     teacher_config = json.loads((source.path / "config.json").read_text())
     config = gsa_config_from_teacher(teacher_config, options)  # architecture and options checked before any work
     sink_token = None
     if options.window_sink:
-        from .window_sink import teacher_sink_token
+        from .window_sink import sink_key_values, teacher_sink_token
 
         sink_token = teacher_sink_token(str(source.path))  # before any weights load
     selection = None
@@ -213,14 +215,10 @@ def convert(
     infos = read_tensor_infos(shard_files(source.path))
     _check_layout(infos, config)
     gsa_layers = [i for i in range(config.num_hidden_layers) if config.is_gsa_layer(i)]
-    sink = None
-    if options.window_sink:
-        from .window_sink import sink_key_values
-
-        sink = sink_token, sink_key_values(source.path, sink_token, gsa_layers)
+    sink = sink_key_values(source.path, sink_token, gsa_layers) if sink_token is not None else None
     started = time.time()
     with atomic_directory(out, force=force) as tmp:
-        stats = _write_weights(infos, config, options, tmp, progress, sink[1] if sink else None)
+        stats = _write_weights(infos, config, options, tmp, progress, sink)
         _write_side_files(source, config, tmp)
         record = {
             "t2r_version": __version__,
@@ -229,7 +227,7 @@ def convert(
             "options": asdict(options),
             "gsa_layers": gsa_layers,
             **({"full_attention_selection": selection} if selection else {}),
-            **({"window_sink_token": sink[0]} if sink else {}),
+            **({"window_sink_token": sink_token} if sink_token is not None else {}),
             **stats,
             "seconds": round(time.time() - started, 1),
         }
