@@ -41,6 +41,7 @@ LABELS = {
     "C17": "C17: C15 on 4096-token rows",
     "C18": "C18: C15 with layers 20-23 kept as softmax attention",
     "C19": "C19: C15 with a window sink (--window-sink)",
+    "C20": "C20: C19 with 128 slots",
 }
 EARLY = {"A", "B", "C", "B2", "C2"}  # the 1.57M-token runs on the reference path
 

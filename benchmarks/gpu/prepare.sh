@@ -33,6 +33,9 @@ declare -A ARGS=(
   [hybrid-tok-auto4]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --full-attention-layers auto:4"
   # C18's four softmax layers with the sink in the other 26 (C19 vs C15: the sink is worth 8% on pydoc).
   [hybrid-tok-sink-fa4]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --full-attention-layers 20,21,22,23"
+  # C19's hybrid (the sink) with 128 slots: C12's 128 slots changed nothing while every head took ~88% of its
+  # output from the window; since the per-token share (C15) the memories carry about half of it.
+  [hybrid-tok-sink-m128]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --slots 128"
 )
 # ONLY="hybrid-hl hybrid-tok" converts just those (each conversion takes ~20 s of a GPU call).
 for name in ${ONLY:-kproj hybrid teacher hybrid-hl hybrid-m128 hybrid-tok hybrid-tok-fa2 hybrid-tok-fa4}; do
