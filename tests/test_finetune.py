@@ -109,6 +109,27 @@ def test_module_lr_on_a_module_the_stage_does_not_train(tiny_converted):
         param_groups(model, Stage(name="transfer", train="new", module_lr={"q_proj": 1e-3}))
 
 
+def test_module_lr_may_name_lora_adapters_in_lora_stages_only(tiny_converted):
+    """peft's adapter modules exist only once a LoRA stage wraps the model: the early check accepts their names
+    there (it rejected them before), the groups then give them their rate, and other stages still reject them."""
+    from t2r.errors import T2RError
+    from t2r.recipe import Recipe
+    from t2r.trainable import check_module_lr, param_groups
+
+    lora = Stage(name="transfer", train="lora", lr=1e-3, module_lr={"lora_B": 5e-2})
+    check_module_lr(str(tiny_converted), Recipe(stages=[lora]))
+    model, _ = configure_trainable(load_converted(tiny_converted), lora, 0)
+    rates = {id(p): g["lr"] for g in param_groups(model, lora) for p in g["params"]}
+    by_kind = {
+        kind: {rates[id(p)] for n, p in model.named_parameters() if p.requires_grad and f".{kind}." in n}
+        for kind in ("lora_A", "lora_B")
+    }
+    assert by_kind == {"lora_A": {1e-3}, "lora_B": {5e-2}}, by_kind
+    full = Stage(name="lm", train="full", module_lr={"lora_B": 1e-2})
+    with pytest.raises(T2RError, match=r"stages.0 \(lm\): module_lr names 'lora_B', which this model does not have"):
+        check_module_lr(str(tiny_converted), Recipe(stages=[full]))
+
+
 def test_lora_stage_and_rebuild_raise_no_upstream_deprecation_warning(tiny_converted, tiny_run):
     """peft's read of transformers' deprecated alias is silenced where t2r wraps models (the user cannot act on it),
     while other warnings still pass."""
