@@ -42,6 +42,7 @@ LABELS = {
     "C18": "C18: C15 with layers 20-23 kept as softmax attention",
     "C19": "C19: C15 with a window sink (--window-sink)",
     "C20": "C20: C19 with 128 slots",
+    "C19s1": "C19s1: C19 with seed 1",
 }
 EARLY = {"A", "B", "C", "B2", "C2"}  # the 1.57M-token runs on the reference path
 
