@@ -212,19 +212,42 @@ bench_app = typer.Typer(no_args_is_help=True, help="Speed and memory benchmarks 
 app.add_typer(bench_app, name="bench")
 
 
-def _write_json(rows: list[dict], out: Path | None) -> None:
+RECORD_HELP = "append the command, device, date and tables to this markdown file (e.g. docs/benchmarks.md)"
+
+
+def _check_outputs(*paths: Path | None) -> None:
+    """Before a benchmark runs (minutes on a GPU): an output path it could not write fails now, not after."""
+    from t2r.errors import T2RError
+
+    for path in paths:
+        if path is not None and path.is_dir():
+            raise T2RError(f"{path} is a directory; give a file to write the results to")
+
+
+def _write_outputs(
+    rows: list[dict], out: Path | None, record: Path | None, tables: list[list[dict]] | None = None, notes=()
+) -> None:
+    """The rows as JSON (--json); the run as a markdown section (--record): notes, then tables (default: rows)."""
+    import platform
+    import time
+
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     if out is not None:
         import json
-        import platform
-        import time
-
-        import torch
 
         from t2r.fsutil import atomic_write_text
 
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-        record = {"date": time.strftime("%Y-%m-%d"), "device": device, "rows": rows}
-        atomic_write_text(out, json.dumps(record, indent=2))
+        record_json = {"date": time.strftime("%Y-%m-%d"), "device": device, "rows": rows}
+        atomic_write_text(out, json.dumps(record_json, indent=2))
+    if record is not None:
+        import shlex
+
+        from t2r.bench import record_markdown
+
+        command = shlex.join(["t2r", *sys.argv[1:]])
+        record_markdown(record, command, device, tables or [rows], list(notes))
 
 
 @bench_app.command("train")
@@ -238,14 +261,16 @@ def bench_train(
     reference: Annotated[bool, typer.Option(help="also time the PyTorch reference GSA path")] = False,
     device: Annotated[str, typer.Option(help="device")] = "cuda",
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
+    record: Annotated[Path | None, typer.Option(help=RECORD_HELP)] = None,
 ) -> None:
     """Training tokens/s and peak memory: GSA student (kernels, optionally the reference path) vs the teacher
     with SDPA, same batch."""
     from t2r.bench import print_table, run_train_bench
 
+    _check_outputs(json_out, record)
     rows = run_train_bench(model, shape, seq or [2048, 4096], batch, steps, lora, device, reference)
     print_table(rows)
-    _write_json(rows, json_out)
+    _write_outputs(rows, json_out, record)
 
 
 @bench_app.command("generate")
@@ -257,13 +282,15 @@ def bench_generate(
     new_tokens: Annotated[int, typer.Option(help="decoded tokens timed")] = 64,
     device: Annotated[str, typer.Option(help="device")] = "cuda",
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
+    record: Annotated[Path | None, typer.Option(help=RECORD_HELP)] = None,
 ) -> None:
     """Decode tokens/s and peak memory vs the teacher's KV cache at growing contexts."""
     from t2r.bench import print_table, run_generate_bench
 
+    _check_outputs(json_out, record)
     rows = run_generate_bench(model, shape, context or [1024, 4096, 16384, 32768], batch or [1, 16], new_tokens, device)
     print_table(rows)
-    _write_json(rows, json_out)
+    _write_outputs(rows, json_out, record)
 
 
 @bench_app.command("kernels")
@@ -271,23 +298,29 @@ def bench_kernels(
     fla: Annotated[bool, typer.Option(help="compare with flash-linear-attention if it is installed")] = True,
     shape: Annotated[list[str] | None, typer.Option(help="BxT training shapes (repeat); default: 4 shapes")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
+    record: Annotated[Path | None, typer.Option(help=RECORD_HELP)] = None,
 ) -> None:
     """GSA kernels vs FLA chunk_gsa (if installed) vs SDPA flash attention, fwd and fwd+bwd; the decode step
     vs FLA's fused recurrent step and KV-cache attention at 32k; with each one's ratio to the memory floor."""
     from t2r.bench import print_table
     from t2r.bench_kernels import TRAIN_SHAPES, run_kernel_bench
 
+    _check_outputs(json_out, record)
     shapes = [tuple(int(x) for x in s.lower().split("x")) for s in shape] if shape else None
     result = run_kernel_bench(shapes or TRAIN_SHAPES, fla)
     bandwidth = result["copy_bandwidth_TBps"]
-    print(f"{result['device']}, copy bandwidth {bandwidth} TB/s (read + write), FLA: {result['fla']}")
-    print(f"relative error vs the PyTorch reference (bf16 inputs, GQA 2): {result['rel_error_vs_reference']}")
-    print(f"... at 16k tokens (4 heads): {result['rel_error_vs_reference_16k']}")
+    notes = [
+        f"{result['device']}, copy bandwidth {bandwidth} TB/s (read + write), FLA: {result['fla']}",
+        f"relative error vs the PyTorch reference (bf16 inputs, GQA 2): {result['rel_error_vs_reference']}",
+        f"... at 16k tokens (4 heads): {result['rel_error_vs_reference_16k']}",
+    ]
+    print("\n".join(notes))
     print_table(result["train"])
     print()
     print_table(result["decode"])
     errors = {k: result[k] for k in ("rel_error_vs_reference", "rel_error_vs_reference_16k")}
-    _write_json([errors, *result["train"], *result["decode"]], json_out)
+    tables = [result["train"], result["decode"]]
+    _write_outputs([errors, *result["train"], *result["decode"]], json_out, record, tables, notes)
 
 
 def main() -> None:

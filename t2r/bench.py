@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -169,6 +170,25 @@ def print_table(rows: list[dict]) -> None:
     print("-|-".join("-" * widths[k] for k in keys))
     for r in rows:
         print(" | ".join(str(r.get(k, "")).ljust(widths[k]) for k in keys))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def record_markdown(path: str | Path, command: str, device: str, tables: list[list[dict]], notes: list[str]) -> None:
+    """Append one section (the command, the device, the date and the tables exactly as measured) to a markdown
+    log such as docs/benchmarks.md, so that recorded numbers are the run's own, not retyped."""
+    from .fsutil import atomic_write_text
+
+    path = Path(path)
+    old = path.read_text() if path.exists() else ""
+    parts = [f"### `{command}` ({device}, {time.strftime('%Y-%m-%d')})", *notes]
+    parts += [markdown_table(rows) for rows in tables if rows]
+    atomic_write_text(path, old.rstrip("\n") + ("\n\n" if old.strip() else "") + "\n\n".join(parts) + "\n")
 
 
 def load_bench_model(path: str | None, shape: str | None, device: str) -> nn.Module:

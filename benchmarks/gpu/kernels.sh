@@ -20,7 +20,9 @@ sweep)
 profile)
   python benchmarks/profile_kernels.py 2>&1 | tee "$OUT/profile.log" ;;
 bench)
-  python -m t2r.cli bench kernels --json "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench_kernels.log" ;;
+  python -m t2r.cli bench kernels --json "$OUT/bench_kernels.json" --record "$OUT/bench_kernels.md" 2>&1 |
+    tee "$OUT/bench_kernels.log" ;;
 nofla)
-  python -m t2r.cli bench kernels --no-fla --json "$OUT/bench_kernels_nofla.json" 2>&1 | tee "$OUT/bench_kernels_nofla.log" ;;
+  python -m t2r.cli bench kernels --no-fla --json "$OUT/bench_kernels_nofla.json" --record "$OUT/bench_kernels_nofla.md" 2>&1 |
+    tee "$OUT/bench_kernels_nofla.log" ;;
 esac; done

@@ -1,0 +1,35 @@
+"""`t2r bench ... --record FILE` appends the run as measured to a markdown log; --json keeps the rows."""
+
+import json
+
+from conftest import run_cli
+
+
+def test_bench_record_appends_the_run_to_a_markdown_log(tiny_converted, tmp_path, capsys):
+    log, out = tmp_path / "benchmarks.md", tmp_path / "rows.json"
+    log.write_text("# Benchmarks\n\nearlier notes\n")
+    args = ["bench", "train", str(tiny_converted), "--device", "cpu", "--seq", "16", "--batch", "1", "--steps", "1"]
+    for seq in ("16", "24"):
+        code, _ = run_cli([*args[:5], "--seq", seq, *args[7:], "--json", str(out), "--record", str(log)], capsys)
+        assert code == 0
+    text = log.read_text()
+    assert text.startswith("# Benchmarks\n\nearlier notes\n\n### `t2r bench train ")
+    sections = text.split("### `t2r bench train ")[1:]
+    assert len(sections) == 2 and "--seq 16" in sections[0] and "--seq 24" in sections[1]
+    rows = json.loads(out.read_text())["rows"]  # the second run's rows, also in its section as a table
+    assert [r["model"] for r in rows] == ["GSA (full)", "teacher SDPA (full)"] and rows[0]["seq"] == 24
+    table = [line for line in sections[1].splitlines() if line.startswith("|")]
+    assert table[0] == "| " + " | ".join(rows[0]) + " |" and table[1] == "|" + "---|" * len(rows[0])
+    assert table[2:] == ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]
+
+
+def test_bench_output_that_is_a_directory_fails_before_the_run(tiny_converted, tmp_path, capsys, monkeypatch):
+    import t2r.bench
+
+    def measure(*args, **kwargs):
+        raise AssertionError("the benchmark ran before its output was checked")
+
+    monkeypatch.setattr(t2r.bench, "run_train_bench", measure)
+    for option in ("--record", "--json"):
+        code, lines = run_cli(["bench", "train", str(tiny_converted), "--device", "cpu", option, str(tmp_path)], capsys)
+        assert code == 1 and lines == [f"t2r: error: {tmp_path} is a directory; give a file to write the results to"]
