@@ -215,39 +215,10 @@ app.add_typer(bench_app, name="bench")
 RECORD_HELP = "append the command, device, date and tables to this markdown file (e.g. docs/benchmarks.md)"
 
 
-def _check_outputs(*paths: Path | None) -> None:
-    """Before a benchmark runs (minutes on a GPU): an output path it could not write fails now, not after."""
-    from t2r.errors import T2RError
+def _command() -> str:
+    import shlex
 
-    for path in paths:
-        if path is not None and path.is_dir():
-            raise T2RError(f"{path} is a directory; give a file to write the results to")
-
-
-def _write_outputs(
-    rows: list[dict], out: Path | None, record: Path | None, tables: list[list[dict]] | None = None, notes=()
-) -> None:
-    """The rows as JSON (--json); the run as a markdown section (--record): notes, then tables (default: rows)."""
-    import platform
-    import time
-
-    import torch
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    if out is not None:
-        import json
-
-        from t2r.fsutil import atomic_write_text
-
-        record_json = {"date": time.strftime("%Y-%m-%d"), "device": device, "rows": rows}
-        atomic_write_text(out, json.dumps(record_json, indent=2))
-    if record is not None:
-        import shlex
-
-        from t2r.bench import record_markdown
-
-        command = shlex.join(["t2r", *sys.argv[1:]])
-        record_markdown(record, command, device, tables or [rows], list(notes))
+    return shlex.join(["t2r", *sys.argv[1:]])
 
 
 @bench_app.command("train")
@@ -265,12 +236,12 @@ def bench_train(
 ) -> None:
     """Training tokens/s and peak memory: GSA student (kernels, optionally the reference path) vs the teacher
     with SDPA, same batch."""
-    from t2r.bench import print_table, run_train_bench
+    from t2r.bench import check_outputs, print_table, run_train_bench, write_outputs
 
-    _check_outputs(json_out, record)
+    check_outputs(json_out, record)
     rows = run_train_bench(model, shape, seq or [2048, 4096], batch, steps, lora, device, reference)
     print_table(rows)
-    _write_outputs(rows, json_out, record)
+    write_outputs(rows, json_out, record, _command())
 
 
 @bench_app.command("generate")
@@ -285,12 +256,12 @@ def bench_generate(
     record: Annotated[Path | None, typer.Option(help=RECORD_HELP)] = None,
 ) -> None:
     """Decode tokens/s and peak memory vs the teacher's KV cache at growing contexts."""
-    from t2r.bench import print_table, run_generate_bench
+    from t2r.bench import check_outputs, print_table, run_generate_bench, write_outputs
 
-    _check_outputs(json_out, record)
+    check_outputs(json_out, record)
     rows = run_generate_bench(model, shape, context or [1024, 4096, 16384, 32768], batch or [1, 16], new_tokens, device)
     print_table(rows)
-    _write_outputs(rows, json_out, record)
+    write_outputs(rows, json_out, record, _command())
 
 
 @bench_app.command("kernels")
@@ -302,10 +273,10 @@ def bench_kernels(
 ) -> None:
     """GSA kernels vs FLA chunk_gsa (if installed) vs SDPA flash attention, fwd and fwd+bwd; the decode step
     vs FLA's fused recurrent step and KV-cache attention at 32k; with each one's ratio to the memory floor."""
-    from t2r.bench import print_table
+    from t2r.bench import check_outputs, print_table, write_outputs
     from t2r.bench_kernels import TRAIN_SHAPES, run_kernel_bench
 
-    _check_outputs(json_out, record)
+    check_outputs(json_out, record)
     shapes = [tuple(int(x) for x in s.lower().split("x")) for s in shape] if shape else None
     result = run_kernel_bench(shapes or TRAIN_SHAPES, fla)
     bandwidth = result["copy_bandwidth_TBps"]
@@ -320,7 +291,7 @@ def bench_kernels(
     print_table(result["decode"])
     errors = {k: result[k] for k in ("rel_error_vs_reference", "rel_error_vs_reference_16k")}
     tables = [result["train"], result["decode"]]
-    _write_outputs([errors, *result["train"], *result["decode"]], json_out, record, tables, notes)
+    write_outputs([errors, *result["train"], *result["decode"]], json_out, record, _command(), tables, notes)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -179,7 +180,40 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def record_markdown(path: str | Path, command: str, device: str, tables: list[list[dict]], notes: list[str]) -> None:
+def check_outputs(*paths: Path | None) -> None:
+    """Before a benchmark runs (minutes on a GPU): an output path it could not write fails now, not after."""
+    from .errors import T2RError
+
+    for path in paths:
+        if path is not None and Path(path).is_dir():
+            raise T2RError(f"{path} is a directory; give a file to write the results to")
+
+
+def write_outputs(
+    rows: list[dict],
+    out: Path | None,
+    record: Path | None,
+    command: str,
+    tables: list[list[dict]] | None = None,
+    notes: Sequence[str] = (),
+) -> None:
+    """The rows as JSON (``out``); the run as a markdown section (``record``): notes, then tables (default: rows)."""
+    import json
+    import platform
+
+    from .fsutil import atomic_write_text
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    if out is not None:
+        record_json = {"date": time.strftime("%Y-%m-%d"), "device": device, "rows": rows}
+        atomic_write_text(out, json.dumps(record_json, indent=2))
+    if record is not None:
+        record_markdown(record, command, device, tables or [rows], notes)
+
+
+def record_markdown(
+    path: str | Path, command: str, device: str, tables: list[list[dict]], notes: Sequence[str]
+) -> None:
     """Append one section (the command, the device, the date and the tables exactly as measured) to a markdown
     log such as docs/benchmarks.md, so that recorded numbers are the run's own, not retyped."""
     from .fsutil import atomic_write_text
