@@ -92,17 +92,14 @@ def check_module_lr(model_dir: str, recipe: Recipe) -> None:
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
     names = {part for name, _ in skeleton.named_parameters() for part in name.split(".")}
     for i, stage in enumerate(recipe.stages):
-        # A LoRA stage also has peft's adapter modules (lora_A, lora_B, ...), which exist only once it wraps.
-        known = names | set(_lora_module_names()) if stage.train == "lora" else names
+        known = names
+        if stage.train == "lora":  # peft's adapter modules (lora_A, lora_B, ...) exist only once the stage wraps
+            from peft.tuners.lora import LoraLayer
+
+            known = names | set(LoraLayer.adapter_layer_names)
         missing = sorted(set(stage.module_lr) - known)
         if missing:
             raise T2RError(
                 f"stages.{i} ({stage.name}): module_lr names {missing[0]!r}, which this model does not have "
                 f"(a recipe for another model? override it: --set 'stages.{i}.module_lr={{}}')"
             )
-
-
-def _lora_module_names() -> tuple[str, ...]:
-    from peft.tuners.lora import LoraLayer
-
-    return LoraLayer.adapter_layer_names
