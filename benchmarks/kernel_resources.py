@@ -79,6 +79,8 @@ def main() -> None:
             continue
         sweep = "BC" in fn.arg_names  # walks sub-chunks: launched with the host's _launch_cfg
         warps, stages = (sweeps["num_warps"], sweeps["num_stages"]) if sweep else (4, 3 if "state" in name else 2)
+        if name in ("_slot_probs_kernel", "_out_blocks_kernel"):  # the segment-at-once forward
+            warps = kernels.FWD_WARPS
         # A kernel with both directions (REVERSE) is two compiled programs: one row each.
         for reverse in (False, True) if "REVERSE" in fn.arg_names else (False,):
             label = name + (" (reverse)" if reverse else "")

@@ -11,9 +11,13 @@ How the work is split (per KV head; the G query heads of a group share all state
 - ``_state_scan``: a sequential scan over segments of BS tokens that writes both memories at every segment start
   (and the final state), keys and values memory side by side in one launch. Its updates use only decays
   exp(b_last - b) <= 1, so nothing can overflow.
-- ``_out_fwd``: one program per segment, starting from that segment's state, walks sub-chunks of BC tokens,
-  keeping the memories in registers. Inside a sub-chunk the decay exp(b_t - b_j) is split at r = b_last / 2
-  into exp(b_t - r) * exp(r - b_j), so both passes are matmuls; each factor is at most exp(|b_last| / 2).
+- The forward output, up to 64 slots: ``_slot_probs`` then ``_out_blocks``, one program per segment each, take
+  the whole segment at once from its start state (the slot softmax p passes between them through memory), so
+  every product has the segment's 64 rows, which Hopper's warpgroup matmuls need. A pair of tokens in one
+  sub-chunk of BC tokens splits its decay exp(b_t - b_j) at the sub-chunk's midpoint r into exp(b_t - r) *
+  exp(r - b_j), each factor at most exp(|sub-chunk decay| / 2); a key of an earlier sub-chunk reaches a query
+  through that sub-chunk's end, both factors <= 1. With more slots, ``_out_fwd`` walks the sub-chunks instead,
+  updating the memories in registers (16-row products, a chain of dependent steps).
 - Backward: the scan again, ``_bwd_sweep`` (forward walk: slot softmax, dp, dz, dq), the scan in reverse (the
   memories' gradients), ``_bwd_rev_memory`` once per memory (reverse walk: dk or dv, ds, the gate gradient's
   summands and its carry into the segment, <memory, gradient> at the segment's end; one memory per launch keeps
@@ -71,6 +75,11 @@ DECODE_WARPS = int(os.environ.get("T2R_GSA_DECODE_WARPS", "4"))
 # One-token decoding streams the memories in blocks of this many rows / columns (0: off, the all-at-once kernel).
 DECODE_BLOCK = int(os.environ.get("T2R_GSA_DECODE_BLOCK", "32"))
 
+# The forward output kernel: "blocks" (every product at the segment's full length, no walk) or "walk".
+FWD_BLOCKS = os.environ.get("T2R_GSA_FWD", "blocks") == "blocks"
+FWD_BLOCKS_MAX_SLOTS = 64  # beyond, its [BS, M] tiles spill: the walk
+FWD_WARPS = int(os.environ.get("T2R_GSA_FWD_WARPS", "4"))
+
 POISON = False  # tests: fill outputs with NaN before the kernels run, so that unwritten elements show
 
 PREC_BF16, PREC_FP16, PREC_IEEE, PREC_TF32, PREC_BF16_EMULATED, PREC_FP16_EMULATED = range(6)
@@ -116,6 +125,12 @@ def _store_cols(ptr, x, t, valid, heads, head, D: tl.constexpr, d0, BD: tl.const
 def _load_rows(ptr, t, valid, heads, head, D: tl.constexpr):
     """[len(t), D] tile of a token-major [T, heads, D] tensor, zero outside ``valid``, as fp32."""
     return _load_cols(ptr, t, valid, heads, head, D, 0, D)
+
+
+@triton.jit
+def _load_raw(ptr, t, valid, heads, head, D: tl.constexpr):
+    """``_load_rows`` in the tensor's own dtype: an input tile that only feeds matmuls, in half the registers."""
+    return tl.load(_cols_ptrs(ptr, t, heads, head, D, 0, D), mask=valid[:, None], other=0.0)
 
 
 @triton.jit
@@ -343,6 +358,99 @@ def _out_fwd_kernel(
             _store_rows(o_ptr, o, t, valid, H, h * G + gi, V)
         hk = hk * decay[None, :] + _mm(tl.trans(kc), w, PREC)
         hv = hv * decay[:, None] + _mm(tl.trans(w), vc, PREC)
+
+
+@triton.jit
+def _segment_block_bounds(b_ptr, t0, eos, Hkv: tl.constexpr, h, M: tl.constexpr, BS: tl.constexpr,
+                          BC: tl.constexpr):  # fmt: skip
+    """A segment's running log decay b [BS, M] (flat past the sequence's end) and, per row, its sub-chunk's
+    midpoint r = (b before the sub-chunk + b at its end) / 2, the reference that splits decays inside a sub-chunk."""
+    rt = tl.arange(0, BS)
+    cols = tl.arange(0, M)[None, :]
+    b = tl.load(b_ptr + (tl.minimum(t0 + rt, eos - 1) * Hkv + h)[:, None] * M + cols)
+    first = t0 + (rt // BC) * BC  # first token of the row's sub-chunk
+    before = tl.load(b_ptr + ((tl.minimum(first, eos) - 1) * Hkv + h)[:, None] * M + cols,
+                     mask=(first > t0)[:, None], other=0.0)  # fmt: skip
+    end = tl.load(b_ptr + ((tl.minimum(first + BC, eos) - 1) * Hkv + h)[:, None] * M + cols)
+    return b, 0.5 * (before + end)
+
+
+@triton.jit
+def _block_factor(b_ptr, b, t0, eos, j, Hkv: tl.constexpr, h, M: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr):
+    """exp(-|b - e|) with e = b at the end of sub-chunk j: the decay from a key of sub-chunk j to that end, and
+    from that end to a query of a later sub-chunk (both <= 1, exact for any gate), and the row masks of both."""
+    e = tl.load(b_ptr + ((tl.minimum(t0 + (j + 1) * BC, eos) - 1) * Hkv + h) * M + tl.arange(0, M))
+    blk = tl.arange(0, BS) // BC
+    return tl.exp(-tl.abs(b - e[None, :])), blk == j, blk > j
+
+
+@triton.jit
+def _segment_rows(seg_ptr, cu_ptr, BS: tl.constexpr, BC: tl.constexpr):
+    """A segment program's tokens, their validity, and its causal and same-sub-chunk causal masks."""
+    i_s, t0, eos = _segment_start(seg_ptr, cu_ptr)
+    rt = tl.arange(0, BS)
+    causal = rt[:, None] >= rt[None, :]
+    return i_s, t0, eos, t0 + rt, t0 + rt < eos, causal, causal & ((rt // BC)[:, None] == (rt // BC)[None, :])
+
+
+@triton.jit
+def _slot_probs_kernel(
+    q_ptr, k_ptr, s_ptr, b_ptr, p_ptr, hk_ptr, seg_ptr, cu_ptr, scale,
+    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr,
+    PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
+):  # fmt: skip
+    """Pass 1 of the forward without a walk: the slot softmax p of a whole segment at once, every product at its
+    full BS rows against the segment-start keys memory, no memory update inside the segment. Two tokens of one
+    sub-chunk take the midpoint split (bounded like the walk's); a key of an earlier sub-chunk j reaches a query
+    through the end of j (exact). p goes through memory to ``_out_blocks_kernel``: both passes in one program
+    spill (benchmarks/kernel_resources.py)."""
+    G: tl.constexpr = H // Hkv
+    NB: tl.constexpr = BS // BC
+    i_s, t0, eos, t, valid, causal, diag = _segment_rows(seg_ptr, cu_ptr, BS, BC)
+    h = tl.program_id(1)
+    kc = _load_raw(k_ptr, t, valid, Hkv, h, K)
+    for gi in tl.static_range(G):
+        qc = _load_raw(q_ptr, t, valid, H, h * G + gi, K)
+        A = tl.where(causal, _mm(qc, tl.trans(kc), PREC_IN), 0.0)
+        b, r = _segment_block_bounds(b_ptr, t0, eos, Hkv, h, M, BS, BC)
+        sc = _load_rows(s_ptr, t, valid, Hkv, h, M)
+        hk = tl.load(hk_ptr + (i_s * Hkv + h) * K * M + _state_ptrs(0, K, M, M, 1))  # [K, M]
+        logits = _mm(qc, hk, PREC) * tl.exp(b)
+        ek = sc * tl.exp(tl.minimum(r - b, EXP_CLAMP))
+        logits += _mm(tl.where(diag, A, 0.0), ek, PREC) * tl.exp(tl.minimum(b - r, EXP_CLAMP))
+        for j in range(NB - 1):
+            x, key, later = _block_factor(b_ptr, b, t0, eos, j, Hkv, h, M, BS, BC)
+            logits += _mm(A, tl.where(key[:, None], sc * x, 0.0), PREC) * tl.where(later[:, None], x, 0.0)
+        logits *= scale
+        e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        _store_rows(p_ptr, e / tl.sum(e, axis=1)[:, None], t, valid, H, h * G + gi, M)
+
+
+@triton.jit
+def _out_blocks_kernel(
+    p_ptr, v_ptr, s_ptr, b_ptr, o_ptr, hv_ptr, seg_ptr, cu_ptr,
+    H: tl.constexpr, Hkv: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr,
+    PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
+):  # fmt: skip
+    """Pass 2 of the forward without a walk: o from the slot softmax p against the segment-start values memory,
+    split like ``_slot_probs_kernel``."""
+    G: tl.constexpr = H // Hkv
+    NB: tl.constexpr = BS // BC
+    i_s, t0, eos, t, valid, _, diag = _segment_rows(seg_ptr, cu_ptr, BS, BC)
+    h = tl.program_id(1)
+    b, r = _segment_block_bounds(b_ptr, t0, eos, Hkv, h, M, BS, BC)
+    sc = _load_rows(s_ptr, t, valid, Hkv, h, M)
+    eq = tl.exp(tl.minimum(b - r, EXP_CLAMP))
+    ek = sc * tl.exp(tl.minimum(r - b, EXP_CLAMP))
+    for gi in tl.static_range(G):
+        p = _load_rows(p_ptr, t, valid, H, h * G + gi, M)
+        A2 = tl.where(diag, _mm(p * eq, tl.trans(ek), PREC), 0.0)
+        for j in range(NB - 1):
+            x, key, later = _block_factor(b_ptr, b, t0, eos, j, Hkv, h, M, BS, BC)
+            A2 += _mm(tl.where(later[:, None], p * x, 0.0), tl.trans(tl.where(key[:, None], sc * x, 0.0)), PREC)
+        hv = tl.load(hv_ptr + (i_s * Hkv + h) * V * M + _state_ptrs(0, M, V, 1, M))  # [M, V] (stored [V, M])
+        o = _mm(p * tl.exp(b), hv, PREC) + _mm(A2, _load_raw(v_ptr, t, valid, Hkv, h, V), PREC)
+        _store_rows(o_ptr, o, t, valid, H, h * G + gi, V)
 
 
 @triton.jit
@@ -667,12 +775,26 @@ def _forward(q, k, v, s, g, scale, h0, final, plan, prec):
     b = _segment_cumsum(g, plan)
     (hk_buf, hv_buf), hT = _state_scan(k, s, v, s, b, h0, plan, prec["scan"], Hkv, M, final, reverse=False)
     o = _empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
-    if plan.NS:
+    if not plan.NS:
+        return o, hT
+    if FWD_BLOCKS and M <= FWD_BLOCKS_MAX_SLOTS:
+        p = _empty(q.shape[0], H, M, dtype=torch.float32, device=q.device)
+        cfg = dict(H=H, Hkv=Hkv, M=M, BS=plan.seg, BC=SUBCHUNK, EXP_CLAMP=EXP_CLAMP, num_warps=FWD_WARPS,
+                   num_stages=NUM_STAGES)  # fmt: skip
+
+        # Their bf16 products with fewer than 64 slot columns came out wrong on an H100 (Triton 3.x: o off by
+        # 0.1-0.3 at M = 16 and 32, while fp16, tf32 and M = 64 were exact; docs/benchmarks.md): those take tf32.
+        def wide(group: str) -> int:
+            return prec[group] if M >= 64 or prec[group] != PREC_BF16 else PREC_TF32
+
+        _slot_probs_kernel[(plan.NS, Hkv)](q, k, s, b, p, hk_buf, plan.segs, plan.cu, scale, K=K, PREC_IN=prec["in"],
+                                           PREC=wide("out"), **cfg)  # fmt: skip
+        _out_blocks_kernel[(plan.NS, Hkv)](p, v, s, b, o, hv_buf, plan.segs, plan.cu, V=V, PREC=wide("o"), **cfg)
+    else:
         _out_fwd_kernel[(plan.NS, Hkv)](
             q, k, v, s, b, o, hk_buf, hv_buf, plan.segs, plan.cu, scale,
             H=H, Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BC=SUBCHUNK, PREC_IN=prec["in"], PREC=prec["out"],
-            PREC_O=prec["o"], EXP_CLAMP=EXP_CLAMP,
-            **_launch_cfg(K, V, M),
+            PREC_O=prec["o"], EXP_CLAMP=EXP_CLAMP, **_launch_cfg(K, V, M),
         )  # fmt: skip
     return o, hT
 
