@@ -77,7 +77,8 @@ DECODE_BLOCK = int(os.environ.get("T2R_GSA_DECODE_BLOCK", "32"))
 
 # The forward output kernel: "blocks" (every product at the segment's full length, no walk) or "walk".
 FWD_BLOCKS = os.environ.get("T2R_GSA_FWD", "blocks") == "blocks"
-FWD_BLOCKS_MAX_SLOTS = 64  # beyond, its [BS, M] tiles spill: the walk
+# More slots take the walk: at M = 128 the two kernels spill 1.4-1.6 KB per thread (offline, sm_90), 3-6x M = 64.
+FWD_BLOCKS_MAX_SLOTS = 64
 FWD_WARPS = int(os.environ.get("T2R_GSA_FWD_WARPS", "4"))
 
 POISON = False  # tests: fill outputs with NaN before the kernels run, so that unwritten elements show
@@ -782,7 +783,7 @@ def _forward(q, k, v, s, g, scale, h0, final, plan, prec):
         cfg = dict(H=H, Hkv=Hkv, M=M, BS=plan.seg, BC=SUBCHUNK, EXP_CLAMP=EXP_CLAMP, num_warps=FWD_WARPS,
                    num_stages=NUM_STAGES)  # fmt: skip
 
-        # Their bf16 products with fewer than 64 slot columns came out wrong on an H100 (Triton 3.x: o off by
+        # Their bf16 products with fewer than 64 slot columns came out wrong on an H100 (Triton 3.6: o off by
         # 0.1-0.3 at M = 16 and 32, while fp16, tf32 and M = 64 were exact; docs/benchmarks.md): those take tf32.
         def wide(group: str) -> int:
             return prec[group] if M >= 64 or prec[group] != PREC_BF16 else PREC_TF32
