@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU session for the Triton kernels: correctness against the oracle (pytest, compiled kernels), a sweep of the
 # tunables at two shapes (our kernels only), then `t2r bench kernels` (with FLA when its wheels are in /tmp/site).
-# Usage: benchmarks/gpu/kernels.sh [tests] [sweep] [bench] [nofla]   (logs under $OUT)
+# Usage: benchmarks/gpu/kernels.sh [tests] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
 set -uo pipefail
 source benchmarks/gpu/env.sh  # carried wheels (FLA for the comparison) in /root/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -9,7 +9,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for step in "$@"; do case $step in
 tests)
   python -m pip list 2>/dev/null | grep -i -E '^(torch|triton|transformers) '
-  python -m pytest -q -p no:cacheprovider tests/test_gsa_triton.py tests/test_gsa_reference.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
+  # TESTS_K="EXPR": only the tests pytest's -k selects (the whole set no longer fits one call on a fresh machine).
+  python -m pytest -q -p no:cacheprovider tests/test_gsa_triton.py tests/test_gsa_reference.py ${TESTS_K:+-k "$TESTS_K"} -rf \
+    2>&1 | tee "$OUT/pytest_gpu${TESTS_K:+_part}.log" | tail -15 ;;
 sweep)
   IFS=';' read -ra CFGS <<< "${SWEEP:-64 16 tf32 2;64 16 half 2;128 32 half 2;64 16 half 1;64 32 half 2}"
   for cfg in "${CFGS[@]}"; do
