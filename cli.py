@@ -241,7 +241,7 @@ def bench_train(
     check_outputs(json_out, record)
     rows = run_train_bench(model, shape, seq or [2048, 4096], batch, steps, lora, device, reference)
     print_table(rows)
-    write_outputs(rows, json_out, record, _command())
+    write_outputs(rows, json_out, record, _command(), device=device)
 
 
 @bench_app.command("generate")
@@ -261,7 +261,7 @@ def bench_generate(
     check_outputs(json_out, record)
     rows = run_generate_bench(model, shape, context or [1024, 4096, 16384, 32768], batch or [1, 16], new_tokens, device)
     print_table(rows)
-    write_outputs(rows, json_out, record, _command())
+    write_outputs(rows, json_out, record, _command(), device=device)
 
 
 @bench_app.command("kernels")

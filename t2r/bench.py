@@ -189,6 +189,16 @@ def check_outputs(*paths: Path | None) -> None:
             raise T2RError(f"{path} is a directory; give a file to write the results to")
 
 
+def device_name(device: str | None) -> str:
+    """What a record calls the device the benchmark ran on: the GPU's name for a CUDA device, else the CPU's (a
+    `--device cpu` run on a GPU machine is a CPU measurement)."""
+    import platform
+
+    if torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
 def write_outputs(
     rows: list[dict],
     out: Path | None,
@@ -196,14 +206,15 @@ def write_outputs(
     command: str,
     tables: list[list[dict]] | None = None,
     notes: Sequence[str] = (),
+    device: str | None = "cuda",
 ) -> None:
-    """The rows as JSON (``out``); the run as a markdown section (``record``): notes, then tables (default: rows)."""
+    """The rows as JSON (``out``); the run as a markdown section (``record``): notes, then tables (default: rows);
+    both name the device the benchmark ran on (``device``, as passed to it)."""
     import json
-    import platform
 
     from .fsutil import atomic_write_text
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    device = device_name(device)
     if out is not None:
         record_json = {"date": time.strftime("%Y-%m-%d"), "device": device, "rows": rows}
         atomic_write_text(out, json.dumps(record_json, indent=2))

@@ -5,7 +5,10 @@ import json
 from conftest import run_cli
 
 
-def test_bench_record_appends_the_run_to_a_markdown_log(tiny_converted, tmp_path, capsys):
+def test_bench_record_appends_the_run_to_a_markdown_log(tiny_converted, tmp_path, capsys, monkeypatch):
+    import t2r.bench
+
+    monkeypatch.setattr(t2r.bench, "device_name", lambda device: f"named from {device}")
     log, out = tmp_path / "benchmarks.md", tmp_path / "rows.json"
     log.write_text("# Benchmarks\n\nearlier notes\n")
     args = ["bench", "train", str(tiny_converted), "--device", "cpu", "--seq", "16", "--batch", "1", "--steps", "1"]
@@ -16,6 +19,8 @@ def test_bench_record_appends_the_run_to_a_markdown_log(tiny_converted, tmp_path
     assert text.startswith("# Benchmarks\n\nearlier notes\n\n### `t2r bench train ")
     sections = text.split("### `t2r bench train ")[1:]
     assert len(sections) == 2 and "--seq 16" in sections[0] and "--seq 24" in sections[1]
+    assert "(named from cpu, " in sections[1].splitlines()[0]  # the device the run was given
+    assert json.loads(out.read_text())["device"] == "named from cpu"
     rows = json.loads(out.read_text())["rows"]  # the second run's rows, also in its section as a table
     assert [r["model"] for r in rows] == ["GSA (full)", "teacher SDPA (full)"] and rows[0]["seq"] == 24
     table = [line for line in sections[1].splitlines() if line.startswith("|")]
@@ -33,3 +38,22 @@ def test_bench_output_that_is_a_directory_fails_before_the_run(tiny_converted, t
     for option in ("--record", "--json"):
         code, lines = run_cli(["bench", "train", str(tiny_converted), "--device", "cpu", option, str(tmp_path)], capsys)
         assert code == 1 and lines == [f"t2r: error: {tmp_path} is a directory; give a file to write the results to"]
+
+
+def test_records_name_the_device_the_benchmark_ran_on(tmp_path, monkeypatch):
+    """A `--device cpu` run on a GPU machine is a CPU measurement: its record must not carry the GPU's name."""
+    import platform
+
+    import torch
+
+    from t2r.bench import write_outputs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    names = {}
+    for device in ("cpu", "cuda", "cuda:0", None):
+        out = tmp_path / f"{device}.json"
+        write_outputs([{"x": 1}], out, None, "t2r bench train", device=device)
+        names[device] = json.loads(out.read_text())["device"]
+    assert names == {"cpu": platform.processor() or platform.machine() or "cpu", "cuda": "Fake GPU",
+                     "cuda:0": "Fake GPU", None: "Fake GPU"}  # fmt: skip
