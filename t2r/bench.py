@@ -194,7 +194,9 @@ def device_name(device: str | None) -> str:
     `--device cpu` run on a GPU machine is a CPU measurement)."""
     import platform
 
-    if torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda":
+    from .devices import resolve_device
+
+    if torch.device(device if device is not None else resolve_device(None)).type == "cuda":
         return torch.cuda.get_device_name(device)
     return platform.processor() or platform.machine() or "cpu"
 
