@@ -27,8 +27,7 @@ HALF_INPUTS = {"q_ptr", "k_ptr", "v_ptr", "s_ptr", "g_ptr", "o_ptr", "do_ptr", "
 INT_POINTERS = {"cu_ptr", "segoff_ptr", "seg_ptr"}
 INT_SCALARS = {"T", "stride_pd", "stride_pm", "d0"}
 CONSTEXPRS = dict(H=32, Hkv=32, K=128, V=128, M=64, D=128, BS=64, BC=16, BD=64, BM=32, GP=1, BK=32, BV=32, PREC_IN=0,
-                  PREC=3, PREC_O=3, EXP_CLAMP=60.0, HAS_INIT=False, STORE_OUT=True, REVERSE=False,
-                  FINISH=True)  # fmt: skip
+                  PREC=3, PREC_O=3, EXP_CLAMP=60.0, HAS_INIT=False, STORE_OUT=True, REVERSE=False)  # fmt: skip
 
 
 def load_kernels(path: str):

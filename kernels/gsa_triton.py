@@ -19,10 +19,12 @@ How the work is split (per KV head; the G query heads of a group share all state
   through that sub-chunk's end, both factors <= 1. With more slots, ``_out_fwd`` walks the sub-chunks instead,
   updating the memories in registers (16-row products, a chain of dependent steps).
 - Backward: the scan again, ``_bwd_sweep`` (forward walk: slot softmax, dp, dz, dq), the scan in reverse (the
-  memories' gradients), ``_bwd_rev_memory`` once per memory (reverse walk: dk or dv, ds, the gate gradient's
-  summands and its carry into the segment, <memory, gradient> at the segment's end; one memory per launch keeps
-  its registers from spilling), then every segment's reverse cumulative sum of the summands plus its carry
-  gives dg, all segments in parallel.
+  memories' gradients), ``_bwd_rev_memory`` once per memory (reverse walk: dk or dv, and the memory's shares of
+  ds and of the gate gradient's carry into the segment, <memory, gradient> at the segment's end; one memory per
+  launch keeps its registers from spilling), then ``_gate_grad`` adds the shares and takes every segment's
+  reverse cumulative sum of the summands plus its carry: dg, all segments in parallel. The reverse walks stay
+  walks: taken a segment at a time like the forward output, they were 13% slower on an H100, bound by spilled
+  registers (docs/benchmarks.md).
 - Decoding: ``_decode_step`` streams one token's update through the memories in blocks (``_decode`` takes a few
   tokens at once).
 
@@ -80,6 +82,9 @@ FWD_BLOCKS = os.environ.get("T2R_GSA_FWD", "blocks") == "blocks"
 # More slots take the walk: at M = 128 the two kernels spill 1.4-1.6 KB per thread (offline, sm_90), 3-6x M = 64.
 FWD_BLOCKS_MAX_SLOTS = 64
 FWD_WARPS = int(os.environ.get("T2R_GSA_FWD_WARPS", "4"))
+# Keep the forward's per-segment states for the backward instead of scanning again: fp32, (K + V) * M * 4 bytes per
+# segment and KV head (at K = V = 128, M = 64: 1 KB per token and KV head, more than q, k and v take in bf16).
+SAVE_STATES = os.environ.get("T2R_GSA_SAVE_STATES", "0") == "1"
 
 POISON = False  # tests: fill outputs with NaN before the kernels run, so that unwritten elements show
 
@@ -499,24 +504,24 @@ def _bwd_sweep_kernel(
 
 @triton.jit
 def _bwd_rev_memory_kernel(
-    x_ptr, a_ptr, y_ptr, s_ptr, b_ptr, dbuf_ptr, mbuf_ptr, seg_ptr, cu_ptr, dx_ptr, dspart_ptr, ds_ptr, db_ptr,
-    cpart_ptr, carry_ptr,
+    x_ptr, a_ptr, y_ptr, s_ptr, b_ptr, dbuf_ptr, mbuf_ptr, seg_ptr, cu_ptr, dx_ptr, dspart_ptr, cpart_ptr,
     H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr,
-    PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr, FINISH: tl.constexpr,
+    PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
 ):  # fmt: skip
     """Reverse walk through one memory's side of the backward, the two sides being the same computation:
     keys memory (x = k, read by a = q with slot weights y = dz) and values memory held as [V, M] (x = v, read by
     a = do with y = p). Gradient of x from reads inside the sub-chunk and, through the memory's gradient at its
-    end, from every later token; its share of ds. The keys side (FINISH False) leaves its share in dspart; the
-    values side adds it, writes ds and completes the gate summands with -s * ds.
+    end, from every later token; its share of ds (into dspart).
 
-    Also the gate gradient's carry into the segment, sum over later tokens of the summands, taken directly as
-    <memory, its gradient> at the segment's end (the memory mbuf holds at the next segment's start): what scaling
-    that memory by exp(delta) does to the loss. Summing the later segments' summands instead gives the same
-    value in exact arithmetic, but their rounding errors add up over the whole sequence (dg's error grew with T,
-    8.9e-3 at 4k; benchmarks/precision_sweep.py). The keys side leaves its share in cpart, the values side adds it
-    and writes carry (zero after a sequence's last segment: the final state's share is added by the caller).
-    One memory per program keeps the register file from spilling (benchmarks/kernel_resources.py)."""
+    Also its share of the gate gradient's carry into the segment (into cpart), the sum over later tokens of the
+    summands, taken directly as <memory, its gradient> at the segment's end (the memory mbuf holds at the next
+    segment's start): what scaling that memory by exp(delta) does to the loss; zero after a sequence's last
+    segment, whose final state's share the caller adds. Summing the later segments' summands instead gives the
+    same value in exact arithmetic, but their rounding errors add up over the whole sequence (dg's error grew
+    with T, 8.9e-3 at 4k; benchmarks/precision_sweep.py). ``_gate_grad_kernel`` adds the two memories' shares:
+    finishing ds and the summands in the values side's walk, as before, made fwd+bwd 2-6% slower (H100,
+    docs/benchmarks.md). One memory per program keeps the register file from spilling
+    (benchmarks/kernel_resources.py)."""
     G: tl.constexpr = H // Hkv
     i_s, t0, eos = _segment_start(seg_ptr, cu_ptr)
     h = tl.program_id(1)
@@ -547,32 +552,27 @@ def _bwd_rev_memory_kernel(
             dmem += _mm(tl.trans(ac), yc * eb, PREC)
         ds += ds_in * erb
         _store_rows(dx_ptr, dx, t, valid, Hkv, h, D)
-        if FINISH:
-            ds += _load_rows(dspart_ptr, t, valid, Hkv, h, M)
-            _store_rows(ds_ptr, ds, t, valid, Hkv, h, M)
-            db = _load_rows(db_ptr, t, valid, Hkv, h, M) - sc * ds
-            _store_rows(db_ptr, db, t, valid, Hkv, h, M)
-        else:
-            _store_rows(dspart_ptr, ds, t, valid, Hkv, h, M)
-    if FINISH:
-        tl.store(carry_ptr + base * M + tl.arange(0, M), carry + tl.load(cpart_ptr + base * M + tl.arange(0, M)))
-    else:
-        tl.store(cpart_ptr + base * M + tl.arange(0, M), carry)
+        _store_rows(dspart_ptr, ds, t, valid, Hkv, h, M)
+    tl.store(cpart_ptr + base * M + tl.arange(0, M), carry)
 
 
 @triton.jit
-def _segment_rev_cumsum_kernel(x_ptr, carry_ptr, seg_ptr, cu_ptr, Hkv: tl.constexpr, M: tl.constexpr,
-                               BS: tl.constexpr):  # fmt: skip
-    """In place: x_t <- carry(segment) + sum_{t' >= t in the segment} x_t', one program per segment and KV head:
-    with the carries, the gate gradient dg_t = sum_{t' >= t} (summand) of the whole sequence, plus the final
-    state's share."""
+def _gate_grad_kernel(db_ptr, s_ptr, dsk_ptr, dsv_ptr, ds_ptr, ck_ptr, cv_ptr, seg_ptr, cu_ptr, Hkv: tl.constexpr,
+                      M: tl.constexpr, BS: tl.constexpr):  # fmt: skip
+    """The backward's last step, one program per segment and KV head, all segments in parallel: ds = the two
+    memories' shares; the gate summands (db: the read side) get the write side's -s * ds; dg_t = their reverse
+    cumulative sum within the segment plus the segment's carry (the two memories' shares: the rest of the
+    sequence, and the final state's share), written over db."""
     i_s, t0, eos = _segment_start(seg_ptr, cu_ptr)
     h = tl.program_id(1)
     t = t0 + tl.arange(0, BS)
     valid = t < eos
-    carry = tl.load(carry_ptr + (i_s * Hkv + h) * M + tl.arange(0, M))
-    x = _load_rows(x_ptr, t, valid, Hkv, h, M)
-    _store_rows(x_ptr, tl.cumsum(x, axis=0, reverse=True) + carry[None, :], t, valid, Hkv, h, M)
+    ds = _load_rows(dsk_ptr, t, valid, Hkv, h, M) + _load_rows(dsv_ptr, t, valid, Hkv, h, M)
+    _store_rows(ds_ptr, ds, t, valid, Hkv, h, M)
+    x = _load_rows(db_ptr, t, valid, Hkv, h, M) - _load_rows(s_ptr, t, valid, Hkv, h, M) * ds
+    rm = (i_s * Hkv + h) * M + tl.arange(0, M)
+    carry = tl.load(ck_ptr + rm) + tl.load(cv_ptr + rm)
+    _store_rows(db_ptr, tl.cumsum(x, axis=0, reverse=True) + carry[None, :], t, valid, Hkv, h, M)
 
 
 @triton.jit
@@ -771,13 +771,14 @@ def _state_scan(xk, yk, xv, yv, b, init, plan, prec, Hkv: int, M: int, store_out
 
 
 def _forward(q, k, v, s, g, scale, h0, final, plan, prec):
+    """o and the final states (if ``final``), and the per-segment states (hk_buf, hv_buf)."""
     Hkv, K, V, M = k.shape[1], k.shape[2], v.shape[2], s.shape[2]
     H = q.shape[1]
     b = _segment_cumsum(g, plan)
     (hk_buf, hv_buf), hT = _state_scan(k, s, v, s, b, h0, plan, prec["scan"], Hkv, M, final, reverse=False)
     o = _empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     if not plan.NS:
-        return o, hT
+        return o, hT, (hk_buf, hv_buf)
     if FWD_BLOCKS and M <= FWD_BLOCKS_MAX_SLOTS:
         p = _empty(q.shape[0], H, M, dtype=torch.float32, device=q.device)
         cfg = dict(H=H, Hkv=Hkv, M=M, BS=plan.seg, BC=SUBCHUNK, EXP_CLAMP=EXP_CLAMP, num_warps=FWD_WARPS,
@@ -797,15 +798,19 @@ def _forward(q, k, v, s, g, scale, h0, final, plan, prec):
             H=H, Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BC=SUBCHUNK, PREC_IN=prec["in"], PREC=prec["out"],
             PREC_O=prec["o"], EXP_CLAMP=EXP_CLAMP, **_launch_cfg(K, V, M),
         )  # fmt: skip
-    return o, hT
+    return o, hT, (hk_buf, hv_buf)
 
 
-def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT):
+def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT, saved=None):
+    """The gradients; ``saved``: the forward's per-segment states and final states, else scanned again."""
     H, K = q.shape[1], q.shape[2]
     Hkv, V, M = k.shape[1], v.shape[2], s.shape[2]
     need_final = dhT is not None
     b = _segment_cumsum(g, plan)
-    (hk_buf, hv_buf), hT = _state_scan(k, s, v, s, b, h0, plan, prec["scan"], Hkv, M, need_final, reverse=False)
+    if saved is not None:
+        (hk_buf, hv_buf), hT = saved
+    else:
+        (hk_buf, hv_buf), hT = _state_scan(k, s, v, s, b, h0, plan, prec["scan"], Hkv, M, need_final, reverse=False)
     f32 = dict(dtype=torch.float32, device=q.device)
     dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
     p = _empty(q.shape[0], H, M, **f32)
@@ -820,23 +825,23 @@ def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT):
         )  # fmt: skip
     dbufs, dh0 = _state_scan(q, dz, do, p, b, dhT, plan, prec["dscan"], Hkv, M, store_out=True, reverse=True)
     dk, dv, ds = (_empty(*x.shape, dtype=x.dtype, device=x.device) for x in (k, v, s))
-    if plan.NS:
-        ds_keys = _empty(*s.shape, **f32)  # the keys memory's share of ds, completed by the values side
-        carry_keys, carry = (_empty(plan.NS, Hkv, M, **f32) for _ in range(2))  # dg's carries into the segments
-        for x, a, y, dbuf, mbuf, dx, D, finish in (
-            (k, q, dz, dbufs[0], hk_buf, dk, K, False),
-            (v, do, p, dbufs[1], hv_buf, dv, V, True),
-        ):
-            _bwd_rev_memory_kernel[(plan.NS, Hkv)](
-                x, a, y, s, b, dbuf, mbuf, plan.segs, plan.cu, dx, ds_keys, ds, db, carry_keys, carry, D=D,
-                FINISH=finish, PREC=prec["rev"], **side, **_launch_cfg(K, V, M),
-            )  # fmt: skip
-        if need_final:  # the final state's gradient reaches every gate of the sequence through exp(b_T)
-            final = (hT[0] * dhT[0]).sum(2) + (hT[1] * dhT[1]).sum(3)  # [N, Hkv, M]
-            seqs, last = plan.last_segments()
-            carry[last] += final[seqs]
-        # dg: every segment's own reverse cumulative sum plus its carry, all segments in parallel.
-        _segment_rev_cumsum_kernel[(plan.NS, Hkv)](db, carry, plan.segs, plan.cu, Hkv=Hkv, M=M, BS=plan.seg)
+    if not plan.NS:
+        return dq, dk, dv, ds, db.to(g.dtype), dh0
+    dsk, dsv = _empty(2, *s.shape, **f32)  # the two memories' shares of ds
+    ck, cv = _empty(2, plan.NS, Hkv, M, **f32)  # ... and of dg's carries into the segments
+    for x, a, y, dbuf, mbuf, dx, dspart, cpart, D in (
+        (k, q, dz, dbufs[0], hk_buf, dk, dsk, ck, K),
+        (v, do, p, dbufs[1], hv_buf, dv, dsv, cv, V),
+    ):
+        _bwd_rev_memory_kernel[(plan.NS, Hkv)](
+            x, a, y, s, b, dbuf, mbuf, plan.segs, plan.cu, dx, dspart, cpart, D=D, PREC=prec["rev"], **side,
+            **_launch_cfg(K, V, M),
+        )  # fmt: skip
+    if need_final:  # the final state's gradient reaches every gate of the sequence through exp(b_T)
+        final = (hT[0] * dhT[0]).sum(2) + (hT[1] * dhT[1]).sum(3)  # [N, Hkv, M]
+        seqs, last = plan.last_segments()
+        ck[last] += final[seqs]
+    _gate_grad_kernel[(plan.NS, Hkv)](db, s, dsk, dsv, ds, ck, cv, plan.segs, plan.cu, Hkv=Hkv, M=M, BS=plan.seg)
     return dq, dk, dv, ds, db.to(g.dtype), dh0
 
 
@@ -845,19 +850,23 @@ class _GSAFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, s, g, scale, hk0, hv0, final, plan):
         prec = _precision(q.dtype)
         h0 = (hk0, hv0) if hk0 is not None else None
-        o, hT = _forward(q, k, v, s, g, scale, h0, final, plan, prec)
-        ctx.save_for_backward(q, k, v, s, g, hk0, hv0)
-        ctx.scale, ctx.plan, ctx.prec = scale, plan, prec
+        o, hT, bufs = _forward(q, k, v, s, g, scale, h0, final, plan, prec)
         hkT, hvT = hT if hT is not None else (None, None)
+        ctx.saved_states = SAVE_STATES and any(ctx.needs_input_grad)
+        kept = (*bufs, hkT, hvT) if ctx.saved_states else (None,) * 4
+        ctx.save_for_backward(q, k, v, s, g, hk0, hv0, *kept)
+        ctx.scale, ctx.plan, ctx.prec = scale, plan, prec
         return o, hkT, hvT
 
     @staticmethod
     def backward(ctx, do, dhkT, dhvT):
-        q, k, v, s, g, hk0, hv0 = ctx.saved_tensors
+        q, k, v, s, g, hk0, hv0, hk_buf, hv_buf, hkT, hvT = ctx.saved_tensors
         h0 = (hk0, hv0) if hk0 is not None else None
         # With output_final_state both final-state gradients arrive (autograd materialises unused ones as zeros).
         dhT = (dhkT.contiguous(), dhvT.contiguous()) if dhkT is not None else None
-        dq, dk, dv, ds, dg, dh0 = _backward(q, k, v, s, g, ctx.scale, h0, ctx.plan, ctx.prec, do.contiguous(), dhT)
+        saved = ((hk_buf, hv_buf), (hkT, hvT) if hkT is not None else None) if ctx.saved_states else None
+        dq, dk, dv, ds, dg, dh0 = _backward(q, k, v, s, g, ctx.scale, h0, ctx.plan, ctx.prec, do.contiguous(), dhT,
+                                            saved)  # fmt: skip
         dhk0, dhv0 = dh0 if h0 is not None else (None, None)
         return dq, dk, dv, ds, dg, None, dhk0, dhv0, None, None
 
