@@ -27,7 +27,8 @@ HALF_INPUTS = {"q_ptr", "k_ptr", "v_ptr", "s_ptr", "g_ptr", "o_ptr", "do_ptr", "
 INT_POINTERS = {"cu_ptr", "segoff_ptr", "seg_ptr"}
 INT_SCALARS = {"T", "stride_pd", "stride_pm", "d0"}
 CONSTEXPRS = dict(H=32, Hkv=32, K=128, V=128, M=64, D=128, BS=64, BC=16, BD=64, BM=32, GP=1, BK=32, BV=32, PREC_IN=0,
-                  PREC=3, PREC_O=3, EXP_CLAMP=60.0, HAS_INIT=False, STORE_OUT=True, REVERSE=False)  # fmt: skip
+                  PREC=3, PREC_O=3, EXP_CLAMP=60.0, HAS_INIT=False, STORE_OUT=True, REVERSE=False,
+                  STORE_LSE=True)  # fmt: skip
 
 
 def load_kernels(path: str):
@@ -78,7 +79,7 @@ def main() -> None:
             continue
         sweep = "BC" in fn.arg_names  # walks sub-chunks: launched with the host's _launch_cfg
         warps, stages = (sweeps["num_warps"], sweeps["num_stages"]) if sweep else (4, 3 if "state" in name else 2)
-        if name in ("_slot_probs_kernel", "_out_blocks_kernel"):  # the segment-at-once forward
+        if name in ("_slot_probs_kernel", "_out_blocks_kernel", "_slot_grads_kernel"):  # segment-at-once
             warps = kernels.FWD_WARPS
         # A kernel with both directions (REVERSE) is two compiled programs: one row each.
         for reverse in (False, True) if "REVERSE" in fn.arg_names else (False,):

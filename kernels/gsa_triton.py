@@ -18,13 +18,16 @@ How the work is split (per KV head; the G query heads of a group share all state
   exp(r - b_j), each factor at most exp(|sub-chunk decay| / 2); a key of an earlier sub-chunk reaches a query
   through that sub-chunk's end, both factors <= 1. With more slots, ``_out_fwd`` walks the sub-chunks instead,
   updating the memories in registers (16-row products, a chain of dependent steps).
-- Backward: the scan again, ``_bwd_sweep`` (forward walk: slot softmax, dp, dz, dq), the scan in reverse (the
-  memories' gradients), ``_bwd_rev_memory`` once per memory (reverse walk: dk or dv, and the memory's shares of
-  ds and of the gate gradient's carry into the segment, <memory, gradient> at the segment's end; one memory per
-  launch keeps its registers from spilling), then ``_gate_grad`` adds the shares and takes every segment's
-  reverse cumulative sum of the summands plus its carry: dg, all segments in parallel. The reverse walks stay
-  walks: taken a segment at a time like the forward output, they were 13% slower on an H100, bound by spilled
-  registers (docs/benchmarks.md).
+- Backward: the scan again (or the forward's states, ``SAVE_STATES``). Up to 64 slots, from the forward's p
+  and log-sum-exp (``SAVE_PROBS``, opt-in), ``_slot_grads`` takes dp, dz and the read side's gate summands
+  a segment at a time and ``_out_blocks`` gives dq (the forward output's computation with dz, k and hk);
+  otherwise ``_bwd_sweep`` walks the sub-chunks recomputing p (slot softmax, dp, dz, dq). Then the scan in
+  reverse (the memories' gradients), ``_bwd_rev_memory`` once per memory (reverse walk: dk or dv, and the
+  memory's shares of ds and of the gate gradient's carry into the segment, <memory, gradient> at the segment's
+  end; one memory per launch keeps its registers from spilling), then ``_gate_grad`` adds the shares and takes
+  every segment's reverse cumulative sum of the summands plus its carry: dg, all segments in parallel. The
+  reverse walks stay walks: taken a segment at a time like the forward output, they were 13% slower on an H100,
+  bound by spilled registers (docs/benchmarks.md).
 - Decoding: ``_decode_step`` streams one token's update through the memories in blocks (``_decode`` takes a few
   tokens at once).
 
@@ -85,6 +88,13 @@ FWD_WARPS = int(os.environ.get("T2R_GSA_FWD_WARPS", "4"))
 # Keep the forward's per-segment states for the backward instead of scanning again: fp32, (K + V) * M * 4 bytes per
 # segment and KV head (at K = V = 128, M = 64: 1 KB per token and KV head, more than q, k and v take in bf16).
 SAVE_STATES = os.environ.get("T2R_GSA_SAVE_STATES", "0") == "1"
+# Keep the forward's slot softmax p (fp32, M * 4 bytes per token and query head: at M = 64 as much as q at K = 128
+# in bf16) and its log-sum-exp for the backward, which then takes dz and dq a segment at a time instead of walking
+# sub-chunks to recompute p (up to FWD_BLOCKS_MAX_SLOTS, where the forward has p). The forward's slot logits then
+# take the backward's precision ("sweep"), not "out": a p from bf16 products took dg's error under strongly
+# forgetting gates to 1.6e-2 (the bf16 bound is 1e-2). With bf16 logits, fwd+bwd was 5-8.5% faster on an H100;
+# with the sweep's precision it has not been timed (docs/benchmarks.md).
+SAVE_PROBS = os.environ.get("T2R_GSA_SAVE_PROBS", "0") == "1"
 
 POISON = False  # tests: fill outputs with NaN before the kernels run, so that unwritten elements show
 
@@ -400,36 +410,81 @@ def _segment_rows(seg_ptr, cu_ptr, BS: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
+def _segment_reads(xc, yc, s_ptr, b_ptr, state_ptr, i_s, t0, eos, t, valid, causal, diag, Hkv: tl.constexpr, h,
+                   D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr, PREC_IN: tl.constexpr,
+                   PREC: tl.constexpr, EXP_CLAMP: tl.constexpr):  # fmt: skip
+    """What the segment's queries xc [BS, D] read from one memory, before any softmax: the segment-start memory
+    ([D, M] at state_ptr, per segment) decayed to each token, plus every write of the segment up to the token (keys
+    yc, write weights s). Pass 1's slot logits with (q, k, hk); their gradient dp with (do, v, hv). Two tokens of
+    one sub-chunk take the midpoint split (bounded like the walk's); a key of an earlier sub-chunk j reaches a
+    query through the end of j (exact)."""
+    NB: tl.constexpr = BS // BC
+    A = tl.where(causal, _mm(xc, tl.trans(yc), PREC_IN), 0.0)
+    b, r = _segment_block_bounds(b_ptr, t0, eos, Hkv, h, M, BS, BC)
+    sc = _load_rows(s_ptr, t, valid, Hkv, h, M)
+    state = tl.load(state_ptr + (i_s * Hkv + h) * D * M + _state_ptrs(0, D, M, M, 1))  # [D, M]
+    R = _mm(xc, state, PREC) * tl.exp(b)
+    ek = sc * tl.exp(tl.minimum(r - b, EXP_CLAMP))
+    R += _mm(tl.where(diag, A, 0.0), ek, PREC) * tl.exp(tl.minimum(b - r, EXP_CLAMP))
+    for j in range(NB - 1):
+        x, key, later = _block_factor(b_ptr, b, t0, eos, j, Hkv, h, M, BS, BC)
+        R += _mm(A, tl.where(key[:, None], sc * x, 0.0), PREC) * tl.where(later[:, None], x, 0.0)
+    return R
+
+
+@triton.jit
 def _slot_probs_kernel(
-    q_ptr, k_ptr, s_ptr, b_ptr, p_ptr, hk_ptr, seg_ptr, cu_ptr, scale,
+    q_ptr, k_ptr, s_ptr, b_ptr, p_ptr, lse_ptr, hk_ptr, seg_ptr, cu_ptr, scale,
     H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr,
-    PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
+    PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr, STORE_LSE: tl.constexpr,
 ):  # fmt: skip
     """Pass 1 of the forward without a walk: the slot softmax p of a whole segment at once, every product at its
-    full BS rows against the segment-start keys memory, no memory update inside the segment. Two tokens of one
-    sub-chunk take the midpoint split (bounded like the walk's); a key of an earlier sub-chunk j reaches a query
-    through the end of j (exact). p goes through memory to ``_out_blocks_kernel``: both passes in one program
-    spill (benchmarks/kernel_resources.py)."""
+    full BS rows against the segment-start keys memory, no memory update inside the segment. p goes through
+    memory to ``_out_blocks_kernel`` (both passes in one program spill: benchmarks/kernel_resources.py); with
+    STORE_LSE also each row's log-sum-exp, so that the backward can take p and the logits from here."""
     G: tl.constexpr = H // Hkv
-    NB: tl.constexpr = BS // BC
     i_s, t0, eos, t, valid, causal, diag = _segment_rows(seg_ptr, cu_ptr, BS, BC)
     h = tl.program_id(1)
     kc = _load_raw(k_ptr, t, valid, Hkv, h, K)
     for gi in tl.static_range(G):
         qc = _load_raw(q_ptr, t, valid, H, h * G + gi, K)
-        A = tl.where(causal, _mm(qc, tl.trans(kc), PREC_IN), 0.0)
-        b, r = _segment_block_bounds(b_ptr, t0, eos, Hkv, h, M, BS, BC)
-        sc = _load_rows(s_ptr, t, valid, Hkv, h, M)
-        hk = tl.load(hk_ptr + (i_s * Hkv + h) * K * M + _state_ptrs(0, K, M, M, 1))  # [K, M]
-        logits = _mm(qc, hk, PREC) * tl.exp(b)
-        ek = sc * tl.exp(tl.minimum(r - b, EXP_CLAMP))
-        logits += _mm(tl.where(diag, A, 0.0), ek, PREC) * tl.exp(tl.minimum(b - r, EXP_CLAMP))
-        for j in range(NB - 1):
-            x, key, later = _block_factor(b_ptr, b, t0, eos, j, Hkv, h, M, BS, BC)
-            logits += _mm(A, tl.where(key[:, None], sc * x, 0.0), PREC) * tl.where(later[:, None], x, 0.0)
+        logits = _segment_reads(qc, kc, s_ptr, b_ptr, hk_ptr, i_s, t0, eos, t, valid, causal, diag, Hkv, h, K, M, BS,
+                                BC, PREC_IN, PREC, EXP_CLAMP)  # fmt: skip
         logits *= scale
-        e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-        _store_rows(p_ptr, e / tl.sum(e, axis=1)[:, None], t, valid, H, h * G + gi, M)
+        top = tl.max(logits, axis=1)
+        e = tl.exp(logits - top[:, None])
+        total = tl.sum(e, axis=1)
+        _store_rows(p_ptr, e / total[:, None], t, valid, H, h * G + gi, M)
+        if STORE_LSE:
+            tl.store(lse_ptr + t * H + h * G + gi, top + tl.log(total), mask=valid)
+
+
+@triton.jit
+def _slot_grads_kernel(
+    do_ptr, v_ptr, s_ptr, b_ptr, hv_ptr, p_ptr, lse_ptr, seg_ptr, cu_ptr, scale, dz_ptr, db_ptr,
+    H: tl.constexpr, Hkv: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr,
+    PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
+):  # fmt: skip
+    """The backward's slot-softmax gradient without a walk, from the forward's p and log-sum-exp: dp (pass 2's
+    gradient: the reads of ``_segment_reads`` with do and v as query and key, against the values memory), dz =
+    scale * p * (dp - sum(p dp)) and the read side's gate summands dlog * logits + p * dp, with the logits taken
+    as log p + lse (where p underflowed to 0 the summand is 0 either way)."""
+    G: tl.constexpr = H // Hkv
+    i_s, t0, eos, t, valid, causal, diag = _segment_rows(seg_ptr, cu_ptr, BS, BC)
+    h = tl.program_id(1)
+    vc = _load_raw(v_ptr, t, valid, Hkv, h, V)
+    db = tl.zeros([BS, M], dtype=tl.float32)
+    for gi in tl.static_range(G):
+        doc = _load_raw(do_ptr, t, valid, H, h * G + gi, V)
+        dp = _segment_reads(doc, vc, s_ptr, b_ptr, hv_ptr, i_s, t0, eos, t, valid, causal, diag, Hkv, h, V, M, BS,
+                            BC, PREC_IN, PREC, EXP_CLAMP)  # fmt: skip
+        p = _load_rows(p_ptr, t, valid, H, h * G + gi, M)
+        dlog = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+        _store_rows(dz_ptr, scale * dlog, t, valid, H, h * G + gi, M)
+        lse = tl.load(lse_ptr + t * H + h * G + gi, mask=valid, other=0.0)
+        logits = tl.where(p > 0, tl.log(p) + lse[:, None], 0.0)
+        db += dlog * logits + p * dp
+    _store_rows(db_ptr, db, t, valid, Hkv, h, M)
 
 
 @triton.jit
@@ -770,39 +825,48 @@ def _state_scan(xk, yk, xv, yv, b, init, plan, prec, Hkv: int, M: int, store_out
     return bufs, (outs if store_out else None)
 
 
-def _forward(q, k, v, s, g, scale, h0, final, plan, prec):
-    """o and the final states (if ``final``), and the per-segment states (hk_buf, hv_buf)."""
+def _wide(prec: dict[str, int], group: str, M: int) -> int:
+    """A segment-at-once kernel's product precision. Their bf16 products with fewer than 64 slot columns came out
+    wrong on an H100 (Triton 3.6: o off by 0.1-0.3 at M = 16 and 32, while fp16, tf32 and M = 64 were exact;
+    docs/benchmarks.md): those take tf32."""
+    return prec[group] if M >= 64 or prec[group] != PREC_BF16 else PREC_TF32
+
+
+def _forward(q, k, v, s, g, scale, h0, final, plan, prec, keep_probs=False):
+    """o and the final states (if ``final``), the per-segment states (hk_buf, hv_buf), and with ``keep_probs``
+    the slot softmax and its log-sum-exp where the segment-at-once kernels run (else None)."""
     Hkv, K, V, M = k.shape[1], k.shape[2], v.shape[2], s.shape[2]
     H = q.shape[1]
     b = _segment_cumsum(g, plan)
     (hk_buf, hv_buf), hT = _state_scan(k, s, v, s, b, h0, plan, prec["scan"], Hkv, M, final, reverse=False)
     o = _empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
+    probs = None
     if not plan.NS:
-        return o, hT, (hk_buf, hv_buf)
+        return o, hT, (hk_buf, hv_buf), probs
     if FWD_BLOCKS and M <= FWD_BLOCKS_MAX_SLOTS:
         p = _empty(q.shape[0], H, M, dtype=torch.float32, device=q.device)
+        lse = _empty(q.shape[0], H, dtype=torch.float32, device=q.device) if keep_probs else p
+        probs = (p, lse) if keep_probs else None
         cfg = dict(H=H, Hkv=Hkv, M=M, BS=plan.seg, BC=SUBCHUNK, EXP_CLAMP=EXP_CLAMP, num_warps=FWD_WARPS,
                    num_stages=NUM_STAGES)  # fmt: skip
-
-        # Their bf16 products with fewer than 64 slot columns came out wrong on an H100 (Triton 3.6: o off by
-        # 0.1-0.3 at M = 16 and 32, while fp16, tf32 and M = 64 were exact; docs/benchmarks.md): those take tf32.
-        def wide(group: str) -> int:
-            return prec[group] if M >= 64 or prec[group] != PREC_BF16 else PREC_TF32
-
-        _slot_probs_kernel[(plan.NS, Hkv)](q, k, s, b, p, hk_buf, plan.segs, plan.cu, scale, K=K, PREC_IN=prec["in"],
-                                           PREC=wide("out"), **cfg)  # fmt: skip
-        _out_blocks_kernel[(plan.NS, Hkv)](p, v, s, b, o, hv_buf, plan.segs, plan.cu, V=V, PREC=wide("o"), **cfg)
+        _slot_probs_kernel[(plan.NS, Hkv)](q, k, s, b, p, lse, hk_buf, plan.segs, plan.cu, scale, K=K,
+                                           PREC_IN=prec["in"], PREC=_wide(prec, "sweep" if keep_probs else "out", M),
+                                           STORE_LSE=keep_probs,
+                                           **cfg)  # fmt: skip
+        _out_blocks_kernel[(plan.NS, Hkv)](p, v, s, b, o, hv_buf, plan.segs, plan.cu, V=V, PREC=_wide(prec, "o", M),
+                                           **cfg)  # fmt: skip
     else:
         _out_fwd_kernel[(plan.NS, Hkv)](
             q, k, v, s, b, o, hk_buf, hv_buf, plan.segs, plan.cu, scale,
             H=H, Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BC=SUBCHUNK, PREC_IN=prec["in"], PREC=prec["out"],
             PREC_O=prec["o"], EXP_CLAMP=EXP_CLAMP, **_launch_cfg(K, V, M),
         )  # fmt: skip
-    return o, hT, (hk_buf, hv_buf)
+    return o, hT, (hk_buf, hv_buf), probs
 
 
-def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT, saved=None):
-    """The gradients; ``saved``: the forward's per-segment states and final states, else scanned again."""
+def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT, saved=None, probs=None):
+    """The gradients; ``saved``: the forward's per-segment states and final states, else scanned again;
+    ``probs``: the forward's slot softmax and log-sum-exp, else recomputed in a walk."""
     H, K = q.shape[1], q.shape[2]
     Hkv, V, M = k.shape[1], v.shape[2], s.shape[2]
     need_final = dhT is not None
@@ -813,16 +877,24 @@ def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT, saved=None):
         (hk_buf, hv_buf), hT = _state_scan(k, s, v, s, b, h0, plan, prec["scan"], Hkv, M, need_final, reverse=False)
     f32 = dict(dtype=torch.float32, device=q.device)
     dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
-    p = _empty(q.shape[0], H, M, **f32)
     dz = _empty(q.shape[0], H, M, **f32)
     db = _empty(q.shape[0], Hkv, M, **f32)
     side = dict(H=H, Hkv=Hkv, M=M, BS=plan.seg, BC=SUBCHUNK, PREC_IN=prec["in"], EXP_CLAMP=EXP_CLAMP)
     cfg = dict(side, K=K, V=V, PREC=prec["sweep"])
-    if plan.NS:
-        _bwd_sweep_kernel[(plan.NS, Hkv)](
-            q, k, v, s, b, do, hk_buf, hv_buf, plan.segs, plan.cu, scale, dq, p, dz, db, **cfg,
-            **_launch_cfg(K, V, M),
-        )  # fmt: skip
+    if probs is not None:
+        p, lse = probs
+        blocks = dict(side, PREC=_wide(prec, "sweep", M), num_warps=FWD_WARPS, num_stages=NUM_STAGES)
+        _slot_grads_kernel[(plan.NS, Hkv)](do, v, s, b, hv_buf, p, lse, plan.segs, plan.cu, scale, dz, db, V=V,
+                                           **blocks)  # fmt: skip
+        del blocks["PREC_IN"]
+        _out_blocks_kernel[(plan.NS, Hkv)](dz, k, s, b, dq, hk_buf, plan.segs, plan.cu, V=K, **blocks)  # dq
+    else:
+        p = _empty(q.shape[0], H, M, **f32)
+        if plan.NS:
+            _bwd_sweep_kernel[(plan.NS, Hkv)](
+                q, k, v, s, b, do, hk_buf, hv_buf, plan.segs, plan.cu, scale, dq, p, dz, db, **cfg,
+                **_launch_cfg(K, V, M),
+            )  # fmt: skip
     dbufs, dh0 = _state_scan(q, dz, do, p, b, dhT, plan, prec["dscan"], Hkv, M, store_out=True, reverse=True)
     dk, dv, ds = (_empty(*x.shape, dtype=x.dtype, device=x.device) for x in (k, v, s))
     if not plan.NS:
@@ -850,23 +922,25 @@ class _GSAFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, s, g, scale, hk0, hv0, final, plan):
         prec = _precision(q.dtype)
         h0 = (hk0, hv0) if hk0 is not None else None
-        o, hT, bufs = _forward(q, k, v, s, g, scale, h0, final, plan, prec)
+        grads = any(ctx.needs_input_grad)
+        o, hT, bufs, probs = _forward(q, k, v, s, g, scale, h0, final, plan, prec, keep_probs=SAVE_PROBS and grads)
         hkT, hvT = hT if hT is not None else (None, None)
-        ctx.saved_states = SAVE_STATES and any(ctx.needs_input_grad)
+        ctx.saved_states, ctx.saved_probs = SAVE_STATES and grads, probs is not None
         kept = (*bufs, hkT, hvT) if ctx.saved_states else (None,) * 4
-        ctx.save_for_backward(q, k, v, s, g, hk0, hv0, *kept)
+        ctx.save_for_backward(q, k, v, s, g, hk0, hv0, *kept, *(probs or (None, None)))
         ctx.scale, ctx.plan, ctx.prec = scale, plan, prec
         return o, hkT, hvT
 
     @staticmethod
     def backward(ctx, do, dhkT, dhvT):
-        q, k, v, s, g, hk0, hv0, hk_buf, hv_buf, hkT, hvT = ctx.saved_tensors
+        q, k, v, s, g, hk0, hv0, hk_buf, hv_buf, hkT, hvT, p, lse = ctx.saved_tensors
         h0 = (hk0, hv0) if hk0 is not None else None
         # With output_final_state both final-state gradients arrive (autograd materialises unused ones as zeros).
         dhT = (dhkT.contiguous(), dhvT.contiguous()) if dhkT is not None else None
         saved = ((hk_buf, hv_buf), (hkT, hvT) if hkT is not None else None) if ctx.saved_states else None
+        probs = (p, lse) if ctx.saved_probs else None
         dq, dk, dv, ds, dg, dh0 = _backward(q, k, v, s, g, ctx.scale, h0, ctx.plan, ctx.prec, do.contiguous(), dhT,
-                                            saved)  # fmt: skip
+                                            saved, probs)  # fmt: skip
         dhk0, dhv0 = dh0 if h0 is not None else (None, None)
         return dq, dk, dv, ds, dg, None, dhk0, dhv0, None, None
 
