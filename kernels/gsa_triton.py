@@ -845,7 +845,7 @@ def _forward(q, k, v, s, g, scale, h0, final, plan, prec, keep_probs=False):
         return o, hT, (hk_buf, hv_buf), probs
     if FWD_BLOCKS and M <= FWD_BLOCKS_MAX_SLOTS:
         p = _empty(q.shape[0], H, M, dtype=torch.float32, device=q.device)
-        lse = _empty(q.shape[0], H, dtype=torch.float32, device=q.device) if keep_probs else p
+        lse = _empty(q.shape[0], H, dtype=torch.float32, device=q.device) if keep_probs else p  # p: not written
         probs = (p, lse) if keep_probs else None
         cfg = dict(H=H, Hkv=Hkv, M=M, BS=plan.seg, BC=SUBCHUNK, EXP_CLAMP=EXP_CLAMP, num_warps=FWD_WARPS,
                    num_stages=NUM_STAGES)  # fmt: skip
