@@ -42,6 +42,7 @@ sums as differences of the segment's running sum costs at most ~3e-5 in an expon
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -51,6 +52,8 @@ try:  # a try block, so that transformers' trust_remote_code import check does n
     import triton.language as tl
 except ImportError as err:
     raise ImportError("the GSA Triton kernels need triton (pip install 't2r[cuda]')") from err
+
+from .gsa_memo import LastTensorMemo
 
 State = tuple[torch.Tensor, torch.Tensor]
 EXP_CLAMP = 60.0
@@ -775,11 +778,28 @@ class _Plan:
         self.segs = torch.stack([seq, start], 1).to(device, torch.int32).contiguous()
         self._nseg, self._segoff, self._device = nseg, segoff, device
 
+    @functools.cached_property
     def last_segments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(non-empty sequences, their last segments) on the device; built only when a final-state gradient needs
         them, so that plain calls copy nothing more to the device."""
         seqs = (self._nseg > 0).nonzero().flatten()
         return seqs.to(self._device), (self._segoff + self._nseg - 1)[seqs].to(self._device)
+
+
+# A plan's copies to the device wait for the device (pageable memory), and reading cu_seqlens back does too; the
+# layers of a model share one layout, so plans are reused: by shape for plain batches, by tensor for packed ones.
+@functools.lru_cache(maxsize=64)
+def _dense_plan(B: int, T: int, device: torch.device, seg: int) -> _Plan:
+    return _Plan(B, T, None, device, seg)
+
+
+_packed_plan = LastTensorMemo(lambda cu_seqlens, device, seg: _Plan(1, 0, cu_seqlens, device, seg))
+
+
+def _plan(B: int, T: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> _Plan:
+    if cu_seqlens is None:
+        return _dense_plan(B, T, device, SEGMENT)
+    return _packed_plan(cu_seqlens, device, SEGMENT)
 
 
 def _launch_cfg(K: int, V: int, M: int) -> dict:
@@ -911,7 +931,7 @@ def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT, saved=None, probs=N
         )  # fmt: skip
     if need_final:  # the final state's gradient reaches every gate of the sequence through exp(b_T)
         final = (hT[0] * dhT[0]).sum(2) + (hT[1] * dhT[1]).sum(3)  # [N, Hkv, M]
-        seqs, last = plan.last_segments()
+        seqs, last = plan.last_segments
         ck[last] += final[seqs]
     _gate_grad_kernel[(plan.NS, Hkv)](db, s, dsk, dsv, ds, ck, cv, plan.segs, plan.cu, Hkv=Hkv, M=M, BS=plan.seg)
     return dq, dk, dv, ds, db.to(g.dtype), dh0
@@ -929,14 +949,21 @@ class _GSAFunction(torch.autograd.Function):
         kept = (*bufs, hkT, hvT) if ctx.saved_states else (None,) * 4
         ctx.save_for_backward(q, k, v, s, g, hk0, hv0, *kept, *(probs or (None, None)))
         ctx.scale, ctx.plan, ctx.prec = scale, plan, prec
+        ctx.set_materialize_grads(False)  # an unused final state then costs the backward nothing
         return o, hkT, hvT
 
     @staticmethod
     def backward(ctx, do, dhkT, dhvT):
         q, k, v, s, g, hk0, hv0, hk_buf, hv_buf, hkT, hvT, p, lse = ctx.saved_tensors
         h0 = (hk0, hv0) if hk0 is not None else None
-        # With output_final_state both final-state gradients arrive (autograd materialises unused ones as zeros).
-        dhT = (dhkT.contiguous(), dhvT.contiguous()) if dhkT is not None else None
+        do = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device) if do is None else do
+        dhT = None
+        if dhkT is not None or dhvT is not None:  # one final state used: the other's gradient is zero
+            N, Hkv, K, V, M = ctx.plan.N, k.shape[1], k.shape[2], v.shape[2], s.shape[2]
+            f32 = dict(dtype=torch.float32, device=q.device)
+            dhkT = torch.zeros(N, Hkv, K, M, **f32) if dhkT is None else dhkT
+            dhvT = torch.zeros(N, Hkv, M, V, **f32) if dhvT is None else dhvT
+            dhT = (dhkT.contiguous(), dhvT.contiguous())
         saved = ((hk_buf, hv_buf), (hkT, hvT) if hkT is not None else None) if ctx.saved_states else None
         probs = (p, lse) if ctx.saved_probs else None
         dq, dk, dv, ds, dg, dh0 = _backward(q, k, v, s, g, ctx.scale, h0, ctx.plan, ctx.prec, do.contiguous(), dhT,
@@ -962,7 +989,7 @@ def gsa_triton(
     _check(q, k, v, s, g, initial_state, cu_seqlens)
     B, T, H, K = q.shape
     scale = K**-0.5 if scale is None else float(scale)
-    plan = _Plan(B, T, cu_seqlens, q.device, SEGMENT)
+    plan = _plan(B, T, cu_seqlens, q.device)
     flat = [x.reshape(B * T, *x.shape[2:]).contiguous() for x in (q, k, v, s, g)]
     hk0, hv0 = (x.float().contiguous() for x in initial_state) if initial_state is not None else (None, None)
     o, hkT, hvT = _GSAFunction.apply(*flat, scale, hk0, hv0, output_final_state, plan)

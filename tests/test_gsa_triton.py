@@ -247,3 +247,44 @@ def test_model_forward_backward_and_decode_through_kernels(monkeypatch):
     assert rel_err(loss, loss_ref) <= 1e-5
     assert max(rel_err(a, b) for a, b in zip(grads, grads_ref, strict=True)) <= 1e-3
     assert rel_err(step, step_ref) <= 1e-4
+
+
+def test_plans_are_reused_for_a_shape_or_a_packed_layout():
+    """Building a plan copies to the device (a wait for the device): a model's layers share one."""
+    assert kernels._plan(2, 70, None, torch.device(DEVICE)) is kernels._plan(2, 70, None, torch.device(DEVICE))
+    cu = torch.tensor([0, 30, 100], device=DEVICE)
+    plan = kernels._plan(1, 100, cu, torch.device(DEVICE))
+    assert kernels._plan(1, 100, cu, torch.device(DEVICE)) is plan
+    other = kernels._plan(1, 100, torch.tensor([0, 50, 100], device=DEVICE), torch.device(DEVICE))
+    assert other is not plan and other.segs.tolist() != plan.segs.tolist()
+
+
+@pytest.mark.parametrize("used", ["o", "o+hk", "hv", "hk+hv"])
+def test_gradients_when_final_states_are_partly_used(monkeypatch, used):
+    """Unused final states get no gradient (autograd passes None): the backward must treat them as zero, and with
+    no final state used it must skip the final-state work (its reverse scan starts from nothing)."""
+    B, T, H, Hkv, K, V, M = SHAPES[1]
+    inputs, h0 = make_inputs(B, T, H, Hkv, K, V, M, device=DEVICE)
+    starts = []
+    scan = kernels._state_scan
+    monkeypatch.setattr(kernels, "_state_scan", lambda *a, **kw: starts.append(a[5]) or scan(*a, **kw))
+
+    def grads(fn, xs, h):
+        o, (hk, hv) = fn(*xs, 1.0, h, True)
+        parts = {"o": o, "hk": hk, "hv": hv}
+        gen = torch.Generator(device="cpu").manual_seed(7)
+        loss = sum((parts[n].float() * torch.randn(parts[n].shape, generator=gen).to(o.device)).sum()
+                   for n in used.split("+"))  # fmt: skip
+        return torch.autograd.grad(loss, [*xs, *h], allow_unused=True)
+
+    got = grads(kernels.gsa_triton, inputs, h0)
+    reverse_init = starts[-1]  # the last scan is the backward's reverse one
+    assert (reverse_init is None) == (used == "o")
+    cpu = [x.detach().cpu().requires_grad_() for x in inputs]
+    want = grads(gsa_recurrent, cpu, tuple(x.detach().cpu().requires_grad_() for x in h0))
+    tol = 1e-3
+    for name, a, b in zip(["dq", "dk", "dv", "ds", "dg", "dhk0", "dhv0"], got, want, strict=True):
+        if b is None:  # no path from this input to the loss
+            assert a is None or not a.any(), name
+        else:
+            assert rel_err(a.cpu(), b) <= tol, (name, rel_err(a.cpu(), b))

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
+from t2r.kernels.gsa_memo import LastTensorMemo
 from t2r.kernels.gsa_ops import RECURRENT_MAX_TOKENS, gsa, gsa_decode_
 
 from .cache_t2r import GSACache
@@ -38,10 +39,17 @@ def document_starts(position_ids: torch.Tensor | None, batch: int, length: int) 
     """
     if position_ids is None or length < 2:
         return None
+    return _document_starts(position_ids, batch, length)  # the layers share one answer (one device wait)
+
+
+def _find_document_starts(position_ids: torch.Tensor, batch: int, length: int) -> torch.Tensor | None:
     pos = position_ids.expand(batch, length)
     starts = torch.ones_like(pos, dtype=torch.bool)
     starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
     return starts if bool(starts[:, 1:].any()) else None
+
+
+_document_starts = LastTensorMemo(_find_document_starts)
 
 
 class GSAAttention(nn.Module):
@@ -123,7 +131,7 @@ class GSAAttention(nn.Module):
         elif starts is None:
             o, state = gsa(q, k, v, s, g, self.scale, state, output_final_state=layer_cache is not None)
         else:
-            o, state = _packed_gsa(q, k, v, s, g, self.scale, state, starts)
+            o, state = _packed_gsa(q, k, v, s, g, self.scale, state, starts, final=layer_cache is not None)
         o = self.g_norm(F.silu(o.reshape(B, T, -1)))
         if self.mode == "calibrate":  # statistics for t2r.objectives.calibrate_output_norms; teacher-forced
             with torch.no_grad():
@@ -234,27 +242,39 @@ class _TeacherForced(torch.autograd.Function):
         return None, None
 
 
-def _packed_gsa(q, k, v, s, g, scale, state, starts):
+def _packed_gsa(q, k, v, s, g, scale, state, starts, final: bool = True):
     """Rows holding several documents: run them as packed sequences so each document starts from a zero
-    state; a row's first document continues from the row's cached state, and the row's last document's
-    final state becomes the row's new state."""
+    state; a row's first document continues from the row's cached state, and (with ``final``) the row's last
+    document's final state becomes the row's new state."""
     B, T = starts.shape
-    flat = starts.reshape(-1)
-    begin = flat.nonzero().squeeze(-1)
-    cu_seqlens = torch.cat([begin, begin.new_tensor([B * T])])
-    row_first = (begin % T == 0).nonzero().squeeze(-1)  # document index of each row's first document
-    row_last = torch.cat([row_first[1:] - 1, row_first.new_tensor([len(begin) - 1])])
+    cu_seqlens, row_first, row_last = _packed_layout(starts)
     Hkv, K, M, V = k.shape[2], k.shape[3], s.shape[3], v.shape[3]
     init = None
     if state is not None:
         init = (
-            q.new_zeros(len(begin), Hkv, K, M, dtype=torch.float32),
-            q.new_zeros(len(begin), Hkv, M, V, dtype=torch.float32),
+            q.new_zeros(len(cu_seqlens) - 1, Hkv, K, M, dtype=torch.float32),
+            q.new_zeros(len(cu_seqlens) - 1, Hkv, M, V, dtype=torch.float32),
         )
         init = (init[0].index_copy(0, row_first, state[0]), init[1].index_copy(0, row_first, state[1]))
     packed = (x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, s, g))
-    o, final = gsa(*packed, scale, init, output_final_state=True, cu_seqlens=cu_seqlens)
-    return o.reshape(B, T, *o.shape[2:]), (final[0][row_last], final[1][row_last])
+    o, last = gsa(*packed, scale, init, output_final_state=final, cu_seqlens=cu_seqlens)
+    o = o.reshape(B, T, *o.shape[2:])
+    return o, ((last[0][row_last], last[1][row_last]) if final else None)
+
+
+def _find_packed_layout(starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cu_seqlens of the flattened documents, each row's first document, each row's last document)."""
+    B, T = starts.shape
+    begin = starts.reshape(-1).nonzero().squeeze(-1)
+    cu_seqlens = torch.cat([begin, begin.new_tensor([B * T])])
+    row_first = (begin % T == 0).nonzero().squeeze(-1)  # document index of each row's first document
+    row_last = torch.cat([row_first[1:] - 1, row_first.new_tensor([len(begin) - 1])])
+    return cu_seqlens, row_first, row_last
+
+
+# One layout per forward: the same starts tensor reaches every layer (and the same cu_seqlens then reaches the
+# kernels, which reuse their plan for it).
+_packed_layout = LastTensorMemo(_find_packed_layout)
 
 
 KERNEL_IMPORT = re.compile(r"^from t2r\.kernels\.(\w+) import", flags=re.MULTILINE)
