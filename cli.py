@@ -284,6 +284,8 @@ def bench_kernels(
         f"{result['device']}, copy bandwidth {bandwidth} TB/s (read + write), FLA: {result['fla']}",
         f"relative error vs the PyTorch reference (bf16 inputs, GQA 2): {result['rel_error_vs_reference']}",
         f"... at 16k tokens (4 heads): {result['rel_error_vs_reference_16k']}",
+        "ours_keep: T2R_GSA_SAVE_STATES=1 T2R_GSA_SAVE_PROBS=1 (the backward reuses the forward's segment states and"
+        " slot softmax); *_kept_gb: device memory a forward holds for its backward beyond its inputs and output",
     ]
     print("\n".join(notes))
     print_table(result["train"])

@@ -7,6 +7,8 @@ ratios compare like with like. FLA is a comparison only: t2r never imports it el
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -93,6 +95,10 @@ def _train_row(B, T, H, K, V, M, dtype, bandwidth, fla: bool) -> dict:
         return gsa_triton(q, k, v, s, g, scale)[0]
 
     row = {"B": B, "T": T, "ours_fwd_ms": _bench(ours), "ours_fwdbwd_ms": _bench(_fwd_bwd(ours, inputs, do))}
+    row["ours_kept_gb"] = _kept_gb(ours)
+    with keeping_forward_buffers():
+        row["ours_keep_fwdbwd_ms"] = _bench(_fwd_bwd(ours, inputs, do))
+        row["ours_keep_kept_gb"] = _kept_gb(ours)
     if chunk_gsa is not None:
 
         def fla():
@@ -113,6 +119,30 @@ def _train_row(B, T, H, K, V, M, dtype, bandwidth, fla: bool) -> dict:
     return _with_ratios(row)
 
 
+@contextlib.contextmanager
+def keeping_forward_buffers():
+    """Our kernels with T2R_GSA_SAVE_STATES=1 and T2R_GSA_SAVE_PROBS=1: the backward reuses the forward's segment
+    states and slot softmax (memory for speed)."""
+    from t2r.kernels import gsa_triton as kernels
+
+    old = kernels.SAVE_STATES, kernels.SAVE_PROBS
+    kernels.SAVE_STATES = kernels.SAVE_PROBS = True
+    try:
+        yield
+    finally:
+        kernels.SAVE_STATES, kernels.SAVE_PROBS = old
+
+
+def _kept_gb(forward) -> float:
+    """Device memory a forward leaves held for its backward, beyond its output."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    out = forward()
+    kept = torch.cuda.memory_allocated() - before - out.numel() * out.element_size()
+    del out
+    return kept / 2**30
+
+
 def train_rows(shapes=TRAIN_SHAPES, H=32, K=128, V=128, M=64, dtype=torch.bfloat16, bandwidth=None, fla=True):
     rows = []
     for B, T in shapes:
@@ -127,6 +157,10 @@ def _with_ratios(row: dict) -> dict:
         out["fla/ours_fwd"] = round(row["fla_fwd_ms"] / row["ours_fwd_ms"], 2)
         out["fla/ours_fwdbwd"] = round(row["fla_fwdbwd_ms"] / row["ours_fwdbwd_ms"], 2)
     out["sdpa/ours_fwdbwd"] = round(row["sdpa_fwdbwd_ms"] / row["ours_fwdbwd_ms"], 2)
+    if "ours_keep_fwdbwd_ms" in row:  # the same ratios with the forward's buffers kept
+        if "fla_fwdbwd_ms" in row:
+            out["fla/ours_keep_fwdbwd"] = round(row["fla_fwdbwd_ms"] / row["ours_keep_fwdbwd_ms"], 2)
+        out["sdpa/ours_keep_fwdbwd"] = round(row["sdpa_fwdbwd_ms"] / row["ours_keep_fwdbwd_ms"], 2)
     if "fwd_floor_ms" in row:
         out["ours_fwd/floor"] = round(row["ours_fwd_ms"] / row["fwd_floor_ms"], 2)
     return out
