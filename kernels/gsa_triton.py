@@ -95,8 +95,9 @@ SAVE_STATES = os.environ.get("T2R_GSA_SAVE_STATES", "0") == "1"
 # in bf16) and its log-sum-exp for the backward, which then takes dz and dq a segment at a time instead of walking
 # sub-chunks to recompute p (up to FWD_BLOCKS_MAX_SLOTS, where the forward has p). The forward's slot logits then
 # take the backward's precision ("sweep"), not "out": a p from bf16 products took dg's error under strongly
-# forgetting gates to 1.6e-2 (the bf16 bound is 1e-2). With bf16 logits, fwd+bwd was 5-8.5% faster on an H100;
-# with the sweep's precision it has not been timed (docs/benchmarks.md).
+# forgetting gates to 1.6e-2 (the bf16 bound is 1e-2). With the sweep's precision, fwd+bwd is 4-5% faster on an
+# H100 (10-13% with SAVE_STATES too), the forward 7-10% slower; whole training steps gained nothing, so both stay
+# off (docs/benchmarks.md, eleventh session).
 SAVE_PROBS = os.environ.get("T2R_GSA_SAVE_PROBS", "0") == "1"
 
 POISON = False  # tests: fill outputs with NaN before the kernels run, so that unwritten elements show
