@@ -5,9 +5,10 @@ v [B, T, Hkv, V], s, g [B, T, Hkv, M], state (hk [N, Hkv, K, M], hv [N, Hkv, M, 
 sequences through ``cu_seqlens``. Every batch is handled as packed: a plain [B, T] batch is B sequences of T.
 
 How the work is split (per KV head; the G query heads of a group share all state work):
-- ``_segment_cumsum``: the log gates' running sum b within each segment, once per pass (fp32); every kernel
-  below loads it instead of re-summing g (summing was half of a scan's time). A sub-chunk's own running sum is
-  the difference to the row before it.
+- ``_segment_cumsum``: the log gates' running sum b within each segment (fp32), once in the forward and again
+  in the backward unless g is fp32 (then the forward's sums are kept in g's place); every kernel below loads it
+  instead of re-summing g (summing was half of a scan's time). A sub-chunk's own running sum is the difference to
+  the row before it.
 - ``_state_scan``: a sequential scan over segments of BS tokens that writes both memories at every segment start
   (and the final state), keys and values memory side by side in one launch. Its updates use only decays
   exp(b_last - b) <= 1, so nothing can overflow.
@@ -853,12 +854,12 @@ def _wide(prec: dict[str, int], group: str, M: int) -> int:
     return prec[group] if M >= 64 or prec[group] != PREC_BF16 else PREC_TF32
 
 
-def _forward(q, k, v, s, g, scale, h0, final, plan, prec, keep_probs=False):
+def _forward(q, k, v, s, b, scale, h0, final, plan, prec, keep_probs=False):
     """o and the final states (if ``final``), the per-segment states (hk_buf, hv_buf), and with ``keep_probs``
-    the slot softmax and its log-sum-exp where the segment-at-once kernels run (else None)."""
+    the slot softmax and its log-sum-exp where the segment-at-once kernels run (else None); b: the running sums
+    of the log gates (``_segment_cumsum``)."""
     Hkv, K, V, M = k.shape[1], k.shape[2], v.shape[2], s.shape[2]
     H = q.shape[1]
-    b = _segment_cumsum(g, plan)
     (hk_buf, hv_buf), hT = _state_scan(k, s, v, s, b, h0, plan, prec["scan"], Hkv, M, final, reverse=False)
     o = _empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     probs = None
@@ -885,13 +886,13 @@ def _forward(q, k, v, s, g, scale, h0, final, plan, prec, keep_probs=False):
     return o, hT, (hk_buf, hv_buf), probs
 
 
-def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT, saved=None, probs=None):
-    """The gradients; ``saved``: the forward's per-segment states and final states, else scanned again;
-    ``probs``: the forward's slot softmax and log-sum-exp, else recomputed in a walk."""
+def _backward(q, k, v, s, b, scale, h0, plan, prec, do, dhT, saved=None, probs=None):
+    """The gradients (dg in fp32); b: the log gates' running sums; ``saved``: the forward's per-segment states
+    and final states, else scanned again; ``probs``: the forward's slot softmax and log-sum-exp, else recomputed
+    in a walk."""
     H, K = q.shape[1], q.shape[2]
     Hkv, V, M = k.shape[1], v.shape[2], s.shape[2]
     need_final = dhT is not None
-    b = _segment_cumsum(g, plan)
     if saved is not None:
         (hk_buf, hv_buf), hT = saved
     else:
@@ -919,7 +920,7 @@ def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT, saved=None, probs=N
     dbufs, dh0 = _state_scan(q, dz, do, p, b, dhT, plan, prec["dscan"], Hkv, M, store_out=True, reverse=True)
     dk, dv, ds = (_empty(*x.shape, dtype=x.dtype, device=x.device) for x in (k, v, s))
     if not plan.NS:
-        return dq, dk, dv, ds, db.to(g.dtype), dh0
+        return dq, dk, dv, ds, db, dh0
     dsk, dsv = _empty(2, *s.shape, **f32)  # the two memories' shares of ds
     ck, cv = _empty(2, plan.NS, Hkv, M, **f32)  # ... and of dg's carries into the segments
     for x, a, y, dbuf, mbuf, dx, dspart, cpart, D in (
@@ -935,7 +936,7 @@ def _backward(q, k, v, s, g, scale, h0, plan, prec, do, dhT, saved=None, probs=N
         seqs, last = plan.last_segments
         ck[last] += final[seqs]
     _gate_grad_kernel[(plan.NS, Hkv)](db, s, dsk, dsv, ds, ck, cv, plan.segs, plan.cu, Hkv=Hkv, M=M, BS=plan.seg)
-    return dq, dk, dv, ds, db.to(g.dtype), dh0
+    return dq, dk, dv, ds, db, dh0
 
 
 class _GSAFunction(torch.autograd.Function):
@@ -944,18 +945,23 @@ class _GSAFunction(torch.autograd.Function):
         prec = _precision(q.dtype)
         h0 = (hk0, hv0) if hk0 is not None else None
         grads = any(ctx.needs_input_grad)
-        o, hT, bufs, probs = _forward(q, k, v, s, g, scale, h0, final, plan, prec, keep_probs=SAVE_PROBS and grads)
+        b = _segment_cumsum(g, plan)
+        o, hT, bufs, probs = _forward(q, k, v, s, b, scale, h0, final, plan, prec, keep_probs=SAVE_PROBS and grads)
         hkT, hvT = hT if hT is not None else (None, None)
         ctx.saved_states, ctx.saved_probs = SAVE_STATES and grads, probs is not None
         kept = (*bufs, hkT, hvT) if ctx.saved_states else (None,) * 4
-        ctx.save_for_backward(q, k, v, s, g, hk0, hv0, *kept, *(probs or (None, None)))
+        # fp32 gates: keep their running sums in their place (the same bytes; in a model g is an intermediate that
+        # only this op holds), so that the backward need not sum them again
+        ctx.g_dtype, ctx.saved_sums = g.dtype, g.dtype == torch.float32
+        ctx.save_for_backward(q, k, v, s, b if ctx.saved_sums else g, hk0, hv0, *kept, *(probs or (None, None)))
         ctx.scale, ctx.plan, ctx.prec = scale, plan, prec
         ctx.set_materialize_grads(False)  # an unused final state then costs the backward nothing
         return o, hkT, hvT
 
     @staticmethod
     def backward(ctx, do, dhkT, dhvT):
-        q, k, v, s, g, hk0, hv0, hk_buf, hv_buf, hkT, hvT, p, lse = ctx.saved_tensors
+        q, k, v, s, gates, hk0, hv0, hk_buf, hv_buf, hkT, hvT, p, lse = ctx.saved_tensors
+        b = gates if ctx.saved_sums else _segment_cumsum(gates, ctx.plan)
         h0 = (hk0, hv0) if hk0 is not None else None
         do = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device) if do is None else do
         dhT = None
@@ -967,10 +973,10 @@ class _GSAFunction(torch.autograd.Function):
             dhT = (dhkT.contiguous(), dhvT.contiguous())
         saved = ((hk_buf, hv_buf), (hkT, hvT) if hkT is not None else None) if ctx.saved_states else None
         probs = (p, lse) if ctx.saved_probs else None
-        dq, dk, dv, ds, dg, dh0 = _backward(q, k, v, s, g, ctx.scale, h0, ctx.plan, ctx.prec, do.contiguous(), dhT,
+        dq, dk, dv, ds, dg, dh0 = _backward(q, k, v, s, b, ctx.scale, h0, ctx.plan, ctx.prec, do.contiguous(), dhT,
                                             saved, probs)  # fmt: skip
         dhk0, dhv0 = dh0 if h0 is not None else (None, None)
-        return dq, dk, dv, ds, dg, None, dhk0, dhv0, None, None
+        return dq, dk, dv, ds, dg.to(ctx.g_dtype), None, dhk0, dhv0, None, None
 
 
 def gsa_triton(

@@ -107,6 +107,42 @@ def test_every_path_matches_oracle(monkeypatch, path, dtype):
     compare(out, oracle(inputs, h0, unit_scale=unit), 1e-3 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("final", [True, False])
+def test_saved_states_skip_the_backward_scan(monkeypatch, final):
+    """With SAVE_STATES the backward takes the forward's per-segment (and final) states instead of scanning the
+    memories again: one scan fewer, the same gradients bit for bit."""
+    B, T, H, Hkv, K, V, M = SHAPES[1]
+    inputs, h0 = make_inputs(B, T, H, Hkv, K, V, M, device=DEVICE)
+    results, launches = [], []
+    for save in (False, True):
+        monkeypatch.setattr(kernels, "SAVE_STATES", save)
+        called = []
+        monkeypatch.setattr(kernels, "_state_scan_kernel", _Recorder(kernels._state_scan_kernel, "scan", called))
+        o, state = kernels.gsa_triton(*inputs, initial_state=h0, output_final_state=final)
+        loss = (o * o).sum() + (sum((x * x).sum() for x in state) if final else 0)
+        results.append(torch.autograd.grad(loss, list(inputs) + list(h0)))
+        launches.append(len(called))
+    assert launches == [3, 2]  # forward, (backward's forward,) reverse
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp32_gates_keep_their_running_sums_for_the_backward(monkeypatch, dtype):
+    """fp32 gates: the backward reuses the forward's running sums (saved in g's place, the same bytes), so the
+    sums are taken once per fwd+bwd; half-precision gates are summed again rather than kept at twice their size.
+    Either way dg comes back in g's dtype and matches the oracle."""
+    B, T, H, Hkv, K, V, M = SHAPES[1]
+    inputs, h0 = make_inputs(B, T, H, Hkv, K, V, M, device=DEVICE)
+    inputs[4] = inputs[4].detach().to(dtype).requires_grad_()
+    called = []
+    monkeypatch.setattr(kernels, "_segment_cumsum_kernel", _Recorder(kernels._segment_cumsum_kernel, "sum", called))
+    out = run_with_grads(kernels.gsa_triton, inputs, h0)
+    assert len(called) == (1 if dtype == torch.float32 else 2)
+    assert out[3][4].dtype == dtype
+    compare(out, oracle(inputs, h0), 1e-3 if dtype == torch.float32 else 1e-2)
+
+
 class _Recorder:
     """A kernel stand-in that records its launch and forwards it."""
 
