@@ -813,11 +813,14 @@ def _scan_blocks(K: int, V: int, M: int, Hkv: int, plan: _Plan) -> tuple[int, in
     """(rows, slot columns, pipeline stages) of a scan program (both memories). Measured on an H100
     (benchmarks/scan_probe.py, 2026-11-23): 64-row blocks beat 32; few sequences x heads (long sequences) also want
     the slots split in two, with a third pipeline stage where the blocks are small enough for its shared memory
-    (M = 128 is not)."""
+    (M = 128 is not). Very few (SmolLM2's 3 KV heads x 2 rows: 12 row blocks; Mistral-7B's 8 KV heads, one row:
+    32) want them split in four: the three scans 845 -> 647 us at 2 x 8k and 1895 -> 1559 us at 1 x 16k, fwd+bwd
+    kernels 12% and 5% faster (H100, docs/benchmarks.md, eleventh session)."""
     BD = min(K, V, STATE_BLOCK)
-    if plan.N * Hkv * ((K + V) // BD) >= 1024 or M <= 16:
+    blocks = plan.N * Hkv * ((K + V) // BD)
+    if blocks >= 1024 or M <= 16:
         return BD, M, NUM_STAGES
-    BM = max(16, M // 2)
+    BM = max(16, M // (4 if blocks < 64 else 2))
     return BD, BM, 3 if BD * BM <= 64 * 32 else NUM_STAGES
 
 

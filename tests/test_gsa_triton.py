@@ -69,13 +69,14 @@ def test_kernels_match_oracle_fp32(shape, initial_state):
     compare(out, oracle(inputs, h0), 1e-3)
 
 
-@pytest.mark.parametrize("split_slots", [True, False])
-def test_scan_block_shapes_agree(monkeypatch, split_slots):
-    """The memory scans run in [rows, slots] blocks chosen by the launch size; both shapes must be exact."""
-    B, T, H, Hkv, K, V, M = SHAPES[1]
+@pytest.mark.parametrize("slot_split", [1, 2, 4])
+def test_scan_block_shapes_agree(monkeypatch, slot_split):
+    """The memory scans run in [rows, slots] blocks chosen by the launch size (slots whole, in halves or in
+    quarters); every shape must be exact."""
+    B, T, H, Hkv, K, V, M = max(SHAPES, key=lambda shape: shape[-1])
     inputs, h0 = make_inputs(B, T, H, Hkv, K, V, M, device=DEVICE)
-    rows = min(K, V, kernels.STATE_BLOCK)
-    monkeypatch.setattr(kernels, "_scan_blocks", lambda K, V, M, Hkv, plan: (rows, M // 2 if split_slots else M, 2))
+    rows, cols = min(K, V, kernels.STATE_BLOCK), max(16, M // slot_split)
+    monkeypatch.setattr(kernels, "_scan_blocks", lambda K, V, M, Hkv, plan: (rows, cols, 2))
     compare(run_with_grads(kernels.gsa_triton, inputs, h0), oracle(inputs, h0), 1e-3)
 
 
