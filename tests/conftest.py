@@ -80,13 +80,15 @@ def make_inputs(B, T, H, Hkv, K, V, M, dtype=torch.float32, gate_scale=1.0, stat
     return tensors, h0
 
 
-def run_with_grads(fn, inputs, h0, **kw):
-    """Output, final state and the gradients of every input under fixed random cotangents."""
+def run_with_grads(fn, inputs, h0, outputs=("o", "hk", "hv"), **kw):
+    """Output, final state and the gradients of every input under fixed random cotangents on ``outputs`` (None
+    for an input the loss does not reach)."""
     o, (hk, hv) = fn(*inputs, 1.0 if kw.pop("unit_scale", True) else None, h0, True, **kw)
     gen = torch.Generator(device="cpu").manual_seed(1234)  # same cotangents for every implementation
-    loss = sum((x.float() * torch.randn(x.shape, generator=gen).to(x.device)).sum() for x in (o, hk, hv))
+    parts = {"o": o, "hk": hk, "hv": hv}
+    loss = sum((parts[n].float() * torch.randn(parts[n].shape, generator=gen).to(o.device)).sum() for n in outputs)
     leaves = list(inputs) + (list(h0) if h0 is not None else [])
-    grads = torch.autograd.grad(loss, leaves)
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     return o, hk, hv, grads
 
 
