@@ -230,6 +230,7 @@ def bench_train(
     steps: Annotated[int, typer.Option(help="timed steps")] = 5,
     lora: Annotated[bool, typer.Option(help="LoRA r=8 + new params, gradient checkpointing")] = False,
     reference: Annotated[bool, typer.Option(help="also time the PyTorch reference GSA path")] = False,
+    compile: Annotated[bool, typer.Option(help="torch.compile both models' decoder layers")] = False,
     device: Annotated[str, typer.Option(help="device")] = "cuda",
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
     record: Annotated[Path | None, typer.Option(help=RECORD_HELP)] = None,
@@ -239,7 +240,7 @@ def bench_train(
     from t2r.bench import check_outputs, print_table, run_train_bench, write_outputs
 
     check_outputs(json_out, record)
-    rows = run_train_bench(model, shape, seq or [2048, 4096], batch, steps, lora, device, reference)
+    rows = run_train_bench(model, shape, seq or [2048, 4096], batch, steps, lora, device, reference, compile)
     print_table(rows)
     write_outputs(rows, json_out, record, _command(), device=device)
 

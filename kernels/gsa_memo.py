@@ -1,8 +1,8 @@
 """A one-entry memo keyed on a tensor object.
 
-Every GSA layer of one forward receives the same position ids, hence the same packed layout. Deriving host-side
-facts from a device tensor (are there document starts, where, how many segments) waits for the device, and a
-wait per layer keeps the host from queueing work ahead of the GPU. The memo makes that one wait per forward.
+Every GSA layer of one forward passes the same ``cu_seqlens`` tensor to the kernels (the model finds its packed
+documents once per forward). Deriving a plan from it (how many segments, where) reads it back from the device,
+and a wait per layer keeps the host from queueing work ahead of the GPU. The memo makes that one wait per forward.
 """
 
 from __future__ import annotations

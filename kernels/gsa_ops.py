@@ -45,6 +45,13 @@ def gsa(
     """Gated Slot Attention with the contract of :func:`gsa_reference.gsa_recurrent`."""
     if use_triton(q, k, v, s):
         return gsa_triton(q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens)
+    return _gsa_reference(q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens)
+
+
+@torch.compiler.disable
+def _gsa_reference(q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens):
+    """The oracle, kept out of torch.compile graphs: its Python loops over chunks and documents would unroll into
+    graphs as long as the sequence; a compiled model runs it as it is, between its graphs."""
     if cu_seqlens is None and q.shape[1] <= RECURRENT_MAX_TOKENS:
         return gsa_recurrent(q, k, v, s, g, scale, initial_state, output_final_state)
     return gsa_chunk(q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens)

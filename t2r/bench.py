@@ -267,10 +267,17 @@ def _gsa_impl(impl: str):
             os.environ["T2R_GSA_IMPL"] = old
 
 
-def run_train_bench(path, shape, seqs, batch, steps, lora, device, reference: bool = False) -> list[dict]:
+def run_train_bench(
+    path, shape, seqs, batch, steps, lora, device, reference: bool = False, compile: bool = False
+) -> list[dict]:
     """GSA student vs teacher (SDPA) training throughput; with ``lora`` the student trains LoRA r=8 on
-    q/k/v/o plus the new parameters, with gradient checkpointing (the mistral-7b-fast setting)."""
-    model = load_bench_model(path, shape, device)
+    q/k/v/o plus the new parameters, with gradient checkpointing (the mistral-7b-fast setting). With ``compile``
+    both sides' decoder layers are compiled (t2r.compiled); the warmup steps then include the compilation."""
+    from .compiled import compile_decoder_layers
+
+    prepare = compile_decoder_layers if compile else (lambda m: m)
+    tag = ", compiled" if compile else ""
+    model = prepare(load_bench_model(path, shape, device))
     rows = []
     for seq in seqs:
         if lora:
@@ -280,14 +287,15 @@ def run_train_bench(path, shape, seqs, batch, steps, lora, device, reference: bo
             stage = Stage(train="lora", lora=LoraSettings(r=8, alpha=16))
             student, _ = configure_trainable(model, stage, 0)
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            rows.append(train_throughput(student, batch, seq, steps, label="GSA + LoRA r8 (ckpt)"))
+            rows.append(train_throughput(student, batch, seq, steps, label=f"GSA + LoRA r8 (ckpt{tag})"))
             model = student.unload()
         else:
-            rows.append(train_throughput(model, batch, seq, steps, label="GSA (full)"))
+            rows.append(train_throughput(model, batch, seq, steps, label=f"GSA (full{tag})"))
             if device != "cpu" and reference:
                 with _gsa_impl("reference"):
                     rows.append(train_throughput(model, batch, seq, steps, label="GSA, reference path (full)"))
-            rows.append(train_throughput(teacher_view(model), batch, seq, steps, label="teacher SDPA (full)"))
+            teacher = prepare(teacher_view(model))
+            rows.append(train_throughput(teacher, batch, seq, steps, label=f"teacher SDPA (full{tag})"))
             model.zero_grad(set_to_none=True)
     return rows
 

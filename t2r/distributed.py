@@ -78,7 +78,7 @@ def wrap_model(model: nn.Module, info: DistInfo, kind: str, side_losses: bool = 
     if kind == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for layer in _decoder_layers(model):
+        for layer in decoder_layers(model):
             fully_shard(layer, reshard_after_forward=not side_losses)
         fully_shard(model, reshard_after_forward=not side_losses)
         return model
@@ -89,7 +89,7 @@ def wrap_model(model: nn.Module, info: DistInfo, kind: str, side_losses: bool = 
     )
 
 
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and module and "DecoderLayer" in type(module[0]).__name__:
             return list(module)

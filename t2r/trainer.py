@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 from tqdm.auto import tqdm
 
 from . import __version__
+from .compiled import compile_decoder_layers
 from .data import PackedRows, load_documents, pack_documents, split_rows, tokenize_documents
 from .distributed import (
     DistInfo,
@@ -259,6 +260,8 @@ class Trainer:
         model.to(info.device)
         if recipe.gradient_checkpointing:
             unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if recipe.compile:
+            compile_decoder_layers(model)
         teacher = None
         if stage.loss.get("kd", 0) > 0:
             shared = not changed and stage.train != "full"

@@ -1,4 +1,5 @@
-"""The one-entry tensor memo that lets a model's layers share their packed layout and the kernels' plans."""
+"""The one-entry tensor memo behind the kernels' shared plans, and the model's one look per forward at where its
+packed documents start."""
 
 from __future__ import annotations
 
@@ -34,20 +35,18 @@ def test_memo_recomputes_only_for_another_tensor_a_modification_or_other_args():
 
 
 def test_model_layers_share_one_document_layout_per_forward(monkeypatch):
-    """Every layer gets the same position ids; finding document starts (a device wait on GPUs) happens once per
-    forward, and the packed layout once, not once per layer."""
-    starts_fn, starts_calls = counting(modeling_t2r._find_document_starts)
-    layout_fn, layout_calls = counting(modeling_t2r._find_packed_layout)
-    monkeypatch.setattr(modeling_t2r, "_document_starts", LastTensorMemo(starts_fn))
-    monkeypatch.setattr(modeling_t2r, "_packed_layout", LastTensorMemo(layout_fn))
+    """Every layer gets the same position ids; finding the packed documents (a device wait on GPUs) happens once
+    per forward, not once per layer, and not at all without position ids."""
+    rows_fn, calls = counting(modeling_t2r.document_rows)
+    monkeypatch.setattr(modeling_t2r, "document_rows", rows_fn)
     model = tiny_gsa_model("llama")
     assert model.config.num_hidden_layers >= 2
     row = torch.randint(3, 101, (1, 20))
     packed = torch.cat([torch.arange(8), torch.arange(12)])[None]
     with torch.no_grad():
         model(row, position_ids=packed, use_cache=False)
-        assert (len(starts_calls), len(layout_calls)) == (1, 1)
-        model(row, position_ids=packed.clone(), use_cache=False)  # a new forward's tensor: looked at again
-        assert (len(starts_calls), len(layout_calls)) == (2, 2)
-        model(row, use_cache=False)  # transformers makes the default positions: one check, no documents
-        assert (len(starts_calls), len(layout_calls)) == (3, 2)
+        assert len(calls) == 1
+        model(row, position_ids=packed.clone(), use_cache=False)
+        assert len(calls) == 2
+        model(row, use_cache=False)  # transformers makes the default positions: one sequence per row
+        assert len(calls) == 3 and calls[-1][0] is None

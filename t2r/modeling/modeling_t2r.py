@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,6 @@ from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from t2r.kernels.gsa_memo import LastTensorMemo
 from t2r.kernels.gsa_ops import RECURRENT_MAX_TOKENS, gsa, gsa_decode_
 
 from .cache_t2r import GSACache
@@ -31,25 +31,34 @@ from .window_attention import sliding_window_attention
 FEATURE_MAP_FNS = {"swish": F.silu, "relu": F.relu, "identity": lambda x: x}
 
 
-def document_starts(position_ids: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
-    """Where packed documents start inside rows, or None when every row is one sequence.
+class DocumentRows(NamedTuple):
+    """Rows holding several packed documents: where documents start, and the documents as packed sequences."""
+
+    starts: torch.Tensor  # [B, T] bool
+    cu_seqlens: torch.Tensor  # the documents' bounds in the flattened rows
+    row_first: torch.Tensor  # document index of each row's first document
+    row_last: torch.Tensor  # ... and of its last
+
+
+def document_rows(position_ids: torch.Tensor | None, batch: int, length: int) -> DocumentRows | None:
+    """The packed documents in a batch, or None when every row is one sequence. Computed once per model forward
+    (it waits for the device) and handed to every layer.
 
     Same rule as transformers' packed-sequence masks: a document starts wherever the position id does not
     continue the previous one (+1), and at the start of every row.
     """
     if position_ids is None or length < 2:
         return None
-    return _document_starts(position_ids, batch, length)  # the layers share one answer (one device wait)
-
-
-def _find_document_starts(position_ids: torch.Tensor, batch: int, length: int) -> torch.Tensor | None:
     pos = position_ids.expand(batch, length)
     starts = torch.ones_like(pos, dtype=torch.bool)
     starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    return starts if bool(starts[:, 1:].any()) else None
-
-
-_document_starts = LastTensorMemo(_find_document_starts)
+    if not bool(starts[:, 1:].any()):
+        return None
+    begin = starts.reshape(-1).nonzero().squeeze(-1)
+    cu_seqlens = torch.cat([begin, begin.new_tensor([batch * length])])
+    row_first = (begin % length == 0).nonzero().squeeze(-1)
+    row_last = torch.cat([row_first[1:] - 1, row_first.new_tensor([len(begin) - 1])])
+    return DocumentRows(starts, cu_seqlens, row_first, row_last)
 
 
 class GSAAttention(nn.Module):
@@ -124,14 +133,11 @@ class GSAAttention(nn.Module):
             if not hasattr(past_key_values, "gsa_layer"):
                 raise TypeError(f"converted models need a GSACache, got {type(past_key_values).__name__}")
             layer_cache = past_key_values.gsa_layer(self.layer_idx)
-        state = layer_cache.state if layer_cache is not None else None
-        starts = document_starts(kwargs.get("position_ids"), B, T)
-        if starts is None and state is not None and T <= RECURRENT_MAX_TOKENS and not torch.is_grad_enabled():
-            o = gsa_decode_(q, k, v, s, g, self.scale, state)  # decoding: the cached memories update in place
-        elif starts is None:
-            o, state = gsa(q, k, v, s, g, self.scale, state, output_final_state=layer_cache is not None)
+        docs = kwargs.get("gsa_documents")
+        if layer_cache is None:  # training and cache-less forwards: all traceable by torch.compile
+            o, state = _gsa_rows(q, k, v, s, g, self.scale, None, docs, final=False)
         else:
-            o, state = _packed_gsa(q, k, v, s, g, self.scale, state, starts, final=layer_cache is not None)
+            o, state = _read_and_update_cached(q, k, v, s, g, self.scale, layer_cache, docs)
         o = self.g_norm(F.silu(o.reshape(B, T, -1)))
         if self.mode == "calibrate":  # statistics for t2r.objectives.calibrate_output_norms; teacher-forced
             with torch.no_grad():
@@ -142,7 +148,7 @@ class GSAAttention(nn.Module):
             return target, None
         window = None
         if self.window:
-            doc = None if starts is None else starts.long().cumsum(dim=1) - 1
+            doc = None if docs is None else docs.starts.long().cumsum(dim=1) - 1
             valid = None if token_mask is None else token_mask[:, -T:].bool()
             past = layer_cache.window if layer_cache is not None else None
             sink = self.window_sink() if self.window_sink is not None else None
@@ -242,39 +248,35 @@ class _TeacherForced(torch.autograd.Function):
         return None, None
 
 
-def _packed_gsa(q, k, v, s, g, scale, state, starts, final: bool = True):
-    """Rows holding several documents: run them as packed sequences so each document starts from a zero
-    state; a row's first document continues from the row's cached state, and (with ``final``) the row's last
-    document's final state becomes the row's new state."""
-    B, T = starts.shape
-    cu_seqlens, row_first, row_last = _packed_layout(starts)
+def _gsa_rows(q, k, v, s, g, scale, state, docs: DocumentRows | None, final: bool):
+    """The GSA op over the layer's rows: (o, the rows' new states if ``final``). Rows holding several documents
+    run as packed sequences, so each document starts from a zero state; a row's first document continues from the
+    row's state, and the row's last document's final state becomes the row's new state."""
+    if docs is None:
+        return gsa(q, k, v, s, g, scale, state, output_final_state=final)
+    B, T = docs.starts.shape
     Hkv, K, M, V = k.shape[2], k.shape[3], s.shape[3], v.shape[3]
     init = None
     if state is not None:
+        n = len(docs.cu_seqlens) - 1
         init = (
-            q.new_zeros(len(cu_seqlens) - 1, Hkv, K, M, dtype=torch.float32),
-            q.new_zeros(len(cu_seqlens) - 1, Hkv, M, V, dtype=torch.float32),
+            q.new_zeros(n, Hkv, K, M, dtype=torch.float32).index_copy(0, docs.row_first, state[0]),
+            q.new_zeros(n, Hkv, M, V, dtype=torch.float32).index_copy(0, docs.row_first, state[1]),
         )
-        init = (init[0].index_copy(0, row_first, state[0]), init[1].index_copy(0, row_first, state[1]))
     packed = (x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, s, g))
-    o, last = gsa(*packed, scale, init, output_final_state=final, cu_seqlens=cu_seqlens)
+    o, last = gsa(*packed, scale, init, output_final_state=final, cu_seqlens=docs.cu_seqlens)
     o = o.reshape(B, T, *o.shape[2:])
-    return o, ((last[0][row_last], last[1][row_last]) if final else None)
+    return o, ((last[0][docs.row_last], last[1][docs.row_last]) if final else None)
 
 
-def _find_packed_layout(starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(cu_seqlens of the flattened documents, each row's first document, each row's last document)."""
-    B, T = starts.shape
-    begin = starts.reshape(-1).nonzero().squeeze(-1)
-    cu_seqlens = torch.cat([begin, begin.new_tensor([B * T])])
-    row_first = (begin % T == 0).nonzero().squeeze(-1)  # document index of each row's first document
-    row_last = torch.cat([row_first[1:] - 1, row_first.new_tensor([len(begin) - 1])])
-    return cu_seqlens, row_first, row_last
-
-
-# One layout per forward: the same starts tensor reaches every layer (and the same cu_seqlens then reaches the
-# kernels, which reuse their plan for it).
-_packed_layout = LastTensorMemo(_find_packed_layout)
+@torch.compiler.disable
+def _read_and_update_cached(q, k, v, s, g, scale, layer_cache, docs: DocumentRows | None):
+    """A forward with a cache (prefill or decoding): (o, the new state). Outside torch.compile graphs: the cache
+    is Python state, and decoding updates it in place."""
+    state = layer_cache.state
+    if docs is None and state is not None and q.shape[1] <= RECURRENT_MAX_TOKENS and not torch.is_grad_enabled():
+        return gsa_decode_(q, k, v, s, g, scale, state), state  # decoding: the cached memories update in place
+    return _gsa_rows(q, k, v, s, g, scale, state, docs, final=True)
 
 
 KERNEL_IMPORT = re.compile(r"^from t2r\.kernels\.(\w+) import", flags=re.MULTILINE)
@@ -336,6 +338,9 @@ class T2RModelMixin:
             past_key_values = GSACache(self.config)
         if attention_mask is not None and attention_mask.dim() == 2:
             kwargs["gsa_token_mask"] = attention_mask
+        rows = input_ids if input_ids is not None else inputs_embeds
+        if rows is not None:  # one look at the positions for all layers (it waits for the device)
+            kwargs["gsa_documents"] = document_rows(position_ids, rows.shape[0], rows.shape[1])
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
