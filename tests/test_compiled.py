@@ -75,9 +75,11 @@ def test_compiled_layers_keep_the_kernels_in_their_graphs(monkeypatch, dynamo_co
     assert calls  # the compiled layers called the registered op, not the eager autograd function
 
 
-def test_compiled_layers_run_the_reference_between_graphs(dynamo_counters):
-    """Without kernels (CPU, or head dims they do not take) the reference runs as it is, between graphs."""
-    breaks = _compiled_matches_eager(tiny_gsa_model("llama"), dynamo_counters)
+@pytest.mark.parametrize("hybrid", [{}, dict(gsa_window=8, gsa_window_mix_per_token=True, gsa_window_sink=True)])
+def test_compiled_layers_run_the_reference_between_graphs(dynamo_counters, hybrid):
+    """Without kernels (CPU, or head dims they do not take) the reference runs as it is, between graphs; the
+    hybrid's window attention, per-token mix and sink compile too."""
+    breaks = _compiled_matches_eager(tiny_gsa_model("llama", **hybrid), dynamo_counters)
     assert breaks and set(breaks) == {"Skip calling `torch.compiler.disable()`d function"}
 
 
