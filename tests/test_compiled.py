@@ -73,6 +73,12 @@ def test_compiled_layers_keep_the_kernels_in_their_graphs(monkeypatch, dynamo_co
     monkeypatch.setattr(kernels, "_gsa_fwd", lambda *a: calls.append(a) or op(*a))
     assert _compiled_matches_eager(model, dynamo_counters, DEVICE, T=24) == []
     assert calls  # the compiled layers called the registered op, not the eager autograd function
+    plans = []
+    plan_init = kernels._Plan.__init__
+    monkeypatch.setattr(kernels._Plan, "__init__", lambda self, *a: plans.append(a) or plan_init(self, *a))
+    packed = torch.cat([torch.arange(10), torch.arange(14)]).to(DEVICE)[None].repeat(2, 1)
+    _loss_and_grads(model, torch.randint(3, 101, (2, 24), device=DEVICE), position_ids=packed)
+    assert len(plans) == 1  # a new layout: planned once for every layer's forward and backward (one device wait)
 
 
 @pytest.mark.parametrize("hybrid", [{}, dict(gsa_window=8, gsa_window_mix_per_token=True, gsa_window_sink=True)])
