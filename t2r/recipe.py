@@ -64,7 +64,7 @@ class Recipe:
     precision: str = "bf16"  # bf16 autocast on CUDA; fp32 elsewhere unless forced
     gradient_checkpointing: bool = False
     # torch.compile each decoder layer (t2r.compiled): fuses the small ops around the GSA kernels; the first
-    # steps and every new sequence length pay the compilation.
+    # steps and every new sequence length pay the compilation. Attention-transfer stages stay eager.
     compile: bool = False
     max_grad_norm: float = 1.0
     calibrate_rows: int = 16  # rows used to calibrate the GSA output norms before training (0 = off)

@@ -260,7 +260,7 @@ class Trainer:
         model.to(info.device)
         if recipe.gradient_checkpointing:
             unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if recipe.compile:
+        if recipe.compile and not stage.loss.get("transfer", 0):  # transfer stages stay eager (t2r.compiled)
             compile_decoder_layers(model)
         teacher = None
         if stage.loss.get("kd", 0) > 0:
