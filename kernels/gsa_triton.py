@@ -3,6 +3,8 @@
 Same contract as :mod:`gsa_reference` (the oracle these are tested against): q [B, T, H, K], k [B, T, Hkv, K],
 v [B, T, Hkv, V], s, g [B, T, Hkv, M], state (hk [N, Hkv, K, M], hv [N, Hkv, M, V]) in fp32, optional packed
 sequences through ``cu_seqlens``. Every batch is handled as packed: a plain [B, T] batch is B sequences of T.
+The autograd op is registered as torch.library custom ops (``gsa_fwd``, ``gsa_bwd``), so torch.compile keeps it
+inside its graphs; eager calls run the same code and formula through an autograd.Function.
 
 How the work is split (per KV head; the G query heads of a group share all state work):
 - ``_segment_cumsum``: the log gates' running sum b within each segment (fp32), once in the forward and again
