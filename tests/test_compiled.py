@@ -6,8 +6,6 @@ graph breaks and the op's autograd; Inductor's code generation is exercised on t
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from conftest import rel_err, run_cli, teacher_config, tiny_gsa_model
@@ -143,11 +141,7 @@ def test_bench_train_compile_compiles_both_sides(tiny_converted, tmp_path, capsy
     import t2r.compiled
 
     compiled = []
-    monkeypatch.setattr(
-        t2r.compiled,
-        "compile_decoder_layers",
-        functools.partial(lambda model, seen: seen.append(type(model).__name__) or model, seen=compiled),
-    )
+    monkeypatch.setattr(t2r.compiled, "compile_decoder_layers", lambda m: compiled.append(type(m).__name__) or m)
     out = tmp_path / "rows.json"
     args = ["bench", "train", str(tiny_converted), "--device", "cpu", "--seq", "16", "--batch", "1", "--steps", "1"]
     code, _ = run_cli([*args, "--compile", "--json", str(out)], capsys)
