@@ -1,7 +1,7 @@
 """A/B of kernel versions in one process: the checkout's kernels vs copies of gsa_triton.py from other revisions
 (fwd and fwd+bwd, bf16, H=32, K=V=128, M=64), each checked against the checkout's outputs and gradients.
 
-Usage (GPU): git show REV:kernels/gsa_triton.py > /tmp/k_rev.py
+Usage (GPU): git show REV:t2r/kernels/gsa_triton.py (kernels/gsa_triton.py before the move) > /tmp/k_rev.py
              python benchmarks/ab_kernels.py /tmp/k_rev.py [/tmp/k_rev.py:SEGMENT:SUBCHUNK ...]
              PROFILE=main,/tmp/k_rev.py python benchmarks/ab_kernels.py   (per-kernel CUDA time)"""
 
@@ -12,12 +12,12 @@ import importlib.util
 import os
 import sys
 
-import t2r.kernels  # noqa: F401
 import torch
-from t2r.kernels import gsa_triton as main_k
 from triton.testing import do_bench
 
+import t2r.kernels  # noqa: F401
 from t2r.bench_kernels import _inputs
+from t2r.kernels import gsa_triton as main_k
 
 
 def load(spec_str):

@@ -8,13 +8,13 @@ Usage (GPU): python benchmarks/forward_paths.py"""
 # ruff: noqa: B023  (timing closures are built and called within one loop iteration)
 from __future__ import annotations
 
-import t2r.kernels  # noqa: F401
 import torch
-from t2r.kernels import gsa_triton as kernels
 from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
+import t2r.kernels  # noqa: F401
 from t2r.bench_kernels import _inputs
+from t2r.kernels import gsa_triton as kernels
 
 VARIANTS = [("walk", None)] + [(f"blocks w{w} st{st}", (w, st)) for w, st in [(4, 2), (8, 2), (8, 1), (4, 1)]] * 2
 

@@ -5,7 +5,7 @@ before spending GPU time on a kernel change: register pressure and spills (STACK
 chunk-parallel forward (docs/benchmarks.md). Shapes are the kernels issue's (K = V = 128, M = 64, H = Hkv = 32,
 bf16 inputs), launch settings those the host code would pick at 1 x 16k.
 
-Usage: python benchmarks/kernel_resources.py [KERNELS_FILE]   (default: the checkout's kernels/gsa_triton.py)
+Usage: python benchmarks/kernel_resources.py [KERNELS_FILE]   (default: t2r/kernels/gsa_triton.py)
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import subprocess
 import sys
 import tempfile
 
-import t2r.kernels  # noqa: F401  (the package the kernels file's relative imports resolve against)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+import t2r.kernels  # noqa: F401  (the package the kernels file's relative imports resolve against)
 
 # Tensors in the inputs' dtype (the rest are fp32 work buffers): x and a stand for k / v and q / do.
 HALF_INPUTS = {"q_ptr", "k_ptr", "v_ptr", "s_ptr", "g_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "ds_ptr",
@@ -68,7 +69,7 @@ def resources(fn, warps: int, stages: int, **overrides) -> str:
 
 def main() -> None:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels", "gsa_triton.py")
+    default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "t2r", "kernels", "gsa_triton.py")
     path = os.path.normpath(sys.argv[1] if len(sys.argv) > 1 else default)
     kernels = load_kernels(path)
     sweeps = kernels._launch_cfg(128, 128, 64)

@@ -16,9 +16,9 @@ import itertools
 import json
 
 import torch
-from t2r.kernels import gsa_triton as kernels
 
 from t2r.bench_kernels import _bench, _fla, _fwd_bwd, _inputs, check_against_reference, rel_err
+from t2r.kernels import gsa_triton as kernels
 
 CHECKS = {
     "2x700 GQA2": dict(B=2, T=700, H=8, Hkv=4),

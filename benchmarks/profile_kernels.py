@@ -8,10 +8,10 @@ from __future__ import annotations
 import sys
 
 import torch
-from t2r.kernels.gsa_triton import gsa_triton
 from torch.profiler import ProfilerActivity, profile
 
 from t2r.bench_kernels import _inputs
+from t2r.kernels.gsa_triton import gsa_triton
 
 
 def main() -> None:

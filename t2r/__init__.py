@@ -4,22 +4,30 @@
 directory loads with plain ``AutoModelForCausalLM.from_pretrained``.
 """
 
+from __future__ import annotations
+
+import sys
 from pathlib import Path
-
-# In a source checkout, kernels/ and cli.py sit beside this folder (the design card's layout); expose them as
-# t2r.kernels and t2r.cli. Installed wheels already carry them inside the package.
-_checkout = Path(__file__).resolve().parent.parent
-if (_checkout / "cli.py").is_file() and (_checkout / "kernels" / "gsa_ops.py").is_file():
-    __path__.append(str(_checkout))
-
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
-
-from .modeling import T2R_CONFIGS, T2R_MODELS, GSACache  # noqa: E402
-
-for _config_cls in T2R_CONFIGS.values():
-    AutoConfig.register(_config_cls.model_type, _config_cls, exist_ok=True)
-for _config_cls, _model_cls in T2R_MODELS.items():
-    AutoModelForCausalLM.register(_config_cls, _model_cls, exist_ok=True)
+from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["GSACache", "__version__"]
+
+
+def _started_as_the_cli() -> bool:
+    """True in the ``t2r`` console script: its commands import the model classes when they need them, so that
+    ``t2r --help`` does not pay for torch and transformers (seconds)."""
+    main = sys.modules.get("__main__")
+    return Path(getattr(main, "__file__", None) or "").name in ("t2r", "t2r.exe", "t2r-script.py")
+
+
+if not _started_as_the_cli():
+    from . import modeling  # noqa: F401  (registers the Auto classes)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "GSACache":
+        from .modeling import GSACache
+
+        return GSACache
+    raise AttributeError(f"module 't2r' has no attribute {name!r}")

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from t2r.modeling.hf_compat import CACHE_ARG, output_cache
+
 SHAPES = {  # real layer shapes with random weights, for machines without the checkpoint
     "mistral-7b": dict(
         vocab_size=32000,
@@ -142,13 +144,13 @@ def decode_throughput(
     _peak_reset()
     cache = None
     for i in range(0, context, prefill_chunk):
-        out = model(input_ids=ids[:, i : i + prefill_chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        out = model(input_ids=ids[:, i : i + prefill_chunk], **{CACHE_ARG: cache}, use_cache=True, logits_to_keep=1)
+        cache = output_cache(out)
     nxt = out.logits[:, -1:].argmax(-1)
     _sync()
     start = time.perf_counter()
     for _ in range(new_tokens):
-        logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=nxt, **{CACHE_ARG: cache}, use_cache=True).logits
         nxt = logits[:, -1:].argmax(-1)
     _sync()
     seconds = time.perf_counter() - start

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from t2r.modeling.hf_compat import output_cache
+
 from . import __version__
 from .checkpoint_io import DTYPES, parse_size
 from .errors import T2RError
@@ -33,9 +35,9 @@ def decode_parity_gap(model, input_ids: torch.Tensor, prefill: int) -> float:
     with torch.no_grad():
         full = model(input_ids, use_cache=False).logits.double()
         out = model(input_ids[:, :prefill], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
+        cache, steps = output_cache(out), [out.logits]
         for t in range(prefill, input_ids.shape[1]):
-            steps.append(model(input_ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            steps.append(model(input_ids[:, t : t + 1], cache=cache, use_cache=True).logits)
     inc = torch.cat(steps, dim=1).double()
     return ((inc - full).norm() / full.norm().clamp_min(1e-30)).item()
 

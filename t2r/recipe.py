@@ -198,12 +198,29 @@ def apply_override(raw: dict, assignment: str) -> None:
         node[last] = yaml.safe_load(value)
 
 
+SHIPPED = Path(__file__).resolve().parent / "recipes"
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the recipes installed with t2r (``--recipe NAME``)."""
+    return sorted(p.stem for p in SHIPPED.glob("*.yaml"))
+
+
+def resolve_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: a path, or the name of a shipped recipe (``smollm2-135m`` or ``smollm2-135m.yaml``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = SHIPPED / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise T2RError(f"recipe {name_or_path} not found (a YAML file, or one of: {', '.join(shipped_recipes())})")
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise T2RError(f"recipe {path} not found")
+        path = resolve_recipe(path)
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

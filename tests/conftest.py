@@ -190,7 +190,7 @@ def tiny_run(tiny_converted, corpus_files, tmp_path_factory):
 
     from t2r.trainer import finetune
 
-    recipe = Path(__file__).resolve().parent.parent / "recipes" / "tiny-test.yaml"
+    recipe = Path(__file__).resolve().parent.parent / "t2r" / "recipes" / "tiny-test.yaml"
     return finetune(
         str(tiny_converted), tmp_path_factory.mktemp("run") / "run", corpus_files, str(recipe), progress=False
     )

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from t2r.convert import ConvertOptions, convert, init_gate
 from t2r.errors import T2RError
+from t2r.modeling.hf_compat import output_cache
 from t2r.modeling.modeling_t2r import GSAAttention
 
 
@@ -246,7 +247,7 @@ def test_convert_hybrid_window(tmp_path):
     out1 = model(ids[:, :20], use_cache=True)
     steps = [out1.logits]
     for t in range(20, 50):
-        steps.append(model(ids[:, t : t + 1], past_key_values=out1.past_key_values).logits)
+        steps.append(model(ids[:, t : t + 1], cache=output_cache(out1)).logits)
     assert rel_err(torch.cat(steps, 1), full) <= 1e-4
 
 
@@ -285,7 +286,7 @@ def test_convert_hybrid_with_window_sink(tmp_path):
     token = sink_token(AutoTokenizer.from_pretrained(src))
     assert record["window_sink_token"] == token and "window sink token" in (out / "README.md").read_text()
     teacher = AutoModelForCausalLM.from_pretrained(src).eval()
-    cache = teacher(torch.tensor([[token]]), use_cache=True).past_key_values
+    cache = output_cache(teacher(torch.tensor([[token]]), use_cache=True))
     for i in range(3):
         key, value = (
             tensors[f"model.layers.{i}.self_attn.window_sink.key"],
@@ -313,7 +314,7 @@ def test_window_sink_streamed_equals_the_teachers_kv_cache(tmp_path, arch):
 
     src, teacher = make_teacher(tmp_path, arch)
     sink = sink_key_values(src, 7, [0, 2])
-    cache = teacher(torch.tensor([[7]]), use_cache=True).past_key_values
+    cache = output_cache(teacher(torch.tensor([[7]]), use_cache=True))
     assert sorted(sink) == [0, 2]
     for i in (0, 2):
         assert rel_err(sink[i][0], cache.layers[i].keys[0, :, 0]) <= 1e-5
@@ -359,9 +360,7 @@ def test_gate_bias_spreads_memory_half_lives(tmp_path):
     ids = torch.randint(3, 101, (1, 40))
     full = model(ids).logits
     first = model(ids[:, :25], use_cache=True)
-    steps = [first.logits] + [
-        model(ids[:, t : t + 1], past_key_values=first.past_key_values).logits for t in range(25, 40)
-    ]
+    steps = [first.logits] + [model(ids[:, t : t + 1], cache=output_cache(first)).logits for t in range(25, 40)]
     assert rel_err(torch.cat(steps, 1), full) <= 1e-4
     trainable = configure_trainable(model, Stage(train="new"), 0)[0]
     assert {n for n, p in trainable.named_parameters() if p.requires_grad and "f_proj" in n} == {

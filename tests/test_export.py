@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from t2r.errors import T2RError
 from t2r.export import export
 from t2r.generate import generate, load_for_generation
+from t2r.modeling.hf_compat import output_cache
 from t2r.runs import load_converted, read_run, rebuild_model
 
 
@@ -190,7 +191,7 @@ def test_generation_cache_stays_constant(tiny_converted):
             ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, return_dict_in_generate=True, pad_token_id=0
         )
         assert out.sequences.shape[1] == 8 + n
-        sizes.append(out.past_key_values.nbytes())
+        sizes.append(output_cache(out).nbytes())
     assert sizes[0] == sizes[1] > 0
 
 

@@ -20,7 +20,7 @@ from t2r.runs import load_converted, read_run, rebuild_model
 from t2r.trainable import configure_trainable
 from t2r.trainer import finetune
 
-RECIPE = str(Path(__file__).resolve().parent.parent / "recipes" / "tiny-test.yaml")
+RECIPE = str(Path(__file__).resolve().parent.parent / "t2r" / "recipes" / "tiny-test.yaml")
 
 
 def train_losses(run: Path) -> dict[int, float]:

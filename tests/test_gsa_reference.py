@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_inputs, rel_err, run_with_grads
+
 from t2r.kernels import gsa, gsa_chunk, gsa_recurrent
 
 

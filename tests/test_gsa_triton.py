@@ -14,9 +14,11 @@ import torch
 pytest.importorskip("triton")
 
 from conftest import make_inputs, rel_err, run_with_grads
+
 from t2r.kernels import gsa_decode_, gsa_recurrent
 from t2r.kernels import gsa_triton as kernels
 from t2r.kernels.gsa_ops import use_triton
+from t2r.modeling.hf_compat import output_cache
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -276,7 +278,7 @@ def test_model_forward_backward_and_decode_through_kernels(monkeypatch):
         grads = [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
         with torch.no_grad():
             prefill = model(input_ids=ids[:, :30], use_cache=True)
-            step = model(input_ids=ids[:, 30:31], past_key_values=prefill.past_key_values, use_cache=True)
+            step = model(input_ids=ids[:, 30:31], cache=output_cache(prefill), use_cache=True)
         return out.loss.detach(), grads, step.logits
 
     loss_ref, grads_ref, step_ref = run("reference")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 from conftest import tiny_gsa_model
-from t2r.kernels.gsa_memo import LastTensorMemo
 
+from t2r.kernels.gsa_memo import LastTensorMemo
 from t2r.modeling import modeling_t2r
 
 

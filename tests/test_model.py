@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -15,14 +16,15 @@ from conftest import BLOCK_T2R, rel_err, tiny_gsa_model
 from transformers import AutoModelForCausalLM
 
 from t2r.modeling import GSACache
+from t2r.modeling.hf_compat import output_cache
 from t2r.modeling.modeling_t2r import GSAAttention
 
 
 def prefill_then_decode(model, ids, cut):
     out = model(ids[:, :cut], use_cache=True)
-    cache, logits = out.past_key_values, [out.logits]
+    cache, logits = output_cache(out), [out.logits]
     for t in range(cut, ids.shape[1]):
-        logits.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+        logits.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
     return torch.cat(logits, dim=1), cache
 
 
@@ -68,6 +70,34 @@ def test_generate_with_and_without_cache_agree():
     assert torch.equal(with_cache, without)
 
 
+@torch.no_grad()
+def test_cache_is_taken_under_either_name_and_without_deprecation_warnings(caplog):
+    """transformers 5.24 renamed ``past_key_values`` to ``cache``: both names must decode alike on every supported
+    release (with a full-attention layer and a window, whose teacher attention takes the installed release's
+    name), and neither t2r's calls nor generate() may trigger transformers' deprecation warnings."""
+    model = tiny_gsa_model("mistral", gsa_full_attention_layers=[1], gsa_window=4)
+    ids = torch.randint(3, 101, (1, 20))
+    full = model(ids, use_cache=False).logits
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING"):
+        warnings.simplefilter("always")
+        by_new_name, _ = prefill_then_decode(model, ids, cut=9)
+        generated = model.generate(ids[:, :9], max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert rel_err(by_new_name, full) <= 1e-4
+    deprecations = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not deprecations, deprecations
+    assert not [r.message for r in caplog.records if "deprecat" in r.getMessage().lower()]
+    assert generated.shape == (1, 15)
+    out = model(ids[:, :9], use_cache=True)
+    cache, steps = output_cache(out), [out.logits]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # newer releases warn on the old name; it must still work
+        for t in range(9, 20):
+            steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    assert rel_err(torch.cat(steps, 1), full) <= 1e-4
+    with pytest.raises(ValueError, match="pass the cache once"):
+        model(ids[:, :2], cache=GSACache(model.config), past_key_values=GSACache(model.config))
+
+
 @pytest.mark.parametrize("rope", [False, True])
 @torch.no_grad()
 def test_left_padded_batch_matches_single_rows(rope):
@@ -97,9 +127,9 @@ def test_padding_does_not_write_into_state():
     p = torch.randint(3, 101, (1, 9))
     padded = torch.cat([torch.randint(3, 101, (1, 6)), p], dim=1)  # masked-out tokens with real embeddings
     mask = torch.cat([torch.zeros(1, 6, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)], dim=1)
-    a = model(p, use_cache=True).past_key_values
+    a = output_cache(model(p, use_cache=True))
     # position ids without a reset, so only the attention mask can keep the padding out of the memories
-    b = model(padded, attention_mask=mask, position_ids=torch.arange(15)[None], use_cache=True).past_key_values
+    b = output_cache(model(padded, attention_mask=mask, position_ids=torch.arange(15)[None], use_cache=True))
     for la, lb in zip(a.layers, b.layers, strict=True):
         assert rel_err(lb.state[0], la.state[0]) <= 1e-6 and rel_err(lb.state[1], la.state[1]) <= 1e-6
 
@@ -109,7 +139,7 @@ def test_cache_size_is_constant_in_context_length():
     model = tiny_gsa_model("mistral")
     sizes = []
     for n in (16, 512):
-        cache = model(torch.randint(3, 101, (2, n)), use_cache=True).past_key_values
+        cache = output_cache(model(torch.randint(3, 101, (2, n)), use_cache=True))
         sizes.append(cache.nbytes())
     assert sizes[0] == sizes[1] > 0
     # and it is what the math says: per layer 2 x Hkv x M x head_dim fp32 values per row
@@ -140,11 +170,11 @@ def test_packed_prefill_keeps_each_rows_last_document_state():
     a, b = torch.randint(3, 101, (1, 8)), torch.randint(3, 101, (1, 12))
     row = torch.cat([a, b], 1)
     pos = torch.cat([torch.arange(8), torch.arange(12)])[None]
-    packed_cache = model(row, position_ids=pos, use_cache=True).past_key_values
-    alone_cache = model(b, use_cache=True).past_key_values
+    packed_cache = output_cache(model(row, position_ids=pos, use_cache=True))
+    alone_cache = output_cache(model(b, use_cache=True))
     nxt = torch.randint(3, 101, (1, 1))
-    x = model(nxt, past_key_values=packed_cache, position_ids=torch.tensor([[12]])).logits
-    y = model(nxt, past_key_values=alone_cache, position_ids=torch.tensor([[12]])).logits
+    x = model(nxt, cache=packed_cache, position_ids=torch.tensor([[12]])).logits
+    y = model(nxt, cache=alone_cache, position_ids=torch.tensor([[12]])).logits
     assert rel_err(x, y) <= 1e-5
 
 
@@ -153,7 +183,7 @@ def test_foreign_cache_is_rejected():
 
     model = tiny_gsa_model("llama")
     with pytest.raises(TypeError, match="GSACache"):
-        model(torch.randint(3, 101, (1, 4)), past_key_values=DynamicCache(), use_cache=True)
+        model(torch.randint(3, 101, (1, 4)), cache=DynamicCache(), use_cache=True)
 
 
 @torch.no_grad()
@@ -272,7 +302,7 @@ def test_hybrid_window_attention_is_the_teachers_local_attention():
 @torch.no_grad()
 def test_hybrid_window_cache_size_is_constant():
     model = _hybrid(window=16)
-    sizes = [model(torch.randint(3, 101, (2, n)), use_cache=True).past_key_values.nbytes() for n in (4, 16, 300)]
+    sizes = [output_cache(model(torch.randint(3, 101, (2, n)), use_cache=True)).nbytes() for n in (4, 16, 300)]
     assert sizes[0] == sizes[1] == sizes[2] > 0
 
 

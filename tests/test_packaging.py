@@ -1,55 +1,146 @@
-"""Install layout: kernels/ and cli.py ship as t2r.kernels and t2r.cli, never as top-level modules."""
+"""Install layout and startup: one top-level package (``t2r``); an sdist that builds a wheel carrying the CLI,
+kernels and recipes; the wheel working outside the checkout; generation needing only the core dependencies;
+the CLI starting without torch or transformers."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
 
 
-def test_wheel_installs_everything_under_t2r(tmp_path):
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, Path]:
+    """(sdist, wheel) from ``python -m build``, whose wheel is built from the sdist."""
+    out = tmp_path_factory.mktemp("dist")
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(tmp_path),
-            str(ROOT),
-        ],
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    (sdist,) = out.glob("t2r-*.tar.gz")
+    (wheel,) = out.glob("t2r-*.whl")
+    return sdist, wheel
+
+
+def test_wheel_from_the_sdist_carries_cli_kernels_recipes_and_license(built):
+    sdist, wheel = built
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if ".dist-info/" not in n}
+    assert tops == {"t2r"}, tops
+    shipped_recipes = {n for n in names if n.startswith("t2r/recipes/") and n.endswith(".yaml")}
+    assert {"t2r/recipes/demo-cpu.yaml", "t2r/recipes/smollm2-135m.yaml"} <= shipped_recipes
+    assert {Path(n).name for n in shipped_recipes} == {p.name for p in (ROOT / "t2r" / "recipes").glob("*.yaml")}
+    kernels = {Path(n).name for n in names if n.startswith("t2r/kernels/") and n.endswith(".py")}
+    assert kernels == {p.name for p in (ROOT / "t2r" / "kernels").glob("*.py")}
+    assert "t2r/cli.py" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    metadata = zipfile.ZipFile(wheel).read(meta).decode()
+    assert "License-Expression: Apache-2.0" in metadata
+    assert "Provides-Extra: train" in metadata
+    core = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    assert not [line for line in core if any(p in line for p in ("peft", "datasets", "gguf", "matplotlib"))], core
+    with tarfile.open(sdist) as tar:
+        members = {Path(m).relative_to(Path(m).parts[0]).as_posix() for m in tar.getnames() if "/" in m}
+    assert {"LICENSE", "pyproject.toml", "t2r/recipes/tiny-test.yaml", "t2r/kernels/gsa_triton.py"} <= members
+
+
+def test_installed_wheel_converts_finetunes_with_a_shipped_recipe_and_generates(built, tiny_converted, tmp_path):
+    """The wheel alone (no checkout on the path, run from elsewhere): convert, finetune by recipe name, generate."""
+    _, wheel = built
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
         check=True,
         capture_output=True,
         timeout=300,
     )
-    (wheel,) = tmp_path.glob("t2r-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    tops = {n.split("/")[0] for n in names if not n.startswith("t2r-")}
-    assert tops == {"t2r"}, tops
-    for needed in (
-        "t2r/cli.py",
-        "t2r/kernels/__init__.py",
-        "t2r/kernels/gsa_reference.py",
-        "t2r/modeling/modeling_t2r.py",
-    ):
-        assert needed in names
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "data.txt").write_text((ROOT / "LICENSE").read_text() * 4)
+
+    def t2r(*args: str) -> str:
+        code = "import sys, t2r.cli; sys.argv = ['t2r', *sys.argv[1:]]; t2r.cli.main()"
+        out = subprocess.run(
+            [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=work, env=env, timeout=600
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    where = subprocess.run(
+        [sys.executable, "-c", "import t2r; print(t2r.__file__)"], capture_output=True, text=True, cwd=work, env=env
+    )
+    assert Path(where.stdout.strip()).is_relative_to(site), where
+    teacher = tiny_converted.parent / "teacher"
+    t2r("convert", str(teacher), "conv", "--slots", "8")
+    sets = ["--set", "stages.0.steps=2", "--set", "stages.1.steps=2", "--set", "eval_every=0"]
+    t2r("finetune", "conv", "run", "--data", "data.txt", "--recipe", "tiny-test", *sets, "--device", "cpu")
+    text = t2r("generate", "run", "--prompt", "Licensed under", "--max-new-tokens", "4", "--device", "cpu")
+    assert text.startswith("Licensed under")
 
 
-def test_cli_entry_point_runs():
-    exe = Path(sys.executable).parent / "t2r"
-    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "Gated Slot Attention" in out.stdout
+def test_hf_kernels_package_is_not_shadowed_from_the_checkout():
+    """transformers imports Hugging Face's top-level ``kernels``: nothing of ours may answer to that name, even
+    when Python runs from the repository root."""
+    code = (
+        "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else None);"
+        "from transformers import LlamaConfig; import t2r.kernels"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    origin = out.stdout.strip()
+    assert origin == "None" or "site-packages" in Path(origin).parts, origin
+    assert not (ROOT / "kernels" / "__init__.py").exists() and not (ROOT / "cli.py").exists()
 
 
-def test_no_top_level_kernels_or_cli_from_installed_t2r(tmp_path):
-    code = "import importlib.util as u, t2r.kernels, t2r.cli; print(u.find_spec('kernels'), u.find_spec('cli'))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["None", "None"]
+@pytest.mark.parametrize(
+    "args", [[], ["convert"], ["finetune"], ["export"], ["generate"], ["eval"], ["bench"], ["bench", "kernels"]]
+)
+def test_cli_help_imports_neither_torch_nor_transformers(args):
+    """``t2r --help`` and each command's help start in a fraction of a second: they must not import torch or
+    transformers (seconds each). Checked by Python's import log of the installed console script."""
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", str(BIN / "t2r"), *args, "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Usage" in out.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time")}
+    assert "t2r.cli" in imported
+    heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "transformers", "peft", "datasets"))
+    assert not heavy, heavy[:10]
+
+
+def test_generation_needs_only_the_core_dependencies(tiny_converted):
+    """Loading and generating import nothing from the train extra (peft, datasets, gguf, matplotlib)."""
+    code = f"""
+import sys
+import importlib.machinery
+class NotInstalled(importlib.machinery.PathFinder):  # the train extra's packages, as if absent
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.split(".")[0] in ("peft", "datasets", "gguf", "matplotlib"):
+            return None
+        return super().find_spec(name, path, target)
+sys.meta_path[:] = [NotInstalled if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+import t2r.cli
+sys.argv = ["t2r", "generate", {str(tiny_converted)!r}, "--prompt", "The", "--max-new-tokens", "3", "--device", "cpu"]
+t2r.cli.main()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("The")

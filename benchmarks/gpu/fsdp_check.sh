@@ -19,7 +19,7 @@ AutoModelForCausalLM.from_config(cfg).save_pretrained("/root/fsdp/model")
 for f in ("tokenizer.json", "tokenizer_config.json"):
     shutil.copy(f".stage_fsdp/{f}", f"/root/fsdp/model/{f}")
 PY
-COMMON="--recipe recipes/smollm2-A-paper.yaml --data $W/pydoc.txt --set distributed=fsdp --set grad_accum=1 \
+COMMON="--recipe smollm2-A-paper --data $W/pydoc.txt --set distributed=fsdp --set grad_accum=1 \
  --set stages.0.steps=30 --set stages.0.lr=1e-4 --set eval_every=0 --set calibrate_rows=0"
 python3 -m torch.distributed.run --nproc_per_node 1 --master_port 29701 -m t2r.cli finetune $W/model $W/one \
   $COMMON --set micro_batch_size=8 2>&1 | grep -v "step/s\]\|it/s\]\|examples/s\]" | tail -2

@@ -26,6 +26,7 @@ from t2r.kernels.gsa_ops import RECURRENT_MAX_TOKENS, gsa, gsa_decode_
 
 from .cache_t2r import GSACache
 from .configuration_t2r import T2RLlamaConfig, T2RMistralConfig, T2RQwen2Config, T2RQwen3Config
+from .hf_compat import CACHE_ARG, take_cache
 from .window_attention import sliding_window_attention
 
 FEATURE_MAP_FNS = {"swish": F.silu, "relu": F.relu, "identity": lambda x: x}
@@ -102,9 +103,10 @@ class GSAAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
+        cache=None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
+        cache = take_cache(kwargs, cache)  # transformers < 5.24 passes it as past_key_values
         if self.mode == "teacher":
             return self.teacher_forward(hidden_states, position_embeddings, attention_mask, **kwargs), None
         B, T, _ = hidden_states.shape
@@ -129,10 +131,10 @@ class GSAAttention(nn.Module):
             g, s = g * keep, s * keep
 
         layer_cache = None
-        if past_key_values is not None:
-            if not hasattr(past_key_values, "gsa_layer"):
-                raise TypeError(f"converted models need a GSACache, got {type(past_key_values).__name__}")
-            layer_cache = past_key_values.gsa_layer(self.layer_idx)
+        if cache is not None:
+            if not hasattr(cache, "gsa_layer"):
+                raise TypeError(f"converted models need a GSACache, got {type(cache).__name__}")
+            layer_cache = cache.gsa_layer(self.layer_idx)
         docs = kwargs.get("gsa_documents")
         if layer_cache is None:  # training and cache-less forwards: all traceable by torch.compile
             o, state = _gsa_rows(q, k, v, s, g, self.scale, None, docs, final=False)
@@ -151,7 +153,7 @@ class GSAAttention(nn.Module):
             doc = None if docs is None else docs.starts.long().cumsum(dim=1) - 1
             valid = None if token_mask is None else token_mask[:, -T:].bool()
             past = layer_cache.window if layer_cache is not None else None
-            sink = self.window_sink() if self.window_sink is not None else None
+            sink = self.window_sink(k_rot) if self.window_sink is not None else None
             o_win, window = sliding_window_attention(
                 q_rot, k_rot, v_raw, self.window, self._teacher[0].scaling, valid, doc, past, sink=sink
             )
@@ -177,7 +179,7 @@ class GSAAttention(nn.Module):
     ):
         """The teacher's own attention module on these hidden states (never cached); optionally also the
         attention output before o_proj."""
-        kwargs.pop("past_key_values", None)
+        take_cache(kwargs)
         teacher = self._teacher[0]
         captured = []
         hook = (
@@ -190,7 +192,7 @@ class GSAAttention(nn.Module):
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=attention_mask,
-                past_key_values=None,
+                **{CACHE_ARG: None},
                 **kwargs,
             )
         finally:
@@ -212,8 +214,10 @@ class WindowSink(nn.Module):
         self.key = nn.Parameter(torch.zeros(num_kv_heads, head_dim))
         self.value = nn.Parameter(torch.zeros(num_kv_heads, head_dim))
 
-    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:  # called, not read, so that peft's wrapper applies
-        return self.key, self.value
+    def forward(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key, value) in ``like``'s dtype. Called with a tensor, not read, so that peft's modules_to_save wrapper
+        (whose forward takes an input) applies."""
+        return self.key.to(like.dtype), self.value.to(like.dtype)
 
 
 class WindowMix(nn.Module):
@@ -325,17 +329,18 @@ class T2RModelMixin:
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         labels=None,
         use_cache=None,
         logits_to_keep=0,
         **kwargs,
     ):
+        cache = take_cache(kwargs, cache)  # either name, on any supported transformers release
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        if use_cache and past_key_values is None:
-            past_key_values = GSACache(self.config)
+        if use_cache and cache is None:
+            cache = GSACache(self.config)
         if attention_mask is not None and attention_mask.dim() == 2:
             kwargs["gsa_token_mask"] = attention_mask
         rows = input_ids if input_ids is not None else inputs_embeds
@@ -345,17 +350,17 @@ class T2RModelMixin:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
+            **{CACHE_ARG: cache},
             **kwargs,
         )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = GSACache(self.config)
+        if model_kwargs.get(CACHE_ARG) is None and generation_config.use_cache is not False:
+            model_kwargs[CACHE_ARG] = GSACache(self.config)
             return None
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 

@@ -97,7 +97,9 @@ def finetune(
     model_dir: Annotated[str, typer.Argument(help="a converted model directory (t2r convert)")],
     out: Annotated[Path, typer.Argument(help="run directory (checkpoints, logs, stage outputs)")],
     data: Annotated[list[str], typer.Option(help="training data: files, globs, dirs; repeat or comma-separate")],
-    recipe: Annotated[str | None, typer.Option(help="recipe YAML (see recipes/)")] = None,
+    recipe: Annotated[
+        str | None, typer.Option(help="recipe: a YAML file, or a shipped recipe's name (e.g. smollm2-135m)")
+    ] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="recipe override key=value, e.g. stages.0.steps=50")
     ] = None,

@@ -1,1 +1,0 @@
-"""Build helpers for setuptools (not installed)."""
