@@ -16,7 +16,7 @@ import torch
 from triton.testing import do_bench
 
 import t2r.kernels  # noqa: F401
-from t2r.bench_kernels import _inputs
+from t2r.bench.kernels import _inputs
 from t2r.kernels import gsa_triton as main_k
 
 

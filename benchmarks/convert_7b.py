@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from t2r.bench import SHAPES
+from t2r.bench.throughput import SHAPES
 
 MISTRAL_7B = {
     **SHAPES["mistral-7b"],

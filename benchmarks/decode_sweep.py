@@ -16,7 +16,7 @@ import json
 
 import torch
 
-from t2r.bench_kernels import _bench, copy_bandwidth, decode_inputs, rel_err, state_copy_ms, state_floor_ms
+from t2r.bench.kernels import _bench, copy_bandwidth, decode_inputs, rel_err, state_copy_ms, state_floor_ms
 from t2r.kernels import gsa_triton as kernels
 
 

@@ -13,7 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 import t2r.kernels  # noqa: F401
-from t2r.bench_kernels import _inputs
+from t2r.bench.kernels import _inputs
 from t2r.kernels import gsa_triton as kernels
 
 VARIANTS = [("walk", None)] + [(f"blocks w{w} st{st}", (w, st)) for w, st in [(4, 2), (8, 2), (8, 1), (4, 1)]] * 2

@@ -7,8 +7,9 @@ says which, from the teacher's own attention (eager, on CPU or GPU):
   SINK tokens left out: attention sinks are far but carry no content), averaged over queries past 2W;
 - on passkey prompts (t2r eval's), the share the last prompt token, which predicts the key, puts on the key's
   tokens (retrieval heads).
-Layers are ranked by their strongest retrieval head, then by their strongest far-reaching head (t2r.layer_select,
-which `t2r convert --full-attention-layers auto:N` also uses, on its own prompts and without the corpus).
+Layers are ranked by their strongest retrieval head, then by their strongest far-reaching head
+(t2r.convert.layer_select, which `t2r convert --full-attention-layers auto:N` also uses, on its own prompts
+and without the corpus).
 
 Usage: python benchmarks/long_range_layers.py TEACHER CORPUS [--window 64] [--tokens 1024] [--context 1024]
                                               [--trials 8] [--top 2] [--json FILE]
@@ -19,9 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from t2r.evaluate import token_stream
-from t2r.layer_select import far_profile, layer_table, rank_layers, retrieval_profile
-from t2r.sources import load_eager_teacher
+from t2r.convert.layer_select import far_profile, layer_table, rank_layers, retrieval_profile
+from t2r.convert.sources import load_eager_teacher
+from t2r.eval.evaluate import token_stream
 
 
 def long_range_profile(model, tokenizer, corpus: str, window: int, tokens: int, context: int, trials: int) -> dict:

@@ -17,7 +17,7 @@ import json
 
 import torch
 
-from t2r.bench_kernels import _bench, _fla, _fwd_bwd, _inputs, check_against_reference, rel_err
+from t2r.bench.kernels import _bench, _fla, _fwd_bwd, _inputs, check_against_reference, rel_err
 from t2r.kernels import gsa_triton as kernels
 
 CHECKS = {

@@ -10,7 +10,7 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from t2r.bench_kernels import _inputs
+from t2r.bench.kernels import _inputs
 from t2r.kernels.gsa_triton import gsa_triton
 
 

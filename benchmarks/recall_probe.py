@@ -1,4 +1,4 @@
-"""Does a model answer the training-time recall task (t2r.recall) on held-out text? Greedy answers to recall
+"""Does a model answer the training-time recall task (t2r.train.recall) on held-out text? Greedy answers to recall
 rows built from a corpus the model did not train on: tells "never learned to recall" from "learned the drill
 but not the passkey". Usage: python benchmarks/recall_probe.py MODEL_DIR CORPUS [--rows 100] [--seq 2048]"""
 
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from t2r.recall import recall_row
+from t2r.train.recall import recall_row
 
 
 def main() -> None:

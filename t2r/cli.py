@@ -68,8 +68,8 @@ def convert(
     allow_download: Annotated[bool, typer.Option(help="fetch hub ids missing from the local HF cache")] = False,
 ) -> None:
     """Convert a pretrained Transformer checkpoint into a GSA checkpoint (streamed, shard by shard)."""
-    from t2r.convert import ConvertOptions, parse_full_attention
-    from t2r.convert import convert as run_convert
+    from t2r.convert.converter import ConvertOptions, parse_full_attention
+    from t2r.convert.converter import convert as run_convert
 
     layers, auto = parse_full_attention(full_attention_layers)
     options = ConvertOptions(
@@ -112,7 +112,7 @@ def finetune(
 
     Runs unchanged under torchrun --nproc_per_node N (DDP, or FSDP2 with --set distributed=fsdp).
     """
-    from t2r.trainer import finetune as run_finetune
+    from t2r.train.trainer import finetune as run_finetune
 
     path = run_finetune(model_dir, out, data, recipe, set_ or [], eval_data, resume, stop_after, device)
     typer.echo(f"run directory: {path}")
@@ -130,7 +130,7 @@ def export(
     force: Annotated[bool, typer.Option(help="replace DEST if it exists")] = False,
 ) -> None:
     """Export a self-contained checkpoint (LoRA merged), parity-checked against step-by-step decoding."""
-    from t2r.export import export as run_export
+    from t2r.export.exporter import export as run_export
 
     path = run_export(
         run,
@@ -188,7 +188,7 @@ def eval_(
     """Held-out perplexity (2k/4k windows) and passkey retrieval (1k/2k/4k), the teacher beside the student."""
     import json
 
-    from t2r.evaluate import evaluate, format_table
+    from t2r.eval.evaluate import evaluate, format_table
     from t2r.fsutil import atomic_write_text
 
     result = evaluate(
@@ -239,7 +239,7 @@ def bench_train(
 ) -> None:
     """Training tokens/s and peak memory: GSA student (kernels, optionally the reference path) vs the teacher
     with SDPA, same batch."""
-    from t2r.bench import check_outputs, print_table, run_train_bench, write_outputs
+    from t2r.bench.throughput import check_outputs, print_table, run_train_bench, write_outputs
 
     check_outputs(json_out, record)
     rows = run_train_bench(model, shape, seq or [2048, 4096], batch, steps, lora, device, reference, compile)
@@ -259,7 +259,7 @@ def bench_generate(
     record: Annotated[Path | None, typer.Option(help=RECORD_HELP)] = None,
 ) -> None:
     """Decode tokens/s and peak memory vs the teacher's KV cache at growing contexts."""
-    from t2r.bench import check_outputs, print_table, run_generate_bench, write_outputs
+    from t2r.bench.throughput import check_outputs, print_table, run_generate_bench, write_outputs
 
     check_outputs(json_out, record)
     rows = run_generate_bench(model, shape, context or [1024, 4096, 16384, 32768], batch or [1, 16], new_tokens, device)
@@ -276,8 +276,8 @@ def bench_kernels(
 ) -> None:
     """GSA kernels vs FLA chunk_gsa (if installed) vs SDPA flash attention, fwd and fwd+bwd; the decode step
     vs FLA's fused recurrent step and KV-cache attention at 32k; with each one's ratio to the memory floor."""
-    from t2r.bench import check_outputs, print_table, write_outputs
-    from t2r.bench_kernels import TRAIN_SHAPES, run_kernel_bench
+    from t2r.bench.kernels import TRAIN_SHAPES, run_kernel_bench
+    from t2r.bench.throughput import check_outputs, print_table, write_outputs
 
     check_outputs(json_out, record)
     shapes = [tuple(int(x) for x in s.lower().split("x")) for s in shape] if shape else None

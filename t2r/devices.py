@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import T2RError
+from t2r.errors import T2RError
 
 
 def resolve_device(device: str | None) -> str:

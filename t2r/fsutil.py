@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import T2RError
+from t2r.errors import T2RError
 
 
 def check_destination(out: str | Path, force: bool) -> Path:

@@ -6,17 +6,17 @@ from pathlib import Path
 
 import torch
 
-from .devices import resolve_device
-from .errors import T2RError
-from .runs import RUN_FILE, load_converted, rebuild_model
+from t2r.devices import resolve_device
+from t2r.errors import T2RError
+from t2r.train.runs import RUN_FILE, load_converted, rebuild_model
 
 
 def load_for_generation(path: str | Path, device: str | None = None, dtype: str | None = None):
     """Model and tokenizer from an exported or converted directory, or a run (rebuilt, adapters merged)."""
     from transformers import AutoTokenizer
 
-    from .checkpoint_io import DTYPES
-    from .runs import read_run
+    from t2r.shards import DTYPES
+    from t2r.train.runs import read_run
 
     path = Path(path)
     device = resolve_device(device)

@@ -33,7 +33,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config  # noqa: E402
 
 import t2r  # noqa: E402, F401  (registers the converted architectures)
-from t2r.modeling.configuration_t2r import T2R_CONFIGS  # noqa: E402
+from t2r.models.configuration_t2r import T2R_CONFIGS  # noqa: E402
 
 TEACHER_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
 
@@ -161,7 +161,7 @@ def tiny_converted(tmp_path_factory):
     """A tiny Llama teacher with a real tokenizer, converted to GSA (kproj gates, 16 slots)."""
     from transformers import AutoModelForCausalLM
 
-    from t2r.convert import ConvertOptions, convert
+    from t2r.convert.converter import ConvertOptions, convert
 
     root = tmp_path_factory.mktemp("tiny")
     tok = tiny_tokenizer()
@@ -188,9 +188,9 @@ def tiny_run(tiny_converted, corpus_files, tmp_path_factory):
     """A finished two-stage run (transfer on new parameters, then LoRA) of the tiny converted model."""
     from pathlib import Path
 
-    from t2r.trainer import finetune
+    from t2r.train.trainer import finetune
 
-    recipe = Path(__file__).resolve().parent.parent / "t2r" / "recipes" / "tiny-test.yaml"
+    recipe = Path(__file__).resolve().parent.parent / "t2r" / "train" / "recipes" / "tiny-test.yaml"
     return finetune(
         str(tiny_converted), tmp_path_factory.mktemp("run") / "run", corpus_files, str(recipe), progress=False
     )

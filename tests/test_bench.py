@@ -6,9 +6,9 @@ from conftest import run_cli
 
 
 def test_bench_record_appends_the_run_to_a_markdown_log(tiny_converted, tmp_path, capsys, monkeypatch):
-    import t2r.bench
+    import t2r.bench.throughput
 
-    monkeypatch.setattr(t2r.bench, "device_name", lambda device: f"named from {device}")
+    monkeypatch.setattr(t2r.bench.throughput, "device_name", lambda device: f"named from {device}")
     log, out = tmp_path / "benchmarks.md", tmp_path / "rows.json"
     log.write_text("# Benchmarks\n\nearlier notes\n")
     args = ["bench", "train", str(tiny_converted), "--device", "cpu", "--seq", "16", "--batch", "1", "--steps", "1"]
@@ -29,12 +29,12 @@ def test_bench_record_appends_the_run_to_a_markdown_log(tiny_converted, tmp_path
 
 
 def test_bench_output_that_is_a_directory_fails_before_the_run(tiny_converted, tmp_path, capsys, monkeypatch):
-    import t2r.bench
+    import t2r.bench.throughput
 
     def measure(*args, **kwargs):
         raise AssertionError("the benchmark ran before its output was checked")
 
-    monkeypatch.setattr(t2r.bench, "run_train_bench", measure)
+    monkeypatch.setattr(t2r.bench.throughput, "run_train_bench", measure)
     for option in ("--record", "--json"):
         code, lines = run_cli(["bench", "train", str(tiny_converted), "--device", "cpu", option, str(tmp_path)], capsys)
         assert code == 1 and lines == [f"t2r: error: {tmp_path} is a directory; give a file to write the results to"]
@@ -46,7 +46,7 @@ def test_records_name_the_device_the_benchmark_ran_on(tmp_path, monkeypatch):
 
     import torch
 
-    from t2r.bench import write_outputs
+    from t2r.bench.throughput import write_outputs
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")

@@ -11,9 +11,9 @@ import torch
 from conftest import rel_err, run_cli, teacher_config, tiny_gsa_model
 from test_finetune import RECIPE, train_losses
 
-from t2r.compiled import compile_decoder_layers
-from t2r.distributed import decoder_layers
-from t2r.trainer import finetune
+from t2r.train.compiled import compile_decoder_layers
+from t2r.train.distributed import decoder_layers
+from t2r.train.trainer import finetune
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's exp overflow in masked lanes
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -115,7 +115,7 @@ def test_finetune_with_compile_trains_as_eager(tiny_converted, corpus_files, tmp
     with KD from the shared teacher (attention modes switch inside the compiled layers), within Dynamo's limits."""
     import torch._dynamo
 
-    import t2r.trainer
+    import t2r.train.trainer
 
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)  # not a silent fall to eager
     compiled_layers = []
@@ -125,7 +125,7 @@ def test_finetune_with_compile_trains_as_eager(tiny_converted, corpus_files, tmp
         return model
 
     eager = train_losses(finetune(str(tiny_converted), tmp_path / "eager", corpus_files, RECIPE, progress=False))
-    monkeypatch.setattr(t2r.trainer, "compile_decoder_layers", compile_for_test)
+    monkeypatch.setattr(t2r.train.trainer, "compile_decoder_layers", compile_for_test)
     run = finetune(str(tiny_converted), tmp_path / "compiled", corpus_files, RECIPE, ["compile=true"], progress=False)
     compiled = train_losses(run)
     layers = teacher_config("llama").num_hidden_layers
@@ -138,10 +138,10 @@ def test_finetune_with_compile_trains_as_eager(tiny_converted, corpus_files, tmp
 def test_bench_train_compile_compiles_both_sides(tiny_converted, tmp_path, capsys, monkeypatch):
     import json
 
-    import t2r.compiled
+    import t2r.train.compiled
 
     compiled = []
-    monkeypatch.setattr(t2r.compiled, "compile_decoder_layers", lambda m: compiled.append(type(m).__name__) or m)
+    monkeypatch.setattr(t2r.train.compiled, "compile_decoder_layers", lambda m: compiled.append(type(m).__name__) or m)
     out = tmp_path / "rows.json"
     args = ["bench", "train", str(tiny_converted), "--device", "cpu", "--seq", "16", "--batch", "1", "--steps", "1"]
     code, _ = run_cli([*args, "--compile", "--json", str(out)], capsys)

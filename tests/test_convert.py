@@ -12,10 +12,10 @@ from conftest import rel_err, run_cli, teacher_config
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from t2r.convert import ConvertOptions, convert, init_gate
+from t2r.convert.converter import ConvertOptions, convert, init_gate
 from t2r.errors import T2RError
-from t2r.modeling.hf_compat import output_cache
-from t2r.modeling.modeling_t2r import GSAAttention
+from t2r.models.hf_compat import output_cache
+from t2r.models.modeling_t2r import GSAAttention
 
 
 def make_teacher(tmp_path: Path, arch: str, **overrides) -> tuple[Path, torch.nn.Module]:
@@ -127,7 +127,7 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
             raise RuntimeError("disk full")
         return init_gate(*args, **kwargs)
 
-    monkeypatch.setattr("t2r.convert.init_gate", boom)
+    monkeypatch.setattr("t2r.convert.converter.init_gate", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         convert(str(src), tmp_path / "out", ConvertOptions(slots=8), progress=False)
     assert not (tmp_path / "out").exists()
@@ -277,7 +277,7 @@ def test_convert_hybrid_with_window_sink(tmp_path):
     newline at position 0: what its KV cache holds after that one token."""
     from transformers import AutoTokenizer
 
-    from t2r.window_sink import sink_token
+    from t2r.convert.window_sink import sink_token
 
     src, _ = make_teacher(tmp_path, "qwen3")  # q/k norms: the sink key must pass through them too
     out = convert(str(src), tmp_path / "out", ConvertOptions(slots=8, window=16), progress=False)
@@ -310,7 +310,7 @@ def test_convert_hybrid_with_window_sink(tmp_path):
 def test_window_sink_streamed_equals_the_teachers_kv_cache(tmp_path, arch):
     """The layer-by-layer sink pass of every supported architecture gives what the whole teacher caches after the
     token (so nothing a layer needs is lost by building it from the shards alone)."""
-    from t2r.window_sink import sink_key_values
+    from t2r.convert.window_sink import sink_key_values
 
     src, teacher = make_teacher(tmp_path, arch)
     sink = sink_key_values(src, 7, [0, 2])
@@ -341,8 +341,8 @@ def test_cli_window_sink(tmp_path, capsys):
 
 @torch.no_grad()
 def test_gate_bias_spreads_memory_half_lives(tmp_path):
-    from t2r.recipe import Stage
-    from t2r.trainable import configure_trainable
+    from t2r.train.recipe import Stage
+    from t2r.train.trainable import configure_trainable
 
     src, _ = make_teacher(tmp_path, "llama")
     plain = load_all(convert(str(src), tmp_path / "plain", ConvertOptions(slots=8), progress=False))

@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import corpus_text, rel_err, tiny_gsa_model, tiny_tokenizer
 
-from t2r.data import (
+from t2r.errors import T2RError
+from t2r.train.data import (
     IGNORE_INDEX,
     load_documents,
     pack_documents,
@@ -17,7 +18,6 @@ from t2r.data import (
     split_rows,
     tokenize_documents,
 )
-from t2r.errors import T2RError
 
 
 @pytest.fixture(scope="module")

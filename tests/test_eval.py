@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from t2r.evaluate import evaluate, passkey_accuracy, passkey_prompts, position_buckets
+from t2r.eval.evaluate import evaluate, passkey_accuracy, passkey_prompts, position_buckets
 
 
 def test_eval_tiny_model_is_finite_and_reproducible(tiny_converted, corpus_files):
@@ -83,7 +83,7 @@ def test_teacher_smollm2_retrieves_passkeys():
     pytest.importorskip("gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from t2r.sources import resolve_source
+    from t2r.convert.sources import resolve_source
 
     src = resolve_source("smollm2-135m")
     model = AutoModelForCausalLM.from_pretrained(src.path).eval()

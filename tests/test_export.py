@@ -15,10 +15,10 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from t2r.errors import T2RError
-from t2r.export import export
+from t2r.export.exporter import export
 from t2r.generate import generate, load_for_generation
-from t2r.modeling.hf_compat import output_cache
-from t2r.runs import load_converted, read_run, rebuild_model
+from t2r.models.hf_compat import output_cache
+from t2r.train.runs import load_converted, read_run, rebuild_model
 
 
 def _tensors(path):
@@ -94,7 +94,7 @@ def test_adapter_only_export(tiny_run, tmp_path):
 
 
 def test_parity_check_catches_broken_decoding(tiny_run, tmp_path, monkeypatch):
-    from t2r.modeling.cache_t2r import GSAStateLayer
+    from t2r.models.cache_t2r import GSAStateLayer
 
     original = GSAStateLayer.update_state
 
@@ -155,7 +155,7 @@ def test_fla_format_renames_tensors_bit_for_bit(tiny_run, tmp_path):
 
 
 def test_fla_format_refuses_what_fla_cannot_express(tiny_converted, tmp_path):
-    from t2r.convert import ConvertOptions, convert
+    from t2r.convert.converter import ConvertOptions, convert
 
     teacher = json.loads((tiny_converted / "conversion.json").read_text())["source"]["path"]
     roped = convert(teacher, tmp_path / "roped", ConvertOptions(slots=16, rope=True, window=4), progress=False)

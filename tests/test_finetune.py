@@ -13,14 +13,14 @@ import torch
 from conftest import rel_err, run_cli
 from safetensors import safe_open
 
-from t2r.data import load_documents, pack_documents, tokenize_documents
-from t2r.objectives import TransferCollector, transfer_loss_sum
-from t2r.recipe import Stage, load_recipe
-from t2r.runs import load_converted, read_run, rebuild_model
-from t2r.trainable import configure_trainable
-from t2r.trainer import finetune
+from t2r.train.data import load_documents, pack_documents, tokenize_documents
+from t2r.train.objectives import TransferCollector, transfer_loss_sum
+from t2r.train.recipe import Stage, load_recipe
+from t2r.train.runs import load_converted, read_run, rebuild_model
+from t2r.train.trainable import configure_trainable
+from t2r.train.trainer import finetune
 
-RECIPE = str(Path(__file__).resolve().parent.parent / "t2r" / "recipes" / "tiny-test.yaml")
+RECIPE = str(Path(__file__).resolve().parent.parent / "t2r" / "train" / "recipes" / "tiny-test.yaml")
 
 
 def train_losses(run: Path) -> dict[int, float]:
@@ -81,7 +81,7 @@ def test_lm_loss_falls_on_a_fixed_batch(tiny_converted, tmp_path):
 def test_module_lr_trains_the_named_modules_at_their_own_rate(tmp_path, corpus_files, tiny_converted):
     """Adam's first step moves every parameter with a gradient by about its lr: the window mix by module_lr,
     everything else by the stage's lr (fails if module_lr were ignored or applied to all)."""
-    from t2r.convert import ConvertOptions, convert
+    from t2r.convert.converter import ConvertOptions, convert
 
     teacher = json.loads((tiny_converted / "conversion.json").read_text())["source"]["path"]
     hybrid = convert(teacher, tmp_path / "hybrid", ConvertOptions(slots=16, window=8), progress=False)
@@ -102,7 +102,7 @@ def test_module_lr_trains_the_named_modules_at_their_own_rate(tmp_path, corpus_f
 
 def test_module_lr_on_a_module_the_stage_does_not_train(tiny_converted):
     from t2r.errors import T2RError
-    from t2r.trainable import param_groups
+    from t2r.train.trainable import param_groups
 
     model, _ = configure_trainable(load_converted(tiny_converted), Stage(train="new"), 0)
     with pytest.raises(T2RError, match="module_lr names 'q_proj', which holds no parameter this stage trains"):
@@ -113,8 +113,8 @@ def test_module_lr_may_name_lora_adapters_in_lora_stages_only(tiny_converted):
     """peft's adapter modules exist only once a LoRA stage wraps the model: the early check accepts their names
     there (it rejected them before), the groups then give them their rate, and other stages still reject them."""
     from t2r.errors import T2RError
-    from t2r.recipe import Recipe
-    from t2r.trainable import check_module_lr, param_groups
+    from t2r.train.recipe import Recipe
+    from t2r.train.trainable import check_module_lr, param_groups
 
     lora = Stage(name="transfer", train="lora", lr=1e-3, module_lr={"lora_B": 5e-2})
     check_module_lr(str(tiny_converted), Recipe(stages=[lora]))
@@ -146,7 +146,7 @@ def test_lora_stage_and_rebuild_raise_no_upstream_deprecation_warning(tiny_conve
 
 
 def test_module_lr_innermost_name_wins():
-    from t2r.trainable import param_groups
+    from t2r.train.trainable import param_groups
 
     model = torch.nn.Module()
     model.window_mix = torch.nn.Module()
@@ -375,7 +375,7 @@ def test_transfer_gradients_stay_inside_each_layer(tiny_converted):
 
 @pytest.mark.parametrize("per_token", [False, True], ids=["mix-per-head", "mix-per-token"])
 def test_hybrid_model_trains_its_window_mix(tmp_path, corpus_files, tiny_converted, per_token):
-    from t2r.convert import ConvertOptions, convert
+    from t2r.convert.converter import ConvertOptions, convert
 
     teacher = json.loads((tiny_converted / "conversion.json").read_text())["source"]["path"]
     options = ConvertOptions(slots=16, window=8, window_mix_per_token=per_token, window_sink=False)
@@ -393,7 +393,7 @@ def test_hybrid_model_trains_its_window_mix(tmp_path, corpus_files, tiny_convert
     # The export (which itself checks step decoding against the parallel forward) loads as the trained model.
     from transformers import AutoModelForCausalLM
 
-    from t2r.export import export
+    from t2r.export.exporter import export
 
     exported = AutoModelForCausalLM.from_pretrained(export(run, tmp_path / "exp", dtype="fp32")).eval()
     ids = torch.randint(3, 90, (2, 24))
@@ -405,7 +405,7 @@ def test_hybrid_model_trains_its_window_mix(tmp_path, corpus_files, tiny_convert
 def test_output_norm_calibration_matches_teacher_scale(tiny_converted, corpus_files):
     from transformers import AutoTokenizer
 
-    from t2r.objectives import calibrate_output_norms
+    from t2r.train.objectives import calibrate_output_norms
 
     rows = pack_documents(
         tokenize_documents(load_documents(corpus_files), AutoTokenizer.from_pretrained(tiny_converted)), 64
@@ -415,7 +415,7 @@ def test_output_norm_calibration_matches_teacher_scale(tiny_converted, corpus_fi
     weights = calibrate_output_norms(model, [batch])
     assert set(weights) == {f"model.layers.{i}.self_attn.g_norm.weight" for i in range(3)}
     collector = TransferCollector()  # measure again: per-channel RMS now equal to the teacher's
-    from t2r.objectives import attention_mode
+    from t2r.train.objectives import attention_mode
 
     with attention_mode(model, "calibrate", collector):
         model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
@@ -446,7 +446,7 @@ def test_full_finetune_of_tied_embeddings_saves_resumes_and_rebuilds(corpus_file
     from conftest import teacher_config, tiny_tokenizer
     from transformers import AutoModelForCausalLM
 
-    from t2r.convert import ConvertOptions, convert
+    from t2r.convert.converter import ConvertOptions, convert
 
     tok = tiny_tokenizer()
     torch.manual_seed(0)
@@ -471,8 +471,8 @@ def test_window_sink_is_trained_as_a_new_parameter(mode):
     """The sink's key and value train with the other new parameters, also behind peft's modules_to_save."""
     from conftest import tiny_gsa_model
 
-    from t2r.recipe import Stage
-    from t2r.trainable import configure_trainable
+    from t2r.train.recipe import Stage
+    from t2r.train.trainable import configure_trainable
 
     model = tiny_gsa_model("mistral", gsa_window=8, gsa_window_sink=True)
     model, names = configure_trainable(model, Stage(name="s", train=mode), 0)

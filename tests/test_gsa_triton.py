@@ -18,7 +18,7 @@ from conftest import make_inputs, rel_err, run_with_grads
 from t2r.kernels import gsa_decode_, gsa_recurrent
 from t2r.kernels import gsa_triton as kernels
 from t2r.kernels.gsa_ops import use_triton
-from t2r.modeling.hf_compat import output_cache
+from t2r.models.hf_compat import output_cache
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -13,7 +13,7 @@ import torch
 from conftest import rel_err, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from t2r.convert import ConvertOptions, convert
+from t2r.convert.converter import ConvertOptions, convert
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "inspect_memory.py"
 

@@ -1,5 +1,5 @@
-"""t2r.layer_select: the teacher's retrieval layers, kept as softmax attention by convert --full-attention-layers
-auto:N."""
+"""t2r.convert.layer_select: the teacher's retrieval layers, kept as softmax attention by
+convert --full-attention-layers auto:N."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from conftest import tiny_tokenizer
 from torch import nn
 
-from t2r.convert import ConvertOptions, convert
-from t2r.layer_select import (
+from t2r.convert.converter import ConvertOptions, convert
+from t2r.convert.layer_select import (
     far_share,
     key_share,
     key_token_positions,
@@ -115,11 +115,11 @@ def test_convert_auto_with_window_sink(tiny_converted, tmp_path, monkeypatch):
     layer by layer), and its values do not depend on the selection."""
     from safetensors.torch import load_file
 
-    import t2r.sources
+    import t2r.convert.sources
 
     loads = []
-    real = t2r.sources.load_eager_teacher
-    monkeypatch.setattr(t2r.sources, "load_eager_teacher", lambda *a, **k: loads.append(a) or real(*a, **k))
+    real = t2r.convert.sources.load_eager_teacher
+    monkeypatch.setattr(t2r.convert.sources, "load_eager_teacher", lambda *a, **k: loads.append(a) or real(*a, **k))
     teacher = Path(tiny_converted).parent / "teacher"
     both = convert(str(teacher), tmp_path / "both", ConvertOptions(slots=8, window=8, full_attention_auto=1),
                    progress=False)  # fmt: skip

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_gsa_model
 
 from t2r.kernels.gsa_memo import LastTensorMemo
-from t2r.modeling import modeling_t2r
+from t2r.models import modeling_t2r
 
 
 def counting(fn):

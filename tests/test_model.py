@@ -15,9 +15,9 @@ import torch
 from conftest import BLOCK_T2R, rel_err, tiny_gsa_model
 from transformers import AutoModelForCausalLM
 
-from t2r.modeling import GSACache
-from t2r.modeling.hf_compat import output_cache
-from t2r.modeling.modeling_t2r import GSAAttention
+from t2r.models import GSACache
+from t2r.models.hf_compat import output_cache
+from t2r.models.modeling_t2r import GSAAttention
 
 
 def prefill_then_decode(model, ids, cut):
@@ -287,7 +287,7 @@ def test_hybrid_decode_matches_full_forward_across_the_window(variant):
 @torch.no_grad()
 def test_hybrid_window_attention_is_the_teachers_local_attention():
     """With the mix fully on the window and a window covering the sequence, a hybrid layer is the teacher."""
-    from t2r.objectives import attention_mode
+    from t2r.train.objectives import attention_mode
 
     model = _hybrid(window=64)
     with torch.no_grad():
@@ -329,7 +329,7 @@ def test_hybrid_padding_and_packing_are_exact(variant):
 def test_window_sink_is_a_first_token_seen_from_everywhere():
     """Windowed attention over tokens 1.. with token 0 as the sink equals attention over the window plus token 0
     (an explicit mask), for queries inside and far beyond the window."""
-    from t2r.modeling.window_attention import sliding_window_attention
+    from t2r.models.window_attention import sliding_window_attention
 
     B, T, H, Hkv, D, W = 2, 40, 4, 2, 8, 6
     q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)

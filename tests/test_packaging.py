@@ -37,9 +37,10 @@ def test_wheel_from_the_sdist_carries_cli_kernels_recipes_and_license(built):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if ".dist-info/" not in n}
     assert tops == {"t2r"}, tops
-    shipped_recipes = {n for n in names if n.startswith("t2r/recipes/") and n.endswith(".yaml")}
-    assert {"t2r/recipes/demo-cpu.yaml", "t2r/recipes/smollm2-135m.yaml"} <= shipped_recipes
-    assert {Path(n).name for n in shipped_recipes} == {p.name for p in (ROOT / "t2r" / "recipes").glob("*.yaml")}
+    shipped_recipes = {n for n in names if n.startswith("t2r/train/recipes/") and n.endswith(".yaml")}
+    assert {"t2r/train/recipes/demo-cpu.yaml", "t2r/train/recipes/smollm2-135m.yaml"} <= shipped_recipes
+    recipes = ROOT / "t2r" / "train" / "recipes"
+    assert {Path(n).name for n in shipped_recipes} == {p.name for p in recipes.glob("*.yaml")}
     kernels = {Path(n).name for n in names if n.startswith("t2r/kernels/") and n.endswith(".py")}
     assert kernels == {p.name for p in (ROOT / "t2r" / "kernels").glob("*.py")}
     assert "t2r/cli.py" in names
@@ -52,7 +53,7 @@ def test_wheel_from_the_sdist_carries_cli_kernels_recipes_and_license(built):
     assert not [line for line in core if any(p in line for p in ("peft", "datasets", "gguf", "matplotlib"))], core
     with tarfile.open(sdist) as tar:
         members = {Path(m).relative_to(Path(m).parts[0]).as_posix() for m in tar.getnames() if "/" in m}
-    assert {"LICENSE", "pyproject.toml", "t2r/recipes/tiny-test.yaml", "t2r/kernels/gsa_triton.py"} <= members
+    assert {"LICENSE", "pyproject.toml", "t2r/train/recipes/tiny-test.yaml", "t2r/kernels/gsa_triton.py"} <= members
 
 
 def test_installed_wheel_converts_finetunes_with_a_shipped_recipe_and_generates(built, tiny_converted, tmp_path):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import corpus_text, tiny_tokenizer
 
-from t2r.data import pack_documents, tokenize_documents
 from t2r.errors import T2RError
-from t2r.recall import add_recall_rows, recall_texts
+from t2r.train.data import pack_documents, tokenize_documents
+from t2r.train.recall import add_recall_rows, recall_texts
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_answer_weight_marks_exactly_the_answer_tokens(tok, rows):
 
 
 def test_weighted_losses_scale_each_labels_term():
-    from t2r.objectives import ce_loss_sum, kd_loss_sum
+    from t2r.train.objectives import ce_loss_sum, kd_loss_sum
 
     torch.manual_seed(0)
     logits, teacher = torch.randn(2, 9, 13), torch.randn(2, 9, 13)

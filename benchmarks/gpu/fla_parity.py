@@ -36,13 +36,13 @@ def main() -> None:
     import fla  # noqa: F401  (registers FLA's model types with the Auto classes)
     from transformers import AutoModelForCausalLM
 
-    from t2r.runs import load_converted
+    from t2r.train.runs import load_converted
 
     if args.export_dir:
         dest = Path(args.export_dir)
     else:
-        from t2r.bench import shaped_model
-        from t2r.export import export
+        from t2r.bench.throughput import shaped_model
+        from t2r.export.exporter import export
 
         work = Path(tempfile.mkdtemp())
         model = shaped_model("smollm2-135m", dtype=torch.float32, device="cpu")

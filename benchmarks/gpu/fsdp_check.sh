@@ -8,7 +8,7 @@ xz -dkc .stage_fsdp/pydoc.txt.xz > $W/pydoc.txt
 python3 - <<'PY'
 import shutil, torch
 import t2r
-from t2r.modeling.configuration_t2r import T2RLlamaConfig
+from t2r.models.configuration_t2r import T2RLlamaConfig
 from transformers import AutoModelForCausalLM
 cfg = T2RLlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,

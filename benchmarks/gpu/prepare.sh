@@ -13,7 +13,7 @@ G=$S/SmolLM2-135M-Instruct.Q4_1.gguf
 declare -A ARGS=(
   [kproj]="--gate-init kproj"
   [hybrid]="--gate-init kproj --window 64 --no-window-sink"
-  # The control: the teacher with every layer kept as softmax attention (t2r/recipes/smollm2-control-teacher.yaml).
+  # The control: the teacher with every layer kept as softmax attention (t2r/train/recipes/smollm2-control-teacher.yaml).
   [teacher]="--full-attention-layers $(seq -s, 0 29)"
   # The hybrid with a gate bias: memory half-lives log-spaced from 8 to 4096 tokens at zero gate input.
   [hybrid-hl]="--gate-init kproj --window 64 --gate-half-life-max 4096 --no-window-sink"

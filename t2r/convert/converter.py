@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import __version__
-from .checkpoint_io import DTYPES, ShardWriter, iter_tensors, parse_size, read_tensor_infos, shard_files
-from .errors import T2RError
-from .fsutil import atomic_directory, check_destination
-from .modeling.configuration_t2r import FEATURE_MAPS, T2R_CONFIGS
-from .sources import TOKENIZER_FILES, Source, resolve_source
+from t2r import __version__
+from t2r.convert.sources import TOKENIZER_FILES, Source, resolve_source
+from t2r.errors import T2RError
+from t2r.fsutil import atomic_directory, check_destination
+from t2r.models.configuration_t2r import FEATURE_MAPS, T2R_CONFIGS
+from t2r.shards import DTYPES, ShardWriter, iter_tensors, parse_size, read_tensor_infos, shard_files
 
 GATE_INITS = ("random", "kproj")
 _LAYER_KPROJ = re.compile(r"^model\.layers\.(\d+)\.self_attn\.k_proj\.weight$")
@@ -202,12 +202,12 @@ def convert(
     config = gsa_config_from_teacher(teacher_config, options)  # architecture and options checked before any work
     sink_token = None
     if options.window_sink:
-        from .window_sink import sink_key_values, teacher_sink_token
+        from t2r.convert.window_sink import sink_key_values, teacher_sink_token
 
         sink_token = teacher_sink_token(str(source.path))  # before any weights load
     selection = None
     if options.full_attention_auto:
-        from .layer_select import select_full_attention_layers
+        from t2r.convert.layer_select import select_full_attention_layers
 
         layers, selection = select_full_attention_layers(source.path, options.full_attention_auto, progress=progress)
         options = replace(options, full_attention_layers=layers, full_attention_auto=0)
@@ -305,7 +305,7 @@ def _write_weights(infos, config, options: ConvertOptions, out_dir: Path, progre
 
 
 def _write_side_files(source: Source, config, out_dir: Path) -> None:
-    from .modeling.modeling_t2r import save_remote_code
+    from t2r.models.modeling_t2r import save_remote_code
 
     save_remote_code(config, out_dir)
     for name in TOKENIZER_FILES:

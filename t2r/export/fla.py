@@ -15,9 +15,9 @@ import re
 import shutil
 from pathlib import Path
 
-from .checkpoint_io import ShardWriter, iter_tensors, parse_size, read_tensor_infos, shard_files
-from .errors import T2RError
-from .sources import TOKENIZER_FILES
+from t2r.convert.sources import TOKENIZER_FILES
+from t2r.errors import T2RError
+from t2r.shards import ShardWriter, iter_tensors, parse_size, read_tensor_infos, shard_files
 
 FLA_NAMES = [
     (re.compile(r"^model\.embed_tokens\."), "model.embeddings."),

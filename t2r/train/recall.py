@@ -5,7 +5,7 @@ token string seen thousands of tokens earlier, so a converted model learns to fo
 docs/results.md). A recall row is a corpus row with a few "facts" (a name and a random number) written at
 random depths and, at the end, a question whose answer is one of those numbers: the LM loss on the answer
 tokens rewards carrying the number through the memory. The wording deliberately differs from the passkey
-evaluation (t2r.evaluate), so the evaluation still measures transfer, not a memorised template.
+evaluation (t2r.eval.evaluate), so the evaluation still measures transfer, not a memorised template.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import hashlib
 
 import numpy as np
 
-from .data import PackedRows
-from .errors import T2RError
+from t2r.errors import T2RError
+from t2r.train.data import PackedRows
 
 COLORS = ("red", "blue", "green", "amber", "violet", "silver", "black", "white", "golden", "grey", "orange", "teal")
 ANIMALS = ("otter", "falcon", "badger", "heron", "lynx", "beetle", "walrus", "gecko", "moose", "raven", "koala")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import T2RError
+from t2r.errors import T2RError
 
 TRAIN_MODES = ("new", "lora", "full")
 LOSSES = ("transfer", "ce", "kd")
@@ -51,7 +51,7 @@ class DataSettings:
     encoding_errors: str = "strict"  # text files: strict | replace | ignore (as bytes.decode)
     add_eos: bool = True
     eval_fraction: float = 0.01
-    recall_fraction: float = 0.0  # training rows rewritten as synthetic long-range recall tasks (t2r.recall)
+    recall_fraction: float = 0.0  # training rows rewritten as synthetic long-range recall tasks (t2r.train.recall)
     recall_answer_weight: float = 1.0  # loss weight of a recall row's answer tokens (CE and KD)
 
 
@@ -63,7 +63,7 @@ class Recipe:
     seed: int = 0
     precision: str = "bf16"  # bf16 autocast on CUDA; fp32 elsewhere unless forced
     gradient_checkpointing: bool = False
-    # torch.compile each decoder layer (t2r.compiled): fuses the small ops around the GSA kernels; the first
+    # torch.compile each decoder layer (t2r.train.compiled): fuses the small ops around the GSA kernels; the first
     # steps and every new sequence length pay the compilation. Attention-transfer stages stay eager.
     compile: bool = False
     max_grad_norm: float = 1.0

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .checkpoint_io import iter_tensors, read_tensor_infos, shard_files
-from .errors import T2RError
+from t2r.errors import T2RError
+from t2r.shards import iter_tensors, read_tensor_infos, shard_files
 
 SINK_TEXT = "\n"  # on SmolLM2 the newline sink was as good as the real first token (docs/results.md)
 

@@ -216,7 +216,7 @@ def check_against_reference(B=2, T=700, H=8, Hkv=4, K=128, V=128, M=64, dtype=to
 
 def run_kernel_bench(shapes=TRAIN_SHAPES, fla: bool = True) -> dict:
     if not torch.cuda.is_available():
-        from .errors import T2RError
+        from t2r.errors import T2RError
 
         raise T2RError("t2r bench kernels needs a CUDA device")
     bandwidth = copy_bandwidth()

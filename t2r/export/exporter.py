@@ -14,14 +14,13 @@ from pathlib import Path
 
 import torch
 
-from t2r.modeling.hf_compat import output_cache
-
-from . import __version__
-from .checkpoint_io import DTYPES, parse_size
-from .errors import T2RError
-from .fsutil import atomic_directory, check_destination
-from .runs import RUN_FILE, load_converted, read_run, rebuild_model
-from .sources import TOKENIZER_FILES
+from t2r import __version__
+from t2r.convert.sources import TOKENIZER_FILES
+from t2r.errors import T2RError
+from t2r.fsutil import atomic_directory, check_destination
+from t2r.models.hf_compat import output_cache
+from t2r.shards import DTYPES, parse_size
+from t2r.train.runs import RUN_FILE, load_converted, read_run, rebuild_model
 
 PARITY_TOLERANCE = 1e-3
 PARITY_PROMPT = (
@@ -103,7 +102,7 @@ def export(
     if fmt == "fla":
         from transformers import AutoConfig
 
-        from .export_fla import check_fla_compatible
+        from t2r.export.fla import check_fla_compatible
 
         config = AutoConfig.from_pretrained(base_dir)
         check_fla_compatible(config)  # before anything is written
@@ -123,7 +122,7 @@ def export(
             gap = None if skip_check else check_parity(tmp)
             record = {"kind": "merged", "dtype": dtype, "parity_gap": gap, "parity_checked": not skip_check}
             if config is not None:
-                from .export_fla import write_fla
+                from t2r.export.fla import write_fla
 
                 config.dtype = DTYPES[dtype] if dtype is not None else None
                 record["fla"] = {"dir": "fla", "tensors": write_fla(tmp, tmp / "fla", config, max_shard_size)}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .distributed import decoder_layers
+from t2r.train.distributed import decoder_layers
 
 # A layer's code legitimately compiles once per combination of training or evaluation (grad mode), attention mode
 # (GSA, the teacher for KD), adapters on or off, inputs requiring grad or not, and a first new shape. Past Dynamo's

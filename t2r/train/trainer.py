@@ -28,10 +28,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm.auto import tqdm
 
-from . import __version__
-from .compiled import compile_decoder_layers
-from .data import PackedRows, load_documents, pack_documents, split_rows, tokenize_documents
-from .distributed import (
+from t2r import __version__
+from t2r.errors import T2RError
+from t2r.train.compiled import compile_decoder_layers
+from t2r.train.data import PackedRows, load_documents, pack_documents, split_rows, tokenize_documents
+from t2r.train.distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
@@ -41,8 +42,7 @@ from .distributed import (
     unwrap,
     wrap_model,
 )
-from .errors import T2RError
-from .objectives import (
+from t2r.train.objectives import (
     attention_mode,
     calibrate_output_norms,
     ce_loss_sum,
@@ -50,9 +50,9 @@ from .objectives import (
     kd_loss_sum,
     transfer_loss_sum,
 )
-from .recall import add_recall_rows
-from .recipe import Recipe, Stage, load_recipe, recipe_from_dict, recipe_to_dict
-from .runs import (
+from t2r.train.recall import add_recall_rows
+from t2r.train.recipe import Recipe, Stage, load_recipe, recipe_from_dict, recipe_to_dict
+from t2r.train.runs import (
     RUN_FILE,
     apply_stage_outputs,
     check_converted_dir,
@@ -61,7 +61,7 @@ from .runs import (
     teacher_weights_changed,
     write_run,
 )
-from .trainable import check_module_lr, configure_trainable, lr_lambda, param_groups
+from t2r.train.trainable import check_module_lr, configure_trainable, lr_lambda, param_groups
 
 LOG_FILE = "log.jsonl"
 CKPT_DIR = "checkpoints"
@@ -260,7 +260,7 @@ class Trainer:
         model.to(info.device)
         if recipe.gradient_checkpointing:
             unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if recipe.compile and not stage.loss.get("transfer", 0):  # transfer stages stay eager (t2r.compiled)
+        if recipe.compile and not stage.loss.get("transfer", 0):  # transfer stages stay eager (t2r.train.compiled)
             compile_decoder_layers(model)
         teacher = None
         if stage.loss.get("kd", 0) > 0:
@@ -556,7 +556,7 @@ def finetune(
     device: str | None = None,
     progress: bool = True,
 ) -> Path:
-    """Finetune a converted model. Returns the run directory (see t2r.runs for its layout)."""
+    """Finetune a converted model. Returns the run directory (see t2r.train.runs for its layout)."""
     info = init_distributed(device)
     out = Path(out)
     recipe = load_recipe(recipe_path, overrides)
@@ -593,7 +593,7 @@ def finetune(
     run["status"] = "done"
     if info.is_main:
         write_run(out, run)
-        from .plotting import plot_run
+        from t2r.train.plotting import plot_run
 
         plot_run(out)
     return out

@@ -95,7 +95,7 @@ class GSAAttention(nn.Module):
         # the ones above) for attention transfer and teacher forwards. Wrappers that replace the projections
         # on this module (peft LoRA) leave it on the original base layers, i.e. on the frozen teacher weights.
         self._teacher = [teacher_attn]
-        self.mode = "gsa"  # "gsa" | "teacher" | "transfer" (see t2r.objectives.attention_mode)
+        self.mode = "gsa"  # "gsa" | "teacher" | "transfer" (see t2r.train.objectives.attention_mode)
         self.transfer_collector = None
 
     def forward(
@@ -141,7 +141,7 @@ class GSAAttention(nn.Module):
         else:
             o, state = _read_and_update_cached(q, k, v, s, g, self.scale, layer_cache, docs)
         o = self.g_norm(F.silu(o.reshape(B, T, -1)))
-        if self.mode == "calibrate":  # statistics for t2r.objectives.calibrate_output_norms; teacher-forced
+        if self.mode == "calibrate":  # statistics for t2r.train.objectives.calibrate_output_norms; teacher-forced
             with torch.no_grad():
                 target, teacher_pre = self.teacher_forward(
                     hidden_states, position_embeddings, attention_mask, capture_input_of_o_proj=True, **kwargs

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .devices import resolve_device
-from .errors import T2RError
-from .runs import RUN_FILE, load_converted, read_run, rebuild_model
+from t2r.devices import resolve_device
+from t2r.errors import T2RError
+from t2r.train.runs import RUN_FILE, load_converted, read_run, rebuild_model
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 INTRO = (
@@ -41,7 +41,7 @@ def _converted_dir(path: Path) -> Path | None:
 def load_student_and_teacher(path: str | Path, device: str, dtype: torch.dtype, with_teacher: bool = True):
     from transformers import AutoTokenizer
 
-    from .bench import teacher_view
+    from t2r.bench.throughput import teacher_view
 
     path = Path(path)
     student = rebuild_model(path, dtype=dtype) if (path / RUN_FILE).is_file() else load_converted(path, dtype)
@@ -55,7 +55,7 @@ def load_student_and_teacher(path: str | Path, device: str, dtype: torch.dtype, 
 
 # ------------------------------------------------------------------------------------------------ perplexity
 def token_stream(specs: list[str], tokenizer, text_field: str = "text") -> torch.Tensor:
-    from .data import load_documents, tokenize_documents
+    from t2r.train.data import load_documents, tokenize_documents
 
     docs = tokenize_documents(load_documents(specs, text_field), tokenizer, add_eos=True)
     return torch.tensor([t for ids in docs["input_ids"] for t in ids], dtype=torch.long)

@@ -8,9 +8,9 @@ import math
 import torch
 from torch import nn
 
-from .errors import T2RError
-from .recipe import Recipe, Stage
-from .runs import NEW_PARAM_MARKERS, quiet_peft_wrap
+from t2r.errors import T2RError
+from t2r.train.recipe import Recipe, Stage
+from t2r.train.runs import NEW_PARAM_MARKERS, quiet_peft_wrap
 
 
 def configure_trainable(model: nn.Module, stage: Stage, seed: int) -> tuple[nn.Module, list[str]]:

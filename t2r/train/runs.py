@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .errors import T2RError
-from .fsutil import atomic_write_text
+from t2r.errors import T2RError
+from t2r.fsutil import atomic_write_text
 
 RUN_FILE = "run.json"
 NEW_PARAM_MARKERS = (".f_proj.", ".g_norm.", ".window_mix.", ".window_sink.")

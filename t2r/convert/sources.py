@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import T2RError
-from .fsutil import atomic_directory
+from t2r.errors import T2RError
+from t2r.fsutil import atomic_directory
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def resolve_source(spec: str, allow_download: bool = False) -> Source:
 
 def load_eager_teacher(spec: str):
     """(model, tokenizer) of SRC with eager attention, whose weights and masks are materialised tensors: for the
-    analysis code that reads or edits them (t2r.layer_select, benchmarks/window_ablation.py)."""
+    analysis code that reads or edits them (t2r.convert.layer_select, benchmarks/window_ablation.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_source(spec).path

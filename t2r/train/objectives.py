@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .data import IGNORE_INDEX
-from .modeling.modeling_t2r import GSAAttention
+from t2r.models.modeling_t2r import GSAAttention
+from t2r.train.data import IGNORE_INDEX
 
 
 def gsa_modules(model: nn.Module) -> list[GSAAttention]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from t2r.modeling.hf_compat import CACHE_ARG, output_cache
+from t2r.models.hf_compat import CACHE_ARG, output_cache
 
 SHAPES = {  # real layer shapes with random weights, for machines without the checkpoint
     "mistral-7b": dict(
@@ -49,8 +49,8 @@ SHAPES = {  # real layer shapes with random weights, for machines without the ch
 
 
 def shaped_model(shape: str, slots: int = 64, dtype: torch.dtype = torch.bfloat16, device: str = "cuda") -> nn.Module:
-    from .modeling.configuration_t2r import T2R_CONFIGS
-    from .modeling.modeling_t2r import T2R_MODELS
+    from t2r.models.configuration_t2r import T2R_CONFIGS
+    from t2r.models.modeling_t2r import T2R_MODELS
 
     fields = dict(SHAPES[shape])
     config = T2R_CONFIGS[fields.pop("architecture")](**fields, gsa_num_slots=slots)
@@ -105,7 +105,7 @@ def train_throughput(
     model: nn.Module, batch: int, seq: int, steps: int = 5, warmup: int = 2, label: str = "GSA"
 ) -> dict:
     """Tokens/s of full training steps (forward, backward, AdamW) under bf16 autocast on the model's device."""
-    from .objectives import ce_loss_sum
+    from t2r.train.objectives import ce_loss_sum
 
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -184,7 +184,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def check_outputs(*paths: Path | None) -> None:
     """Before a benchmark runs (minutes on a GPU): an output path it could not write fails now, not after."""
-    from .errors import T2RError
+    from t2r.errors import T2RError
 
     for path in paths:
         if path is not None and Path(path).is_dir():
@@ -196,7 +196,7 @@ def device_name(device: str | None) -> str:
     `--device cpu` run on a GPU machine is a CPU measurement)."""
     import platform
 
-    from .devices import resolve_device
+    from t2r.devices import resolve_device
 
     if torch.device(device if device is not None else resolve_device(None)).type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -216,7 +216,7 @@ def write_outputs(
     both name the device the benchmark ran on (``device``, as passed to it)."""
     import json
 
-    from .fsutil import atomic_write_text
+    from t2r.fsutil import atomic_write_text
 
     device = device_name(device)
     if out is not None:
@@ -231,7 +231,7 @@ def record_markdown(
 ) -> None:
     """Append one section (the command, the device, the date and the tables exactly as measured) to a markdown
     log such as docs/benchmarks.md, so that recorded numbers are the run's own, not retyped."""
-    from .fsutil import atomic_write_text
+    from t2r.fsutil import atomic_write_text
 
     path = Path(path)
     old = path.read_text() if path.exists() else ""
@@ -241,13 +241,13 @@ def record_markdown(
 
 
 def load_bench_model(path: str | None, shape: str | None, device: str) -> nn.Module:
-    from .devices import resolve_device
-    from .runs import load_converted
+    from t2r.devices import resolve_device
+    from t2r.train.runs import load_converted
 
     device = resolve_device(device)
 
     if (path is None) == (shape is None):
-        from .errors import T2RError
+        from t2r.errors import T2RError
 
         raise T2RError("give a converted model directory or --shape (e.g. mistral-7b), not both")
     if shape is not None:
@@ -274,8 +274,8 @@ def run_train_bench(
 ) -> list[dict]:
     """GSA student vs teacher (SDPA) training throughput; with ``lora`` the student trains LoRA r=8 on
     q/k/v/o plus the new parameters, with gradient checkpointing (the mistral-7b-fast setting). With ``compile``
-    both sides' decoder layers are compiled (t2r.compiled); the warmup steps then include the compilation."""
-    from .compiled import compile_decoder_layers
+    both sides' decoder layers are compiled (t2r.train.compiled); the warmup steps then include the compilation."""
+    from t2r.train.compiled import compile_decoder_layers
 
     prepare = compile_decoder_layers if compile else (lambda m: m)
     tag = ", compiled" if compile else ""
@@ -283,8 +283,8 @@ def run_train_bench(
     rows = []
     for seq in seqs:
         if lora:
-            from .recipe import LoraSettings, Stage
-            from .trainable import configure_trainable
+            from t2r.train.recipe import LoraSettings, Stage
+            from t2r.train.trainable import configure_trainable
 
             stage = Stage(train="lora", lora=LoraSettings(r=8, alpha=16))
             student, _ = configure_trainable(model, stage, 0)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import T2RError
+from t2r.errors import T2RError
 
 TEXT_SUFFIXES = (".txt", ".txt.xz", ".txt.gz", ".txt.bz2", ".md")
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".jsonl.xz", ".json.gz")

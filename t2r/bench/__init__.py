@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks (ratios measured in one run): training, decoding, kernels."""

@@ -1,0 +1,1 @@
+"""Evaluation: held-out perplexity by position, passkey retrieval, zero-shot tasks; the teacher beside."""

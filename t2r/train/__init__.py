@@ -1,0 +1,1 @@
+"""Finetuning: recipes, corpora, objectives, the stage loop, checkpoints and runs."""
