@@ -21,8 +21,8 @@ import argparse
 import json
 
 from t2r.convert.layer_select import far_profile, layer_table, rank_layers, retrieval_profile
-from t2r.convert.sources import load_eager_teacher
 from t2r.eval.evaluate import token_stream
+from t2r.teacher import load_eager_teacher
 
 
 def long_range_profile(model, tokenizer, corpus: str, window: int, tokens: int, context: int, trials: int) -> dict:

@@ -20,8 +20,8 @@ import json
 
 import torch
 
-from t2r.convert.sources import load_eager_teacher
 from t2r.eval.evaluate import passkey_accuracy, perplexity, token_stream
+from t2r.teacher import load_eager_teacher
 
 
 def window_mask(mask: torch.Tensor, window: int, sink: int) -> torch.Tensor:

@@ -8,7 +8,8 @@ import torch
 
 from t2r.devices import resolve_device
 from t2r.errors import T2RError
-from t2r.train.runs import RUN_FILE, load_converted, rebuild_model
+from t2r.models.loading import load_converted
+from t2r.train.runs import RUN_FILE, rebuild_model
 
 
 def load_for_generation(path: str | Path, device: str | None = None, dtype: str | None = None):

@@ -18,7 +18,8 @@ from t2r.errors import T2RError
 from t2r.export.exporter import export
 from t2r.generate import generate, load_for_generation
 from t2r.models.hf_compat import output_cache
-from t2r.train.runs import load_converted, read_run, rebuild_model
+from t2r.models.loading import load_converted
+from t2r.train.runs import read_run, rebuild_model
 
 
 def _tensors(path):

@@ -13,10 +13,12 @@ import torch
 from conftest import rel_err, run_cli
 from safetensors import safe_open
 
+from t2r.models.loading import load_converted
 from t2r.train.data import load_documents, pack_documents, tokenize_documents
-from t2r.train.objectives import TransferCollector, transfer_loss_sum
+from t2r.train.losses import transfer_loss_sum
 from t2r.train.recipe import Stage, load_recipe
-from t2r.train.runs import load_converted, read_run, rebuild_model
+from t2r.train.runs import read_run, rebuild_model
+from t2r.train.teacher_attention import TransferCollector
 from t2r.train.trainable import configure_trainable
 from t2r.train.trainer import finetune
 
@@ -405,7 +407,7 @@ def test_hybrid_model_trains_its_window_mix(tmp_path, corpus_files, tiny_convert
 def test_output_norm_calibration_matches_teacher_scale(tiny_converted, corpus_files):
     from transformers import AutoTokenizer
 
-    from t2r.train.objectives import calibrate_output_norms
+    from t2r.train.teacher_attention import calibrate_output_norms, calibration
 
     rows = pack_documents(
         tokenize_documents(load_documents(corpus_files), AutoTokenizer.from_pretrained(tiny_converted)), 64
@@ -415,9 +417,7 @@ def test_output_norm_calibration_matches_teacher_scale(tiny_converted, corpus_fi
     weights = calibrate_output_norms(model, [batch])
     assert set(weights) == {f"model.layers.{i}.self_attn.g_norm.weight" for i in range(3)}
     collector = TransferCollector()  # measure again: per-channel RMS now equal to the teacher's
-    from t2r.train.objectives import attention_mode
-
-    with attention_mode(model, "calibrate", collector):
+    with calibration(model, collector):
         model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
     for gsa_sq, teacher_sq in collector.channel_sq.values():
         assert rel_err(gsa_sq.sqrt(), teacher_sq.sqrt()) <= 1e-4

@@ -115,11 +115,11 @@ def test_convert_auto_with_window_sink(tiny_converted, tmp_path, monkeypatch):
     layer by layer), and its values do not depend on the selection."""
     from safetensors.torch import load_file
 
-    import t2r.convert.sources
+    import t2r.teacher
 
     loads = []
-    real = t2r.convert.sources.load_eager_teacher
-    monkeypatch.setattr(t2r.convert.sources, "load_eager_teacher", lambda *a, **k: loads.append(a) or real(*a, **k))
+    real = t2r.teacher.load_eager_teacher
+    monkeypatch.setattr(t2r.teacher, "load_eager_teacher", lambda *a, **k: loads.append(a) or real(*a, **k))
     teacher = Path(tiny_converted).parent / "teacher"
     both = convert(str(teacher), tmp_path / "both", ConvertOptions(slots=8, window=8, full_attention_auto=1),
                    progress=False)  # fmt: skip

@@ -287,14 +287,14 @@ def test_hybrid_decode_matches_full_forward_across_the_window(variant):
 @torch.no_grad()
 def test_hybrid_window_attention_is_the_teachers_local_attention():
     """With the mix fully on the window and a window covering the sequence, a hybrid layer is the teacher."""
-    from t2r.train.objectives import attention_mode
+    from t2r.train.teacher_attention import as_teacher, attach_softmax_twins
 
     model = _hybrid(window=64)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.window_mix.weight.fill_(50.0)
     ids = torch.randint(3, 101, (2, 40))
-    with attention_mode(model, "teacher"):
+    with as_teacher(attach_softmax_twins(model)):
         teacher = model(ids).logits
     assert rel_err(model(ids).logits, teacher) <= 1e-5
 
@@ -341,3 +341,22 @@ def test_window_sink_is_a_first_token_seen_from_everywhere():
     expected = torch.einsum("bhtj,bjhd->bthd", weights, v.repeat_interleave(H // Hkv, 2))[:, 1:]
     out, _ = sliding_window_attention(q[:, 1:], k[:, 1:], v[:, 1:], W, 0.3, sink=(k[0, 0], v[0, 0]), block=7)
     assert rel_err(out, expected) <= 1e-5
+
+
+def test_inference_model_carries_no_training_machinery(tmp_path):
+    """The model (and the code saved beside a checkpoint) is inference only; training attaches the teacher's
+    attention from outside without adding parameters, buffers or modules to the model."""
+    from t2r.train.teacher_attention import as_teacher, attach_softmax_twins
+
+    model = tiny_gsa_model("qwen3", gsa_window=4)
+    names = list(model.state_dict())
+    modules = [n for n, _ in model.named_modules()]
+    attach_softmax_twins(model)
+    assert list(model.state_dict()) == names and [n for n, _ in model.named_modules()] == modules
+    with as_teacher(model):
+        assert not [m for m in model.modules() if isinstance(m, GSAAttention)]
+    assert all(isinstance(layer.self_attn, GSAAttention) for layer in model.model.layers)
+    model.save_pretrained(tmp_path)
+    code = "\n".join(p.read_text() for p in tmp_path.glob("*.py"))
+    for word in ("transfer", "calibrat", "collector", "teacher_forward", "TeacherForced", "self.mode"):
+        assert word not in code, word

@@ -76,7 +76,7 @@ def test_answer_weight_marks_exactly_the_answer_tokens(tok, rows):
 
 
 def test_weighted_losses_scale_each_labels_term():
-    from t2r.train.objectives import ce_loss_sum, kd_loss_sum
+    from t2r.train.losses import ce_loss_sum, kd_loss_sum
 
     torch.manual_seed(0)
     logits, teacher = torch.randn(2, 9, 13), torch.randn(2, 9, 13)

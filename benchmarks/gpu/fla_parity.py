@@ -36,7 +36,7 @@ def main() -> None:
     import fla  # noqa: F401  (registers FLA's model types with the Auto classes)
     from transformers import AutoModelForCausalLM
 
-    from t2r.train.runs import load_converted
+    from t2r.models.loading import load_converted
 
     if args.export_dir:
         dest = Path(args.export_dir)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from t2r.models.hf_compat import CACHE_ARG, output_cache
+from t2r.teacher import teacher_view
 
 SHAPES = {  # real layer shapes with random weights, for machines without the checkpoint
     "mistral-7b": dict(
@@ -68,24 +69,6 @@ def shaped_model(shape: str, slots: int = 64, dtype: torch.dtype = torch.bfloat1
     return model
 
 
-def teacher_view(model: nn.Module) -> nn.Module:
-    """The teacher architecture's own model class over the same parameter tensors (no copy)."""
-    base_cls = next(c for c in type(model).__mro__[1:] if c.__module__.startswith("transformers.models"))
-    fields = {
-        k: v
-        for k, v in model.config.to_dict().items()
-        if not k.startswith("gsa_") and k not in ("model_type", "auto_map", "architectures")
-    }
-    config = base_cls.config_class(**fields)
-    config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        teacher = base_cls(config)
-    teacher.load_state_dict(model.state_dict(), strict=False, assign=True)
-    teacher.model.rotary_emb = model.model.rotary_emb  # non-persistent buffers are not in the state dict
-    teacher.tie_weights()
-    return teacher
-
-
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -105,7 +88,7 @@ def train_throughput(
     model: nn.Module, batch: int, seq: int, steps: int = 5, warmup: int = 2, label: str = "GSA"
 ) -> dict:
     """Tokens/s of full training steps (forward, backward, AdamW) under bf16 autocast on the model's device."""
-    from t2r.train.objectives import ce_loss_sum
+    from t2r.train.losses import ce_loss_sum
 
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -242,7 +225,7 @@ def record_markdown(
 
 def load_bench_model(path: str | None, shape: str | None, device: str) -> nn.Module:
     from t2r.devices import resolve_device
-    from t2r.train.runs import load_converted
+    from t2r.models.loading import load_converted
 
     device = resolve_device(device)
 

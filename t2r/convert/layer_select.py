@@ -116,7 +116,7 @@ def select_full_attention_layers(path, n: int, context: int = 1024, trials: int 
     """The ``n`` layers of the teacher at ``path`` (an HF directory) with the strongest retrieval heads, and the
     profile behind the choice (for conversion.json). Runs the teacher with eager attention, on CUDA if there is
     one."""
-    from t2r.convert.sources import load_eager_teacher
+    from t2r.teacher import load_eager_teacher
 
     model, tokenizer = load_eager_teacher(str(path))
     if torch.cuda.is_available():

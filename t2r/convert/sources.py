@@ -121,16 +121,6 @@ def resolve_source(spec: str, allow_download: bool = False) -> Source:
     raise T2RError(f"unknown model alias {spec!r}; known aliases: {known} (or give a directory, hub id or .gguf)")
 
 
-def load_eager_teacher(spec: str):
-    """(model, tokenizer) of SRC with eager attention, whose weights and masks are materialised tensors: for the
-    analysis code that reads or edits them (t2r.convert.layer_select, benchmarks/window_ablation.py)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = resolve_source(spec).path
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
-    return model, AutoTokenizer.from_pretrained(path)
-
-
 def _from_hub(spec: str, repo_id: str, allow_download: bool, offline_hint=None) -> Source:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

@@ -17,7 +17,8 @@ from torch import nn
 
 from t2r.devices import resolve_device
 from t2r.errors import T2RError
-from t2r.train.runs import RUN_FILE, load_converted, read_run, rebuild_model
+from t2r.models.loading import load_converted
+from t2r.train.runs import RUN_FILE, read_run, rebuild_model
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 INTRO = (
@@ -41,7 +42,7 @@ def _converted_dir(path: Path) -> Path | None:
 def load_student_and_teacher(path: str | Path, device: str, dtype: torch.dtype, with_teacher: bool = True):
     from transformers import AutoTokenizer
 
-    from t2r.bench.throughput import teacher_view
+    from t2r.teacher import teacher_view
 
     path = Path(path)
     student = rebuild_model(path, dtype=dtype) if (path / RUN_FILE).is_file() else load_converted(path, dtype)

@@ -19,8 +19,9 @@ from t2r.convert.sources import TOKENIZER_FILES
 from t2r.errors import T2RError
 from t2r.fsutil import atomic_directory, check_destination
 from t2r.models.hf_compat import output_cache
+from t2r.models.loading import load_converted
 from t2r.shards import DTYPES, parse_size
-from t2r.train.runs import RUN_FILE, load_converted, read_run, rebuild_model
+from t2r.train.runs import RUN_FILE, read_run, rebuild_model
 
 PARITY_TOLERANCE = 1e-3
 PARITY_PROMPT = (

@@ -63,7 +63,9 @@ def document_rows(position_ids: torch.Tensor | None, batch: int, length: int) ->
 
 
 class GSAAttention(nn.Module):
-    """Gated Slot Attention in place of one decoder layer's softmax attention (DESIGN.md section 2)."""
+    """Gated Slot Attention in place of one decoder layer's softmax attention: q/k/v/o are the teacher's modules,
+    ``f_proj`` (slot gates) and ``g_norm`` (output norm) are new; hybrids add the teacher's sliding-window
+    attention, mixed per head (``window_mix``), with an optional virtual first token (``window_sink``)."""
 
     def __init__(self, config, layer_idx: int, teacher_attn: nn.Module):
         super().__init__()
@@ -91,12 +93,7 @@ class GSAAttention(nn.Module):
         self.window_mix = WindowMix(self.num_heads, config.gsa_window_mix_init, router_inputs) if self.window else None
         use_sink = self.window and config.gsa_window_sink
         self.window_sink = WindowSink(self.num_kv_heads, self.head_dim) if use_sink else None
-        # The teacher's softmax attention over the same projection modules, kept unregistered (its weights are
-        # the ones above) for attention transfer and teacher forwards. Wrappers that replace the projections
-        # on this module (peft LoRA) leave it on the original base layers, i.e. on the frozen teacher weights.
-        self._teacher = [teacher_attn]
-        self.mode = "gsa"  # "gsa" | "teacher" | "transfer" (see t2r.train.objectives.attention_mode)
-        self.transfer_collector = None
+        self.window_scaling = teacher_attn.scaling  # the window branch is the teacher's own softmax attention
 
     def forward(
         self,
@@ -107,8 +104,6 @@ class GSAAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         cache = take_cache(kwargs, cache)  # transformers < 5.24 passes it as past_key_values
-        if self.mode == "teacher":
-            return self.teacher_forward(hidden_states, position_embeddings, attention_mask, **kwargs), None
         B, T, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
@@ -141,13 +136,6 @@ class GSAAttention(nn.Module):
         else:
             o, state = _read_and_update_cached(q, k, v, s, g, self.scale, layer_cache, docs)
         o = self.g_norm(F.silu(o.reshape(B, T, -1)))
-        if self.mode == "calibrate":  # statistics for t2r.train.objectives.calibrate_output_norms; teacher-forced
-            with torch.no_grad():
-                target, teacher_pre = self.teacher_forward(
-                    hidden_states, position_embeddings, attention_mask, capture_input_of_o_proj=True, **kwargs
-                )
-            self.transfer_collector.add_calibration(self.layer_idx, o, teacher_pre, token_mask)
-            return target, None
         window = None
         if self.window:
             doc = None if docs is None else docs.starts.long().cumsum(dim=1) - 1
@@ -155,50 +143,17 @@ class GSAAttention(nn.Module):
             past = layer_cache.window if layer_cache is not None else None
             sink = self.window_sink(k_rot) if self.window_sink is not None else None
             o_win, window = sliding_window_attention(
-                q_rot, k_rot, v_raw, self.window, self._teacher[0].scaling, valid, doc, past, sink=sink
+                q_rot, k_rot, v_raw, self.window, self.window_scaling, valid, doc, past, sink=sink
             )
             mix = torch.sigmoid(self.window_mix(hidden_states))[..., None].to(o.dtype)  # [H, 1] or [B, T, H, 1]
             o = (mix * o_win.to(o.dtype) + (1 - mix) * o.view(B, T, self.num_heads, -1)).reshape(B, T, -1)
         if layer_cache is not None:
             layer_cache.update_state(state, T, window)
-        o = self.o_proj(o)
-        if self.mode == "transfer":
-            with torch.no_grad():
-                target = self.teacher_forward(hidden_states, position_embeddings, attention_mask, **kwargs)
-            if self.transfer_collector is not None:
-                self.transfer_collector.add(self.layer_idx, o, target, token_mask)
-            return _TeacherForced.apply(target, o), None
-        return o, None
+        return self.o_proj(o), None
 
     def log_forget_gate(self, f: torch.Tensor) -> torch.Tensor:
         """log alpha (fp32) from the slot-gate logits f = f_proj(x); benchmarks/inspect_memory.py reads it too."""
         return F.logsigmoid(f.float()) / self.gate_logit_normalizer
-
-    def teacher_forward(
-        self, hidden_states, position_embeddings, attention_mask, capture_input_of_o_proj=False, **kwargs
-    ):
-        """The teacher's own attention module on these hidden states (never cached); optionally also the
-        attention output before o_proj."""
-        take_cache(kwargs)
-        teacher = self._teacher[0]
-        captured = []
-        hook = (
-            teacher.o_proj.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
-            if capture_input_of_o_proj
-            else None
-        )
-        try:
-            out, _ = teacher(
-                hidden_states,
-                position_embeddings=position_embeddings,
-                attention_mask=attention_mask,
-                **{CACHE_ARG: None},
-                **kwargs,
-            )
-        finally:
-            if hook is not None:
-                hook.remove()
-        return (out, captured[0]) if capture_input_of_o_proj else out
 
 
 class WindowSink(nn.Module):
@@ -236,20 +191,6 @@ class WindowMix(nn.Module):
         if self.proj is None:
             return self.weight.float()
         return self.weight.float() + self.proj(hidden_states).float()
-
-
-class _TeacherForced(torch.autograd.Function):
-    """Attention transfer's layer output: the teacher's value, and no gradient to the student from later layers
-    (layers learn independently). It still hangs off the student's graph, because FSDP2 schedules its backward
-    hooks from layer outputs."""
-
-    @staticmethod
-    def forward(ctx, target: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-        return target.clone()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return None, None
 
 
 def _gsa_rows(q, k, v, s, g, scale, state, docs: DocumentRows | None, final: bool):

@@ -1,1 +1,2 @@
-"""Finetuning: recipes, corpora, objectives, the stage loop, checkpoints and runs."""
+"""Finetuning: recipes, corpora, losses, the teacher's attention beside the student, the stage loop, checkpoints
+and runs."""

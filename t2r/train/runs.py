@@ -23,6 +23,7 @@ from torch import nn
 
 from t2r.errors import T2RError
 from t2r.fsutil import atomic_write_text
+from t2r.models.loading import first_line, load_converted
 
 RUN_FILE = "run.json"
 NEW_PARAM_MARKERS = (".f_proj.", ".g_norm.", ".window_mix.", ".window_sink.")
@@ -40,35 +41,6 @@ def write_run(run_dir: Path, run: dict) -> None:
     atomic_write_text(Path(run_dir) / RUN_FILE, json.dumps(run, indent=2) + "\n")
 
 
-def check_converted_dir(model_dir: str | Path) -> Path:
-    """A directory written by t2r convert (or export), or a one-line error."""
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise T2RError(f"{model_dir} is not a model directory (no config.json)")
-    model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
-    if not str(model_type).startswith("t2r_"):
-        raise T2RError(f"{model_dir} is not a converted t2r model (model_type {model_type!r}); run t2r convert first")
-    return model_dir
-
-
-def load_converted(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A converted checkpoint as its t2r model class (registered by ``import t2r``)."""
-    from transformers import AutoModelForCausalLM
-
-    import t2r  # noqa: F401
-
-    model_dir = check_converted_dir(model_dir)
-    try:
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    except Exception as e:  # corrupt shards surface as several exception types
-        raise T2RError(f"cannot load {model_dir}: {_first_line(e)}") from None
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def apply_stage_outputs(model: nn.Module, run_dir: Path, stages: list[dict]) -> nn.Module:
     """Apply finished stages' deltas and adapters (merged) in order."""
     for stage in stages:
@@ -77,7 +49,7 @@ def apply_stage_outputs(model: nn.Module, run_dir: Path, stages: list[dict]) -> 
             try:
                 tensors = load_file(str(out))
             except Exception as e:
-                raise T2RError(f"cannot read stage output {out}: {_first_line(e)}") from None
+                raise T2RError(f"cannot read stage output {out}: {first_line(e)}") from None
             missing = set(tensors) - set(model.state_dict())
             if missing:
                 raise T2RError(f"stage output {out} does not match the model (e.g. {sorted(missing)[0]})")

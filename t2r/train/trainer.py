@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 
 from t2r import __version__
 from t2r.errors import T2RError
+from t2r.models.loading import check_converted_dir, load_converted
+from t2r.teacher import load_teacher
 from t2r.train.compiled import compile_decoder_layers
 from t2r.train.data import PackedRows, load_documents, pack_documents, split_rows, tokenize_documents
 from t2r.train.distributed import (
@@ -42,25 +44,11 @@ from t2r.train.distributed import (
     unwrap,
     wrap_model,
 )
-from t2r.train.objectives import (
-    attention_mode,
-    calibrate_output_norms,
-    ce_loss_sum,
-    gsa_modules,
-    kd_loss_sum,
-    transfer_loss_sum,
-)
+from t2r.train.losses import ce_loss_sum, kd_loss_sum, transfer_loss_sum
 from t2r.train.recall import add_recall_rows
 from t2r.train.recipe import Recipe, Stage, load_recipe, recipe_from_dict, recipe_to_dict
-from t2r.train.runs import (
-    RUN_FILE,
-    apply_stage_outputs,
-    check_converted_dir,
-    load_converted,
-    read_run,
-    teacher_weights_changed,
-    write_run,
-)
+from t2r.train.runs import RUN_FILE, apply_stage_outputs, read_run, teacher_weights_changed, write_run
+from t2r.train.teacher_attention import as_teacher, attach_softmax_twins, calibrate_output_norms, gsa_modules
 from t2r.train.trainable import check_module_lr, configure_trainable, lr_lambda, param_groups
 
 LOG_FILE = "log.jsonl"
@@ -127,18 +115,13 @@ def _autocast(recipe: Recipe, device: torch.device):
 
 class Teacher:
     """Teacher logits for KD. While the teacher's weights are untouched (stages before any LoRA merge or full
-    finetune), the student itself runs as the teacher: GSA layers switched to their softmax attention and LoRA
-    adapters disabled, so no second copy of the model is held. Otherwise a frozen copy of the converted model
-    runs every layer as softmax attention, optionally on another device."""
+    finetune), the student itself runs as the teacher: GSA layers swapped for their softmax twins and LoRA
+    adapters disabled, so no second copy of the model is held. Otherwise a frozen teacher of its own (the
+    converted checkpoint's tensors in the teacher's class), optionally on another device."""
 
     def __init__(self, model: nn.Module, shared: bool, model_dir: str, device: torch.device, dtype: torch.dtype):
         self.shared = shared
-        if shared:
-            self.model = model
-        else:
-            self.model = load_converted(model_dir, dtype).to(device).eval().requires_grad_(False)
-            for m in gsa_modules(self.model):
-                m.mode = "teacher"
+        self.model = model if shared else load_teacher(model_dir, dtype).to(device)
         self.device = next(self.model.parameters()).device
 
     @contextlib.contextmanager
@@ -147,7 +130,8 @@ class Teacher:
             yield
             return
         disable = getattr(unwrap(model), "disable_adapter", None)
-        with attention_mode(model, "teacher"), disable() if disable is not None else contextlib.nullcontext():
+        # Adapters first: peft looks for its layers, which the teacher's twins do not hold.
+        with disable() if disable is not None else contextlib.nullcontext(), as_teacher(model):
             yield
 
     @torch.no_grad()
@@ -248,6 +232,7 @@ class Trainer:
         model = apply_stage_outputs(
             load_converted(self.model_dir, base_dtype), self.out, self.run.get("prelude", []) + done
         )
+        attach_softmax_twins(model)  # before peft wraps the projections: the twins keep the base weights
         if idx == 0 and state.stage_step == 0 and "prelude" not in self.run:
             self._evaluate_and_calibrate(model.to(info.device))
         changed = teacher_weights_changed(done)

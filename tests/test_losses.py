@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from t2r.train.data import IGNORE_INDEX
-from t2r.train.objectives import ce_loss_sum, kd_loss_sum
+from t2r.train.losses import ce_loss_sum, kd_loss_sum
 
 
 def _inputs(B=2, T=33, V=50, seed=0):

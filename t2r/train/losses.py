@@ -1,4 +1,4 @@
-"""Training objectives: attention transfer (LoLCATs-style), next-token cross-entropy and teacher KD.
+"""Training losses: attention transfer (LoLCATs-style), next-token cross-entropy and teacher KD.
 
 Every loss is returned as a *sum* over tokens together with the count it should be divided by; the trainer
 divides by the count over the whole global batch (all micro-batches, all ranks), so gradient accumulation
@@ -7,73 +7,13 @@ and data parallelism give exactly the gradient of one big batch.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from t2r.models.modeling_t2r import GSAAttention
 from t2r.train.data import IGNORE_INDEX
-
-
-def gsa_modules(model: nn.Module) -> list[GSAAttention]:
-    return [m for m in model.modules() if isinstance(m, GSAAttention)]
-
-
-class TransferCollector:
-    """Sums each GSA layer's squared error against the teacher attention output during one forward."""
-
-    def __init__(self) -> None:
-        self.active = False
-        self.sq_sum: torch.Tensor | None = None
-        self.layers = 0
-        self.per_layer: dict[int, torch.Tensor] = {}  # layer index -> summed squared error (detached)
-        self.channel_sq: dict[int, list[torch.Tensor]] = {}  # calibration: [GSA, teacher] per-channel sums
-
-    def add(
-        self, layer_idx: int, student: torch.Tensor, teacher: torch.Tensor, token_mask: torch.Tensor | None
-    ) -> None:
-        if not self.active:  # e.g. activation-checkpoint recomputation during backward
-            return
-        err = (student.float() - teacher.float()).pow(2).mean(-1)  # [B, T]
-        if token_mask is not None:
-            err = err * token_mask[:, -err.shape[1] :].to(err.dtype)
-        total = err.sum()
-        self.sq_sum = total if self.sq_sum is None else self.sq_sum + total
-        self.per_layer[layer_idx] = self.per_layer.get(layer_idx, 0) + total.detach()
-        self.layers += 1
-
-    def add_calibration(
-        self, layer_idx: int, gsa_out: torch.Tensor, teacher_out: torch.Tensor, token_mask: torch.Tensor | None
-    ) -> None:
-        """Per-channel sums of squares of the normalised GSA output and the teacher's attention output (the
-        two inputs o_proj sees), over real tokens."""
-        w = (
-            torch.ones(gsa_out.shape[:2], device=gsa_out.device)
-            if token_mask is None
-            else token_mask[:, -gsa_out.shape[1] :].float()
-        )
-        sums = [(x.float().pow(2) * w[..., None]).sum(dim=(0, 1)) for x in (gsa_out, teacher_out)]
-        prev = self.channel_sq.get(layer_idx)
-        self.channel_sq[layer_idx] = sums if prev is None else [a + b for a, b in zip(prev, sums, strict=True)]
-
-
-@contextlib.contextmanager
-def attention_mode(model: nn.Module, mode: str, collector: TransferCollector | None = None) -> Iterator[None]:
-    """Run every GSA layer as "gsa", "teacher" (softmax attention), "transfer" (both; teacher-forced) or
-    "calibrate" (statistics for calibrate_output_norms; teacher-forced)."""
-    modules = gsa_modules(model)
-    previous = [(m.mode, m.transfer_collector) for m in modules]
-    for m in modules:
-        m.mode, m.transfer_collector = mode, collector
-    try:
-        yield
-    finally:
-        for m, (old_mode, old_collector) in zip(modules, previous, strict=True):
-            m.mode, m.transfer_collector = old_mode, old_collector
+from t2r.train.teacher_attention import TransferCollector, attach_softmax_twins, transfer
 
 
 def transfer_loss_sum(
@@ -86,9 +26,10 @@ def transfer_loss_sum(
     ``through_output`` adds zero times one logit column, so the backward also runs through the model output:
     FSDP2 only schedules its unshard / gradient reduce-scatter hooks from there.
     """
+    attach_softmax_twins(model)
     collector = collector or TransferCollector()
     collector.active = True
-    with attention_mode(model, "transfer", collector):
+    with transfer(model, collector):
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     collector.active = False
     if collector.sq_sum is None:
@@ -152,23 +93,3 @@ def kd_loss_sum(
         return (per if w is None else per * w).sum()
 
     return _sum_over_chunks(kl, [s, t, w], chunk) * temperature**2
-
-
-@torch.no_grad()
-def calibrate_output_norms(model: nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
-    """Data-driven init of each GSA layer's output norm: scale g_norm per channel so that what o_proj receives
-    has the per-channel RMS of the teacher attention output it replaces (teacher-forced, so every layer sees
-    the teacher's hidden states). An untrained GSA output is otherwise ~1 RMS where the teacher's is 0.03-0.8,
-    which swamps the residual stream (and, in hybrids, the exact window branch). Returns the new weights."""
-    collector = TransferCollector()
-    with attention_mode(model, "calibrate", collector):
-        for batch in batches:
-            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-    new = {}
-    for name, module in model.named_modules():
-        if isinstance(module, GSAAttention) and module.layer_idx in collector.channel_sq:
-            gsa_sq, teacher_sq = collector.channel_sq[module.layer_idx]
-            ratio = (teacher_sq / gsa_sq.clamp_min(1e-12)).sqrt()
-            module.g_norm.weight.mul_(ratio.to(module.g_norm.weight.dtype))
-            new[f"{name}.g_norm.weight"] = module.g_norm.weight.detach().clone()
-    return new
