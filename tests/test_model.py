@@ -358,5 +358,5 @@ def test_inference_model_carries_no_training_machinery(tmp_path):
     assert all(isinstance(layer.self_attn, GSAAttention) for layer in model.model.layers)
     model.save_pretrained(tmp_path)
     code = "\n".join(p.read_text() for p in tmp_path.glob("*.py"))
-    for word in ("transfer", "calibrat", "collector", "teacher_forward", "TeacherForced", "self.mode"):
+    for word in ("transfer", "calibrat", "collector", "teacher_forward", "TeacherForced", "self.mode ="):
         assert word not in code, word
