@@ -17,7 +17,8 @@ import json
 import torch
 
 from t2r.bench.kernels import _bench, copy_bandwidth, decode_inputs, rel_err, state_copy_ms, state_floor_ms
-from t2r.kernels import gsa_triton as kernels
+from t2r.kernels.decode import gsa_decode_triton
+from t2r.kernels.tuning import TUNING
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def batch_rows(batches: list[int], bw: float, H: int = 32, K: int = 128, V: int 
     rows = []
     for B in batches:
         (q, k, v, s, g), state = decode_inputs(B, H, K, V, M, torch.bfloat16)
-        ms = _bench(lambda q=q, k=k, v=v, s=s, g=g, st=state: kernels.gsa_decode_triton(q, k, v, s, g, None, st))
+        ms = _bench(lambda q=q, k=k, v=v, s=s, g=g, st=state: gsa_decode_triton(q, k, v, s, g, None, st))
         rows.append(_row(ms, state_floor_ms(state, bw), state_copy_ms(state), B=B))
     return rows
 
@@ -54,20 +55,20 @@ def setting_rows(bw: float, B: int = 16, H: int = 32, K: int = 128, V: int = 128
     (q, k, v, s, g), state = decode_inputs(B, H, K, V, M, torch.bfloat16)
     floor = state_floor_ms(state, bw)
     copy_ms = state_copy_ms(state)
-    default = kernels.DECODE_BLOCK, kernels.DECODE_WARPS
+    default = TUNING.decode_block, TUNING.decode_warps
     ref = [x.clone() for x in state]
-    o_ref = kernels.gsa_decode_triton(q, k, v, s, g, None, ref)
+    o_ref = gsa_decode_triton(q, k, v, s, g, None, ref)
     rows = []
     for block in (0, 16, 32, 64):
         for warps in (2, 4, 8):
-            kernels.DECODE_BLOCK, kernels.DECODE_WARPS = block, warps
+            TUNING.decode_block, TUNING.decode_warps = block, warps
             st = [x.clone() for x in state]
-            o = kernels.gsa_decode_triton(q, k, v, s, g, None, st)
+            o = gsa_decode_triton(q, k, v, s, g, None, st)
             pairs = zip([o, *st], [o_ref, *ref], strict=True)
             err = max(rel_err(a, b) for a, b in pairs)
-            ms = _bench(lambda st=st: kernels.gsa_decode_triton(q, k, v, s, g, None, st))
+            ms = _bench(lambda st=st: gsa_decode_triton(q, k, v, s, g, None, st))
             rows.append(_row(ms, floor, copy_ms, block=block, warps=warps, rel_err_vs_default=err))
-    kernels.DECODE_BLOCK, kernels.DECODE_WARPS = default
+    TUNING.decode_block, TUNING.decode_warps = default
     return rows
 
 

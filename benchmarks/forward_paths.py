@@ -14,14 +14,15 @@ from triton.testing import do_bench
 
 import t2r.kernels  # noqa: F401
 from t2r.bench.kernels import _inputs
-from t2r.kernels import gsa_triton as kernels
+from t2r.kernels import chunk as kernels
+from t2r.kernels.tuning import TUNING
 
 VARIANTS = [("walk", None)] + [(f"blocks w{w} st{st}", (w, st)) for w, st in [(4, 2), (8, 2), (8, 1), (4, 1)]] * 2
 
 
 def use(variant: tuple[int, int] | None) -> None:
-    kernels.FWD_BLOCKS = variant is not None
-    kernels.FWD_WARPS, kernels.NUM_STAGES = variant if variant is not None else (4, 2)
+    TUNING.fwd_blocks = variant is not None
+    TUNING.fwd_warps, TUNING.stages = variant if variant is not None else (4, 2)
 
 
 def main() -> None:
@@ -29,13 +30,13 @@ def main() -> None:
         with torch.no_grad():
             inputs = _inputs(B, T, 32, 128, 128, 64, torch.bfloat16, requires_grad=False)
             use(None)
-            ref = kernels.gsa_triton(*inputs)[0].float()
+            ref = kernels.gsa_chunk_triton(*inputs)[0].float()
             print(f"{B}x{T}:", flush=True)
             for name, variant in VARIANTS:
                 use(variant)
-                o = kernels.gsa_triton(*inputs)[0].float()
+                o = kernels.gsa_chunk_triton(*inputs)[0].float()
                 err = ((o - ref).norm() / ref.norm()).item()
-                ms = do_bench(lambda: kernels.gsa_triton(*inputs), warmup=10, rep=100)
+                ms = do_bench(lambda: kernels.gsa_chunk_triton(*inputs), warmup=10, rep=100)
                 print(f"  {name:16s} fwd {ms:.3f} ms  rel diff to walk {err:.1e}", flush=True)
             if T not in (2048, 16384):
                 continue
@@ -43,7 +44,7 @@ def main() -> None:
                 use(variant)
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     for _ in range(5):
-                        kernels.gsa_triton(*inputs)
+                        kernels.gsa_chunk_triton(*inputs)
                     torch.cuda.synchronize()
                 top = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:5]
                 print(f"  profile {name}: " + ", ".join(f"{e.key[:22]} {e.device_time_total / 5000:.3f}" for e in top))

@@ -5,7 +5,7 @@ before spending GPU time on a kernel change: register pressure and spills (STACK
 chunk-parallel forward (docs/benchmarks.md). Shapes are the kernels issue's (K = V = 128, M = 64, H = Hkv = 32,
 bf16 inputs), launch settings those the host code would pick at 1 x 16k.
 
-Usage: python benchmarks/kernel_resources.py [KERNELS_FILE]   (default: t2r/kernels/gsa_triton.py)
+Usage: python benchmarks/kernel_resources.py [JIT_FILE ...]   (default: t2r/kernels/chunk_jit.py decode_jit.py)
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-import t2r.kernels  # noqa: F401  (the package the kernels file's relative imports resolve against)
+from t2r.kernels.chunk import _launch_cfg
+from t2r.kernels.tuning import TUNING
 
 # Tensors in the inputs' dtype (the rest are fp32 work buffers): x and a stand for k / v and q / do.
 HALF_INPUTS = {"q_ptr", "k_ptr", "v_ptr", "s_ptr", "g_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "ds_ptr",
@@ -33,7 +34,8 @@ CONSTEXPRS = dict(H=32, Hkv=32, K=128, V=128, M=64, D=128, BS=64, BC=16, BD=64, 
 
 
 def load_kernels(path: str):
-    spec = importlib.util.spec_from_file_location("t2r.kernels._resources_probe", path)
+    name = "t2r.kernels._resources_probe_" + os.path.basename(path).removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -69,19 +71,22 @@ def resources(fn, warps: int, stages: int, **overrides) -> str:
 
 def main() -> None:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "t2r", "kernels", "gsa_triton.py")
-    path = os.path.normpath(sys.argv[1] if len(sys.argv) > 1 else default)
-    kernels = load_kernels(path)
-    sweeps = kernels._launch_cfg(128, 128, 64)
-    print(f"{path}: sm_90, K = V = 128, M = 64, H = Hkv = 32, bf16 inputs")
-    for name in sorted(n for n in dir(kernels) if n.endswith("_kernel")):
-        fn = getattr(kernels, name)
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "t2r", "kernels")
+    paths = sys.argv[1:] or [os.path.join(here, name) for name in ("chunk_jit.py", "decode_jit.py")]
+    sweeps = _launch_cfg(128, 128, 64)
+    found = {}
+    for path in paths:
+        module = load_kernels(os.path.normpath(path))
+        found |= {n: getattr(module, n) for n in dir(module) if n.endswith("_kernel")}
+    print(f"{' '.join(paths)}: sm_90, K = V = 128, M = 64, H = Hkv = 32, bf16 inputs")
+    for name in sorted(found):
+        fn = found[name]
         if not isinstance(fn, triton.runtime.jit.JITFunction):
             continue
         sweep = "BC" in fn.arg_names  # walks sub-chunks: launched with the host's _launch_cfg
         warps, stages = (sweeps["num_warps"], sweeps["num_stages"]) if sweep else (4, 3 if "state" in name else 2)
         if name in ("_slot_probs_kernel", "_out_blocks_kernel", "_slot_grads_kernel"):  # segment-at-once
-            warps = kernels.FWD_WARPS
+            warps = TUNING.fwd_warps
         # A kernel with both directions (REVERSE) is two compiled programs: one row each.
         for reverse in (False, True) if "REVERSE" in fn.arg_names else (False,):
             label = name + (" (reverse)" if reverse else "")

@@ -18,7 +18,8 @@ import json
 import torch
 
 from t2r.bench.kernels import _bench, _fla, _fwd_bwd, _inputs, check_against_reference, rel_err
-from t2r.kernels import gsa_triton as kernels
+from t2r.kernels import chunk as kernels
+from t2r.kernels.tuning import TUNING
 
 CHECKS = {
     "2x700 GQA2": dict(B=2, T=700, H=8, Hkv=4),
@@ -44,7 +45,7 @@ def _times(shapes) -> dict:
         do = torch.randn_like(inputs[0])
 
         def fwd(inputs=inputs):
-            return kernels.gsa_triton(*inputs)[0]
+            return kernels.gsa_chunk_triton(*inputs)[0]
 
         out[f"{B}x{T}"] = {"fwd_ms": round(_bench(fwd), 3), "fwdbwd_ms": round(_bench(_fwd_bwd(fwd, inputs, do)), 3)}
         torch.cuda.empty_cache()
@@ -53,7 +54,7 @@ def _times(shapes) -> dict:
 
 def fla_errors(B=1, T=4096, H=4, K=128, V=128, M=64) -> dict:
     """FLA's chunk_gsa against the same fp32 reference (bf16 inputs, no initial state)."""
-    from t2r.kernels.gsa_reference import gsa_chunk
+    from t2r.kernels.reference import gsa_chunk
 
     chunk_gsa = _fla()[0]
     torch.manual_seed(0)
@@ -89,7 +90,7 @@ def main() -> None:
                 json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
 
     for subset in subsets:
-        kernels.DOT_MODE = "half:" + ",".join(subset) if subset else "tf32"
+        TUNING.dot = "half:" + ",".join(subset) if subset else "tf32"
         row = {"half": list(subset), "errors": _errors(), "times": _times(shapes)}
         row["max_err"] = max(v for e in row["errors"].values() for v in e.values())
         row["max_dg_err"] = max(e["dg"] for e in row["errors"].values())

@@ -11,7 +11,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from t2r.bench.kernels import _inputs
-from t2r.kernels.gsa_triton import gsa_triton
+from t2r.kernels.chunk import gsa_chunk_triton
 
 
 def main() -> None:
@@ -20,13 +20,13 @@ def main() -> None:
         q, k, v, s, g = inputs = _inputs(B, T, 32, 128, 128, 64, torch.bfloat16)
         do = torch.randn_like(q)
         for _ in range(3):  # compile and warm up
-            gsa_triton(q, k, v, s, g)[0].backward(do)
+            gsa_chunk_triton(q, k, v, s, g)[0].backward(do)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 for x in inputs:
                     x.grad = None
-                gsa_triton(q, k, v, s, g)[0].backward(do)
+                gsa_chunk_triton(q, k, v, s, g)[0].backward(do)
             torch.cuda.synchronize()
         print(f"== B={B} T={T}: CUDA time per forward+backward, by kernel")
         rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-from t2r.kernels import gsa_triton as gt
+from t2r.kernels import chunk as gt
 
 
 @triton.jit

@@ -11,6 +11,7 @@ import torch
 from conftest import rel_err, run_cli, teacher_config, tiny_gsa_model
 from test_finetune import RECIPE, train_losses
 
+from t2r.kernels.tuning import TUNING
 from t2r.train.compiled import compile_decoder_layers
 from t2r.train.distributed import decoder_layers
 from t2r.train.trainer import finetune
@@ -21,7 +22,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _kernels():
     pytest.importorskip("triton")
-    import t2r.kernels.gsa_triton as kernels
+    import t2r.kernels.chunk as kernels
 
     return kernels
 
@@ -63,7 +64,7 @@ def test_compiled_layers_keep_the_kernels_in_their_graphs(monkeypatch, dynamo_co
     """Through the kernels (Triton's interpreter on CPU): plain and packed rows match eager, and Dynamo does not
     break a layer's graph anywhere (the op is a registered custom op, its host-side plans stay inside it)."""
     kernels = _kernels()
-    monkeypatch.setenv("T2R_GSA_IMPL", "triton")
+    monkeypatch.setattr(TUNING, "impl", "triton")
     small = dict(hidden_size=64, head_dim=16, num_attention_heads=4, num_hidden_layers=2)
     model = tiny_gsa_model("mistral", teacher_overrides=small)
     calls = []

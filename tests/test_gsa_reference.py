@@ -102,3 +102,14 @@ def test_bad_shapes_are_rejected():
     (q, k, v, s, g), _ = make_inputs(B=1, T=4, H=3, Hkv=2, K=8, V=8, M=4, state=False)
     with pytest.raises(ValueError, match="multiple of KV heads"):
         gsa_chunk(q, k, v, s, g)
+
+
+def test_decode_reference_updates_the_state_in_place_like_the_recurrence():
+    from t2r.kernels.reference import gsa_decode_reference
+
+    (q, k, v, s, g), h0 = make_inputs(2, 3, 4, 2, 8, 8, 16)
+    state = tuple(x.detach().clone() for x in h0)
+    with torch.no_grad():
+        o = gsa_decode_reference(q, k, v, s, g, 0.5, state)
+        o_ref, (hk, hv) = gsa_recurrent(q, k, v, s, g, 0.5, h0, True)
+    assert rel_err(o, o_ref) == 0 and rel_err(state[0], hk) == 0 and rel_err(state[1], hv) == 0

@@ -15,9 +15,11 @@ pytest.importorskip("triton")
 
 from conftest import make_inputs, rel_err, run_with_grads
 
+from t2r.kernels import chunk as kernels
 from t2r.kernels import gsa_decode_, gsa_recurrent
-from t2r.kernels import gsa_triton as kernels
-from t2r.kernels.gsa_ops import use_triton
+from t2r.kernels.decode import gsa_decode_triton
+from t2r.kernels.dispatch import use_triton
+from t2r.kernels.tuning import TUNING
 from t2r.models.hf_compat import output_cache
 
 CUDA = torch.cuda.is_available()
@@ -38,9 +40,9 @@ else:
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(kernels, "POISON", True)
+    monkeypatch.setattr(TUNING, "poison", True)
     if not CUDA:  # split the memories' scans into row blocks at the interpreter's small head dims too
-        monkeypatch.setattr(kernels, "STATE_BLOCK", 16)
+        monkeypatch.setattr(TUNING, "state_block", 16)
     if CUDA:  # the fp32 bound is for true fp32 matmuls
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
@@ -66,7 +68,7 @@ def compare(out, ref, tol):
 def test_kernels_match_oracle_fp32(shape, initial_state):
     B, T, H, Hkv, K, V, M = shape
     inputs, h0 = make_inputs(B, T, H, Hkv, K, V, M, state=initial_state, device=DEVICE)
-    out = run_with_grads(kernels.gsa_triton, inputs, h0)
+    out = run_with_grads(kernels.gsa_chunk_triton, inputs, h0)
     assert out[0].dtype == torch.float32 and out[1].dtype == torch.float32
     compare(out, oracle(inputs, h0), 1e-3)
 
@@ -77,9 +79,9 @@ def test_scan_block_shapes_agree(monkeypatch, slot_split):
     quarters); every shape must be exact."""
     B, T, H, Hkv, K, V, M = max(SHAPES, key=lambda shape: shape[-1])
     inputs, h0 = make_inputs(B, T, H, Hkv, K, V, M, device=DEVICE)
-    rows, cols = min(K, V, kernels.STATE_BLOCK), max(16, M // slot_split)
+    rows, cols = min(K, V, TUNING.state_block), max(16, M // slot_split)
     monkeypatch.setattr(kernels, "_scan_blocks", lambda K, V, M, Hkv, plan: (rows, cols, 2))
-    compare(run_with_grads(kernels.gsa_triton, inputs, h0), oracle(inputs, h0), 1e-3)
+    compare(run_with_grads(kernels.gsa_chunk_triton, inputs, h0), oracle(inputs, h0), 1e-3)
 
 
 PATHS = {  # (FWD_BLOCKS, SAVE_PROBS): the forward output's kernel, the backward's softmax-gradient kernel
@@ -98,14 +100,14 @@ def test_every_path_matches_oracle(monkeypatch, path, dtype):
     M = 32 and bf16: where Triton 3.6 miscompiled the segment-at-once kernels on an H100 (docs/benchmarks.md)."""
     B, T, H, Hkv, K, V, M = SHAPES[1]
     (blocks, save), expected_calls = PATHS[path]
-    monkeypatch.setattr(kernels, "FWD_BLOCKS", blocks)
-    monkeypatch.setattr(kernels, "SAVE_PROBS", save)
+    monkeypatch.setattr(TUNING, "fwd_blocks", blocks)
+    monkeypatch.setattr(TUNING, "save_probs", save)
     called = []
     for name in ("_slot_probs_kernel", "_out_fwd_kernel", "_slot_grads_kernel", "_bwd_sweep_kernel"):
         monkeypatch.setattr(kernels, name, _Recorder(getattr(kernels, name), name, called))
     inputs, h0 = make_inputs(B, T, H, Hkv, K, V, M, dtype=dtype, device=DEVICE)
     unit = dtype == torch.float32
-    out = run_with_grads(kernels.gsa_triton, inputs, h0, unit_scale=unit)
+    out = run_with_grads(kernels.gsa_chunk_triton, inputs, h0, unit_scale=unit)
     assert called == expected_calls
     compare(out, oracle(inputs, h0, unit_scale=unit), 1e-3 if dtype == torch.float32 else 1e-2)
 
@@ -118,10 +120,10 @@ def test_saved_states_skip_the_backward_scan(monkeypatch, final):
     inputs, h0 = make_inputs(B, T, H, Hkv, K, V, M, device=DEVICE)
     results, launches = [], []
     for save in (False, True):
-        monkeypatch.setattr(kernels, "SAVE_STATES", save)
+        monkeypatch.setattr(TUNING, "save_states", save)
         called = []
         monkeypatch.setattr(kernels, "_state_scan_kernel", _Recorder(kernels._state_scan_kernel, "scan", called))
-        o, state = kernels.gsa_triton(*inputs, initial_state=h0, output_final_state=final)
+        o, state = kernels.gsa_chunk_triton(*inputs, initial_state=h0, output_final_state=final)
         loss = (o * o).sum() + (sum((x * x).sum() for x in state) if final else 0)
         results.append(torch.autograd.grad(loss, list(inputs) + list(h0)))
         launches.append(len(called))
@@ -140,7 +142,7 @@ def test_fp32_gates_keep_their_running_sums_for_the_backward(monkeypatch, dtype)
     inputs[4] = inputs[4].detach().to(dtype).requires_grad_()
     called = []
     monkeypatch.setattr(kernels, "_segment_cumsum_kernel", _Recorder(kernels._segment_cumsum_kernel, "sum", called))
-    out = run_with_grads(kernels.gsa_triton, inputs, h0)
+    out = run_with_grads(kernels.gsa_chunk_triton, inputs, h0)
     assert len(called) == (1 if dtype == torch.float32 else 2)
     assert out[3][4].dtype == dtype
     compare(out, oracle(inputs, h0), 1e-3 if dtype == torch.float32 else 1e-2)
@@ -161,7 +163,7 @@ class _Recorder:
 def test_kernels_match_oracle_half(dtype):
     B, T, H, Hkv, K, V, M = SHAPES[1]
     inputs, h0 = make_inputs(B, T, H, Hkv, K, V, M, dtype=dtype, device=DEVICE)
-    out = run_with_grads(kernels.gsa_triton, inputs, h0, unit_scale=False)
+    out = run_with_grads(kernels.gsa_chunk_triton, inputs, h0, unit_scale=False)
     assert out[0].dtype == dtype and all(g.dtype == dtype for g in out[3][:5])
     compare(out, oracle(inputs, h0, unit_scale=False), 1e-2)
 
@@ -173,7 +175,7 @@ def test_kernels_with_half_qkv_and_fp32_gates(gates):
     inputs, h0 = make_inputs(B, T, H, Hkv, K, V, M, device=DEVICE)
     q, k, v, s, g = inputs
     mixed = [x.detach().to(torch.bfloat16).requires_grad_() for x in (q, k, v)] + [s, g]
-    out = run_with_grads(kernels.gsa_triton, mixed, h0, unit_scale=False)
+    out = run_with_grads(kernels.gsa_chunk_triton, mixed, h0, unit_scale=False)
     assert out[3][3].dtype == torch.float32 and out[3][0].dtype == torch.bfloat16
     compare(out, oracle(mixed, h0, unit_scale=False), 1e-2)
 
@@ -183,12 +185,13 @@ def test_gate_gradient_error_does_not_grow_with_length():
     """dg's carry into each segment is <memory, its gradient> at the segment's end. It used to be the sum of every
     later segment's summands, whose rounding errors add up: at 16k tokens dg was off by 1.5e-2 in bf16 (over the
     1e-2 bound) against 2.6e-3 now (docs/benchmarks.md)."""
-    from t2r.kernels.gsa_reference import gsa_chunk
+    from t2r.kernels.reference import gsa_chunk
 
     inputs, _ = make_inputs(1, 16384, 2, 2, 128, 128, 64, dtype=torch.bfloat16, device=DEVICE)
     do = torch.randn(1, 16384, 2, 128, device=DEVICE)
     grads = []
-    for fn, xs in ((kernels.gsa_triton, inputs), (gsa_chunk, [x.detach().float().requires_grad_() for x in inputs])):
+    fp32 = [x.detach().float().requires_grad_() for x in inputs]
+    for fn, xs in ((kernels.gsa_chunk_triton, inputs), (gsa_chunk, fp32)):
         o = fn(*xs, None)[0]
         grads.append(torch.autograd.grad((o.float() * do).sum(), xs)[4])
     assert rel_err(*grads) <= 5e-3
@@ -199,7 +202,7 @@ def test_kernels_varlen_with_empty_sequences():
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     H, Hkv, K, V, M = (8, 2, 64, 128, 64) if CUDA else (4, 2, 16, 32, 16)
     inputs, h0 = make_inputs(1, sum(lengths), H, Hkv, K, V, M, N=len(lengths), device=DEVICE)
-    out = run_with_grads(kernels.gsa_triton, inputs, h0, cu_seqlens=cu)
+    out = run_with_grads(kernels.gsa_chunk_triton, inputs, h0, cu_seqlens=cu)
     compare(out, oracle(inputs, h0, cu_seqlens=cu), 1e-3)
 
 
@@ -210,16 +213,16 @@ def test_kernels_exact_under_strong_forgetting(monkeypatch, dtype, tol, save_pro
     bound (|sum of log alpha| <= 120 over a 16-token sub-chunk), so the result is exact. In fp16 the sub-chunk
     decay factors (up to exp(60)) must not be rounded to fp16, whose range ends at exp(11). With p saved from the
     forward, a p from bf16 slot-logit products took dg to 1.6e-2 here."""
-    monkeypatch.setattr(kernels, "SAVE_PROBS", save_probs)
+    monkeypatch.setattr(TUNING, "save_probs", save_probs)
     inputs, h0 = make_inputs(1, 70, 2, 2, 16 if not CUDA else 64, 16 if not CUDA else 64, 16, gate_scale=30.0,
                              dtype=dtype, device=DEVICE)  # fmt: skip
-    out = run_with_grads(kernels.gsa_triton, inputs, h0)
+    out = run_with_grads(kernels.gsa_chunk_triton, inputs, h0)
     compare(out, oracle(inputs, h0), tol)
 
 
 def test_kernels_stay_finite_beyond_the_exactness_bound():
     inputs, h0 = make_inputs(1, 40, 2, 2, 16, 16, 16, gate_scale=1e4, device=DEVICE)
-    out = run_with_grads(kernels.gsa_triton, inputs, h0)
+    out = run_with_grads(kernels.gsa_chunk_triton, inputs, h0)
     assert all(torch.isfinite(x).all() for x in [*out[:3], *out[3]])
 
 
@@ -227,7 +230,7 @@ def test_kernels_stay_finite_beyond_the_exactness_bound():
 def test_decode_kernel_updates_state_in_place(monkeypatch, T, block):
     """One token: the streaming kernel (memory blocks of 64, 32 or 16 rows / columns) or, block 0, the all-at-once
     one; several tokens: always the all-at-once one."""
-    monkeypatch.setattr(kernels, "DECODE_BLOCK", block)
+    monkeypatch.setattr(TUNING, "decode_block", block)
     H, Hkv, K, V, M = 6, 2, 32, 64, 32
     B = 5
     (q, k, v, s, g), h0 = make_inputs(B, T, H, Hkv, K, V, M, device=DEVICE)
@@ -236,7 +239,7 @@ def test_decode_kernel_updates_state_in_place(monkeypatch, T, block):
                                                 tuple(x.cpu() for x in h0), True)  # fmt: skip
         state = tuple(x.detach().clone() for x in h0)
         pointers = [x.data_ptr() for x in state]
-        o = kernels.gsa_decode_triton(q, k, v, s, g, 0.3, state)
+        o = gsa_decode_triton(q, k, v, s, g, 0.3, state)
     assert [x.data_ptr() for x in state] == pointers
     assert rel_err(o.cpu(), o_ref) <= 1e-5 and rel_err(state[0].cpu(), hk_ref) <= 1e-5
     assert rel_err(state[1].cpu(), hv_ref) <= 1e-5
@@ -248,11 +251,11 @@ def test_dispatch(monkeypatch):
     assert not use_triton(q, k, v, s)
     if CUDA:
         assert use_triton(*(x.cuda() for x in (q, k, v, s)))
-    monkeypatch.setenv("T2R_GSA_IMPL", "triton")
+    monkeypatch.setattr(TUNING, "impl", "triton")
     assert use_triton(q, k, v, s)
     (q, k, v, s, g), _ = make_inputs(1, 8, 2, 2, 24, 16, 16, state=False)  # head dim 24: not a power of two
     assert not use_triton(q, k, v, s)
-    monkeypatch.setenv("T2R_GSA_IMPL", "reference")
+    monkeypatch.setattr(TUNING, "impl", "reference")
     (q, k, v, s, g), state = make_inputs(1, 2, 2, 2, 16, 16, 16)
     state = tuple(x.detach().clone() for x in state)
     with torch.no_grad():
@@ -271,7 +274,7 @@ def test_model_forward_backward_and_decode_through_kernels(monkeypatch):
     ids = torch.randint(3, 101, (2, 40), device=DEVICE)
 
     def run(impl):
-        monkeypatch.setenv("T2R_GSA_IMPL", impl)
+        monkeypatch.setattr(TUNING, "impl", impl)
         model.zero_grad(set_to_none=True)
         out = model(input_ids=ids, labels=ids, use_cache=False)
         out.loss.backward()
@@ -307,7 +310,7 @@ def test_gradients_when_final_states_are_partly_used(monkeypatch, used):
     starts = []
     scan = kernels._state_scan
     monkeypatch.setattr(kernels, "_state_scan", lambda *a, **kw: starts.append(a[5]) or scan(*a, **kw))
-    got = run_with_grads(kernels.gsa_triton, inputs, h0, outputs=used.split("+"))[3]
+    got = run_with_grads(kernels.gsa_chunk_triton, inputs, h0, outputs=used.split("+"))[3]
     reverse_init = starts[-1]  # the last scan is the backward's reverse one
     assert (reverse_init is None) == (used == "o")
     want = oracle(inputs, h0, outputs=used.split("+"))[3]

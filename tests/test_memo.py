@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from conftest import tiny_gsa_model
 
-from t2r.kernels.gsa_memo import LastTensorMemo
+from t2r.kernels.memo import LastTensorMemo
 from t2r.models import modeling_t2r
 
 

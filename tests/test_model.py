@@ -221,7 +221,8 @@ def test_trust_remote_code_without_t2r(tmp_path):
     ids = torch.randint(3, 101, (2, 25))
     model.save_pretrained(tmp_path / "ckpt")
     saved = sorted(p.name for p in (tmp_path / "ckpt").glob("*.py"))
-    assert {"modeling_t2r.py", "configuration_t2r.py", "gsa_reference.py", "gsa_ops.py"} <= set(saved)
+    kernels = {"dispatch.py", "reference.py", "chunk.py", "chunk_jit.py", "decode.py", "decode_jit.py", "tuning.py"}
+    assert {"modeling_t2r.py", "configuration_t2r.py", "hf_compat.py", *kernels} <= set(saved)
     torch.save(ids, tmp_path / "ids.pt")
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -36,6 +35,7 @@ def main() -> None:
     import fla  # noqa: F401  (registers FLA's model types with the Auto classes)
     from transformers import AutoModelForCausalLM
 
+    from t2r.kernels.tuning import tuned
     from t2r.models.loading import load_converted
 
     if args.export_dir:
@@ -67,9 +67,8 @@ def main() -> None:
     for batch, length in ((2, 40), (2, 1000)):  # FLA: fused recurrent (<= 64 tokens) and chunked paths
         ids = torch.randint(0, vocab, (batch, length), device="cuda")
         with torch.no_grad():
-            os.environ["T2R_GSA_IMPL"] = "reference"
-            ref = exact(ids, use_cache=False).logits.float()
-            os.environ["T2R_GSA_IMPL"] = "auto"
+            with tuned(impl="reference"):
+                ref = exact(ids, use_cache=False).logits.float()
             a = ours(ids, use_cache=False).logits.float()
             fla_logits = {kind: m(ids, use_cache=False).logits.float() for kind, m in fla_models.items()}
         row = {"t2r_bf16_vs_exact": rel(a, ref)}

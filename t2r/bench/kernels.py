@@ -83,7 +83,7 @@ def _fwd_bwd(fn, inputs, do):
 
 
 def _train_row(B, T, H, K, V, M, dtype, bandwidth, fla: bool) -> dict:
-    from t2r.kernels.gsa_triton import gsa_triton
+    from t2r.kernels.chunk import gsa_chunk_triton
 
     chunk_gsa = _fla()[0] if fla else None
     inputs = _inputs(B, T, H, K, V, M, dtype)
@@ -92,7 +92,7 @@ def _train_row(B, T, H, K, V, M, dtype, bandwidth, fla: bool) -> dict:
     scale = K**-0.5
 
     def ours():
-        return gsa_triton(q, k, v, s, g, scale)[0]
+        return gsa_chunk_triton(q, k, v, s, g, scale)[0]
 
     row = {"B": B, "T": T, "ours_fwd_ms": _bench(ours), "ours_fwdbwd_ms": _bench(_fwd_bwd(ours, inputs, do))}
     row["ours_kept_gb"] = _kept_gb(ours)
@@ -123,14 +123,11 @@ def _train_row(B, T, H, K, V, M, dtype, bandwidth, fla: bool) -> dict:
 def keeping_forward_buffers():
     """Our kernels with T2R_GSA_SAVE_STATES=1 and T2R_GSA_SAVE_PROBS=1: the backward reuses the forward's segment
     states and slot softmax (memory for speed)."""
-    from t2r.kernels import gsa_triton as kernels
 
-    old = kernels.SAVE_STATES, kernels.SAVE_PROBS
-    kernels.SAVE_STATES = kernels.SAVE_PROBS = True
-    try:
+    from t2r.kernels.tuning import tuned
+
+    with tuned(save_states=True, save_probs=True):
         yield
-    finally:
-        kernels.SAVE_STATES, kernels.SAVE_PROBS = old
 
 
 def _kept_gb(forward) -> float:
@@ -169,7 +166,7 @@ def _with_ratios(row: dict) -> dict:
 def decode_rows(B=16, H=32, K=128, V=128, M=64, context=32768, dtype=torch.bfloat16, bandwidth=None, fla=True):
     """One decoding step: our fused in-place update vs FLA's fused recurrent inference kernel vs softmax
     attention of one query over a KV cache of ``context`` tokens (SDPA)."""
-    from t2r.kernels.gsa_triton import gsa_decode_triton
+    from t2r.kernels.decode import gsa_decode_triton
 
     fla_step = _fla()[1] if fla else None
     (q, k, v, s, g), state = decode_inputs(B, H, K, V, M, dtype)
@@ -193,8 +190,8 @@ def decode_rows(B=16, H=32, K=128, V=128, M=64, context=32768, dtype=torch.bfloa
 def check_against_reference(B=2, T=700, H=8, Hkv=4, K=128, V=128, M=64, dtype=torch.bfloat16) -> dict:
     """Relative error of our kernels vs the PyTorch reference (fp32 on the same inputs) for the output, the
     final state and every gradient: the timings below are only worth reading if these are small."""
-    from t2r.kernels.gsa_reference import gsa_chunk
-    from t2r.kernels.gsa_triton import gsa_triton
+    from t2r.kernels.chunk import gsa_chunk_triton
+    from t2r.kernels.reference import gsa_chunk
 
     q, k, v, s, g = _inputs(B, T, H, K, V, M, dtype)
     k, v, s, g = (x.detach()[:, :, :Hkv].contiguous().requires_grad_() for x in (k, v, s, g))
@@ -202,8 +199,9 @@ def check_against_reference(B=2, T=700, H=8, Hkv=4, K=128, V=128, M=64, dtype=to
     do = torch.randn(B, T, H, V, device="cuda")
     errors = {}
     results = []
-    for fn in (gsa_triton, gsa_chunk):
-        inputs = [q, k, v, s, g] if fn is gsa_triton else [x.detach().float().requires_grad_() for x in (q, k, v, s, g)]
+    for fn in (gsa_chunk_triton, gsa_chunk):
+        fp32 = [x.detach().float().requires_grad_() for x in (q, k, v, s, g)]
+        inputs = [q, k, v, s, g] if fn is gsa_chunk_triton else fp32
         o, (hk, hv) = fn(*inputs, None, h0, True)
         loss = (o.float() * do).sum() + hk.sum() + (hv * hv).sum() / 100
         grads = torch.autograd.grad(loss, [*inputs, *h0])

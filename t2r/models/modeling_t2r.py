@@ -22,7 +22,7 @@ from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from t2r.kernels.gsa_ops import RECURRENT_MAX_TOKENS, gsa, gsa_decode_
+from t2r.kernels.dispatch import RECURRENT_MAX_TOKENS, gsa, gsa_decode_
 
 from .cache_t2r import GSACache
 from .configuration_t2r import T2RLlamaConfig, T2RMistralConfig, T2RQwen2Config, T2RQwen3Config
@@ -232,7 +232,7 @@ def write_remote_kernels(save_directory: str | Path) -> None:
     its ``t2r.kernels`` imports at them, so ``trust_remote_code`` loads work without t2r installed."""
     save_directory = Path(save_directory)
     kernels_dir = Path(gsa.__code__.co_filename).parent
-    for src in sorted(kernels_dir.glob("gsa_*.py")):
+    for src in sorted(p for p in kernels_dir.glob("*.py") if p.name != "__init__.py"):
         dest = save_directory / src.name
         if src.resolve() != dest.resolve():
             shutil.copyfile(src, dest)

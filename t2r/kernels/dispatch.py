@@ -1,34 +1,33 @@
 """Entry points the model calls: pick the GSA implementation for the device and the call.
 
-CUDA tensors go to the Triton kernels (``gsa_triton``) when triton is installed and the shapes fit (power-of-two
+CUDA tensors go to the Triton kernels (``chunk``, ``decode``) when triton is installed and the shapes fit (power-of-two
 head dims and slot counts of at least 16); everything else, and every CPU call, runs the PyTorch reference: the
 recurrent form for a few tokens on top of a state (decoding), the chunked form otherwise.
-``T2R_GSA_IMPL=reference`` forces the reference everywhere (comparisons, debugging); ``T2R_GSA_IMPL=triton`` sends
-CPU tensors to the kernels too, which then needs ``TRITON_INTERPRET=1`` (the CPU tests do this).
+``TUNING.impl`` (``T2R_GSA_IMPL``): ``reference`` forces the reference everywhere (comparisons, debugging);
+``triton`` sends CPU tensors to the kernels too, which then needs ``TRITON_INTERPRET=1`` (the CPU tests do this).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .gsa_reference import State, gsa_chunk, gsa_recurrent
+from .reference import State, gsa_chunk, gsa_decode_reference, gsa_recurrent
+from .tuning import TUNING
 
 try:
-    from .gsa_triton import gsa_decode_triton, gsa_triton, supports
+    from .chunk import gsa_chunk_triton, supports
+    from .decode import gsa_decode_triton
 except ImportError:  # no triton: CPU-only install
-    gsa_triton = None
+    gsa_chunk_triton = None
 
 # At or below this many new tokens the token loop beats padding a whole chunk.
 RECURRENT_MAX_TOKENS = 4
 
 
 def use_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -> bool:
-    impl = os.environ.get("T2R_GSA_IMPL", "auto")  # auto | reference | triton (also on CPU: Triton's interpreter)
-    if impl == "reference" or gsa_triton is None or not supports(q, k, v, s):
+    if TUNING.impl == "reference" or gsa_chunk_triton is None or not supports(q, k, v, s):
         return False
-    return q.is_cuda or impl == "triton"
+    return q.is_cuda or TUNING.impl == "triton"
 
 
 def gsa(
@@ -42,9 +41,9 @@ def gsa(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, State | None]:
-    """Gated Slot Attention with the contract of :func:`gsa_reference.gsa_recurrent`."""
+    """Gated Slot Attention with the contract of :func:`reference.gsa_recurrent`."""
     if use_triton(q, k, v, s):
-        return gsa_triton(q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens)
+        return gsa_chunk_triton(q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens)
     return _gsa_reference(q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens)
 
 
@@ -66,14 +65,8 @@ def gsa_decode_(
     scale: float | None,
     state: State,
 ) -> torch.Tensor:
-    """A few new tokens (no gradient) on top of ``state``, which is updated in place; returns the output.
-
-    The fused Triton step reads and writes each memory once per token; elsewhere the reference computes the
-    new state and copies it into ``state``.
-    """
+    """A few new tokens (no gradient) on top of ``state``, which is updated in place; returns the output. The fused
+    Triton step reads and writes each memory once per token; elsewhere the reference (same contract)."""
     if use_triton(q, k, v, s) and state[0].is_contiguous() and state[1].is_contiguous():
         return gsa_decode_triton(q, k, v, s, g, scale, state)
-    o, (hk, hv) = gsa_recurrent(q, k, v, s, g, scale, state, True)
-    state[0].copy_(hk)
-    state[1].copy_(hv)
-    return o
+    return gsa_decode_reference(q, k, v, s, g, scale, state)

@@ -10,7 +10,8 @@ state = (hk [N, Hkv, K, M], hv [N, Hkv, M, V]), always fp32, N = batch or number
     hk_t = hk_{t-1} * alpha_t + k_t s_t^T        hv_t = alpha_t * hv_{t-1} + s_t v_t^T
     o_t  = hv_t^T softmax_M(scale * hk_t^T q_t)
 
-Both functions take and return the same things; ``gsa_chunk`` is the chunkwise-parallel form.
+``gsa_recurrent`` and ``gsa_chunk`` take and return the same things (``gsa_chunk`` is the chunkwise-parallel
+form: the reference of the Triton chunk kernels); ``gsa_decode_reference`` is the in-place decode step's.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 State = tuple[torch.Tensor, torch.Tensor]
 
 
-def _check(q, k, v, s, g, initial_state, cu_seqlens) -> tuple[int, int]:
+def check_inputs(q, k, v, s, g, initial_state, cu_seqlens) -> tuple[int, int]:
     B, T, H, K = q.shape
     if k.shape[:2] != (B, T) or v.shape[:2] != (B, T) or s.shape != g.shape or s.shape[:2] != (B, T):
         raise ValueError(
@@ -82,7 +83,7 @@ def gsa_recurrent(
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, State | None]:
     """GSA one token at a time, exactly as written in the module docstring (the oracle)."""
-    _, n = _check(q, k, v, s, g, initial_state, cu_seqlens)
+    _, n = check_inputs(q, k, v, s, g, initial_state, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = q.dtype
     q, k, v, s, g = (x.float() for x in (q, k, v, s, g))
@@ -190,7 +191,7 @@ def gsa_chunk(
     Padding appended to reach a chunk multiple has s = 0 (no write) and g = 0 (no decay), so it leaves the
     state untouched; packed sequences are unpacked into a right-padded batch, which resets state per document.
     """
-    _, n = _check(q, k, v, s, g, initial_state, cu_seqlens)
+    _, n = check_inputs(q, k, v, s, g, initial_state, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = q.dtype
     q, k, v, s, g = (x.float() for x in (q, k, v, s, g))
@@ -212,3 +213,14 @@ def gsa_chunk(
         o_pad, final = _chunk_core(*padded, scale, state, chunk_size)
         o = torch.cat([o_pad[i : i + 1, :length] for i, length in enumerate(lengths)], dim=1)
     return o.to(dtype), (final if output_final_state else None)
+
+
+def gsa_decode_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor, g: torch.Tensor, scale: float | None,
+    state: State,
+) -> torch.Tensor:  # fmt: skip
+    """A few new tokens on top of ``state``, which is updated in place; returns o (the decode kernel's contract)."""
+    o, (hk, hv) = gsa_recurrent(q, k, v, s, g, scale, state, True)
+    state[0].copy_(hk)
+    state[1].copy_(hv)
+    return o

@@ -1,0 +1,90 @@
+"""Triton JIT code of the fused in-place decode step (host side: decode.py)."""
+
+from __future__ import annotations
+
+try:  # a try block, so that transformers' trust_remote_code import check does not demand triton on CPU machines
+    import triton
+    import triton.language as tl
+except ImportError as err:
+    raise ImportError("the GSA Triton kernels need triton (pip install 't2r[cuda]')") from err
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, o_ptr, hk_ptr, hv_ptr, scale, T,
+    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+):  # fmt: skip
+    """A few tokens per sequence, token by token, the memories updated in place (decoding)."""
+    G: tl.constexpr = H // Hkv
+    i_nh = tl.program_id(0).to(tl.int64)
+    n = i_nh // Hkv
+    h = i_nh % Hkv
+    rk = tl.arange(0, K)
+    rv = tl.arange(0, V)
+    rm = tl.arange(0, M)
+    hk_ptrs = hk_ptr + i_nh * K * M + rk[:, None] * M + rm[None, :]
+    hv_ptrs = hv_ptr + i_nh * M * V + rm[:, None] * V + rv[None, :]
+    hk = tl.load(hk_ptrs)
+    hv = tl.load(hv_ptrs)
+    for i in range(T):
+        tok = n * T + i
+        k = tl.load(k_ptr + (tok * Hkv + h) * K + rk).to(tl.float32)
+        v = tl.load(v_ptr + (tok * Hkv + h) * V + rv).to(tl.float32)
+        s = tl.load(s_ptr + (tok * Hkv + h) * M + rm).to(tl.float32)
+        a = tl.exp(tl.load(g_ptr + (tok * Hkv + h) * M + rm).to(tl.float32))
+        hk = hk * a[None, :] + k[:, None] * s[None, :]
+        hv = hv * a[:, None] + s[:, None] * v[None, :]
+        for gi in tl.static_range(G):
+            q = tl.load(q_ptr + (tok * H + h * G + gi) * K + rk).to(tl.float32)
+            logits = scale * tl.sum(q[:, None] * hk, axis=0)
+            e = tl.exp(logits - tl.max(logits, axis=0))
+            p = e / tl.sum(e, axis=0)
+            o = tl.sum(p[:, None] * hv, axis=0)
+            tl.store(o_ptr + (tok * H + h * G + gi) * V + rv, o.to(o_ptr.dtype.element_ty))
+    tl.store(hk_ptrs, hk)
+    tl.store(hv_ptrs, hv)
+
+
+@triton.jit
+def _decode_step_kernel(
+    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, o_ptr, hk_ptr, hv_ptr, scale,
+    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, GP: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    """One token per sequence (decoding proper), the memories streamed through registers in blocks: keys-memory
+    rows (decay, write, store, and every query head's slot logits), then value-memory columns (decay, write,
+    store, output). A block's load does not wait on the previous block's math, so the state's bytes flow at
+    close to copy speed instead of one 64 KB load, then compute, then one store per program."""
+    G: tl.constexpr = H // Hkv
+    i_nh = tl.program_id(0).to(tl.int64)  # = sequence * Hkv + KV head, the token's row in k, v, s, g
+    rg = tl.arange(0, GP)
+    rm = tl.arange(0, M)
+    heads = (i_nh * G + rg)[:, None]  # query heads of this KV head: rows of q and o
+    in_group = rg[:, None] < G
+    s = tl.load(s_ptr + i_nh * M + rm).to(tl.float32)
+    a = tl.exp(tl.load(g_ptr + i_nh * M + rm).to(tl.float32))
+    logits = tl.zeros([GP, M], dtype=tl.float32)
+    # Unrolled by 4: 1-4% faster on the H100, the same bits (docs/bench/decode_probe_2026-11-23_h100.json).
+    for k0 in tl.range(0, K, BK, loop_unroll_factor=4):
+        rk = k0 + tl.arange(0, BK)
+        ptrs = hk_ptr + i_nh * K * M + rk[:, None] * M + rm[None, :]
+        kb = tl.load(k_ptr + i_nh * K + rk).to(tl.float32)
+        hk = tl.load(ptrs) * a[None, :] + kb[:, None] * s[None, :]
+        tl.store(ptrs, hk)
+        qb = tl.load(q_ptr + heads * K + rk[None, :], mask=in_group, other=0.0).to(tl.float32)  # [GP, BK]
+        logits += tl.sum(qb[:, :, None] * hk[None, :, :], axis=1)
+    logits = scale * logits
+    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    p = e / tl.sum(e, axis=1)[:, None]
+    for v0 in tl.range(0, V, BV, loop_unroll_factor=4):
+        rv = v0 + tl.arange(0, BV)
+        ptrs = hv_ptr + i_nh * M * V + rm[:, None] * V + rv[None, :]
+        vb = tl.load(v_ptr + i_nh * V + rv).to(tl.float32)
+        hv = tl.load(ptrs) * a[:, None] + s[:, None] * vb[None, :]
+        tl.store(ptrs, hv)
+        o = tl.sum(p[:, :, None] * hv[None, :, :], axis=1)  # [GP, BV]
+        tl.store(o_ptr + heads * V + rv[None, :], o.to(o_ptr.dtype.element_ty), mask=in_group)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host side.

@@ -1,0 +1,107 @@
+"""Every tunable of the GSA kernels in one place, read from the environment once (``T2R_GSA_*``) and changeable
+at run time with :func:`tuned` (tests, benchmarks, A/B probes). Host code reads ``TUNING`` at each call, so a
+change takes effect on the next call; compiled kernels specialise on the values they are launched with.
+
+The defaults were chosen on an H100 (docs/benchmarks.md records the measurements behind each)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+# Kernel groups whose fp32-intermediate products may take the inputs' half precision (``dot``):
+# scan: the memories' forward scan; dscan: their gradients' reverse scan; out: the forward walk's slot logits and
+# memory updates; o: the forward walk's output products; sweep: the backward's forward walk; rev: the reverse walks.
+PREC_GROUPS = ("scan", "dscan", "out", "o", "sweep", "rev")
+IMPLS = ("auto", "reference", "triton")
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"T2R_GSA_{name}", default)
+
+
+@dataclass
+class Tuning:
+    # auto: Triton on CUDA tensors, the reference elsewhere; reference: always; triton: also on CPU tensors (which
+    # then needs TRITON_INTERPRET=1: the CPU tests).
+    impl: str = field(default_factory=lambda: _env("IMPL", "auto"))
+    segment: int = field(default_factory=lambda: int(_env("SEGMENT", "64")))  # tokens between stored states
+    subchunk: int = field(default_factory=lambda: int(_env("SUBCHUNK", "16")))  # rows of an in-segment product
+    # Products of fp32 intermediates for bf16 inputs: "tf32", "half", or "half:GROUP,..." (PREC_GROUPS). The
+    # default takes the forward walk's slot logits and memory updates in bf16; more groups in half lose accuracy.
+    dot: str = field(default_factory=lambda: _env("DOT", "half:out"))
+    # fp16 inputs take the half groups only when asked for: fp16 cannot hold the sub-chunk decay factors (up to
+    # exp(60) under strongly forgetting gates) that bf16 can.
+    dot_fp16: bool = field(default_factory=lambda: "T2R_GSA_DOT" in os.environ)
+    state_block: int = field(default_factory=lambda: int(_env("STATE_BLOCK", "64")))  # memory rows per scan program
+    stages: int = field(default_factory=lambda: int(_env("STAGES", "2")))
+    warps: int = field(default_factory=lambda: int(_env("WARPS", "0")))  # 0: by tile size
+    # Decoding: warps per (sequence, KV head) program, and the rows / columns one step streams the memories in
+    # (0: the all-at-once kernel).
+    decode_warps: int = field(default_factory=lambda: int(_env("DECODE_WARPS", "4")))
+    decode_block: int = field(default_factory=lambda: int(_env("DECODE_BLOCK", "32")))
+    # The forward output: a segment at a time ("blocks", up to 64 slots; products at the segment's full length) or
+    # a walk over sub-chunks ("walk"; more slots always walk: at 128 the block kernels spill).
+    fwd_blocks: bool = field(default_factory=lambda: _env("FWD", "blocks") == "blocks")
+    fwd_warps: int = field(default_factory=lambda: int(_env("FWD_WARPS", "4")))
+    # Memory for speed: keep the forward's per-segment states ((K + V) * M * 4 bytes per segment and KV head) and
+    # its slot softmax (M * 4 bytes per token and query head) for the backward instead of recomputing them. Faster
+    # kernels, no faster whole training steps in our measurements: off.
+    save_states: bool = field(default_factory=lambda: _env("SAVE_STATES", "0") == "1")
+    save_probs: bool = field(default_factory=lambda: _env("SAVE_PROBS", "0") == "1")
+    poison: bool = False  # tests: fill outputs with NaN before the kernels run, so that unwritten elements show
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        if self.impl not in IMPLS:
+            raise ValueError(f"T2R_GSA_IMPL={self.impl!r}: expected one of {IMPLS}")
+        for name in ("segment", "subchunk", "state_block"):
+            n = getattr(self, name)
+            if n < 16 or n & (n - 1):
+                raise ValueError(f"T2R_GSA_{name.upper()}={n}: expected a power of two >= 16")
+        if self.segment % self.subchunk:
+            raise ValueError(f"the segment ({self.segment}) must be a multiple of the sub-chunk ({self.subchunk})")
+        half_groups(self.dot)
+
+
+def half_groups(mode: str) -> set[str]:
+    """The kernel groups a ``dot`` mode runs in half precision."""
+    if mode in ("tf32", "half"):
+        return set(PREC_GROUPS) if mode == "half" else set()
+    names = set(mode.removeprefix("half:").split(","))
+    if not mode.startswith("half:") or not names <= set(PREC_GROUPS):
+        raise ValueError(f"T2R_GSA_DOT={mode!r}: expected tf32, half or half:GROUP,... with groups {PREC_GROUPS}")
+    return names
+
+
+TUNING = Tuning()
+
+
+@contextlib.contextmanager
+def tuned(**changes) -> Iterator[Tuning]:
+    """Run with some tunables changed (checked), restoring them after."""
+    unknown = set(changes) - {f.name for f in dataclasses.fields(Tuning)}
+    if unknown:
+        raise TypeError(f"unknown tunables {sorted(unknown)}")
+    old = {name: getattr(TUNING, name) for name in changes}
+    try:
+        for name, value in changes.items():
+            setattr(TUNING, name, value)
+        TUNING.check()
+        yield TUNING
+    finally:
+        for name, value in old.items():
+            setattr(TUNING, name, value)
+
+
+def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output buffer for a kernel to fill (NaN-filled under ``TUNING.poison``, so unwritten elements show)."""
+    out = torch.empty(*shape, dtype=dtype, device=device)
+    return out.fill_(float("nan")) if TUNING.poison else out
