@@ -129,7 +129,7 @@ def main() -> None:
         subprocess.run(["sync"], check=True)
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
     t2r = Path(sys.executable).parent / "t2r"
-    command = [str(t2r), "convert", str(src), str(out), "--slots", "64", "--window", str(args.window), "--force"]
+    command = [str(t2r), "convert", str(src), str(out), "--num-slots", "64", "--window", str(args.window), "--force"]
     # A fresh interpreter runs the conversion and reports its children's peak RSS: this process's own children
     # (the input's builder) would count in its ru_maxrss too.
     started = time.time()

@@ -16,7 +16,7 @@ from pydoc_data.topics import topics  # ships with every CPython: the embedded d
 with open(sys.argv[1], "w") as f:
     f.write("\n\n".join(topics[k] for k in sorted(topics)))
 PY
-t2r convert smollm2-135m "$WORK/converted" --slots 64 --gate-init kproj --force
+t2r convert smollm2-135m "$WORK/converted" --num-slots 64 --gate-init kproj --force
 rm -rf "$WORK/run"
 t2r finetune "$WORK/converted" "$WORK/run" --data "$WORK/data/pydoc_topics.txt" --recipe demo-cpu
 t2r export "$WORK/run" "$WORK/export" --dtype bf16 --force

@@ -22,12 +22,12 @@ def _started_as_the_cli() -> bool:
 
 
 if not _started_as_the_cli():
-    from t2r import models  # noqa: F401  (registers the Auto classes)
+    import t2r.models.auto  # noqa: F401  (registers the Auto classes)
 
 
 def __getattr__(name: str) -> Any:
     if name == "GSACache":
-        from t2r.models import GSACache
+        from t2r.models.cache_t2r import GSACache
 
         return GSACache
     raise AttributeError(f"module 't2r' has no attribute {name!r}")

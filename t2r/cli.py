@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated
 
@@ -28,68 +30,65 @@ def version() -> None:
     typer.echo(__version__)
 
 
-@app.command()
+def _option_params(cls: type, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    """typer parameters for every command-line field of dataclass ``cls`` (help, flag and default from the field's
+    declaration: the one place an option is written down)."""
+    import dataclasses
+
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("cli", False) or f.name in skip:
+            continue
+        kind = meta.get("cli_type") or hints[f.name]
+        decls = (meta["flag"],) if meta.get("flag") else ()
+        default = f.default if f.default is not dataclasses.MISSING else ""
+        option = typer.Option(*decls, help=meta["help"], show_default=default not in (None, ""))
+        params.append(
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option]
+            )
+        )
+    return params
+
+
+def _command_with_options(fn, *option_classes: type):
+    """``fn(**kwargs)`` as a typer command whose signature is its own parameters plus the classes' options."""
+    own = [p for p in inspect.signature(fn).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    hints = typing.get_type_hints(fn, include_extras=True)
+    own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in own]
+    extra = [p for cls in option_classes for p in _option_params(cls)]
+    fn.__signature__ = inspect.Signature([*own, *extra])
+    fn.__annotations__ = {p.name: p.annotation for p in fn.__signature__.parameters.values()}
+    return fn
+
+
 def convert(
     src: Annotated[str, typer.Argument(help="alias (e.g. smollm2-135m, mistral-7b), HF directory, hub id or .gguf")],
     out: Annotated[Path, typer.Argument(help="output directory (written atomically)")],
-    slots: Annotated[int, typer.Option(help="GSA memory slots M")] = 64,
-    feature_map: Annotated[str, typer.Option(help="q/k feature map: swish, relu or identity")] = "swish",
-    rope: Annotated[bool, typer.Option("--rope/--no-rope", help="apply the teacher's RoPE to q/k")] = False,
-    gate_init: Annotated[str, typer.Option(help="random: N(0, 0.02); kproj: pooled teacher k_proj rows")] = "kproj",
-    gate_half_life_max: Annotated[
-        float, typer.Option(help="per-slot gate bias: memory half-lives log-spaced up to this many tokens (0 = none)")
-    ] = 0.0,
-    full_attention_layers: Annotated[
-        str,
-        typer.Option(
-            help="layers kept as softmax attention, e.g. 0,16; or auto:N, the N layers with the teacher's strongest "
-            "retrieval heads (measured on passkey prompts, on CUDA if available)"
-        ),
-    ] = "",
-    dtype: Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default: the teacher's)")] = None,
-    window: Annotated[int, typer.Option(help="hybrid: sliding-window softmax attention over W tokens (0 = off)")] = 0,
-    window_mix_init: Annotated[float, typer.Option(help="initial per-head window-share logit")] = 2.0,
-    window_mix_per_token: Annotated[
-        bool, typer.Option(help="hybrid: the window share also reads each token's hidden state (a learned router)")
-    ] = False,
-    window_sink: Annotated[
-        bool | None,
-        typer.Option(
-            "--window-sink/--no-window-sink",
-            help="hybrid: the window also attends to a virtual first token (a newline's key and value in each layer, "
-            "from one token through the teacher, streamed layer by layer), as softmax attention needs its sink "
-            "(on by default with --window)",
-            show_default=False,
-        ),
-    ] = None,
-    max_shard_size: Annotated[str, typer.Option(help="largest output shard")] = "2GB",
-    seed: Annotated[int, typer.Option(help="seed for random gate init")] = 0,
     force: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
     allow_download: Annotated[bool, typer.Option(help="fetch hub ids missing from the local HF cache")] = False,
+    **options,
 ) -> None:
     """Convert a pretrained Transformer checkpoint into a GSA checkpoint (streamed, shard by shard)."""
-    from t2r.convert.converter import ConvertOptions, parse_full_attention
     from t2r.convert.converter import convert as run_convert
+    from t2r.convert.options import ConvertOptions, parse_full_attention
 
-    layers, auto = parse_full_attention(full_attention_layers)
-    options = ConvertOptions(
-        slots=slots,
-        feature_map=feature_map,
-        rope=rope,
-        gate_init=gate_init,
-        gate_half_life_max=gate_half_life_max,
-        full_attention_layers=layers,
-        full_attention_auto=auto,
-        dtype=dtype,
-        window=window,
-        window_mix_init=window_mix_init,
-        window_mix_per_token=window_mix_per_token,
-        window_sink=window_sink,
-        seed=seed,
-        max_shard_size=max_shard_size,
+    options["full_attention_layers"], options["full_attention_auto"] = parse_full_attention(
+        options["full_attention_layers"]
     )
-    path = run_convert(src, out, options, force=force, allow_download=allow_download)
+    path = run_convert(src, out, ConvertOptions(**options), force=force, allow_download=allow_download)
     typer.echo(f"converted {src} -> {path}")
+
+
+def _register_convert() -> None:
+    from t2r.convert.options import ConvertOptions
+
+    app.command()(_command_with_options(convert, ConvertOptions))
+
+
+_register_convert()
 
 
 @app.command()

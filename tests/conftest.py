@@ -161,7 +161,7 @@ def tiny_converted(tmp_path_factory):
     """A tiny Llama teacher with a real tokenizer, converted to GSA (kproj gates, 16 slots)."""
     from transformers import AutoModelForCausalLM
 
-    from t2r.convert.converter import ConvertOptions, convert
+    from t2r.convert import ConvertOptions, convert
 
     root = tmp_path_factory.mktemp("tiny")
     tok = tiny_tokenizer()
@@ -169,7 +169,7 @@ def tiny_converted(tmp_path_factory):
     teacher = AutoModelForCausalLM.from_config(teacher_config("llama", vocab_size=len(tok)))
     teacher.save_pretrained(root / "teacher")
     tok.save_pretrained(root / "teacher")
-    return convert(str(root / "teacher"), root / "converted", ConvertOptions(slots=16), progress=False)
+    return convert(str(root / "teacher"), root / "converted", ConvertOptions(num_slots=16), progress=False)
 
 
 @pytest.fixture(scope="session")

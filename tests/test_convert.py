@@ -12,7 +12,8 @@ from conftest import rel_err, run_cli, teacher_config
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from t2r.convert.converter import ConvertOptions, convert, init_gate
+from t2r.convert import ConvertOptions, convert
+from t2r.convert.gates import init_gate
 from t2r.errors import T2RError
 from t2r.models.hf_compat import output_cache
 from t2r.models.modeling_t2r import GSAAttention
@@ -40,7 +41,7 @@ def load_all(path: Path) -> dict[str, torch.Tensor]:
 def test_convert_tiny_teacher(tmp_path, arch, gate_init):
     src, teacher = make_teacher(tmp_path, arch)
     assert len(list(src.glob("*.safetensors"))) > 2
-    out = convert(str(src), tmp_path / "out", ConvertOptions(slots=8, gate_init=gate_init), progress=False)
+    out = convert(str(src), tmp_path / "out", ConvertOptions(num_slots=8, gate_init=gate_init), progress=False)
     before, after = load_all(src), load_all(out)
     for name, t in before.items():  # every teacher tensor, bit for bit
         assert after[name].dtype == t.dtype and torch.equal(after[name], t), name
@@ -55,7 +56,7 @@ def test_convert_tiny_teacher(tmp_path, arch, gate_init):
     assert record["tensors_reused"] == len(before) and record["tensors_new"] == len(new)
     assert record["params_new"] == sum(after[n].numel() for n in new)
     assert (out / "README.md").is_file() and (out / "tokenizer_config.json").is_file()
-    assert (out / "modeling_t2r.py").is_file() and (out / "gsa_reference.py").is_file()
+    assert (out / "modeling_t2r.py").is_file() and (out / "reference.py").is_file()
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     assert all(isinstance(layer.self_attn, GSAAttention) for layer in model.model.layers)
     with torch.no_grad():
@@ -80,7 +81,7 @@ def test_kproj_gate_init_pools_key_rows():
 @torch.no_grad()
 def test_full_attention_layers_reproduce_teacher(tmp_path):
     src, teacher = make_teacher(tmp_path, "mistral")
-    out = convert(str(src), tmp_path / "out", ConvertOptions(slots=8, full_attention_layers=[0, 2]), progress=False)
+    out = convert(str(src), tmp_path / "out", ConvertOptions(num_slots=8, full_attention_layers=[0, 2]), progress=False)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     kinds = [type(layer.self_attn).__name__ for layer in model.model.layers]
     assert kinds == ["MistralAttention", "GSAAttention", "MistralAttention"]
@@ -102,7 +103,7 @@ def test_full_attention_layers_reproduce_teacher(tmp_path):
 
 def test_dtype_option_casts_everything(tmp_path):
     src, _ = make_teacher(tmp_path, "llama")
-    out = convert(str(src), tmp_path / "out", ConvertOptions(slots=8, dtype="bf16"), progress=False)
+    out = convert(str(src), tmp_path / "out", ConvertOptions(num_slots=8, dtype="bf16"), progress=False)
     tensors = load_all(out)
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
@@ -110,7 +111,7 @@ def test_dtype_option_casts_everything(tmp_path):
 
 def test_output_is_resharded_with_index(tmp_path):
     src, _ = make_teacher(tmp_path, "qwen2")
-    out = convert(str(src), tmp_path / "out", ConvertOptions(slots=8, max_shard_size="100KB"), progress=False)
+    out = convert(str(src), tmp_path / "out", ConvertOptions(num_slots=8, max_shard_size="100KB"), progress=False)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(out.glob("model-*.safetensors"))
     assert len(shards) > 1 and set(index["weight_map"].values()) == {p.name for p in shards}
@@ -129,7 +130,7 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr("t2r.convert.converter.init_gate", boom)
     with pytest.raises(RuntimeError, match="disk full"):
-        convert(str(src), tmp_path / "out", ConvertOptions(slots=8), progress=False)
+        convert(str(src), tmp_path / "out", ConvertOptions(num_slots=8), progress=False)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
@@ -147,7 +148,7 @@ def test_cli_convert_runs(tmp_path, capsys):
             "convert",
             str(src),
             str(tmp_path / "out"),
-            "--slots",
+            "--num-slots",
             "8",
             "--rope",
             "--full-attention-layers",
@@ -177,7 +178,7 @@ def test_cli_bad_inputs(tmp_path, capsys, monkeypatch, case):
         "missing": (["./no/such/model", str(out)], "not found"),
         "alias": (["llama-9000", str(out)], "unknown model alias 'llama-9000'"),
         "arch": None,
-        "slots": (["SRC", str(out), "--slots", "0"], "--slots must be a positive integer"),
+        "slots": (["SRC", str(out), "--num-slots", "0"], "--num-slots must be >= 1 and <= 1024, got 0"),
         "exists": (["SRC", str(out)], "already exists"),
         "truncated": None,
         "layers": (["SRC", str(out), "--full-attention-layers", "1,7"], "out of range"),
@@ -232,9 +233,9 @@ def test_convert_real_smollm2_from_gguf(tmp_path):
 def test_convert_hybrid_window(tmp_path):
     src, _ = make_teacher(tmp_path, "llama")  # no tokenizer: the default window sink cannot be chosen
     with pytest.raises(T2RError, match=r"needs the teacher's tokenizer .*--no-window-sink converts the hybrid"):
-        convert(str(src), tmp_path / "out", ConvertOptions(slots=8, window=16), progress=False)
+        convert(str(src), tmp_path / "out", ConvertOptions(num_slots=8, window=16), progress=False)
     assert not (tmp_path / "out").exists()
-    options = ConvertOptions(slots=8, window=16, window_mix_init=1.5, window_sink=False)
+    options = ConvertOptions(num_slots=8, window=16, window_mix_init=1.5, window_sink=False)
     out = convert(str(src), tmp_path / "out", options, progress=False)
     tensors = load_all(out)
     mix = tensors["model.layers.1.self_attn.window_mix.weight"]
@@ -255,8 +256,10 @@ def test_convert_hybrid_window(tmp_path):
 def test_convert_hybrid_with_per_token_window_share(tmp_path):
     """The router starts at zero: the converted model is the per-head hybrid exactly, with one more tensor."""
     src, _ = make_teacher(tmp_path, "llama")
-    plain = convert(str(src), tmp_path / "plain", ConvertOptions(slots=8, window=16, window_sink=False), progress=False)
-    options = ConvertOptions(slots=8, window=16, window_mix_per_token=True, window_sink=False)
+    plain = convert(
+        str(src), tmp_path / "plain", ConvertOptions(num_slots=8, window=16, window_sink=False), progress=False
+    )
+    options = ConvertOptions(num_slots=8, window=16, window_mix_per_token=True, window_sink=False)
     out = convert(str(src), tmp_path / "out", options, progress=False)
     extra = set(load_all(out)) - set(load_all(plain))
     assert extra == {f"model.layers.{i}.self_attn.window_mix.proj.weight" for i in range(3)}
@@ -267,7 +270,7 @@ def test_convert_hybrid_with_per_token_window_share(tmp_path):
     assert torch.equal(a(ids).logits, b(ids).logits)
     assert json.loads((out / "config.json").read_text())["gsa_window_mix_per_token"] is True
     with pytest.raises(T2RError, match="--window-mix-per-token needs a hybrid"):
-        convert(str(src), tmp_path / "bad", ConvertOptions(slots=8, window_mix_per_token=True), progress=False)
+        convert(str(src), tmp_path / "bad", ConvertOptions(num_slots=8, window_mix_per_token=True), progress=False)
     assert not (tmp_path / "bad").exists()
 
 
@@ -280,7 +283,7 @@ def test_convert_hybrid_with_window_sink(tmp_path):
     from t2r.convert.window_sink import sink_token
 
     src, _ = make_teacher(tmp_path, "qwen3")  # q/k norms: the sink key must pass through them too
-    out = convert(str(src), tmp_path / "out", ConvertOptions(slots=8, window=16), progress=False)
+    out = convert(str(src), tmp_path / "out", ConvertOptions(num_slots=8, window=16), progress=False)
     tensors = load_all(out)
     record = json.loads((out / "conversion.json").read_text())
     token = sink_token(AutoTokenizer.from_pretrained(src))
@@ -302,7 +305,7 @@ def test_convert_hybrid_with_window_sink(tmp_path):
         and torch.isfinite(model(torch.randint(3, 101, (1, 40))).logits).all()
     )
     with pytest.raises(T2RError, match="--window-sink needs a hybrid"):
-        convert(str(src), tmp_path / "bad", ConvertOptions(slots=8, window_sink=True), progress=False)
+        convert(str(src), tmp_path / "bad", ConvertOptions(num_slots=8, window_sink=True), progress=False)
     assert not (tmp_path / "bad").exists()
 
 
@@ -323,7 +326,7 @@ def test_window_sink_streamed_equals_the_teachers_kv_cache(tmp_path, arch):
 
 def test_cli_window_sink(tmp_path, capsys):
     src, _ = make_teacher(tmp_path / "q", "qwen3")
-    args = ["convert", str(src), str(tmp_path / "out"), "--slots", "8", "--window", "16", "--window-sink"]
+    args = ["convert", str(src), str(tmp_path / "out"), "--num-slots", "8", "--window", "16", "--window-sink"]
     code, lines = run_cli(args, capsys)
     assert code == 0, lines
     assert json.loads((tmp_path / "out" / "config.json").read_text())["gsa_window_sink"] is True
@@ -345,8 +348,8 @@ def test_gate_bias_spreads_memory_half_lives(tmp_path):
     from t2r.train.trainable import configure_trainable
 
     src, _ = make_teacher(tmp_path, "llama")
-    plain = load_all(convert(str(src), tmp_path / "plain", ConvertOptions(slots=8), progress=False))
-    out = convert(str(src), tmp_path / "out", ConvertOptions(slots=8, gate_half_life_max=2048), progress=False)
+    plain = load_all(convert(str(src), tmp_path / "plain", ConvertOptions(num_slots=8), progress=False))
+    out = convert(str(src), tmp_path / "out", ConvertOptions(num_slots=8, gate_half_life_max=2048), progress=False)
     tensors = load_all(out)
     assert set(tensors) - set(plain) == {f"model.layers.{i}.self_attn.f_proj.bias" for i in range(3)}
     assert all(torch.equal(tensors[k], v) for k, v in plain.items())  # the weights do not depend on the bias

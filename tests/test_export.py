@@ -156,16 +156,16 @@ def test_fla_format_renames_tensors_bit_for_bit(tiny_run, tmp_path):
 
 
 def test_fla_format_refuses_what_fla_cannot_express(tiny_converted, tmp_path):
-    from t2r.convert.converter import ConvertOptions, convert
+    from t2r.convert import ConvertOptions, convert
 
     teacher = json.loads((tiny_converted / "conversion.json").read_text())["source"]["path"]
-    roped = convert(teacher, tmp_path / "roped", ConvertOptions(slots=16, rope=True, window=4), progress=False)
+    roped = convert(teacher, tmp_path / "roped", ConvertOptions(num_slots=16, use_rope=True, window=4), progress=False)
     with pytest.raises(T2RError, match=r"cannot load in FLA's GSA: RoPE on q/k .*; hybrid window"):
         export(roped, tmp_path / "x", fmt="fla")
     assert not (tmp_path / "x").exists()
     with pytest.raises(T2RError, match="--format must be"):
         export(roped, tmp_path / "x", fmt="onnx")
-    biased = convert(teacher, tmp_path / "biased", ConvertOptions(slots=16, gate_half_life_max=512), progress=False)
+    biased = convert(teacher, tmp_path / "biased", ConvertOptions(num_slots=16, gate_half_life_max=512), progress=False)
     with pytest.raises(T2RError, match=r"cannot load in FLA's GSA: a gate bias \(FLA's f_proj has none\)"):
         export(biased, tmp_path / "x", fmt="fla")
 

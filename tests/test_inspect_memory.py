@@ -13,7 +13,7 @@ import torch
 from conftest import rel_err, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from t2r.convert.converter import ConvertOptions, convert
+from t2r.convert import ConvertOptions, convert
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "inspect_memory.py"
 
@@ -21,7 +21,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "inspect_memory
 def test_half_lives_match_the_gate_bias_at_zero_input(tiny_converted, tmp_path):
     """With f_proj's weights zeroed every token sees the bias alone: the measured half-lives are the converter's."""
     teacher = Path(tiny_converted).parent / "teacher"
-    out = convert(str(teacher), tmp_path / "hl", ConvertOptions(slots=16, gate_half_life_max=2048), progress=False)
+    out = convert(str(teacher), tmp_path / "hl", ConvertOptions(num_slots=16, gate_half_life_max=2048), progress=False)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     for layer in model.model.layers:
         torch.nn.init.zeros_(layer.self_attn.f_proj.weight)
@@ -37,7 +37,7 @@ def test_half_lives_match_the_gate_bias_at_zero_input(tiny_converted, tmp_path):
 
 def test_script_reports_layers_and_window_shares(tiny_converted, corpus_files, tmp_path, monkeypatch, capsys):
     teacher = Path(tiny_converted).parent / "teacher"
-    hybrid = convert(str(teacher), tmp_path / "hyb", ConvertOptions(slots=16, window=8), progress=False)
+    hybrid = convert(str(teacher), tmp_path / "hyb", ConvertOptions(num_slots=16, window=8), progress=False)
     tiny_tokenizer().save_pretrained(hybrid)
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), str(hybrid), corpus_files[0], "--tokens", "64",
                                       "--json", str(tmp_path / "r.json")])  # fmt: skip

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_tokenizer
 from torch import nn
 
-from t2r.convert.converter import ConvertOptions, convert
+from t2r.convert import ConvertOptions, convert
 from t2r.convert.layer_select import (
     far_share,
     key_share,
@@ -98,7 +98,7 @@ def test_layers_ranked_by_their_retrieval_heads():
 
 def test_convert_auto_keeps_the_ranked_layers(tiny_converted, tmp_path):
     teacher = Path(tiny_converted).parent / "teacher"
-    out = convert(str(teacher), tmp_path / "out", ConvertOptions(slots=8, full_attention_auto=1), progress=False)
+    out = convert(str(teacher), tmp_path / "out", ConvertOptions(num_slots=8, full_attention_auto=1), progress=False)
     record = json.loads((out / "conversion.json").read_text())
     sel = record["full_attention_selection"]
     assert len(sel["ranked"]) == 3 and sorted(sel["ranked"]) == [0, 1, 2]
@@ -121,10 +121,10 @@ def test_convert_auto_with_window_sink(tiny_converted, tmp_path, monkeypatch):
     real = t2r.teacher.load_eager_teacher
     monkeypatch.setattr(t2r.teacher, "load_eager_teacher", lambda *a, **k: loads.append(a) or real(*a, **k))
     teacher = Path(tiny_converted).parent / "teacher"
-    both = convert(str(teacher), tmp_path / "both", ConvertOptions(slots=8, window=8, full_attention_auto=1),
+    both = convert(str(teacher), tmp_path / "both", ConvertOptions(num_slots=8, window=8, full_attention_auto=1),
                    progress=False)  # fmt: skip
     assert len(loads) == 1
-    sink_only = convert(str(teacher), tmp_path / "sink", ConvertOptions(slots=8, window=8), progress=False)
+    sink_only = convert(str(teacher), tmp_path / "sink", ConvertOptions(num_slots=8, window=8), progress=False)
     assert len(loads) == 1
     chosen = json.loads((both / "conversion.json").read_text())["options"]["full_attention_layers"]
     a, b = ({k: v for f in p.glob("*.safetensors") for k, v in load_file(str(f)).items()} for p in (both, sink_only))

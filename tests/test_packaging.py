@@ -84,7 +84,7 @@ def test_installed_wheel_converts_finetunes_with_a_shipped_recipe_and_generates(
     )
     assert Path(where.stdout.strip()).is_relative_to(site), where
     teacher = tiny_converted.parent / "teacher"
-    t2r("convert", str(teacher), "conv", "--slots", "8")
+    t2r("convert", str(teacher), "conv", "--num-slots", "8")
     sets = ["--set", "stages.0.steps=2", "--set", "stages.1.steps=2", "--set", "eval_every=0"]
     t2r("finetune", "conv", "run", "--data", "data.txt", "--recipe", "tiny-test", *sets, "--device", "cpu")
     text = t2r("generate", "run", "--prompt", "Licensed under", "--max-new-tokens", "4", "--device", "cpu")

@@ -18,7 +18,7 @@ declare -A ARGS=(
   # The hybrid with a gate bias: memory half-lives log-spaced from 8 to 4096 tokens at zero gate input.
   [hybrid-hl]="--gate-init kproj --window 64 --gate-half-life-max 4096 --no-window-sink"
   # Twice the slots (M = 128), same gate bias: more memory for the long-range context the hybrids miss.
-  [hybrid-m128]="--gate-init kproj --window 64 --slots 128 --gate-half-life-max 4096 --no-window-sink"
+  [hybrid-m128]="--gate-init kproj --window 64 --num-slots 128 --gate-half-life-max 4096 --no-window-sink"
   # The window share read per token from the hidden state (a router starting at zero), same gate bias.
   [hybrid-tok]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --no-window-sink"
   # hybrid-tok with the two layers that hold the teacher's passkey-retrieval heads kept as softmax attention
@@ -35,7 +35,7 @@ declare -A ARGS=(
   [hybrid-tok-sink-fa4]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --full-attention-layers 20,21,22,23"
   # C19's hybrid (the sink) with 128 slots: C12's 128 slots changed nothing while every head took ~88% of its
   # output from the window; since the per-token share (C15) the memories carry about half of it.
-  [hybrid-tok-sink-m128]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --slots 128"
+  [hybrid-tok-sink-m128]="--gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --num-slots 128"
 )
 # ONLY="hybrid-hl hybrid-tok" converts just those (each conversion takes ~20 s of a GPU call).
 for name in ${ONLY:-kproj hybrid teacher hybrid-hl hybrid-m128 hybrid-tok hybrid-tok-fa2 hybrid-tok-fa4}; do

@@ -1,15 +1,25 @@
-"""Converted-model classes (config, GSA attention, cache), registered with transformers' Auto classes on import.
-These files also travel with saved checkpoints."""
+"""The inference model: config (teacher config + ``gsa_*`` fields), GSA attention, the recurrent cache; these files
+travel with saved checkpoints for ``trust_remote_code``. Importing this package is cheap (the command line reads
+``settings`` from it); ``t2r.models.auto`` registers the Auto classes."""
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from __future__ import annotations
 
-from .cache_t2r import GSACache, GSAStateLayer
-from .configuration_t2r import T2R_CONFIGS, GSASettings
-from .modeling_t2r import T2R_MODELS, GSAAttention
+import importlib
+from typing import Any
 
-for _config_cls in T2R_CONFIGS.values():
-    AutoConfig.register(_config_cls.model_type, _config_cls, exist_ok=True)
-for _config_cls, _model_cls in T2R_MODELS.items():
-    AutoModelForCausalLM.register(_config_cls, _model_cls, exist_ok=True)
+_LAZY = {
+    "GSACache": "cache_t2r",
+    "GSAStateLayer": "cache_t2r",
+    "T2R_CONFIGS": "configuration_t2r",
+    "T2R_MODELS": "modeling_t2r",
+    "GSAAttention": "modeling_t2r",
+    "GSASettings": "settings",
+}
+__all__ = sorted(_LAZY)
 
-__all__ = ["T2R_CONFIGS", "T2R_MODELS", "GSAAttention", "GSACache", "GSASettings", "GSAStateLayer"]
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        importlib.import_module(f"{__name__}.auto")  # any model class in use must be registered
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,7 +27,7 @@ def load_converted(model_dir: str | Path, dtype: torch.dtype = torch.float32) ->
     """A converted checkpoint as its t2r model class (registered by ``import t2r``)."""
     from transformers import AutoModelForCausalLM
 
-    import t2r.models  # noqa: F401  (registers the converted architectures)
+    import t2r.models.auto  # noqa: F401  (registers the converted architectures)
 
     model_dir = check_converted_dir(model_dir)
     try:

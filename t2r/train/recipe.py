@@ -8,12 +8,13 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from t2r.errors import T2RError
+from t2r.models.settings import check_fields, option
 
 TRAIN_MODES = ("new", "lora", "full")
 LOSSES = ("transfer", "ce", "kd")
@@ -21,87 +22,84 @@ LOSSES = ("transfer", "ce", "kd")
 
 @dataclass
 class LoraSettings:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    r: int = option(8, "LoRA rank", min=1, max=4096)
+    alpha: int = option(16, "LoRA scaling numerator (scale = alpha / r)", min=1, max=1 << 16)
+    dropout: float = option(0.0, "dropout on the LoRA branch", min=0, max=0.99)
+    target_modules: list[str] = option(["q_proj", "k_proj", "v_proj", "o_proj"], "modules that get adapters")
 
 
 @dataclass
 class Stage:
-    name: str = "finetune"
-    train: str = "new"  # new | lora | full
-    steps: int = 100
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    loss: dict[str, float] = field(default_factory=lambda: {"ce": 1.0})
-    kd_temperature: float = 1.0
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    name: str = option("finetune", "a name for logs and the stage's output")
+    train: str = option(
+        "new", "what trains: new GSA parameters, LoRA adapters (peft) or everything", choices=TRAIN_MODES
+    )
+    steps: int = option(100, "optimizer steps", min=1, max=10**8)
+    lr: float = option(1e-3, "peak learning rate", above=0, max=10)
+    min_lr_ratio: float = option(0.1, "cosine decay ends at this share of lr", min=0, max=1)
+    warmup_steps: int = option(10, "linear warmup steps", min=0, max=10**8)
+    weight_decay: float = option(0.0, "AdamW weight decay (matrices only)", min=0, max=10)
+    betas: list[float] = option([0.9, 0.95], "AdamW betas", min=0, max=0.99999)
+    loss: dict[str, float] = option({"ce": 1.0}, "loss weights: transfer, ce, kd")
+    kd_temperature: float = option(1.0, "distillation temperature", above=0, max=100)
+    lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
     # Learning rates by module name, e.g. {window_mix: 1.0e-2}: a hybrid's per-head window share is one logit per
     # head, and Adam moves a parameter by at most about lr per step, so at a full finetune's lr it barely moves.
-    module_lr: dict[str, float] = field(default_factory=dict)
+    module_lr: dict[str, float] = option({}, "learning rates by module name")
 
 
 @dataclass
 class DataSettings:
-    text_field: str = "text"
-    encoding_errors: str = "strict"  # text files: strict | replace | ignore (as bytes.decode)
-    add_eos: bool = True
-    eval_fraction: float = 0.01
-    recall_fraction: float = 0.0  # training rows rewritten as synthetic long-range recall tasks (t2r.train.recall)
-    recall_answer_weight: float = 1.0  # loss weight of a recall row's answer tokens (CE and KD)
+    text_field: str = option("text", "the text field of .jsonl/.parquet/datasets corpora")
+    encoding_errors: str = option("strict", "text files: as bytes.decode", choices=("strict", "replace", "ignore"))
+    add_eos: bool = option(True, "end every document with the EOS token")
+    eval_fraction: float = option(0.01, "held-out share of rows (hash split) without --eval-data", min=0, max=0.5)
+    recall_fraction: float = option(0.0, "training rows rewritten as synthetic recall tasks", min=0, max=1)
+    recall_answer_weight: float = option(1.0, "loss weight of a recall row's answer tokens", above=0, max=1000)
 
 
 @dataclass
 class Recipe:
-    seq_len: int = 2048
-    micro_batch_size: int = 4
-    grad_accum: int = 1
-    seed: int = 0
-    precision: str = "bf16"  # bf16 autocast on CUDA; fp32 elsewhere unless forced
-    gradient_checkpointing: bool = False
+    seq_len: int = option(2048, "tokens per training row", min=2, max=1 << 20)
+    micro_batch_size: int = option(4, "rows per forward", min=1, max=1 << 16)
+    grad_accum: int = option(1, "micro-batches per optimizer step", min=1, max=1 << 16)
+    seed: int = option(0, "seed of initialisation, data order and LoRA", min=0, max=2**63 - 1)
+    precision: str = option("bf16", "bf16 autocast on CUDA, or fp32", choices=("bf16", "fp32"))
+    gradient_checkpointing: bool = option(False, "recompute decoder layers in the backward")
     # torch.compile each decoder layer (t2r.train.compiled): fuses the small ops around the GSA kernels; the first
     # steps and every new sequence length pay the compilation. Attention-transfer stages stay eager.
-    compile: bool = False
-    max_grad_norm: float = 1.0
-    calibrate_rows: int = 16  # rows used to calibrate the GSA output norms before training (0 = off)
-    log_every: int = 1
-    eval_every: int = 50
-    eval_rows: int = 16
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    distributed: str = "ddp"  # ddp | fsdp (under torchrun)
-    teacher_device: str | None = None  # KD teacher placement when it is a separate model
-    data: DataSettings = field(default_factory=DataSettings)
-    stages: list[Stage] = field(default_factory=lambda: [Stage()])
+    compile: bool = option(False, "torch.compile each decoder layer")
+    max_grad_norm: float = option(1.0, "gradient clipping", above=0, max=1e6)
+    calibrate_rows: int = option(16, "rows used to calibrate the GSA output norms before training (0 = off)", min=0)
+    log_every: int = option(1, "steps between log lines", min=1)
+    eval_every: int = option(50, "steps between held-out evaluations (0 = at stage ends only)", min=0)
+    eval_rows: int = option(16, "held-out rows per evaluation", min=0)
+    checkpoint_every: int = option(50, "steps between checkpoints (0 = none but the stage ends)", min=0)
+    keep_checkpoints: int = option(2, "checkpoints kept", min=1, max=1000)
+    distributed: str = option("ddp", "under torchrun: ddp or fsdp (FSDP2)", choices=("ddp", "fsdp"))
+    teacher_device: str | None = option(None, "KD teacher placement when it is a separate model")
+    data: DataSettings = dataclasses.field(default_factory=DataSettings)
+    stages: list[Stage] = dataclasses.field(default_factory=lambda: [Stage()])
 
     def validate(self) -> None:
-        if self.seq_len < 2 or self.micro_batch_size < 1 or self.grad_accum < 1:
-            raise T2RError("seq_len must be >= 2, micro_batch_size and grad_accum >= 1")
-        if self.precision not in ("bf16", "fp32"):
-            raise T2RError(f"precision must be bf16 or fp32, got {self.precision!r}")
-        if self.distributed not in ("ddp", "fsdp"):
-            raise T2RError(f"distributed must be ddp or fsdp, got {self.distributed!r}")
-        if self.data.encoding_errors not in ("strict", "replace", "ignore"):
-            raise T2RError(f"data.encoding_errors must be strict, replace or ignore, got {self.data.encoding_errors!r}")
-        if not 0 <= self.data.eval_fraction < 1:
-            raise T2RError("data.eval_fraction must be in [0, 1)")
-        if not 0 <= self.data.recall_fraction <= 1:
-            raise T2RError("data.recall_fraction must be in [0, 1]")
-        if not self.data.recall_answer_weight > 0:
-            raise T2RError("data.recall_answer_weight must be > 0")
+        """Every declared bound (one line naming the recipe key), then the rules between keys."""
+        for where, obj in [("", self), ("data.", self.data)] + [
+            item for i, st in enumerate(self.stages) for item in ((f"stages.{i}.", st), (f"stages.{i}.lora.", st.lora))
+        ]:
+            try:
+                check_fields(obj, label=lambda name, where=where: f"{where}{name}")
+            except ValueError as e:
+                raise T2RError(f"recipe: {e}") from None
         if not self.stages:
             raise T2RError("a recipe needs at least one stage")
         for i, st in enumerate(self.stages):
             where = f"stages.{i} ({st.name})"
-            if st.train not in TRAIN_MODES:
-                raise T2RError(f"{where}: train must be one of {', '.join(TRAIN_MODES)}, got {st.train!r}")
             unknown = set(st.loss) - set(LOSSES)
             if unknown:
                 raise T2RError(f"{where}: unknown loss {sorted(unknown)}; use {', '.join(LOSSES)}")
+            for name, weight in st.loss.items():
+                if not isinstance(weight, int | float) or isinstance(weight, bool) or not 0 <= weight < 1e6:
+                    raise T2RError(f"{where}: loss weight {name} must be a number in [0, 1e6), got {weight!r}")
             if not any(w > 0 for w in st.loss.values()):
                 raise T2RError(f"{where}: needs a positive loss weight")
             if st.loss.get("transfer", 0) > 0 and st.train == "full":
@@ -109,15 +107,15 @@ class Recipe:
                     f"{where}: attention transfer compares against the frozen teacher attention; "
                     "train 'new' or 'lora' in that stage"
                 )
-            if st.steps < 1 or st.lr <= 0:
-                raise T2RError(f"{where}: steps must be >= 1 and lr > 0")
+            if len(st.betas) != 2:
+                raise T2RError(f"{where}: betas must be two numbers, got {st.betas!r}")
             for module, lr in st.module_lr.items():
                 try:
                     st.module_lr[module] = float(lr)  # YAML reads 1e-2 (no dot) as text
                 except (TypeError, ValueError):
                     raise T2RError(f"{where}: module_lr.{module} must be a number, got {lr!r}") from None
-                if not st.module_lr[module] > 0:
-                    raise T2RError(f"{where}: module_lr.{module} must be > 0")
+                if not 0 < st.module_lr[module] <= 10:
+                    raise T2RError(f"{where}: module_lr.{module} must be in (0, 10], got {lr!r}")
 
     @property
     def rows_per_step(self) -> int:
