@@ -21,7 +21,7 @@ import argparse
 import json
 
 from t2r.convert.layer_select import far_profile, layer_table, rank_layers, retrieval_profile
-from t2r.eval.evaluate import token_stream
+from t2r.eval.perplexity import token_stream
 from t2r.teacher import load_eager_teacher
 
 

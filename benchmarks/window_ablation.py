@@ -20,7 +20,8 @@ import json
 
 import torch
 
-from t2r.eval.evaluate import passkey_accuracy, perplexity, token_stream
+from t2r.eval.passkey import passkey_accuracy
+from t2r.eval.perplexity import perplexity, token_stream
 from t2r.teacher import load_eager_teacher
 
 

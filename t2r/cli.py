@@ -43,8 +43,11 @@ def _option_params(cls: type, skip: tuple[str, ...] = ()) -> list[inspect.Parame
             continue
         kind = meta.get("cli_type") or hints[f.name]
         decls = (meta["flag"],) if meta.get("flag") else ()
-        default = f.default if f.default is not dataclasses.MISSING else ""
-        option = typer.Option(*decls, help=meta["help"], show_default=default not in (None, ""))
+        default = f.default if f.default is not dataclasses.MISSING else None  # factories: the class fills them
+        text = meta["help"]
+        if f.default_factory is not dataclasses.MISSING and f.default_factory():
+            text += f" [default: {', '.join(str(x) for x in f.default_factory())}]"
+        option = typer.Option(*decls, help=text, show_default=default not in (None, ""))
         params.append(
             inspect.Parameter(
                 f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option]
@@ -80,15 +83,6 @@ def convert(
     )
     path = run_convert(src, out, ConvertOptions(**options), force=force, allow_download=allow_download)
     typer.echo(f"converted {src} -> {path}")
-
-
-def _register_convert() -> None:
-    from t2r.convert.options import ConvertOptions
-
-    app.command()(_command_with_options(convert, ConvertOptions))
-
-
-_register_convert()
 
 
 @app.command()
@@ -168,45 +162,38 @@ def generate(
             typer.echo(f"{p}{text}" if len(prompt) == 1 else f"--- {p}\n{text}")
 
 
-@app.command("eval")
 def eval_(
     model: Annotated[Path, typer.Argument(help="exported or converted model, or a run directory")],
-    data: Annotated[list[str] | None, typer.Option(help="held-out text for perplexity (files, globs, dirs)")] = None,
-    ppl: Annotated[bool, typer.Option("--ppl/--no-ppl", help="perplexity over fixed windows")] = True,
-    passkey: Annotated[bool, typer.Option("--passkey/--no-passkey", help="passkey retrieval")] = True,
-    window: Annotated[list[int] | None, typer.Option(help="perplexity windows (repeat)")] = None,
-    max_windows: Annotated[int, typer.Option(help="windows scored per length")] = 32,
-    context: Annotated[list[int] | None, typer.Option(help="passkey context lengths (repeat)")] = None,
-    trials: Annotated[int, typer.Option(help="passkey trials per context")] = 100,
-    seed: Annotated[int, typer.Option(help="passkey seed")] = 0,
-    batch: Annotated[int, typer.Option(help="rows per forward")] = 4,
-    teacher: Annotated[bool, typer.Option("--teacher/--no-teacher", help="evaluate the teacher beside it")] = True,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="write the full results here")] = None,
+    **options,
 ) -> None:
-    """Held-out perplexity (2k/4k windows) and passkey retrieval (1k/2k/4k), the teacher beside the student."""
+    """Perplexity by position and passkey retrieval (1k/2k/4k), and the standard zero-shot tasks (--tasks), the
+    teacher beside the student."""
     import json
 
-    from t2r.eval.evaluate import evaluate, format_table
+    from t2r.eval.options import EvalOptions
+    from t2r.eval.runner import evaluate, format_table
     from t2r.fsutil import atomic_write_text
 
-    result = evaluate(
-        model,
-        data,
-        ppl,
-        passkey,
-        tuple(window or (2048, 4096)),
-        max_windows,
-        tuple(context or (1024, 2048, 4096)),
-        trials,
-        seed,
-        device,
-        batch,
-        teacher,
-    )
+    opts = EvalOptions(**{k: v for k, v in options.items() if v is not None})
+    result = evaluate(model, opts)
     typer.echo(format_table(result))
-    if json_out is not None:
-        atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
+    if opts.plot and result.get("zeroshot"):
+        from t2r.eval.zeroshot import plot_recovery
+
+        typer.echo(f"recovery plot: {plot_recovery(result['zeroshot'], Path(opts.plot))}")
+    if opts.json_out is not None:
+        atomic_write_text(opts.json_out, json.dumps(result, indent=2) + "\n")
+
+
+def _register_options_commands() -> None:
+    from t2r.convert.options import ConvertOptions
+    from t2r.eval.options import EvalOptions
+
+    app.command()(_command_with_options(convert, ConvertOptions))
+    app.command("eval")(_command_with_options(eval_, EvalOptions))
+
+
+_register_options_commands()
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Speed and memory benchmarks (ratios measured in one run).")

@@ -10,13 +10,17 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from t2r.eval.evaluate import evaluate, passkey_accuracy, passkey_prompts, position_buckets
+from t2r.eval.options import EvalOptions
+from t2r.eval.passkey import passkey_accuracy
+from t2r.eval.perplexity import position_buckets
+from t2r.eval.runner import evaluate
+from t2r.prompts import passkey_prompts
 
 
 def test_eval_tiny_model_is_finite_and_reproducible(tiny_converted, corpus_files):
-    kw = dict(windows=(64, 128), max_windows=4, contexts=(128,), trials=4, device="cpu")
-    a = evaluate(tiny_converted, corpus_files, **kw)
-    b = evaluate(tiny_converted, corpus_files, **kw)
+    kw = dict(data=corpus_files, windows=[64, 128], max_windows=4, contexts=[128], trials=4, device="cpu")
+    a = evaluate(tiny_converted, EvalOptions(**kw))
+    b = evaluate(tiny_converted, EvalOptions(**kw))
     assert a == b
     for name in ("student", "teacher"):
         assert [r["window"] for r in a["ppl"][name]] == [64, 128]
@@ -41,11 +45,13 @@ def test_position_buckets_cover_every_target_once():
 @pytest.mark.parametrize(
     ("option", "expect"),
     [
-        (["--window", "1"], "--window must be at least 2 tokens"),
-        (["--context", "64"], "--context must be at least 128 tokens"),
-        (["--trials", "0"], "--trials must be at least 1"),
-        (["--max-windows", "0"], "--max-windows must be at least 1"),
-        (["--batch", "0"], "--batch must be at least 1"),
+        (["--window", "1"], "--window must be >= 2 and <= 1048576, got [1]"),
+        (["--context", "64"], "--context must be >= 128 and <= 1048576, got [64]"),
+        (["--trials", "0"], "--trials must be >= 1 and <= 100000, got 0"),
+        (["--max-windows", "0"], "--max-windows must be >= 1"),
+        (["--batch", "0"], "--batch must be >= 1 and <= 4096, got 0"),
+        (["--tasks", "piqa,squad"], "--tasks must be one of lambada, piqa"),
+        (["--limit", "0"], "--limit must be >= 1"),
     ],
 )
 def test_bad_options_one_line_errors(tiny_converted, corpus_files, tmp_path, capsys, option, expect):
@@ -93,3 +99,27 @@ def test_teacher_smollm2_retrieves_passkeys():
     assert [x["key"] for x in result["samples"]] == [key for _, key, _ in passkey_prompts(tok, 256, 6)]
     assert sum(x["key"] in x["answer"] for x in result["samples"]) >= 5
     assert json.loads(json.dumps(result)) == result and Path(src.path).is_dir()
+
+
+def test_zero_shot_tasks_beside_the_teacher_from_the_command_line(tiny_converted, tmp_path, capsys):
+    """t2r eval --tasks: every task's metrics for student and teacher, the recovery table, JSON and the plot."""
+    import lzma
+
+    data = tmp_path / "eval"
+    data.mkdir()
+    piqa = [{"goal": f"To do thing {i}", "sol1": "use a cup", "sol2": "use a hat", "label": i % 2} for i in range(6)]
+    with lzma.open(data / "piqa_valid.jsonl.xz", "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in piqa))
+    text = "The cat sat on the mat and looked at the dog"
+    with lzma.open(data / "lambada_openai_test.jsonl.xz", "wt") as f:
+        f.write("".join(json.dumps({"text": text + f" number{i}"}) + "\n" for i in range(4)))
+    out, png = tmp_path / "r.json", tmp_path / "recovery.png"
+    args = ["eval", str(tiny_converted), "--tasks", "piqa,lambada", "--data-dir", str(data), "--no-passkey"]
+    code, _ = run_cli([*args, "--device", "cpu", "--json", str(out), "--plot", str(png)], capsys)
+    assert code in (0, None)
+    result = json.loads(out.read_text())["zeroshot"]
+    assert list(result["tasks"]) == ["piqa", "lambada"]
+    for task in ("piqa", "lambada"):
+        assert set(result["tasks"][task]["scores"]) == {"student", "teacher"}
+    assert result["tasks"]["piqa"]["scores"]["student"]["n"] == 6
+    assert "recovery" in result and png.stat().st_size > 1000

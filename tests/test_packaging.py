@@ -53,7 +53,7 @@ def test_wheel_from_the_sdist_carries_cli_kernels_recipes_and_license(built):
     assert not [line for line in core if any(p in line for p in ("peft", "datasets", "gguf", "matplotlib"))], core
     with tarfile.open(sdist) as tar:
         members = {Path(m).relative_to(Path(m).parts[0]).as_posix() for m in tar.getnames() if "/" in m}
-    assert {"LICENSE", "pyproject.toml", "t2r/train/recipes/tiny-test.yaml", "t2r/kernels/gsa_triton.py"} <= members
+    assert {"LICENSE", "pyproject.toml", "t2r/train/recipes/tiny-test.yaml", "t2r/kernels/chunk_jit.py"} <= members
 
 
 def test_installed_wheel_converts_finetunes_with_a_shipped_recipe_and_generates(built, tiny_converted, tmp_path):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from t2r.eval.evaluate import passkey_prompts
+from t2r.prompts import passkey_prompts
 
 SINK = 4  # the first tokens, attention sinks: far away but carrying no content
 SELECT_SEED = 1  # passkey prompts for selection differ from t2r eval's (seed 0)

@@ -56,6 +56,10 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+
 def describe(f: dataclasses.Field) -> str:
     """What a field accepts, in words: for error messages and help texts."""
     m = f.metadata
@@ -63,20 +67,21 @@ def describe(f: dataclasses.Field) -> str:
         return "one of " + ", ".join(str(c) for c in m["choices"])
     parts = []
     if m.get("above") is not None:
-        parts.append(f"> {m['above']:g}")
+        parts.append(f"> {_num(m['above'])}")
     if m.get("min") is not None:
-        parts.append(f">= {m['min']:g}")
+        parts.append(f">= {_num(m['min'])}")
     if m.get("max") is not None:
-        parts.append(f"<= {m['max']:g}")
+        parts.append(f"<= {_num(m['max'])}")
     return " and ".join(parts)
 
 
-def check_fields(obj: Any, label: Callable[[str], str] = str) -> None:
+def check_fields(obj: Any, label: Callable[[str], str] = str, skip: tuple[str, ...] = ()) -> None:
     """Raise ValueError naming the first field of dataclass ``obj`` whose value breaks its declaration (type,
-    bounds, choices, finiteness). ``label`` turns a field name into the name the user knows (a flag, a key)."""
+    bounds, choices, finiteness). ``label`` turns a field name into the name the user knows (a flag, a key);
+    ``skip``: fields not in use this time."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
-        if "help" not in f.metadata:
+        if "help" not in f.metadata or f.name in skip:
             continue
         value, m = getattr(obj, f.name), f.metadata
         if not _type_ok(value, hints[f.name]):

@@ -5,7 +5,7 @@ token string seen thousands of tokens earlier, so a converted model learns to fo
 docs/results.md). A recall row is a corpus row with a few "facts" (a name and a random number) written at
 random depths and, at the end, a question whose answer is one of those numbers: the LM loss on the answer
 tokens rewards carrying the number through the memory. The wording deliberately differs from the passkey
-evaluation (t2r.eval.evaluate), so the evaluation still measures transfer, not a memorised template.
+evaluation (t2r.prompts), so the evaluation still measures transfer, not a memorised template.
 """
 
 from __future__ import annotations
