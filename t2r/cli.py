@@ -97,8 +97,13 @@ def finetune(
         list[str] | None, typer.Option("--set", help="recipe override key=value, e.g. stages.0.steps=50")
     ] = None,
     eval_data: Annotated[list[str] | None, typer.Option(help="held-out data (default: a hash split of --data)")] = None,
-    resume: Annotated[bool, typer.Option(help="continue the run in OUT from its last checkpoint")] = False,
-    stop_after: Annotated[int | None, typer.Option(help="checkpoint and stop after this global step")] = None,
+    report_to: Annotated[
+        str | None, typer.Option(help="also log to tensorboard and/or wandb (comma-separated; the recipe's report_to)")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="continue the run in OUT (same arguments as it was started with)")
+    ] = False,
+    stop_after: Annotated[int | None, typer.Option(help="checkpoint and stop after this global step", min=1)] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if available)")] = None,
 ) -> None:
     """Finetune a converted model: attention transfer, LM and KD stages; new, LoRA or full parameters.
@@ -107,8 +112,23 @@ def finetune(
     """
     from t2r.train.trainer import finetune as run_finetune
 
-    path = run_finetune(model_dir, out, data, recipe, set_ or [], eval_data, resume, stop_after, device)
+    overrides = list(set_ or [])
+    if report_to:
+        overrides.append(f"report_to=[{', '.join(['jsonl', *report_to.split(',')])}]")
+    path = run_finetune(model_dir, out, data, recipe, overrides, eval_data, resume, stop_after, device)
     typer.echo(f"run directory: {path}")
+
+
+@app.command()
+def resume(
+    run: Annotated[Path, typer.Argument(help="a run directory (t2r finetune)")],
+    stop_after: Annotated[int | None, typer.Option(help="checkpoint and stop after this global step", min=1)] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if available)")] = None,
+) -> None:
+    """Continue a finetuning run exactly as it was started (its recorded model, data and recipe)."""
+    from t2r.train.trainer import resume_run
+
+    typer.echo(f"run directory: {resume_run(run, stop_after, device)}")
 
 
 @app.command()

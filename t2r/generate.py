@@ -9,7 +9,7 @@ import torch
 from t2r.devices import resolve_device
 from t2r.errors import T2RError
 from t2r.models.loading import load_converted
-from t2r.train.runs import RUN_FILE, rebuild_model
+from t2r.train.run_record import RUN_FILE, rebuild_model
 
 
 def load_for_generation(path: str | Path, device: str | None = None, dtype: str | None = None):
@@ -17,13 +17,13 @@ def load_for_generation(path: str | Path, device: str | None = None, dtype: str 
     from transformers import AutoTokenizer
 
     from t2r.shards import DTYPES
-    from t2r.train.runs import read_run
+    from t2r.train.run_record import read_run
 
     path = Path(path)
     device = resolve_device(device)
     torch_dtype = DTYPES[dtype] if dtype else torch.float32
     if (path / RUN_FILE).is_file():
-        model, tok_dir = rebuild_model(path, dtype=torch_dtype), Path(read_run(path)["model_dir"])
+        model, tok_dir = rebuild_model(path, dtype=torch_dtype), Path(read_run(path).model_dir)
     else:
         model, tok_dir = load_converted(path, torch_dtype), path
     try:

@@ -19,7 +19,7 @@ from t2r.export.exporter import export
 from t2r.generate import generate, load_for_generation
 from t2r.models.hf_compat import output_cache
 from t2r.models.loading import load_converted
-from t2r.train.runs import read_run, rebuild_model
+from t2r.train.run_record import read_run, rebuild_model
 
 
 def _tensors(path):
@@ -38,7 +38,7 @@ def test_merged_export_equals_base_plus_lora(tiny_run, tmp_path):
     exported = _tensors(dest)
     run = read_run(tiny_run)
     after_stage1 = rebuild_model(tiny_run, upto=1).state_dict()
-    adapter_dir = tiny_run / run["stages_done"][1]["output"]
+    adapter_dir = tiny_run / run.stages_done[1].output
     adapter = _tensors(adapter_dir)
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     scale = cfg["lora_alpha"] / cfg["r"]
@@ -89,7 +89,7 @@ def test_adapter_only_export(tiny_run, tmp_path):
 
     dest = export(tiny_run, tmp_path / "adapter", adapter_only=True)
     assert (dest / "adapter_config.json").is_file() and not list(dest.glob("model*.safetensors"))
-    model = PeftModel.from_pretrained(load_converted(read_run(tiny_run)["model_dir"]), str(dest)).eval()
+    model = PeftModel.from_pretrained(load_converted(read_run(tiny_run).model_dir), str(dest)).eval()
     ids = torch.randint(3, 100, (1, 20))
     assert rel_err(model(ids).logits, rebuild_model(tiny_run).eval()(ids).logits) <= 1e-6
 
@@ -150,7 +150,7 @@ def test_fla_format_renames_tensors_bit_for_bit(tiny_run, tmp_path):
     model = read_run(tiny_run)
     assert config["model_type"] == "gsa" and config["num_slots"] == 16 and config["num_kv_heads"] == 6
     assert config["gate_logit_normalizer"] == 8.0 and config["feature_map"] == "swish"
-    assert config["hidden_size"] == 48 and config["num_heads"] == 6 and model["stages_done"]
+    assert config["hidden_size"] == 48 and config["num_heads"] == 6 and model.stages_done
     assert (dest / "fla" / "tokenizer.json").is_file()
     assert json.loads((dest / "export.json").read_text())["fla"]["tensors"] == len(fla)
 

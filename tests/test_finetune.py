@@ -17,7 +17,7 @@ from t2r.models.loading import load_converted
 from t2r.train.data import load_documents, pack_documents, tokenize_documents
 from t2r.train.losses import transfer_loss_sum
 from t2r.train.recipe import Stage, load_recipe
-from t2r.train.runs import read_run, rebuild_model
+from t2r.train.run_record import read_run, rebuild_model
 from t2r.train.teacher_attention import TransferCollector
 from t2r.train.trainable import configure_trainable
 from t2r.train.trainer import finetune
@@ -38,10 +38,10 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
 def test_two_stage_run(tiny_converted, corpus_files, tmp_path):
     run_dir = finetune(str(tiny_converted), tmp_path / "run", corpus_files, RECIPE, progress=False)
     run = read_run(run_dir)
-    assert run["status"] == "done"
-    assert [s["kind"] for s in run["stages_done"]] == ["delta", "adapter"]
-    assert run["tokens"] == 12 * 4 * 64 and [s["tokens"] for s in run["stages_done"]] == [6 * 256, 6 * 256]
-    assert run["teacher_eval"]["eval_ppl"] > 1 and run["converted_eval"]["eval_ppl"] > 1
+    assert run.status == "done"
+    assert [s.kind for s in run.stages_done] == ["delta", "adapter"]
+    assert run.tokens == 12 * 4 * 64 and [s.tokens for s in run.stages_done] == [6 * 256, 6 * 256]
+    assert run.teacher_eval["eval_ppl"] > 1 and run.converted_eval["eval_ppl"] > 1
     assert (run_dir / "loss.png").stat().st_size > 10_000
     log = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
     assert {e["type"] for e in log} == {"stage_start", "train", "eval", "stage_end"}
@@ -220,8 +220,11 @@ def test_resume_continues_exactly(tiny_converted, corpus_files, tmp_path, stop):
     full = finetune(str(tiny_converted), tmp_path / "full", corpus_files, RECIPE, progress=False)
     part = tmp_path / "part"
     finetune(str(tiny_converted), part, corpus_files, RECIPE, stop_after=stop, progress=False)
-    assert read_run(part)["status"] == "running"
-    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == [f"step-{stop:07d}"]
+    assert read_run(part).status == "running"
+    stage = 0 if stop < 6 else 1  # each stage of the tiny recipe has 6 steps; checkpoints belong to their stage
+    assert sorted(p.relative_to(part).as_posix() for p in (part / "checkpoints").rglob("step-*")) == [
+        f"checkpoints/stage-{stage:02d}/step-{stop:07d}"
+    ]
     finetune(str(tiny_converted), part, corpus_files, RECIPE, resume=True, progress=False)
     a, b = train_losses(full), train_losses(part)
     assert sorted(a) == sorted(b) == list(range(1, 13))
@@ -271,7 +274,7 @@ def test_two_processes_match_one(tiny_converted, corpus_files, tmp_path, kind):
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-5 * max(1.0, abs(a[step])), (step, a[step], b[step])
-    assert read_run(tmp_path / "two")["world_size"] == 2
+    assert read_run(tmp_path / "two").world_size == 2
 
 
 @pytest.mark.parametrize(
@@ -342,9 +345,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
     args += ["--set", "checkpoint_every=1", "--set", "stages=[{name: lm, train: new, steps: 6, loss: {ce: 1}}]"]
     code, lines = run_cli(args, capsys)
     assert code == 1 and "non-finite loss at step" in lines[-1], lines
-    good = sorted((out / "checkpoints").glob("step-*"))
+    good = sorted((out / "checkpoints").rglob("step-*"))
     assert good and str(good[-1]) in lines[-1]
-    assert not list((out / "checkpoints").glob(".tmp-*"))
+    assert not list(out.rglob("*.t2r-tmp-*"))
     meta = json.loads((good[-1] / "state.json").read_text())
     assert meta["state"]["global_step"] == int(good[-1].name.split("-")[1])
 
@@ -427,9 +430,9 @@ def test_output_norm_calibration_matches_teacher_scale(tiny_converted, corpus_fi
 
 def test_run_records_and_reapplies_the_calibration(tiny_run):
     run = read_run(tiny_run)
-    assert [p["name"] for p in run["prelude"]] == ["calibrate"]
-    assert run["calibrated_eval"]["eval_ppl"] > 1
-    calibrated = tensors(tiny_run / run["prelude"][0]["output"])
+    assert [p.name for p in run.prelude] == ["calibrate"]
+    assert run.calibrated_eval["eval_ppl"] > 1
+    calibrated = tensors(tiny_run / run.prelude[0].output)
     model = rebuild_model(tiny_run, upto=0).state_dict()
     assert all(torch.equal(model[k], v) for k, v in calibrated.items())
 
@@ -439,7 +442,7 @@ def test_recall_rows_are_mixed_into_training(tiny_converted, corpus_files, tmp_p
     overrides += ["stages.0.steps=2"]
     overrides += ["stages.1.steps=2", "eval_every=0", "checkpoint_every=0"]
     run_dir = finetune(str(tiny_converted), tmp_path / "run", corpus_files, RECIPE, overrides, progress=False)
-    stats = read_run(run_dir)["data_stats"]
+    stats = read_run(run_dir).data_stats
     assert 0.25 * stats["train_rows"] < stats["recall_rows"] < 0.75 * stats["train_rows"]
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from t2r.errors import T2RError
-from t2r.fsutil import atomic_directory
+from t2r.fsutil import atomic_path
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ def _dequantize_gguf(gguf: Path, target: Path) -> None:
         raise T2RError(f"cannot read GGUF {gguf}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    with atomic_directory(target, force=True) as tmp:
+    with atomic_path(target, directory=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "t2r_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}) + "\n")

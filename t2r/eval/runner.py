@@ -16,13 +16,13 @@ from t2r.eval.options import EvalOptions
 from t2r.eval.passkey import passkey_accuracy
 from t2r.eval.perplexity import perplexity, token_stream
 from t2r.models.loading import load_converted
-from t2r.train.runs import RUN_FILE, read_run, rebuild_model
+from t2r.train.run_record import RUN_FILE, read_run, rebuild_model
 
 
 def _converted_dir(path: Path) -> Path | None:
     """The converted checkpoint behind a run, an export or a converted directory."""
     if (path / RUN_FILE).is_file():
-        return Path(read_run(path)["model_dir"])
+        return Path(read_run(path).model_dir)
     if (path / "export.json").is_file():
         return Path(json.loads((path / "export.json").read_text())["base_model"])
     if (path / "conversion.json").is_file():

@@ -7,6 +7,7 @@ its parallel forward is compared with prefill + token-by-token decoding; a gap f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -21,7 +22,7 @@ from t2r.fsutil import atomic_directory, check_destination
 from t2r.models.hf_compat import output_cache
 from t2r.models.loading import load_converted
 from t2r.shards import DTYPES, parse_size
-from t2r.train.runs import RUN_FILE, read_run, rebuild_model
+from t2r.train.run_record import RUN_FILE, read_run, rebuild_model, stage_output, teacher_weights_changed
 
 PARITY_TOLERANCE = 1e-3
 PARITY_PROMPT = (
@@ -91,9 +92,9 @@ def export(
     parse_size(max_shard_size)
     if (src / RUN_FILE).is_file():
         info = read_run(src)
-        if not info["stages_done"]:
+        if not info.stages_done:
             raise T2RError(f"run {src} has no finished stage to export (resume it first)")
-        base_dir = Path(info["model_dir"])
+        base_dir = Path(info.model_dir)
     elif (src / "config.json").is_file():
         info, base_dir = None, src
     else:
@@ -133,10 +134,10 @@ def export(
             base_model=str(base_dir),
             teacher=(conversion or {}).get("source"),
             conversion_options=(conversion or {}).get("options"),
-            stages=info["stages_done"] if info else [],
-            recipe=info["recipe"] if info else None,
-            teacher_eval=(info or {}).get("teacher_eval"),
-            converted_eval=(info or {}).get("converted_eval"),
+            stages=[dataclasses.asdict(s) for s in info.stages_done] if info else [],
+            recipe=info.recipe if info else None,
+            teacher_eval=info.teacher_eval if info else None,
+            converted_eval=info.converted_eval if info else None,
             seconds=round(time.time() - started, 1),
         )
         (tmp / "export.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -150,18 +151,17 @@ def _read_json(path: Path) -> dict | None:
 
 def _export_adapter(src: Path, info: dict | None, tmp: Path) -> dict:
     """The last stage's peft adapter, valid only when its base is the converted checkpoint itself."""
-    if info is None or info["stages_done"][-1]["kind"] != "adapter":
+    if info is None or info.stages_done[-1].kind != "adapter":
         raise T2RError("--adapter-only needs a run whose last stage trained LoRA")
-    earlier = info["stages_done"][:-1]
-    if any(s["kind"] == "adapter" or s.get("changes_teacher") for s in earlier):
+    if teacher_weights_changed(info.stages_done[:-1]):
         raise T2RError(
             "--adapter-only: earlier stages changed base weights, so the adapter has no published base; "
             "export the merged model instead"
         )
-    shutil.copytree(src / info["stages_done"][-1]["output"], tmp, dirs_exist_ok=True)
+    shutil.copytree(stage_output(src, info.stages_done[-1]), tmp, dirs_exist_ok=True)
     config_path = tmp / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = info["model_dir"]
+    config["base_model_name_or_path"] = info.model_dir
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     return {
         "kind": "adapter",

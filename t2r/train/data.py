@@ -215,3 +215,42 @@ def split_rows(rows: PackedRows, eval_fraction: float, salt: str = "t2r-eval") -
     if held.all():
         raise T2RError("the corpus is too small to hold out an evaluation split")
     return rows.select(np.flatnonzero(~held)), rows.select(np.flatnonzero(held))
+
+
+class RowSampler:
+    """Epoch-wise seeded permutations of the training rows; the cursor (epoch, position) is all its state."""
+
+    def __init__(self, n_rows: int, seed: int):
+        self.n_rows, self.seed = n_rows, seed
+        self._epoch, self._perm = -1, None
+
+    def take(self, count: int, state) -> list[int]:
+        """``count`` row indices from ``state``'s cursor (``epoch``, ``cursor``), which moves past them."""
+        rows = []
+        while len(rows) < count:
+            if self._epoch != state.epoch:
+                gen = torch.Generator().manual_seed(self.seed * 7919 + state.epoch)
+                self._perm, self._epoch = torch.randperm(self.n_rows, generator=gen).tolist(), state.epoch
+            take = min(count - len(rows), self.n_rows - state.cursor)
+            rows += self._perm[state.cursor : state.cursor + take]
+            state.cursor += take
+            if state.cursor == self.n_rows:
+                state.epoch, state.cursor = state.epoch + 1, 0
+        return rows
+
+
+def build_rows(data: list[str], eval_data: list[str] | None, tokenizer, recipe, info) -> tuple[PackedRows, PackedRows]:
+    """Packed train and held-out rows. Rank 0 tokenizes first so the others hit the datasets cache."""
+    from t2r.train.distributed import barrier
+
+    def make(specs):
+        docs = load_documents(specs, recipe.data.text_field, recipe.data.encoding_errors)
+        return pack_documents(tokenize_documents(docs, tokenizer, recipe.data.add_eos), recipe.seq_len)
+
+    result = None
+    for turn in (0, 1):
+        if (turn == 0) == info.is_main:
+            train = make(data)
+            result = (train, make(eval_data)) if eval_data else split_rows(train, recipe.data.eval_fraction)
+        barrier(info)
+    return result

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
-def read_log(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+from t2r.train.reporting import read_log
 
 
 def plot_run(run_dir: Path, png: Path | None = None) -> Path:

@@ -17,6 +17,7 @@ from t2r.errors import T2RError
 from t2r.models.settings import check_fields, option
 
 TRAIN_MODES = ("new", "lora", "full")
+REPORTERS = ("jsonl", "tensorboard", "wandb")
 LOSSES = ("transfer", "ce", "kd")
 
 
@@ -78,6 +79,9 @@ class Recipe:
     keep_checkpoints: int = option(2, "checkpoints kept", min=1, max=1000)
     distributed: str = option("ddp", "under torchrun: ddp or fsdp (FSDP2)", choices=("ddp", "fsdp"))
     teacher_device: str | None = option(None, "KD teacher placement when it is a separate model")
+    report_to: list[str] = option(
+        ["jsonl"], "where logs go besides RUN/log.jsonl: tensorboard (RUN/tensorboard), wandb", choices=REPORTERS
+    )
     data: DataSettings = dataclasses.field(default_factory=DataSettings)
     stages: list[Stage] = dataclasses.field(default_factory=lambda: [Stage()])
 

@@ -1,16 +1,14 @@
-"""What a stage trains and how fast: its trainable set (new parameters, LoRA via peft, or everything), the AdamW
-parameter groups (per-module learning rates) and the learning-rate schedule."""
+"""What a stage trains and how fast: its trainable set (new parameters, LoRA via peft, or everything) and the
+AdamW parameter groups (per-module learning rates)."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
 from t2r.errors import T2RError
 from t2r.train.recipe import Recipe, Stage
-from t2r.train.runs import NEW_PARAM_MARKERS, quiet_peft_wrap
+from t2r.train.run_record import NEW_PARAM_MARKERS, quiet_peft_wrap
 
 
 def configure_trainable(model: nn.Module, stage: Stage, seed: int) -> tuple[nn.Module, list[str]]:
@@ -67,18 +65,6 @@ def param_groups(model: nn.Module, stage: Stage) -> list[dict]:
     return [
         {"params": groups[key], "lr": key[0], "weight_decay": stage.weight_decay if key[1] else 0.0} for key in order
     ]
-
-
-def lr_lambda(stage: Stage):
-    """Linear warmup, then cosine decay to ``min_lr_ratio`` of the stage's lr (a LambdaLR factor)."""
-
-    def fn(step: int) -> float:
-        if step < stage.warmup_steps:
-            return (step + 1) / (stage.warmup_steps + 1)
-        progress = (step - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
-        return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return fn
 
 
 def check_module_lr(model_dir: str, recipe: Recipe) -> None:
