@@ -172,9 +172,10 @@ def generate(
     dtype: Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default fp32)")] = None,
 ) -> None:
     """Generate text with transformers' generate() and the constant-size GSA cache."""
+    from t2r.generate import check_generation, load_for_generation
     from t2r.generate import generate as run_generate
-    from t2r.generate import load_for_generation
 
+    check_generation(prompt, max_new_tokens, temperature, top_p, stream)  # before the model loads
     lm, tokenizer = load_for_generation(model, device, dtype)
     outputs = run_generate(lm, tokenizer, prompt, max_new_tokens, temperature, top_p, seed, stream, chat)
     if not stream:
@@ -306,14 +307,31 @@ def bench_kernels(
 
 
 def main() -> None:
-    """Run the CLI; user errors become one line on stderr and exit status 1."""
+    """Run the CLI. A user error (bad input, a bad option) is one line on stderr and a non-zero exit: 1 for
+    errors t2r finds, 2 for options the command line cannot parse. SIGTERM unwinds like Ctrl-C, so temporary
+    files are removed on the way out."""
     from t2r.errors import T2RError
+    from t2r.fsutil import exit_on_signals
 
+    # typer >= 0.24 carries its own copy of click: take the exception classes from what it raises.
+    click_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    exit_on_signals()
     try:
-        app()
+        code = app(standalone_mode=False)
     except T2RError as e:
         print(f"t2r: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except click_error as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare command: its help, as click does standalone
+            print(e.format_message())
+        else:
+            where = f" ({e.ctx.command_path})" if getattr(e, "ctx", None) is not None else ""
+            print(f"t2r: error{where}: {' '.join(e.format_message().split())}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("t2r: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

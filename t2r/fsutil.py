@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from t2r.errors import T2RError
+from t2r.errors import T2RError, first_line
 
 TEMP_TAG = ".t2r-tmp-"
 OUTPUT_MARKER = ".t2r-output"  # in every directory convert and export write: what --force may replace
@@ -128,6 +128,22 @@ def atomic_path(final: str | Path, *, directory: bool = False) -> Iterator[Path]
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def read_json_object(path: str | Path, what: str) -> dict:
+    """A JSON file that must hold an object (config.json, indexes, records), or a one-line error."""
+    import json
+
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise T2RError(f"{what}: {path} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise T2RError(f"{what}: {path} is not valid JSON ({first_line(e)})") from None
+    if not isinstance(value, dict):
+        raise T2RError(f"{what}: {path} holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def confined(root: str | Path, relative: str | Path, what: str) -> Path:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
 from t2r.devices import resolve_device
-from t2r.errors import T2RError
+from t2r.errors import T2RError, first_line
 from t2r.models.loading import load_converted
 from t2r.train.run_record import RUN_FILE, rebuild_model
 
@@ -29,11 +30,33 @@ def load_for_generation(path: str | Path, device: str | None = None, dtype: str 
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     except (OSError, ValueError) as e:
-        raise T2RError(f"no usable tokenizer in {tok_dir}: {str(e).splitlines()[0]}") from None
+        raise T2RError(f"no usable tokenizer in {tok_dir}: {first_line(e)}") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
+
+
+MAX_NEW_TOKENS = 1 << 20
+MAX_PROMPTS = 4096
+
+
+def check_generation(prompts: list[str], max_new_tokens: int, temperature: float, top_p: float, stream: bool) -> None:
+    """One-line errors for requests generate() would mishandle or refuse deep inside transformers."""
+    if not prompts:
+        raise T2RError("give at least one --prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise T2RError(f"at most {MAX_PROMPTS} prompts per call, got {len(prompts)}")
+    if any(not p for p in prompts):
+        raise T2RError("--prompt is empty; give some text to continue")
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise T2RError(f"--max-new-tokens must be in [1, {MAX_NEW_TOKENS}], got {max_new_tokens}")
+    if not (math.isfinite(temperature) and 0 <= temperature <= 100):
+        raise T2RError(f"--temperature must be a number in [0, 100] (0 = greedy), got {temperature}")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise T2RError(f"--top-p must be in (0, 1], got {top_p}")
+    if stream and len(prompts) != 1:
+        raise T2RError("--stream works with a single prompt")
 
 
 def generate(
@@ -48,10 +71,7 @@ def generate(
     chat: bool = False,
 ) -> list[str]:
     """Continue each prompt; temperature 0 is greedy. Streaming prints tokens as they come (one prompt)."""
-    if not prompts:
-        raise T2RError("give at least one --prompt")
-    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
-        raise T2RError("need max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1")
+    check_generation(prompts, max_new_tokens, temperature, top_p, stream)
     if chat:
         prompts = [
             tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
@@ -66,8 +86,6 @@ def generate(
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None)
     if stream:
-        if len(prompts) != 1:
-            raise T2RError("--stream works with a single prompt")
         from transformers import TextStreamer
 
         kwargs["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

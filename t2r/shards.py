@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from t2r.errors import T2RError
+from t2r.fsutil import confined, read_json_object
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -69,15 +70,15 @@ def shard_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory, in index order."""
     index = model_dir / INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise T2RError(f"unreadable shard index {index}: {e}") from None
+        weight_map = read_json_object(index, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise T2RError(f"unreadable shard index {index}: no weight_map of tensor names to files")
         names = list(dict.fromkeys(weight_map.values()))
-        missing = [n for n in names if not (model_dir / n).is_file()]
+        paths = [confined(model_dir, n, f"shard index {index}") for n in names]
+        missing = [n for n, p in zip(names, paths, strict=True) if not p.is_file()]
         if missing:
             raise T2RError(f"checkpoint {model_dir} is missing shard(s) {', '.join(missing)} listed in {INDEX_NAME}")
-        return [model_dir / n for n in names]
+        return paths
     if (model_dir / SINGLE_NAME).is_file():
         return [model_dir / SINGLE_NAME]
     found = sorted(model_dir.glob("*.safetensors"))

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import re
 import shutil
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from t2r.convert.gates import init_gate, init_gate_bias
 from t2r.convert.options import ConvertOptions
 from t2r.convert.sources import TOKENIZER_FILES, Source, resolve_source
 from t2r.errors import T2RError
-from t2r.fsutil import atomic_directory, check_destination
+from t2r.fsutil import atomic_directory, check_destination, read_json_object
 from t2r.models.configuration_t2r import T2R_CONFIGS
 from t2r.shards import DTYPES, ShardWriter, iter_tensors, parse_size, read_tensor_infos, shard_files
 
@@ -77,9 +76,11 @@ def convert(
     """Convert SRC (alias, directory, hub id or .gguf) into a GSA checkpoint directory OUT (atomically)."""
     options = options or ConvertOptions()
     options.validate()
-    out = check_destination(out, force)
+    check_destination(out, force)
     source = resolve_source(src, allow_download=allow_download)
-    teacher_config = json.loads((source.path / "config.json").read_text())
+    reads = [source.path, *([source.gguf_file] if source.gguf_file else [])]
+    check_destination(out, force, reads)
+    teacher_config = read_json_object(source.path / "config.json", "teacher config")
     config = gsa_config_from_teacher(teacher_config, options)  # architecture and options checked before any work
     sink_token = None
     if options.window_sink:
@@ -97,8 +98,7 @@ def convert(
     _check_layout(infos, config)
     gsa_layers = [i for i in range(config.num_hidden_layers) if config.is_gsa_layer(i)]
     sink = sink_key_values(source.path, sink_token, gsa_layers) if sink_token is not None else None
-    started = time.time()
-    with atomic_directory(out, force=force) as tmp:
+    with atomic_directory(out, force=force, reads=reads) as tmp:
         stats = _write_weights(infos, config, options, tmp, progress, sink)
         _write_side_files(source, config, tmp)
         record = {
@@ -110,7 +110,6 @@ def convert(
             **({"full_attention_selection": selection} if selection else {}),
             **({"window_sink_token": sink_token} if sink_token is not None else {}),
             **stats,
-            "seconds": round(time.time() - started, 1),
         }
         (tmp / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(record, config))
@@ -135,7 +134,7 @@ def _check_layout(infos, config) -> None:
 
 def _write_weights(infos, config, options: ConvertOptions, out_dir: Path, progress: bool, sink=None) -> dict:
     out_dtype = DTYPES.get(options.dtype) if options.dtype else None
-    writer = ShardWriter(out_dir, parse_size(options.max_shard_size), metadata={"t2r": __version__})
+    writer = ShardWriter(out_dir, parse_size(options.max_shard_size))
     gsa_layers = [i for i in range(config.num_hidden_layers) if config.is_gsa_layer(i)]
     new_names: list[str] = []
     new_params = 0

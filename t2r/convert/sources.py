@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from t2r.errors import T2RError
+from t2r.errors import T2RError, first_line
 from t2r.fsutil import atomic_path
 
 
@@ -136,7 +136,7 @@ def _from_hub(spec: str, repo_id: str, allow_download: bool, offline_hint=None) 
         try:
             local = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)
         except (HfHubHTTPError, OSError, ValueError) as e:
-            raise T2RError(f"could not download {repo_id}: {str(e).splitlines()[0]}") from None
+            raise T2RError(f"could not download {repo_id}: {first_line(e)}") from None
     local = Path(local)
     revision = local.name if local.parent.name == "snapshots" else None
     return Source(spec, local, "hub", repo_id=repo_id, revision=revision)
@@ -159,7 +159,7 @@ def _dequantize_gguf(gguf: Path, target: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as e:  # the GGUF loader raises many types for unreadable files
-        raise T2RError(f"cannot read GGUF {gguf}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise T2RError(f"cannot read GGUF {gguf}: {first_line(e) if str(e) else type(e).__name__}") from None
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     with atomic_path(target, directory=True) as tmp:

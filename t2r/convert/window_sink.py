@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from t2r.errors import T2RError
+from t2r.errors import T2RError, first_line
 from t2r.shards import iter_tensors, read_tensor_infos, shard_files
 
 SINK_TEXT = "\n"  # on SmolLM2 the newline sink was as good as the real first token (docs/results.md)
@@ -34,7 +34,7 @@ def teacher_sink_token(source: str) -> int:
     try:
         return sink_token(AutoTokenizer.from_pretrained(source))
     except (OSError, ValueError) as e:
-        detail = str(e).strip().splitlines()[0]
+        detail = first_line(e)
         raise T2RError(
             f"--window-sink needs the teacher's tokenizer to choose the sink token ({detail}); "
             "--no-window-sink converts the hybrid without a sink"

@@ -18,7 +18,7 @@ import torch
 from t2r import __version__
 from t2r.convert.sources import TOKENIZER_FILES
 from t2r.errors import T2RError
-from t2r.fsutil import atomic_directory, check_destination
+from t2r.fsutil import atomic_directory, check_destination, read_json_object
 from t2r.models.hf_compat import output_cache
 from t2r.models.loading import load_converted
 from t2r.shards import DTYPES, parse_size
@@ -99,6 +99,8 @@ def export(
         info, base_dir = None, src
     else:
         raise T2RError(f"{src} has no checkpoint: neither a t2r run ({RUN_FILE}) nor a model directory")
+    reads = [src, base_dir]
+    check_destination(dest, force, reads)
     conversion = _read_json(base_dir / "conversion.json")
     config = None
     if fmt == "fla":
@@ -109,7 +111,7 @@ def export(
         config = AutoConfig.from_pretrained(base_dir)
         check_fla_compatible(config)  # before anything is written
     started = time.time()
-    with atomic_directory(dest, force=force) as tmp:
+    with atomic_directory(dest, force=force, reads=reads) as tmp:
         if adapter_only:
             record = _export_adapter(src, info, tmp)
         else:
@@ -146,7 +148,7 @@ def export(
 
 
 def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json_object(path, "export") if path.is_file() else None
 
 
 def _export_adapter(src: Path, info: dict | None, tmp: Path) -> dict:

@@ -3,13 +3,13 @@ checkpoints (the files there are only what ``trust_remote_code`` needs)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from t2r.errors import T2RError
+from t2r.errors import T2RError, first_line
+from t2r.fsutil import read_json_object
 
 
 def check_converted_dir(model_dir: str | Path) -> Path:
@@ -17,7 +17,7 @@ def check_converted_dir(model_dir: str | Path) -> Path:
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise T2RError(f"{model_dir} is not a model directory (no config.json)")
-    model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    model_type = read_json_object(model_dir / "config.json", "model config").get("model_type")
     if not str(model_type).startswith("t2r_"):
         raise T2RError(f"{model_dir} is not a converted t2r model (model_type {model_type!r}); run t2r convert first")
     return model_dir
@@ -34,9 +34,3 @@ def load_converted(model_dir: str | Path, dtype: torch.dtype = torch.float32) ->
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     except Exception as e:  # corrupt shards surface as several exception types
         raise T2RError(f"cannot load {model_dir}: {first_line(e)}") from None
-
-
-def first_line(e: Exception) -> str:
-    """An exception's message as one line (for T2RError)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -26,9 +26,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from t2r import __version__
-from t2r.errors import T2RError
+from t2r.errors import T2RError, first_line
 from t2r.fsutil import atomic_path
-from t2r.models.loading import first_line
 from t2r.train.distributed import DistInfo, barrier, unwrap
 from t2r.train.recipe import Stage
 from t2r.train.run_record import STAGES_DIR, StageRecord

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from t2r.errors import T2RError
+from t2r.errors import T2RError, first_line
 
 TEXT_SUFFIXES = (".txt", ".txt.xz", ".txt.gz", ".txt.bz2", ".md")
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".jsonl.xz", ".json.gz")
@@ -77,6 +77,8 @@ def load_documents(specs: list[str], text_field: str = "text", encoding_errors: 
                 ds = ds["train"] if "train" in ds else next(iter(ds.values()))
         else:
             kind = _kind(path)
+            if Path(path).stat().st_size == 0:
+                raise T2RError(f"data file {path} is empty")
             kwargs = {"sample_by": "document", "encoding_errors": encoding_errors} if kind == "text" else {}
             try:
                 ds = datasets.load_dataset(kind, data_files=[path], split="train", **kwargs)
@@ -87,7 +89,7 @@ def load_documents(specs: list[str], text_field: str = "text", encoding_errors: 
                         f"{path} is not valid UTF-8 ({cause.reason} at byte {cause.start}); set "
                         "data.encoding_errors=replace to decode it anyway"
                     ) from None
-                raise T2RError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+                raise T2RError(f"cannot read {path}: {first_line(e)}") from None
         field = "text" if _kind(path) == "text" else text_field
         if field not in ds.column_names:
             raise T2RError(f"{path} has no field {field!r} (fields: {', '.join(ds.column_names)}); set data.text_field")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from t2r.errors import T2RError
+from t2r.errors import T2RError, first_line
 from t2r.models.settings import check_fields, option
 
 TRAIN_MODES = ("new", "lora", "full")
@@ -226,7 +226,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise T2RError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise T2RError(f"recipe {path} is not valid YAML: {first_line(e)}") from None
     if "stages" not in raw:
         raw["stages"] = [{}]
     for item in overrides or []:

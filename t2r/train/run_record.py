@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from t2r.errors import T2RError
+from t2r.errors import T2RError, first_line
 from t2r.fsutil import atomic_write_text, confined
-from t2r.models.loading import first_line, load_converted
+from t2r.models.loading import load_converted
 
 RUN_FILE = "run.json"
 LOG_FILE = "log.jsonl"
