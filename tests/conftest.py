@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,10 +140,11 @@ def corpus_text(n_chars: int = 60_000, offset: int = 0) -> str:
     return text[offset : offset + n_chars]
 
 
-def tiny_tokenizer(vocab_size: int = 101):
-    """A small byte-level BPE tokenizer trained on the corpus text (offline). Its vocabulary size varies a little
-    between calls (the trainer breaks ties in hash order: about 135-155 entries), so tests draw random ids below 100."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def tiny_tokenizer(vocab_size: int = 101, bos: bool = False, alphabet: int = 80, chars: int = 20_000):
+    """A small byte-level BPE tokenizer trained on the corpus text (offline), optionally adding BOS like Llama's.
+    At the default size its vocabulary varies a little between calls (the trainer breaks ties in hash order:
+    about 135-155 entries), so tests draw random ids below 100."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -149,26 +153,35 @@ def tiny_tokenizer(vocab_size: int = 101):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:80],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:alphabet],
         show_progress=False,
     )
-    tok.train_from_iterator([corpus_text(20_000)], trainer)
+    tok.train_from_iterator([corpus_text(chars)], trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_teacher(path, arch: str = "llama", **overrides):
+    """A tiny random teacher with a real tokenizer, saved as a Hugging Face directory at PATH; returns PATH."""
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(teacher_config(arch, vocab_size=len(tok), **overrides))
+    teacher.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="session")
 def tiny_converted(tmp_path_factory):
     """A tiny Llama teacher with a real tokenizer, converted to GSA (kproj gates, 16 slots)."""
-    from transformers import AutoModelForCausalLM
 
     from t2r.convert import ConvertOptions, convert
 
     root = tmp_path_factory.mktemp("tiny")
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    teacher = AutoModelForCausalLM.from_config(teacher_config("llama", vocab_size=len(tok)))
-    teacher.save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
+    save_tiny_teacher(root / "teacher")
     return convert(str(root / "teacher"), root / "converted", ConvertOptions(num_slots=16), progress=False)
 
 
@@ -211,6 +224,13 @@ def run_cli(args: list[str], capsys) -> tuple[int, list[str]]:
     finally:
         sys.argv = argv
     return exc.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def run_without_t2r(script: str, args: list, cwd) -> subprocess.CompletedProcess:
+    """SCRIPT (after BLOCK_T2R) in a fresh Python with ARGS, offline, with its own trust_remote_code module cache."""
+    env = {**os.environ, "HF_MODULES_CACHE": str(Path(cwd) / "hf-modules"), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-c", BLOCK_T2R + script, *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 
 # Prepended to subprocess scripts that must run as on a machine without t2r installed.

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import BLOCK_T2R, rel_err
+from conftest import rel_err, run_without_t2r
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -55,7 +53,7 @@ def test_merged_export_equals_base_plus_lora(tiny_run, tmp_path):
     assert "passed: relative gap" in card and "| lm | lora |" in card
 
 
-REMOTE = BLOCK_T2R + textwrap.dedent("""
+REMOTE = textwrap.dedent("""
     import torch
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
@@ -69,15 +67,7 @@ def test_export_loads_without_t2r_and_matches(tiny_run, tmp_path):
     dest = export(tiny_run, tmp_path / "exp", dtype="fp32")
     ids = torch.randint(3, 100, (2, 30))
     torch.save(ids, tmp_path / "ids.pt")
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "mods"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", REMOTE, str(dest), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    proc = run_without_t2r(REMOTE, [dest, tmp_path / "ids.pt", tmp_path / "out.pt"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     before = rebuild_model(tiny_run).eval()(ids).logits
     assert rel_err(torch.load(tmp_path / "out.pt", weights_only=True), before) <= 1e-6

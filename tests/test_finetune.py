@@ -448,16 +448,11 @@ def test_recall_rows_are_mixed_into_training(tiny_converted, corpus_files, tmp_p
 
 def test_full_finetune_of_tied_embeddings_saves_resumes_and_rebuilds(corpus_files, tmp_path):
     """Full finetuning on CPU writes a tied model's checkpoints and stage output, and the tie survives."""
-    from conftest import teacher_config, tiny_tokenizer
-    from transformers import AutoModelForCausalLM
+    from conftest import save_tiny_teacher
 
     from t2r.convert import ConvertOptions, convert
 
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    teacher = AutoModelForCausalLM.from_config(teacher_config("llama", vocab_size=len(tok), tie_word_embeddings=True))
-    teacher.save_pretrained(tmp_path / "teacher")
-    tok.save_pretrained(tmp_path / "teacher")
+    save_tiny_teacher(tmp_path / "teacher", tie_word_embeddings=True)
     conv = convert(str(tmp_path / "teacher"), tmp_path / "conv", ConvertOptions(num_slots=16), progress=False)
     sets = ["stages.1.train=full", "stages.1.lr=0.001", "checkpoint_every=3"]
     full = finetune(str(conv), tmp_path / "full", corpus_files, RECIPE, sets, progress=False)

@@ -4,15 +4,12 @@ packing are exact, and checkpoints round-trip (also through trust_remote_code wi
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
 import pytest
 import torch
-from conftest import BLOCK_T2R, rel_err, tiny_gsa_model
+from conftest import rel_err, run_without_t2r, tiny_gsa_model
 from transformers import AutoModelForCausalLM
 
 from t2r.models import GSACache
@@ -200,7 +197,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert torch.equal(loaded(ids).logits, before)
 
 
-REMOTE_LOAD = BLOCK_T2R + textwrap.dedent("""
+REMOTE_LOAD = textwrap.dedent("""
     import json
     import torch
     from transformers import AutoModelForCausalLM
@@ -224,22 +221,7 @@ def test_trust_remote_code_without_t2r(tmp_path):
     kernels = {"dispatch.py", "reference.py", "chunk.py", "chunk_jit.py", "decode.py", "decode_jit.py", "tuning.py"}
     assert {"modeling_t2r.py", "configuration_t2r.py", "hf_compat.py", *kernels} <= set(saved)
     torch.save(ids, tmp_path / "ids.pt")
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            REMOTE_LOAD,
-            str(tmp_path / "ckpt"),
-            str(tmp_path / "ids.pt"),
-            str(tmp_path / "logits.pt"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    proc = run_without_t2r(REMOTE_LOAD, [tmp_path / "ckpt", tmp_path / "ids.pt", tmp_path / "logits.pt"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["cls"].startswith("transformers_modules")

@@ -145,3 +145,14 @@ t2r.cli.main()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("The")
+
+
+def test_convert_imports_no_training_evaluation_or_bench_code():
+    """Import floors: converting needs the model, shards and sources, not the trainer, evaluation or benchmarks."""
+    code = (
+        "import sys, t2r.convert.converter, t2r.convert.layer_select, t2r.convert.window_sink;"
+        "print(sorted(m for m in sys.modules if m.startswith(('t2r.train', 't2r.eval', 't2r.bench'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

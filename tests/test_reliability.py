@@ -297,17 +297,12 @@ def test_a_failed_data_check_leaves_no_run_directory(tiny_converted, tmp_path, c
 
 def test_new_stage_outputs_hold_only_what_trained(tmp_path, corpus_files):
     """A model with tied embeddings: the frozen (tied) lm_head never lands in a 'new' stage's delta."""
-    from conftest import teacher_config, tiny_tokenizer
-    from transformers import AutoModelForCausalLM
+    from conftest import save_tiny_teacher
 
     from t2r.convert import ConvertOptions, convert
     from t2r.train.trainer import finetune
 
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    teacher = AutoModelForCausalLM.from_config(teacher_config("llama", vocab_size=len(tok), tie_word_embeddings=True))
-    teacher.save_pretrained(tmp_path / "teacher")
-    tok.save_pretrained(tmp_path / "teacher")
+    save_tiny_teacher(tmp_path / "teacher", tie_word_embeddings=True)
     conv = convert(str(tmp_path / "teacher"), tmp_path / "conv", ConvertOptions(num_slots=8), progress=False)
     stages = "stages=[{name: gates, train: new, steps: 2, loss: {ce: 1}}]"
     run = finetune(str(conv), tmp_path / "run", corpus_files, RECIPE, [stages], progress=False)

@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import corpus_text, teacher_config, tiny_gsa_model
+from conftest import teacher_config, tiny_gsa_model, tiny_tokenizer
 
 from t2r.errors import T2RError
 from t2r.eval import loglikelihood as lik
@@ -152,22 +152,7 @@ def data_dir(tmp_path_factory):
 
 def bpe_tokenizer(bos: bool = False, vocab_size: int = 320):
     """A byte-level BPE with real merges (" the", " a", ...), optionally adding BOS like Llama's tokenizers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([corpus_text(40_000)], trainer)
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    return tiny_tokenizer(vocab_size=vocab_size, bos=bos, alphabet=256, chars=40_000)
 
 
 @pytest.fixture(scope="module")
