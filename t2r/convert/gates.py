@@ -29,10 +29,9 @@ def init_gate_bias(config, max_half_life: float) -> torch.Tensor:
     """f_proj bias [Hkv * M]: slot m of every KV head gets a memory half-life (at zero gate input) log-spaced
     from the normalizer's own (bias 0: logsigmoid(0) / n = -ln 2 / n, so n tokens) up to ``max_half_life``.
 
-    Why: with a bias-free f_proj the gates start near f = 0, so every slot forgets half of itself every ~8
-    tokens (measured on converted SmolLM2: median 8, under 0.5% of slots beyond 500 tokens), and nothing can be
-    carried across a 2k context until training pushes all gate logits to ~+5. Spreading half-lives gives the
-    memory slow slots from the start, as fixed multi-scale decays do in retention-style models.
+    Why: bias-free gates start near f = 0, so every slot starts at that short half-life and nothing crosses a long
+    context until training moves every gate (docs/results.md); spread half-lives, like the fixed multi-scale decays
+    of retention-style models, give the memory slow slots from the start.
     """
     n, M = config.gsa_gate_logit_normalizer, config.gsa_num_slots
     half_lives = torch.logspace(math.log10(n), math.log10(max_half_life), M, dtype=torch.float64)

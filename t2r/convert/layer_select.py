@@ -1,8 +1,8 @@
 """Which of a teacher's layers to keep as softmax attention in a hybrid, read from the teacher's own attention.
 
-On SmolLM2 the W = 64 hybrids lose to the teacher only beyond their window, and keeping the layers that hold
-the teacher's retrieval heads (heads whose last query lands on a passkey's tokens) closes most of that gap:
-two such layers 1.10x the teacher's held-out perplexity, four 0.98x (docs/results.md, C16 and C18).
+Windowed hybrids lose to the teacher mostly beyond their window, and keeping the layers that hold the teacher's
+retrieval heads (heads whose last query lands on a passkey's tokens) as full attention closes most of that gap
+(docs/results.md).
 ``t2r convert --full-attention-layers auto:N`` keeps the N layers ranked first here; benchmarks/long_range_layers.py
 prints the whole profile, with how far each layer reaches on real text.
 """

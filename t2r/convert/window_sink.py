@@ -14,12 +14,12 @@ from safetensors import safe_open
 from t2r.errors import T2RError, first_line
 from t2r.shards import iter_tensors, read_tensor_infos, shard_files
 
-SINK_TEXT = "\n"  # on SmolLM2 the newline sink was as good as the real first token (docs/results.md)
+SINK_TEXT = "\n"  # a newline serves as well as the real first token (docs/results.md)
 
 
 def sink_token(tokenizer) -> int:
-    """A newline's first token; where the vocabulary has none, the BOS or else the EOS token (on SmolLM2 its
-    end-of-text sink was within 1% of the newline's)."""
+    """A newline's first token; where the vocabulary has none, the BOS or else the EOS token, nearly as good a
+    sink (docs/results.md)."""
     ids = tokenizer(SINK_TEXT, add_special_tokens=False)["input_ids"]
     for token in (ids[0] if ids else None, tokenizer.bos_token_id, tokenizer.eos_token_id):
         if token is not None:

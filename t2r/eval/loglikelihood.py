@@ -194,7 +194,7 @@ def _score_batch(model, batch: list[_Row], requests, device, takes_keep) -> dict
     for s in range(0, len(targets), step):
         x = logits[b_idx_t[s : s + step], cols_t[s : s + step]].float()  # fp32 on the needed positions only
         t = targets_t[s : s + step]
-        # torch's log_softmax, as lm-eval takes it (x - logsumexp(x) is a little more exact on CPU: ~1e-5 per token)
+        # torch's log_softmax, as lm-eval takes it (x - logsumexp(x) is a little more exact on CPU, but would not match)
         logprob[s : s + step] = torch.log_softmax(x, dim=-1).gather(1, t[:, None])[:, 0].double()
         misses[s : s + step] = (x.argmax(dim=-1) != t).long()
     sums = torch.zeros(len(order), dtype=torch.float64, device=device).index_add_(0, owner_t, logprob)

@@ -9,8 +9,8 @@ inside its graphs; eager calls run the same code and formula through an autograd
 How the work is split (per KV head; the G query heads of a group share all state work):
 - ``_segment_cumsum``: the log gates' running sum b within each segment (fp32), once in the forward and again
   in the backward unless g is fp32 (then the forward's sums are kept in g's place); every kernel below loads it
-  instead of re-summing g (summing was half of a scan's time). A sub-chunk's own running sum is the difference to
-  the row before it.
+  instead of re-summing g, which had been much of a scan's time (docs/benchmarks.md). A sub-chunk's own running
+  sum is the difference to the row before it.
 - ``_state_scan``: a sequential scan over segments of BS tokens that writes both memories at every segment start
   (and the final state), keys and values memory side by side in one launch. Its updates use only decays
   exp(b_last - b) <= 1, so nothing can overflow.
@@ -29,8 +29,8 @@ How the work is split (per KV head; the G query heads of a group share all state
   memory's shares of ds and of the gate gradient's carry into the segment, <memory, gradient> at the segment's
   end; one memory per launch keeps its registers from spilling), then ``_gate_grad`` adds the shares and takes
   every segment's reverse cumulative sum of the summands plus its carry: dg, all segments in parallel. The
-  reverse walks stay walks: taken a segment at a time like the forward output, they were 13% slower on an H100,
-  bound by spilled registers (docs/benchmarks.md).
+  reverse walks stay walks: a segment at a time, like the forward output, they spill registers and run slower
+  (docs/benchmarks.md).
 
 The gate gradient uses d/d b_t = dz_t * z_t + p_t * dp_t - s_t * ds_t (b the running sum of g), because b_t
 scales every read at t by exp(b_t) and every write at t by exp(-b_t); dg is its reverse cumulative sum.
@@ -162,12 +162,10 @@ def _launch_cfg(K: int, V: int, M: int) -> dict:
 
 
 def _scan_blocks(K: int, V: int, M: int, Hkv: int, plan: _Plan) -> tuple[int, int, int]:
-    """(rows, slot columns, pipeline stages) of a scan program (both memories). Measured on an H100
-    (benchmarks/scan_probe.py, 2026-11-23): 64-row blocks beat 32; few sequences x heads (long sequences) also want
-    the slots split in two, with a third pipeline stage where the blocks are small enough for its shared memory
-    (M = 128 is not). Very few (SmolLM2's 3 KV heads x 2 rows: 12 row blocks; Mistral-7B's 8 KV heads, one row:
-    32) want them split in four: the three scans 845 -> 647 us at 2 x 8k and 1895 -> 1559 us at 1 x 16k, fwd+bwd
-    kernels 12% and 5% faster (H100, docs/benchmarks.md, eleventh session)."""
+    """(rows, slot columns, pipeline stages) of a scan program (both memories). Few sequences x heads (long
+    sequences) give too few programs to fill the device, so the slots are split in two, or in four when very few
+    (a small model's KV heads, or one long sequence), with a third pipeline stage where the blocks fit its shared
+    memory (M = 128 does not). benchmarks/scan_probe.py and docs/benchmarks.md have the measurements."""
     BD = min(K, V, TUNING.state_block)
     blocks = plan.N * Hkv * ((K + V) // BD)
     if blocks >= 1024 or M <= 16:
@@ -203,9 +201,8 @@ def _state_scan(xk, yk, xv, yv, b, init, plan, prec, Hkv: int, M: int, store_out
 
 
 def _wide(prec: dict[str, int], group: str, M: int) -> int:
-    """A segment-at-once kernel's product precision. Their bf16 products with fewer than 64 slot columns came out
-    wrong on an H100 (Triton 3.6: o off by 0.1-0.3 at M = 16 and 32, while fp16, tf32 and M = 64 were exact;
-    docs/benchmarks.md): those take tf32."""
+    """A segment-at-once kernel's product precision: their bf16 products with fewer than 64 slot columns came out
+    wrong (Triton 3.6; docs/benchmarks.md), so those take tf32."""
     return prec[group] if M >= 64 or prec[group] != PREC_BF16 else PREC_TF32
 
 
@@ -295,11 +292,10 @@ def _backward(q, k, v, s, b, scale, h0, plan, prec, do, dhT, saved=None, probs=N
 
 
 # The autograd op as torch.library custom ops: eager calls and torch.compile graphs run the same code, and a
-# compiled layer keeps the op inside its graph (Dynamo cannot trace the host side: the plans' memos). Measured
-# on the SmolLM2-135M shape with compiled layers (batch 2, 2k / 4k / 8k tokens), a training step took 0.161 /
-# 0.166 / 0.184 s with a graph break around the op, 0.120 / 0.120 / 0.156 s with the op in the graph (H100,
-# docs/benchmarks.md, twelfth session). The namespace is the module's name, so that a saved model's copy of these
-# kernels (trust_remote_code) registers its own ops beside the installed package's.
+# compiled layer keeps the op inside its graph (Dynamo cannot trace the host side: the plans' memos), so Inductor
+# fuses the small ops around it instead of breaking the graph there (docs/benchmarks.md, torch.compile with the
+# kernels inside the graph). The namespace is the module's name, so that a saved model's copy of these kernels
+# (trust_remote_code) registers its own ops beside the installed package's.
 _NS = re.sub(r"\W", "_", __name__)
 # Not for CUDA graphs: a replay would reuse the plan recorded with the graph, i.e. a packed batch's document layout
 # from the recording, whatever the new cu_seqlens hold. With the tag, Inductor leaves the op outside its graphs.
@@ -422,8 +418,8 @@ _gsa_fwd.register_autograd(_gsa_backward, setup_context=_gsa_setup_context)
 
 
 class _GSAFunction(torch.autograd.Function):
-    """Eager calls: the ops' own code and autograd formula without the dispatcher's round trips, which cost about
-    0.4 ms of host time per fwd+bwd (a small model's step is bound by host time; twelfth session)."""
+    """Eager calls: the ops' own code and autograd formula, skipping the dispatcher's round trips (host time, which
+    bounds a small model's step)."""
 
     @staticmethod
     def forward(ctx, *inputs):

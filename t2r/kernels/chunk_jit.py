@@ -117,7 +117,7 @@ def _segment_cumsum_kernel(g_ptr, b_ptr, seg_ptr, cu_ptr, Hkv: tl.constexpr, M: 
 @triton.jit
 def _segment_gates(b_ptr, t, valid, seg_end, Hkv: tl.constexpr, h, M: tl.constexpr, m0, BM: tl.constexpr):
     """Slots m0 .. m0 + BM of a segment's running log decay b (rows = tokens) and of its total b_last (the row of
-    its last token). Loading b instead of summing g here halved the scans' time (H100, 2026-11-23)."""
+    its last token), loaded rather than summed from g here, which was much of a scan's time (docs/benchmarks.md)."""
     b = _load_cols(b_ptr, t, valid, Hkv, h, M, m0, BM)
     b_last = tl.load(b_ptr + ((seg_end - 1) * Hkv + h) * M + m0 + tl.arange(0, BM))
     return b, b_last
@@ -473,20 +473,15 @@ def _bwd_rev_memory_kernel(
     H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr,
     PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
 ):  # fmt: skip
-    """Reverse walk through one memory's side of the backward, the two sides being the same computation:
-    keys memory (x = k, read by a = q with slot weights y = dz) and values memory held as [V, M] (x = v, read by
-    a = do with y = p). Gradient of x from reads inside the sub-chunk and, through the memory's gradient at its
-    end, from every later token; its share of ds (into dspart).
+    """Reverse walk through one memory's side of the backward (keys memory: x = k, read by a = q with slot weights
+    y = dz; values memory held as [V, M]: x = v, read by a = do with y = p): the gradient of x, and the memory's
+    shares of ds (into dspart) and of the gate gradient's carry into the segment (into cpart).
 
-    Also its share of the gate gradient's carry into the segment (into cpart), the sum over later tokens of the
-    summands, taken directly as <memory, its gradient> at the segment's end (the memory mbuf holds at the next
-    segment's start): what scaling that memory by exp(delta) does to the loss; zero after a sequence's last
-    segment, whose final state's share the caller adds. Summing the later segments' summands instead gives the
-    same value in exact arithmetic, but their rounding errors add up over the whole sequence (dg's error grew
-    with T, 8.9e-3 at 4k; benchmarks/precision_sweep.py). ``_gate_grad_kernel`` adds the two memories' shares:
-    finishing ds and the summands in the values side's walk, as before, made fwd+bwd 2-6% slower (H100,
-    docs/benchmarks.md). One memory per program keeps the register file from spilling
-    (benchmarks/kernel_resources.py)."""
+    The carry is taken directly as <memory, its gradient> at the segment's end (the memory mbuf holds at the next
+    segment's start; zero after a sequence's last segment, whose final state's share the caller adds), not summed
+    from later segments' summands, whose rounding errors grow with T (benchmarks/precision_sweep.py). One memory
+    per program keeps the register file from spilling (benchmarks/kernel_resources.py); ``_gate_grad_kernel``
+    adds the two memories' shares (docs/benchmarks.md)."""
     G: tl.constexpr = H // Hkv
     i_s, t0, eos = _segment_start(seg_ptr, cu_ptr)
     h = tl.program_id(1)

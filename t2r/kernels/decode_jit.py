@@ -64,7 +64,7 @@ def _decode_step_kernel(
     s = tl.load(s_ptr + i_nh * M + rm).to(tl.float32)
     a = tl.exp(tl.load(g_ptr + i_nh * M + rm).to(tl.float32))
     logits = tl.zeros([GP, M], dtype=tl.float32)
-    # Unrolled by 4: 1-4% faster on the H100, the same bits (docs/bench/decode_probe_2026-11-23_h100.json).
+    # Unrolled by 4: a little faster, the same bits (docs/benchmarks.md, the decode step).
     for k0 in tl.range(0, K, BK, loop_unroll_factor=4):
         rk = k0 + tl.arange(0, BK)
         ptrs = hk_ptr + i_nh * K * M + rk[:, None] * M + rm[None, :]

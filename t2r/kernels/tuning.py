@@ -2,7 +2,7 @@
 at run time with :func:`tuned` (tests, benchmarks, A/B probes). Host code reads ``TUNING`` at each call, so a
 change takes effect on the next call; compiled kernels specialise on the values they are launched with.
 
-The defaults were chosen on an H100 (docs/benchmarks.md records the measurements behind each)."""
+docs/benchmarks.md records the measurements behind each default."""
 
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ class Tuning:
     fwd_blocks: bool = field(default_factory=lambda: _env("FWD", "blocks") == "blocks")
     fwd_warps: int = field(default_factory=lambda: int(_env("FWD_WARPS", "4")))
     # Memory for speed: keep the forward's per-segment states ((K + V) * M * 4 bytes per segment and KV head) and
-    # its slot softmax (M * 4 bytes per token and query head) for the backward instead of recomputing them. Faster
-    # kernels, no faster whole training steps in our measurements: off.
+    # its slot softmax (M * 4 bytes per token and query head) for the backward instead of recomputing them. Off:
+    # the kernels get faster, whole training steps do not (docs/benchmarks.md).
     save_states: bool = field(default_factory=lambda: _env("SAVE_STATES", "0") == "1")
     save_probs: bool = field(default_factory=lambda: _env("SAVE_PROBS", "0") == "1")
     poison: bool = False  # tests: fill outputs with NaN before the kernels run, so that unwritten elements show

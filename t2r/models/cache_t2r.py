@@ -1,7 +1,7 @@
 """Generation cache for converted models: fixed-size GSA memories per GSA layer, KV for full-attention layers.
 
-transformers' own linear-attention cache layers are avoided on purpose (DESIGN.md section 4): an all-linear
-cache breaks ``get_seq_length``, and its recurrent layer never marks a previous state. Here each GSA layer
+transformers' own linear-attention cache layers are avoided on purpose: an all-linear cache breaks
+``get_seq_length``, and its recurrent layer never marks a previous state. Here each GSA layer
 counts the tokens it has seen, and that count answers every length query generate() and the mask builders ask.
 """
 

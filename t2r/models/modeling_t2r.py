@@ -158,9 +158,8 @@ class GSAAttention(nn.Module):
 
 class WindowSink(nn.Module):
     """A virtual first token every window query also attends to: its key (as at position 0, after RoPE) and raw
-    value per KV head. A softmax layer cut off from its first tokens collapses (StreamingLLM); on SmolLM2 with
-    every layer windowed to 64 tokens, perplexity goes 71.1 without sinks, 20.5 with the real first token, 20.2-20.8
-    with a fixed token's key and value in its place (docs/results.md). Being a constant, it needs no cache, works
+    value per KV head. A softmax layer cut off from its first tokens collapses (StreamingLLM), and a fixed token
+    in their place serves as well as the real ones (docs/results.md). Being a constant, it needs no cache, works
     for packed documents and left padding alike, and decoding stays constant-size. t2r convert --window-sink
     takes it from the teacher (one token through the model); training may move it."""
 

@@ -3,7 +3,7 @@
 Per layer rather than the whole model: every layer has the same code, so one compiled graph serves them all
 (parameters are graph inputs), FSDP2 shards layers that are already compiled, and gradient checkpointing
 (applied around each layer by transformers) stays outside the graph. The GSA kernels are registered custom ops
-(``t2r/kernels/gsa_triton.py``), so a training layer compiles to one graph around them and Inductor fuses what lies
+(``t2r/kernels/chunk.py``), so a training layer compiles to one graph around them and Inductor fuses what lies
 on either side (feature maps, gates, the output norm, the MLP, residual adds). That is the small models' gain:
 their steps are bound by the host time spent launching many small kernels. Forwards with a cache (generation)
 and the PyTorch reference path run between graphs.
@@ -21,8 +21,8 @@ from t2r.train.distributed import decoder_layers
 
 # A layer's code legitimately compiles once per combination of training or evaluation (grad mode), attention mode
 # (GSA, the teacher for KD), adapters on or off, inputs requiring grad or not, and a first new shape. Past Dynamo's
-# default limit of 8 the layer silently runs eagerly for the rest of the process (hit on an H100 in a transfer
-# then LoRA + KD run, while transfer stages were still compiled).
+# default limit of 8 the layer silently runs eagerly for the rest of the process (a transfer then LoRA + KD run
+# hit it while transfer stages were still compiled).
 RECOMPILE_LIMIT = 64
 
 

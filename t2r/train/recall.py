@@ -1,8 +1,8 @@
 """Synthetic long-range recall rows mixed into training data.
 
 A GSA model only keeps what its slot memories are trained to keep. Ordinary text rarely asks for an exact
-token string seen thousands of tokens earlier, so a converted model learns to forget it (passkey 0-3% in
-docs/results.md). A recall row is a corpus row with a few "facts" (a name and a random number) written at
+token string seen thousands of tokens earlier, so a converted model learns to forget it (see passkey retrieval
+in docs/results.md). A recall row is a corpus row with a few "facts" (a name and a random number) written at
 random depths and, at the end, a question whose answer is one of those numbers: the LM loss on the answer
 tokens rewards carrying the number through the memory. The wording deliberately differs from the passkey
 evaluation (t2r.prompts), so the evaluation still measures transfer, not a memorised template.
