@@ -13,6 +13,7 @@ import torch
 from conftest import rel_err, run_cli
 from safetensors import safe_open
 
+from t2r.errors import T2RError
 from t2r.models.loading import load_converted
 from t2r.train.data import load_documents, pack_documents, tokenize_documents
 from t2r.train.losses import transfer_loss_sum
@@ -480,3 +481,41 @@ def test_window_sink_is_trained_as_a_new_parameter(mode):
     sinks = [(n, p) for n, p in model.named_parameters() if "window_sink" in n and p.requires_grad]
     assert len(sinks) == 6 and all(n in names for n, _ in sinks)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in sinks)
+
+
+def test_report_to_mirrors_the_log_to_tensorboard_and_wandb(tiny_converted, corpus_files, tmp_path, monkeypatch):
+    """--report-to: every numeric log entry also reaches TensorBoard's writer and wandb (stand-ins record the
+    calls); a reporter whose package is missing is a one-line error before the run starts."""
+    import types
+
+    calls = {"tb": [], "wandb": []}
+
+    class Writer:
+        def __init__(self, log_dir):
+            calls["tb_dir"] = log_dir
+
+        def add_scalar(self, key, value, step):
+            calls["tb"].append((key, value, step))
+
+        def close(self):
+            calls["tb_closed"] = True
+
+    class Run:
+        def log(self, numbers, step=None):
+            calls["wandb"].append((numbers, step))
+
+        def finish(self):
+            calls["wandb_finished"] = True
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: Run()))
+    sets = ["report_to=[jsonl, tensorboard, wandb]", "stages.0.steps=2", "stages.1.steps=2"]
+    run = finetune(str(tiny_converted), tmp_path / "run", corpus_files, RECIPE, sets, progress=False)
+    assert calls["tb_dir"] == str(run / "tensorboard") and calls["tb_closed"] and calls["wandb_finished"]
+    assert {k for k, _, _ in calls["tb"]} >= {"train/loss", "train/lr", "eval/eval_ppl"}
+    assert [s for _, _, s in calls["tb"] if s is not None] and all(isinstance(n, dict) for n, _ in calls["wandb"])
+    assert len(train_losses(run)) == 4  # the jsonl log is written as always
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(T2RError, match="report_to wandb needs the wandb package"):
+        finetune(str(tiny_converted), tmp_path / "run2", corpus_files, RECIPE, ["report_to=[wandb]"], progress=False)
+    assert not (tmp_path / "run2").exists()

@@ -36,6 +36,17 @@ def truncate_log(run_dir: str | Path, step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in kept))
 
 
+def check_reporters(report_to: list[str]) -> None:
+    """Fail before a run directory exists when a requested reporter's package is missing."""
+    packages = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
+    for name in report_to:
+        if name in packages:
+            try:
+                __import__(packages[name])
+            except ImportError:
+                raise T2RError(f"report_to {name} needs the {name} package installed") from None
+
+
 class Reporter:
     """Appends every entry to RUN/log.jsonl; mirrors numbers to TensorBoard (RUN/tensorboard) and wandb."""
 
@@ -54,10 +65,9 @@ class Reporter:
                 ) from None
             self.tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
         if "wandb" in report_to:
-            try:
-                import wandb
-            except ImportError:
-                raise T2RError("report_to wandb needs the wandb package (pip install wandb)") from None
+            check_reporters(["wandb"])
+            import wandb
+
             self.wandb = wandb.init(project="t2r", name=Path(run_dir).name, dir=str(run_dir), config=config,
                                     resume="allow")  # fmt: skip
 

@@ -50,7 +50,7 @@ from t2r.train.distributed import (
 from t2r.train.losses import ce_loss_sum, kd_loss_sum, transfer_loss_sum
 from t2r.train.recall import add_recall_rows
 from t2r.train.recipe import Recipe, Stage, load_recipe, recipe_from_dict, recipe_to_dict
-from t2r.train.reporting import Reporter, truncate_log
+from t2r.train.reporting import Reporter, check_reporters, truncate_log
 from t2r.train.run_record import LOG_FILE, RUN_FILE, STAGES_DIR, RunRecord, StageRecord, apply_stage_outputs, read_run
 from t2r.train.run_record import teacher_weights_changed as changed_teacher
 from t2r.train.teacher_attention import attach_softmax_twins, calibrate_output_norms, gsa_modules
@@ -368,6 +368,7 @@ def finetune(
         raise T2RError(f"run directory {out} already exists and is not empty (use --resume to continue it)")
     check_converted_dir(model_dir)
     check_module_lr(model_dir, recipe)
+    check_reporters(recipe.report_to)
     run = RunRecord(t2r_version=__version__, model_dir=model_dir, data=list(data), recipe=recipe_to_dict(recipe),
                     eval_data=list(eval_data) if eval_data else None, recipe_source=recipe_path,
                     overrides=list(overrides or []), world_size=info.world)  # fmt: skip
