@@ -519,3 +519,49 @@ def test_report_to_mirrors_the_log_to_tensorboard_and_wandb(tiny_converted, corp
     with pytest.raises(T2RError, match="report_to wandb needs the wandb package"):
         finetune(str(tiny_converted), tmp_path / "run2", corpus_files, RECIPE, ["report_to=[wandb]"], progress=False)
     assert not (tmp_path / "run2").exists()
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is PID (from /proc: no psutil needed)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def test_killing_one_rank_then_resuming_reproduces_the_run(tiny_converted, corpus_files, tmp_path):
+    """Two processes (gloo): one rank is SIGKILLed mid-run, torchrun takes the other down, and --resume with two
+    processes again gives the uninterrupted run's losses."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--recipe", RECIPE, *[arg for f in corpus_files for arg in ("--data", f)], "--set", "grad_accum=1",
+              "--set", "micro_batch_size=2", "--set", "checkpoint_every=2", "--device", "cpu"]  # fmt: skip
+    full = _torchrun(2, [str(tiny_converted), str(tmp_path / "full"), *common], env)
+    assert full.returncode == 0, full.stderr[-3000:]
+    run = tmp_path / "run"
+    port = str(29800 + os.getpid() % 100)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           "-m", "t2r.cli", "finetune", str(tiny_converted), str(run), *common]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while (time.time() < deadline and not (run / "log.jsonl").is_file()) or 3 not in train_losses(run):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+    workers = _children(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(max(workers), signal.SIGKILL)  # the second worker: rank 1
+    assert proc.wait(timeout=120) != 0
+    resumed = _torchrun(2, [str(tiny_converted), str(run), *common, "--resume"], env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = train_losses(tmp_path / "full"), train_losses(run)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6 * max(1.0, abs(a[step])), (step, a[step], b[step])
