@@ -27,8 +27,9 @@ RECIPE = str(Path(__file__).resolve().parent.parent / "t2r" / "train" / "recipes
 
 
 def train_losses(run: Path) -> dict[int, float]:
-    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
-    return {e["step"]: e["loss"] for e in lines if e["type"] == "train"}
+    from t2r.train.reporting import read_log
+
+    return {e["step"]: e["loss"] for e in read_log(run) if e["type"] == "train"}
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
