@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
 # Zero-shot table (issue 27): the teacher, the converted-untrained models, and the B (pure GSA) and C (hybrid)
 # recipes trained on linuxdoc + gcide. Steps (each a call on the same warm machine; files under /root/stage):
-#   convert  convert SmolLM2-135M (kproj: pure GSA; hybrid: W=64 per-token share, gate bias, window sink)
-#   train:B, train:C  start that run in the background (setsid: it outlives the call), logs in /root/stage/runs
+#   convert[:B C W]  convert SmolLM2-135M for those runs (B: kproj, pure GSA; C: the hybrid, W=64, per-token
+#            share, gate bias, window sink; W: the same hybrid with a 512-token window); all three by default
+#   train:B, train:C, train:W  start that run in the background (setsid: it outlives the call), logs in
+#            /root/stage/runs; several names ("train:B W") run side by side on the one GPU
 #   untrained  t2r eval --tasks default of both conversions, teacher beside (timed)
-#   finish:B, finish:C  wait for that run, export, eval (tasks + passkey + pydoc perplexity), results to $OUT
+#   finish:B, finish:C, finish:W  wait for that run, export, eval (tasks + passkey + pydoc perplexity), results to $OUT
 set -uo pipefail
 source benchmarks/gpu/env.sh
 S=/root/stage; G=$S/SmolLM2-135M-Instruct.Q4_1.gguf; E=$S/eval; R=$S/runs; mkdir -p $R "$OUT"
 # gcide.txt holds some Latin-1 bytes: decoded with replacement characters, as in the earlier sessions' runs.
 DATA="--data $S/data/linuxdoc.txt --data $S/data/gcide.txt --set data.encoding_errors=replace"
 for step in "$@"; do case $step in
-convert)
-  t2r convert $G $S/conv-kproj --gate-init kproj --force
-  t2r convert $G $S/conv-hybrid --gate-init kproj --window 64 --window-mix-per-token --gate-half-life-max 4096 --force ;;
+convert*)
+  names=${step#convert}; names=${names#:}
+  HYBRID="--gate-init kproj --window-mix-per-token --gate-half-life-max 4096"
+  [[ -z $names || " $names " == *" B "* ]] && t2r convert $G $S/conv-kproj --gate-init kproj --force
+  [[ -z $names || " $names " == *" C "* ]] && t2r convert $G $S/conv-hybrid $HYBRID --window 64 --force
+  [[ -z $names || " $names " == *" W "* ]] && t2r convert $G $S/conv-hybrid-w512 $HYBRID --window 512 --force
+  true ;;
 train:*)
-  for run in B:smollm2-135m:conv-kproj C:smollm2-C-hybrid:conv-hybrid; do
+  for run in B:smollm2-135m:conv-kproj C:smollm2-C-hybrid:conv-hybrid W:smollm2-C-hybrid:conv-hybrid-w512; do
     IFS=: read -r name recipe conv <<< "$run"
     [[ " ${step#train:} " == *" $name "* ]] || continue
     rm -rf $R/$name $R/$name.seconds
