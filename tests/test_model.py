@@ -131,6 +131,32 @@ def test_padding_does_not_write_into_state():
         assert rel_err(lb.state[0], la.state[0]) <= 1e-6 and rel_err(lb.state[1], la.state[1]) <= 1e-6
 
 
+@pytest.mark.parametrize("gsa", [dict(), dict(gsa_window=8), dict(gsa_full_attention_layers=[1])])
+@torch.no_grad()
+def test_no_context_sized_mask_is_built_when_no_layer_reads_it(arch, gsa):
+    """With a cache (prefill in chunks, decoding) the layers of an all-GSA model get an empty prepared mask, not
+    transformers' [T, context] one, so peak memory does not grow with the context; a softmax layer still gets its
+    mask."""
+    model = tiny_gsa_model(arch, **gsa)
+    seen = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+        for layer in model.model.layers
+    ]
+    ids = torch.randint(3, 101, (2, 40))
+    out = model(ids[:, :24], use_cache=True)
+    second = model(ids[:, 24:], cache=output_cache(out), use_cache=True)
+    for h in hooks:
+        h.remove()
+    masks = seen[len(model.model.layers) :]  # the second chunk, which has a past
+    if gsa.get("gsa_full_attention_layers"):
+        assert all(m is not None and m.numel() > 0 for m in masks)
+    else:
+        assert all(m is not None and m.numel() == 0 for m in masks)
+    full = model(ids, use_cache=False).logits
+    assert rel_err(second.logits, full[:, 24:]) <= 1e-4
+
+
 @torch.no_grad()
 def test_cache_size_is_constant_in_context_length():
     model = tiny_gsa_model("mistral")

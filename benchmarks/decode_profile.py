@@ -1,0 +1,83 @@
+"""Where one decoding step goes: wall time per token against the GPU's busy time, kernel launches per token, and the
+CUDA kernels and host-side ops that take the most, for the GSA model and for the teacher (SDPA, KV cache) over the
+same weights. A step whose wall time is far above its GPU time is bound by the host (Python and launches), and
+no kernel work will move it; only fewer launches per token (CUDA graphs, fused layers) will.
+
+Usage: python benchmarks/decode_profile.py [--shape smollm2-135m] [--batch 1 --batch 16] [--context 1024]
+                                           [--steps 16] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from t2r.bench.throughput import device_name, shaped_model
+from t2r.models.hf_compat import CACHE_ARG, output_cache
+from t2r.teacher import teacher_view
+
+
+@torch.no_grad()
+def profile_decode(model, batch: int, context: int, steps: int) -> dict:
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+    out = model(input_ids=ids, **{CACHE_ARG: None}, use_cache=True, logits_to_keep=1)
+    cache, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
+    for _ in range(3):  # warm up: first calls compile kernels and fill allocator pools
+        nxt = model(input_ids=nxt, **{CACHE_ARG: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        nxt = model(input_ids=nxt, **{CACHE_ARG: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+    sync()
+    wall = (time.perf_counter() - start) / steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            nxt = model(input_ids=nxt, **{CACHE_ARG: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+        sync()
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_ms = sum(e.device_time_total for e in kernels) / steps / 1000
+    launches = sum(e.count for e in kernels) / steps
+    top_gpu = sorted(kernels, key=lambda e: -e.device_time_total)[:8]
+    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.key.startswith("aten::")]
+    top_host = sorted(host, key=lambda e: -e.self_cpu_time_total)[:8]
+    return {
+        "batch": batch,
+        "context": context,
+        "wall_ms_per_token": round(1000 * wall, 3),
+        "gpu_busy_ms_per_token": round(gpu_ms, 3),
+        "kernel_launches_per_token": round(launches, 1),
+        "top_kernels_ms_per_token": {e.key[:70]: round(e.device_time_total / steps / 1000, 4) for e in top_gpu},
+        "top_host_ops_ms_per_token": {e.key: round(e.self_cpu_time_total / steps / 1000, 4) for e in top_host},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="smollm2-135m")
+    ap.add_argument("--batch", type=int, action="append")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    model = shaped_model(args.shape, device=args.device).eval()
+    rows = []
+    for label, m in (("GSA", model), ("teacher (SDPA, KV cache)", teacher_view(model))):
+        for batch in args.batch or [1, 16]:
+            row = {"model": label, **profile_decode(m, batch, args.context, args.steps)}
+            rows.append(row)
+            print(json.dumps(row, indent=1), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device_name(args.device), "shape": args.shape, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
