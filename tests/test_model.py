@@ -131,13 +131,21 @@ def test_padding_does_not_write_into_state():
         assert rel_err(lb.state[0], la.state[0]) <= 1e-6 and rel_err(lb.state[1], la.state[1]) <= 1e-6
 
 
-@pytest.mark.parametrize("gsa", [dict(), dict(gsa_window=8), dict(gsa_full_attention_layers=[1])])
+@pytest.mark.parametrize(
+    "gsa", [dict(), dict(gsa_window=8), dict(gsa_full_attention_layers=[1]), dict(twins=True)], ids=str
+)
 @torch.no_grad()
 def test_no_context_sized_mask_is_built_when_no_layer_reads_it(arch, gsa):
     """With a cache (prefill in chunks, decoding) the layers of an all-GSA model get an empty prepared mask, not
-    transformers' [T, context] one, so peak memory does not grow with the context; a softmax layer still gets its
-    mask."""
+    transformers' [T, context] one, so peak memory does not grow with the context; a softmax layer, or a training
+    twin that reads the layer's mask (calibration runs with a cache), still gets it."""
+    from t2r.train.teacher_attention import attach_softmax_twins
+
+    gsa = dict(gsa)
+    twins = gsa.pop("twins", False)
     model = tiny_gsa_model(arch, **gsa)
+    if twins:
+        attach_softmax_twins(model)
     seen = []
     hooks = [
         layer.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
@@ -149,7 +157,7 @@ def test_no_context_sized_mask_is_built_when_no_layer_reads_it(arch, gsa):
     for h in hooks:
         h.remove()
     masks = seen[len(model.model.layers) :]  # the second chunk, which has a past
-    if gsa.get("gsa_full_attention_layers"):
+    if gsa.get("gsa_full_attention_layers") or twins:
         assert all(m is not None and m.numel() > 0 for m in masks)
     else:
         assert all(m is not None and m.numel() == 0 for m in masks)

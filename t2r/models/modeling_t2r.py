@@ -67,6 +67,10 @@ class GSAAttention(nn.Module):
     ``f_proj`` (slot gates) and ``g_norm`` (output norm) are new; hybrids add the teacher's sliding-window
     attention, mixed per head (``window_mix``), with an optional virtual first token (``window_sink``)."""
 
+    # The layer ignores the causal mask; whatever is attached to its call and reads the mask (a training hook)
+    # sets this, so that the model keeps building it.
+    reads_causal_mask: bool = False
+
     def __init__(self, config, layer_idx: int, teacher_attn: nn.Module):
         super().__init__()
         self.config = config
@@ -303,9 +307,12 @@ class T2RModelMixin:
         )
 
     def _reads_no_causal_mask(self) -> bool:
-        """Every layer is GSA (its window builds its own masks from gsa_token_mask): no softmax layer kept, and
-        none swapped in (training runs layers as the teacher's attention)."""
-        return all(isinstance(layer.self_attn, GSAAttention) for layer in self.model.layers)
+        """Every layer is GSA (its window builds its own masks from gsa_token_mask): no softmax layer kept, none
+        swapped in and nothing attached that reads the mask (training runs layers as the teacher's attention)."""
+        return all(
+            isinstance(layer.self_attn, GSAAttention) and not layer.self_attn.reads_causal_mask
+            for layer in self.model.layers
+        )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         if model_kwargs.get(CACHE_ARG) is None and generation_config.use_cache is not False:

@@ -51,6 +51,7 @@ def attach_softmax_twins(model: nn.Module) -> nn.Module:
             raise RuntimeError(f"the teacher attention has parameters the GSA layer does not share: {stray}")
         twin.train(gsa.training)
         _TWINS[gsa] = twin
+        gsa.reads_causal_mask = True  # the twin, called from the layer's hooks, takes the layer's mask
     return model
 
 
