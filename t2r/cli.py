@@ -260,18 +260,27 @@ def bench_generate(
     shape: Annotated[str | None, typer.Option(help="random weights with real shapes: mistral-7b, smollm2-135m")] = None,
     context: Annotated[list[int] | None, typer.Option(help="context lengths (repeat)")] = None,
     batch: Annotated[list[int] | None, typer.Option(help="batch sizes (repeat)")] = None,
-    new_tokens: Annotated[int, typer.Option(help="decoded tokens timed")] = 64,
+    new_tokens: Annotated[int, typer.Option(help="decoded tokens timed", min=1)] = 64,
+    window: Annotated[int, typer.Option(help="with --shape: the hybrid, a sliding window of N tokens", min=0)] = 0,
+    teacher: Annotated[bool, typer.Option(help="also time the teacher's KV-cache decoding")] = True,
+    compile_step: Annotated[bool, typer.Option(help="also time the captured step compiled (torch.compile)")] = False,
     device: Annotated[str, typer.Option(help="device")] = "cuda",
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
     record: Annotated[Path | None, typer.Option(help=RECORD_HELP)] = None,
 ) -> None:
-    """Decode tokens/s and peak memory vs the teacher's KV cache at growing contexts."""
-    from t2r.bench.throughput import check_outputs, print_table, run_generate_bench, write_outputs
+    """Decode tokens/s and peak memory vs the teacher's KV cache at growing contexts: GSA with captured decoding
+    steps (CUDA graphs) and eager, the teacher with torch's default SDPA and without cuDNN; ratios to the faster
+    teacher."""
+    from t2r.bench.throughput import check_outputs, decode_ratios, print_table, run_generate_bench, write_outputs
 
     check_outputs(json_out, record)
-    rows = run_generate_bench(model, shape, context or [1024, 4096, 16384, 32768], batch or [1, 16], new_tokens, device)
+    contexts, batches = context or [1024, 4096, 16384, 32768], batch or [1, 16]
+    rows = run_generate_bench(model, shape, contexts, batches, new_tokens, device, teacher, window, compile_step)
+    ratios = decode_ratios(rows)
     print_table(rows)
-    write_outputs(rows, json_out, record, _command(), device=device)
+    print()
+    print_table(ratios)
+    write_outputs(rows, json_out, record, _command(), tables=[rows, ratios], device=device)
 
 
 @bench_app.command("kernels")

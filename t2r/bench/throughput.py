@@ -49,12 +49,17 @@ SHAPES = {  # real layer shapes with random weights, for machines without the ch
 }
 
 
-def shaped_model(shape: str, slots: int = 64, dtype: torch.dtype = torch.bfloat16, device: str = "cuda") -> nn.Module:
+def shaped_model(
+    shape: str, slots: int = 64, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", window: int = 0
+) -> nn.Module:
+    """Random weights in a real model's shapes; ``window`` > 0 makes every layer the hybrid (a sliding window of
+    that many tokens mixed per token with GSA, with a sink token: the smollm2-C-hybrid recipe's layout)."""
     from t2r.models.configuration_t2r import T2R_CONFIGS
     from t2r.models.modeling_t2r import T2R_MODELS
 
     fields = dict(SHAPES[shape])
-    config = T2R_CONFIGS[fields.pop("architecture")](**fields, gsa_num_slots=slots)
+    hybrid = dict(gsa_window=window, gsa_window_mix_per_token=True, gsa_window_sink=True) if window else {}
+    config = T2R_CONFIGS[fields.pop("architecture")](**fields, gsa_num_slots=slots, **hybrid)
     with torch.device("meta"):
         model = T2R_MODELS[type(config)](config)
     model = model.to_empty(device=device).to(dtype)
@@ -119,9 +124,16 @@ def train_throughput(
 
 @torch.no_grad()
 def decode_throughput(
-    model: nn.Module, batch: int, context: int, new_tokens: int = 64, label: str = "GSA", prefill_chunk: int = 4096
-) -> dict:
-    """Decode tokens/s after a prefill of ``context`` tokens (fed in chunks), and peak memory of the run."""
+    model: nn.Module,
+    batch: int,
+    context: int,
+    modes: dict[str, contextlib.AbstractContextManager] | None = None,
+    new_tokens: int = 64,
+    prefill_chunk: int = 4096,
+) -> list[dict]:
+    """Decode tokens/s after one prefill of ``context`` tokens (fed in chunks), timed under each of ``modes`` in
+    turn (label -> context manager; each continues the same sequences), and peak memory from the prefill's start
+    to the end of that mode's decoding."""
     device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
     _peak_reset()
@@ -130,21 +142,26 @@ def decode_throughput(
         out = model(input_ids=ids[:, i : i + prefill_chunk], **{CACHE_ARG: cache}, use_cache=True, logits_to_keep=1)
         cache = output_cache(out)
     nxt = out.logits[:, -1:].argmax(-1)
-    _sync()
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        logits = model(input_ids=nxt, **{CACHE_ARG: cache}, use_cache=True).logits
-        nxt = logits[:, -1:].argmax(-1)
-    _sync()
-    seconds = time.perf_counter() - start
-    return {
-        "model": label,
-        "batch": batch,
-        "context": context,
-        "ms_per_token": round(1000 * seconds / new_tokens, 3),
-        "tokens_per_s": round(batch * new_tokens / seconds),
-        "peak_gb": round(_peak_gb(), 2),
-    }
+    rows = []
+    for label, mode in (modes or {"": contextlib.nullcontext()}).items():
+        with mode:
+            for _ in range(2):  # warm-up: first steps compile kernels (and capture graphs)
+                nxt = model(input_ids=nxt, **{CACHE_ARG: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+            _sync()
+            start = time.perf_counter()
+            for _ in range(new_tokens):
+                nxt = model(input_ids=nxt, **{CACHE_ARG: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+            _sync()
+        seconds = time.perf_counter() - start
+        rows.append({
+            "model": label,
+            "batch": batch,
+            "context": context,
+            "ms_per_token": round(1000 * seconds / new_tokens, 3),
+            "tokens_per_s": round(batch * new_tokens / seconds),
+            "peak_gb": round(_peak_gb(), 2),
+        })  # fmt: skip
+    return rows
 
 
 def print_table(rows: list[dict]) -> None:
@@ -223,18 +240,20 @@ def record_markdown(
     atomic_write_text(path, old.rstrip("\n") + ("\n\n" if old.strip() else "") + "\n\n".join(parts) + "\n")
 
 
-def load_bench_model(path: str | None, shape: str | None, device: str) -> nn.Module:
+def load_bench_model(path: str | None, shape: str | None, device: str, window: int = 0) -> nn.Module:
     from t2r.devices import resolve_device
     from t2r.models.loading import load_converted
 
     device = resolve_device(device)
 
-    if (path is None) == (shape is None):
-        from t2r.errors import T2RError
+    from t2r.errors import T2RError
 
+    if (path is None) == (shape is None):
         raise T2RError("give a converted model directory or --shape (e.g. mistral-7b), not both")
+    if window and shape is None:
+        raise T2RError("--window builds a hybrid with random weights: give --shape, not a model directory")
     if shape is not None:
-        return shaped_model(shape, device=device)
+        return shaped_model(shape, device=device, window=window)
     return load_converted(path, torch.bfloat16).to(device)
 
 
@@ -285,23 +304,84 @@ def run_train_bench(
     return rows
 
 
-def run_generate_bench(path, shape, contexts, batches, new_tokens, device, teacher: bool = True) -> list[dict]:
-    model = load_bench_model(path, shape, device).eval()
+@contextlib.contextmanager
+def _decode_graphs(model: nn.Module, enabled: bool, compile: str | None = None):
+    """GSA decoding with or without its captured steps (t2r.models.decode_graphs), compiled or not; steps captured
+    here are dropped on the way out."""
+    graphs = model.decode_graphs
+    old = graphs.enabled, graphs.compile
+    graphs.enabled, graphs.compile = enabled, compile
+    try:
+        yield
+    finally:
+        graphs.enabled, graphs.compile = old
+        graphs.reset()
+
+
+def _sdpa_without_cudnn():
+    """The teacher's SDPA with cuDNN's attention left out: on Hopper, torch picks cuDNN for the decode call, whose host
+    side dominates a small model's step (docs/benchmarks.md); flash or memory-efficient attention is the stronger
+    baseline there."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+GSA_COMPILED, GSA_GRAPHS, GSA_EAGER = "GSA (CUDA graphs, compiled step)", "GSA (CUDA graphs)", "GSA (eager)"
+TEACHER_DEFAULT, TEACHER_NO_CUDNN = "teacher SDPA (default)", "teacher SDPA (no cuDNN)"
+
+
+def run_generate_bench(
+    path, shape, contexts, batches, new_tokens, device, teacher: bool = True, window: int = 0, compile_step=False
+) -> list[dict]:
+    """GSA decoding (captured steps where the device has CUDA graphs, and eager) against the teacher's KV-cache
+    decoding (torch's default SDPA choice, and without cuDNN), same weights, batch and context; with ``window``
+    (random weights only) the hybrid: a sliding window of that many tokens mixed per token, with a sink; with
+    ``compile_step`` the captured step is also timed through torch.compile (inductor)."""
+    model = load_bench_model(path, shape, device, window).eval()
+    graphs = next(model.parameters()).is_cuda
     rows = []
     with torch.no_grad():
         for batch in batches:
             for context in contexts:
-                rows.append(decode_throughput(model, batch, context, new_tokens, label="GSA"))
+                modes = {GSA_EAGER: _decode_graphs(model, False)}
+                if graphs:
+                    modes = {GSA_GRAPHS: _decode_graphs(model, True), **modes}
+                if graphs and compile_step:
+                    modes = {GSA_COMPILED: _decode_graphs(model, True, "inductor"), **modes}
+                rows += decode_throughput(model, batch, context, modes, new_tokens)
                 if teacher:
-                    try:
-                        rows.append(
-                            decode_throughput(
-                                teacher_view(model), batch, context, new_tokens, label="teacher (KV cache)"
-                            )
-                        )
-                    except torch.OutOfMemoryError:
-                        rows.append(
-                            {"model": "teacher (KV cache)", "batch": batch, "context": context, "tokens_per_s": "OOM"}
-                        )
-                        torch.cuda.empty_cache()
+                    rows += _teacher_decode(model, batch, context, new_tokens, graphs)
     return rows
+
+
+def _teacher_decode(model: nn.Module, batch: int, context: int, new_tokens: int, cuda: bool) -> list[dict]:
+    modes = {TEACHER_DEFAULT: contextlib.nullcontext()}
+    if cuda:
+        modes[TEACHER_NO_CUDNN] = _sdpa_without_cudnn()
+    try:
+        return decode_throughput(teacher_view(model), batch, context, modes, new_tokens)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return [{"model": label, "batch": batch, "context": context, "tokens_per_s": "OOM"} for label in modes]
+
+
+def decode_ratios(rows: list[dict]) -> list[dict]:
+    """Per batch and context: GSA's tokens/s (its fastest mode measured: compiled captured steps, captured steps,
+    eager) over the faster teacher's."""
+    out = []
+    cells = dict.fromkeys((r["batch"], r["context"]) for r in rows)
+    for batch, context in cells:
+        cell = {r["model"]: r.get("tokens_per_s") for r in rows if (r["batch"], r["context"]) == (batch, context)}
+        gsa = cell.get(GSA_COMPILED) or cell.get(GSA_GRAPHS) or cell.get(GSA_EAGER)
+        teachers = [v for k, v in cell.items() if k.startswith("teacher") and isinstance(v, (int, float))]
+        row = {"batch": batch, "context": context, "GSA tokens/s": gsa}
+        if teachers:
+            row["best teacher tokens/s"] = max(teachers)
+            row["GSA / best teacher"] = f"{gsa / max(teachers):.2f}x"
+        elif any(k.startswith("teacher") for k in cell):
+            row["GSA / best teacher"] = "teacher OOM"
+        if cell.get(GSA_GRAPHS) and cell.get(GSA_EAGER):
+            row["graphs / eager"] = f"{cell[GSA_GRAPHS] / cell[GSA_EAGER]:.2f}x"
+        out.append(row)
+    return out

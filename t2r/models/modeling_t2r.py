@@ -20,12 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from t2r.kernels.dispatch import RECURRENT_MAX_TOKENS, gsa, gsa_decode_
 
 from .cache_t2r import GSACache
 from .configuration_t2r import T2RLlamaConfig, T2RMistralConfig, T2RQwen2Config, T2RQwen3Config
+from .decode_graphs import DecodeGraphs
 from .hf_compat import CACHE_ARG, take_cache
 from .window_attention import sliding_window_attention
 
@@ -149,6 +151,10 @@ class GSAAttention(nn.Module):
             o_win, window = sliding_window_attention(
                 q_rot, k_rot, v_raw, self.window, self.window_scaling, valid, doc, past, sink=sink
             )
+            if past is not None:  # the window stays in its buffers, where a captured decoding step reads it
+                for old, new in zip(past, window, strict=True):
+                    old.copy_(new)
+                window = past
             mix = torch.sigmoid(self.window_mix(hidden_states))[..., None].to(o.dtype)  # [H, 1] or [B, T, H, 1]
             o = (mix * o_win.to(o.dtype) + (1 - mix) * o.view(B, T, self.num_heads, -1)).reshape(B, T, -1)
         if layer_cache is not None:
@@ -266,6 +272,7 @@ class T2RModelMixin:
         for idx, layer in enumerate(self.model.layers):
             if config.is_gsa_layer(idx):
                 layer.self_attn = GSAAttention(config, idx, layer.self_attn)
+        self.decode_graphs = DecodeGraphs()
         self.post_init()  # initialises only the new modules: the others are already marked initialised
 
     def forward(
@@ -285,6 +292,11 @@ class T2RModelMixin:
             use_cache = self.config.use_cache and not self.training
         if use_cache and cache is None:
             cache = GSACache(self.config)
+        graphs = self.decode_graphs
+        if graphs.takes(self, input_ids, inputs_embeds, labels, attention_mask, cache, logits_to_keep, kwargs):
+            logits = graphs.step(self, input_ids, position_ids, attention_mask, cache)
+            if logits is not None:
+                return CausalLMOutputWithPast(logits=logits, **{CACHE_ARG: cache})
         if attention_mask is not None and attention_mask.dim() == 2:
             kwargs["gsa_token_mask"] = attention_mask
         rows = input_ids if input_ids is not None else inputs_embeds
