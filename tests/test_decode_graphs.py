@@ -174,3 +174,14 @@ def test_a_compiled_step_matches_eager_decoding():
     compiled, _ = _decode(model, prompt, 5)
     assert len(model.decode_graphs.steps) == 1 and not model.decode_graphs.failed
     assert rel_err(compiled, eager) < 1e-6
+
+
+def test_inference_mode_and_no_grad_take_turns():
+    model = _graphed(tiny_gsa_model("mistral"))
+    prompt = torch.randint(3, 100, (1, 5))
+    want, _ = _decode(model, prompt, 3)  # no_grad
+    with torch.inference_mode():
+        got, _ = _decode(model, prompt, 3)
+    again, _ = _decode(model, prompt, 3)
+    assert len(model.decode_graphs.steps) == 2
+    assert rel_err(got, want) < 1e-6 and rel_err(again, want) < 1e-6

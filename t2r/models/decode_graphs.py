@@ -128,7 +128,8 @@ class DecodeGraphs:
     def _key(self, input_ids: torch.Tensor, attention_mask) -> tuple:
         mask = None if attention_mask is None else attention_mask.dtype
         autocast = torch.is_autocast_enabled(input_ids.device.type)
-        return input_ids.shape[0], input_ids.device, mask, autocast
+        # Buffers made under inference mode cannot be written outside it.
+        return input_ids.shape[0], input_ids.device, mask, autocast, torch.is_inference_mode_enabled()
 
     def step(self, model: nn.Module, input_ids, position_ids, attention_mask, cache: GSACache) -> torch.Tensor | None:
         """Logits [B, 1, vocab] of one decoding step, replayed (captured at the first step of this shape); None when
