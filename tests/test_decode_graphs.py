@@ -185,3 +185,14 @@ def test_inference_mode_and_no_grad_take_turns():
     again, _ = _decode(model, prompt, 3)
     assert len(model.decode_graphs.steps) == 2
     assert rel_err(got, want) < 1e-6 and rel_err(again, want) < 1e-6
+
+
+def test_beam_search_reorders_the_captured_memories():
+    """Beam search reorders the cache between steps (new tensors): each replay first takes them in."""
+    model = tiny_gsa_model("mistral", **VARIANTS["hybrid"])
+    prompt = torch.randint(3, 100, (2, 6))
+    kw = dict(max_new_tokens=6, num_beams=3, do_sample=False, early_stopping=False, length_penalty=0.0)
+    want = model.generate(prompt, **kw)
+    got = _graphed(model).generate(prompt, **kw)
+    assert model.decode_graphs.steps
+    assert torch.equal(got, want)
