@@ -196,3 +196,20 @@ def test_beam_search_reorders_the_captured_memories():
     got = _graphed(model).generate(prompt, **kw)
     assert model.decode_graphs.steps
     assert torch.equal(got, want)
+
+
+def test_training_mode_drops_the_captured_steps():
+    model = _graphed(tiny_gsa_model("mistral"))
+    prompt = torch.randint(3, 100, (1, 5))
+    want, cache = _decode(model, prompt, 2)
+    model.train()
+    assert not model.decode_graphs.steps
+    model.eval()
+    with torch.no_grad():  # the cache got its own copies of the memories: decoding continues from it
+        nxt = want[:, -1:].argmax(-1)
+        got = model(input_ids=nxt, **{CACHE_ARG: cache}, use_cache=True).logits
+    model.decode_graphs.enabled = False
+    _, fresh = _decode(model, prompt, 2)
+    with torch.no_grad():
+        expected = model(input_ids=nxt, **{CACHE_ARG: fresh}, use_cache=True).logits
+    assert rel_err(got, expected) < 1e-6

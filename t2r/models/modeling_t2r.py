@@ -318,6 +318,12 @@ class T2RModelMixin:
             **kwargs,
         )
 
+    def train(self, mode: bool = True):
+        """Back to training: captured decoding steps (their buffers and memory pool) are dropped."""
+        if mode and getattr(self, "decode_graphs", None) is not None:
+            self.decode_graphs.reset()
+        return super().train(mode)
+
     def _reads_no_causal_mask(self) -> bool:
         """Every layer is GSA (its window builds its own masks from gsa_token_mask): no softmax layer kept, none
         swapped in and nothing attached that reads the mask (training runs layers as the teacher's attention)."""
