@@ -142,7 +142,6 @@ class DecodeGraphs:
                 step = self._capture(model, input_ids, attention_mask, cache)
             except (RuntimeError, torch.OutOfMemoryError) as err:  # a host sync or an op a graph cannot hold
                 self.failed[key] = f"{type(err).__name__}: {err}"
-                self._busy = False
                 return None
             if len(self.steps) >= MAX_GRAPHS:
                 self._release(self.steps.pop(next(iter(self.steps))))
