@@ -264,6 +264,9 @@ def bench_generate(
     window: Annotated[int, typer.Option(help="with --shape: the hybrid, a sliding window of N tokens", min=0)] = 0,
     teacher: Annotated[bool, typer.Option(help="also time the teacher's KV-cache decoding")] = True,
     compile_step: Annotated[bool, typer.Option(help="also time the captured step compiled (torch.compile)")] = False,
+    end_to_end: Annotated[
+        bool, typer.Option(help="time generate() itself; the teacher also with its static cache, compiled")
+    ] = False,
     device: Annotated[str, typer.Option(help="device")] = "cuda",
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
     record: Annotated[Path | None, typer.Option(help=RECORD_HELP)] = None,
@@ -275,7 +278,13 @@ def bench_generate(
 
     check_outputs(json_out, record)
     contexts, batches = context or [1024, 4096, 16384, 32768], batch or [1, 16]
-    rows = run_generate_bench(model, shape, contexts, batches, new_tokens, device, teacher, window, compile_step)
+    if end_to_end and new_tokens < 2:
+        from t2r.errors import T2RError
+
+        raise T2RError("--end-to-end times decoding as generate(N) minus generate(1): give --new-tokens of at least 2")
+    rows = run_generate_bench(
+        model, shape, contexts, batches, new_tokens, device, teacher, window, compile_step, end_to_end
+    )
     ratios = decode_ratios(rows)
     print_table(rows)
     print()

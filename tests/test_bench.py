@@ -57,3 +57,29 @@ def test_records_name_the_device_the_benchmark_ran_on(tmp_path, monkeypatch):
         names[device] = json.loads(out.read_text())["device"]
     assert names == {"cpu": platform.processor() or platform.machine() or "cpu", "cuda": "Fake GPU",
                      "cuda:0": "Fake GPU", None: "Fake GPU"}  # fmt: skip
+
+
+def test_bench_generate_times_both_models_and_states_the_ratio(tiny_converted, tmp_path, capsys):
+    """Per (batch, context): GSA and the teacher, one row per mode, and a ratio row against the faster teacher;
+    --end-to-end goes through generate() and adds the teacher's static cache."""
+    for extra, labels in (
+        ([], {"GSA (eager)", "teacher SDPA (default)"}),
+        (["--end-to-end"], {"GSA (eager)", "teacher SDPA (default)", "teacher SDPA, static cache (compiled on CUDA)"}),
+    ):
+        out, log = tmp_path / f"rows{len(extra)}.json", tmp_path / f"log{len(extra)}.md"
+        args = ["bench", "generate", str(tiny_converted), "--device", "cpu", "--context", "12", "--context", "20",
+                "--batch", "2", "--new-tokens", "3", "--json", str(out), "--record", str(log), *extra]  # fmt: skip
+        code, _ = run_cli(args, capsys)
+        assert code == 0
+        rows = json.loads(out.read_text())["rows"]
+        assert {r["model"] for r in rows} == labels
+        assert {(r["batch"], r["context"]) for r in rows} == {(2, 12), (2, 20)}
+        assert all(r["tokens_per_s"] > 0 and r["ms_per_token"] > 0 for r in rows)
+        ratios = [line for line in log.read_text().splitlines() if line.startswith("| 2 |")]
+        assert "| GSA / best teacher |" in log.read_text() and len(ratios) == 2
+
+
+def test_end_to_end_needs_two_new_tokens(tiny_converted, capsys):
+    args = ["bench", "generate", str(tiny_converted), "--device", "cpu", "--new-tokens", "1", "--end-to-end"]
+    code, lines = run_cli(args, capsys)
+    assert code != 0 and len(lines) == 1 and "at least 2" in lines[0]

@@ -164,6 +164,38 @@ def decode_throughput(
     return rows
 
 
+@torch.no_grad()
+def generate_throughput(
+    model: nn.Module, batch: int, context: int, new_tokens: int, label: str, **generate_kwargs
+) -> dict:
+    """Decode tokens/s through ``model.generate()`` itself: its loop, logits processing and cache handling
+    included. One warm-up call (compilation and graph capture), then a call for ``new_tokens`` tokens and one for a
+    single token: the difference is the decoding, without the prefill. Peak memory over the timed calls."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+    mask = torch.ones_like(ids)
+
+    def run(n: int) -> float:
+        _sync()
+        start = time.perf_counter()
+        model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       pad_token_id=0, **generate_kwargs)  # fmt: skip
+        _sync()
+        return time.perf_counter() - start
+
+    run(new_tokens)
+    _peak_reset()
+    seconds = run(new_tokens) - run(1)
+    return {
+        "model": label,
+        "batch": batch,
+        "context": context,
+        "ms_per_token": round(1000 * seconds / (new_tokens - 1), 3),
+        "tokens_per_s": round(batch * (new_tokens - 1) / seconds),
+        "peak_gb": round(_peak_gb(), 2),
+    }
+
+
 def print_table(rows: list[dict]) -> None:
     if not rows:
         return
@@ -332,14 +364,18 @@ TEACHER_DEFAULT, TEACHER_NO_CUDNN = "teacher SDPA (default)", "teacher SDPA (no 
 
 
 def run_generate_bench(
-    path, shape, contexts, batches, new_tokens, device, teacher: bool = True, window: int = 0, compile_step=False
-) -> list[dict]:
+    path, shape, contexts, batches, new_tokens, device, teacher: bool = True, window: int = 0, compile_step=False,
+    end_to_end: bool = False,
+) -> list[dict]:  # fmt: skip
     """GSA decoding (captured steps where the device has CUDA graphs, and eager) against the teacher's KV-cache
     decoding (torch's default SDPA choice, and without cuDNN), same weights, batch and context; with ``window``
     (random weights only) the hybrid: a sliding window of that many tokens mixed per token, with a sink; with
-    ``compile_step`` the captured step is also timed through torch.compile (inductor)."""
+    ``compile_step`` the captured step is also timed through torch.compile (inductor). ``end_to_end`` times
+    ``generate()`` itself instead (see :func:`run_end_to_end`)."""
     model = load_bench_model(path, shape, device, window).eval()
-    graphs = next(model.parameters()).is_cuda
+    if end_to_end:
+        return run_end_to_end(model, contexts, batches, new_tokens, teacher)
+    graphs = _cuda(model)
     rows = []
     with torch.no_grad():
         for batch in batches:
@@ -353,6 +389,35 @@ def run_generate_bench(
                 if teacher:
                     rows += _teacher_decode(model, batch, context, new_tokens, graphs)
     return rows
+
+
+TEACHER_STATIC = "teacher SDPA, static cache (compiled on CUDA)"
+
+
+def run_end_to_end(model: nn.Module, contexts, batches, new_tokens: int, teacher: bool = True) -> list[dict]:
+    """Tokens/s through ``generate()``: GSA with its captured steps (as users get it), the teacher with its default
+    dynamic KV cache, and with ``cache_implementation="static"``, under which transformers compiles the teacher's
+    forward and replays it as CUDA graphs (on CUDA): the teacher's own fastest decoding path."""
+    rows = []
+    teacher_model = teacher_view(model) if teacher else None
+    for batch in batches:
+        for context in contexts:
+            label = GSA_GRAPHS if _cuda(model) else GSA_EAGER
+            rows.append(generate_throughput(model, batch, context, new_tokens, label))
+            model.decode_graphs.reset()
+            if teacher_model is None:
+                continue
+            for label, kwargs in ((TEACHER_DEFAULT, {}), (TEACHER_STATIC, {"cache_implementation": "static"})):
+                try:
+                    rows.append(generate_throughput(teacher_model, batch, context, new_tokens, label, **kwargs))
+                except torch.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    rows.append({"model": label, "batch": batch, "context": context, "tokens_per_s": "OOM"})
+    return rows
+
+
+def _cuda(model: nn.Module) -> bool:
+    return next(model.parameters()).is_cuda
 
 
 def _teacher_decode(model: nn.Module, batch: int, context: int, new_tokens: int, cuda: bool) -> list[dict]:
