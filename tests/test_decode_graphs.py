@@ -213,3 +213,18 @@ def test_training_mode_drops_the_captured_steps():
     with torch.no_grad():
         expected = model(input_ids=nxt, **{CACHE_ARG: fresh}, use_cache=True).logits
     assert rel_err(got, expected) < 1e-6
+
+
+def test_models_split_over_devices_or_compiled_by_the_caller_decode_eagerly():
+    model = tiny_gsa_model("mistral")
+    prompt = torch.randint(3, 100, (1, 5))
+    want, _ = _decode(model, prompt, 3)
+    # as accelerate's device_map="auto" leaves a model split over two GPUs
+    _graphed(model).hf_device_map = {"model.layers.0": 0, "model.layers.1": 1}
+    got, _ = _decode(model, prompt, 3)
+    assert not model.decode_graphs.steps and rel_err(got, want) < 1e-6
+    del model.hf_device_map
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    got, _ = _decode(compiled, prompt, 3)
+    assert not model.decode_graphs.steps and rel_err(got, want) < 1e-6

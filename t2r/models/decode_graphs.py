@@ -11,8 +11,8 @@ last column of the padding mask, the GSA memories and the hybrid's window, updat
 Python-side counts are advanced after each replay. Graphs are dropped whenever the model's tensors move (``.to()``,
 reassigned ``.data``) or one of its modules registers a module, parameter or buffer (peft adapters attached), and
 a step that does not fit the captured one (another batch size, a softmax layer's growing KV cache, gradients,
-training mode, extra outputs) runs eagerly. ``T2R_CUDA_GRAPHS=0`` or ``model.decode_graphs.enabled = False`` turns it
-off.
+training mode, extra outputs, a model split over devices or traced by the caller's torch.compile) runs eagerly.
+``T2R_CUDA_GRAPHS=0`` or ``model.decode_graphs.enabled = False`` turns it off.
 
 ``emulate`` runs the same machinery without a GPU (tests): a "replay" reruns the captured call against the
 capture-time cache, whose Python-side state is put back as it was at capture, so a step that read something
@@ -108,6 +108,8 @@ class DecodeGraphs:
         """Whether this forward is a decoding step a graph can run."""
         if not self.enabled or self._busy or input_ids is None or inputs_embeds is not None or labels is not None:
             return False
+        if torch.compiler.is_compiling() or len(set(getattr(model, "hf_device_map", {}).values())) > 1:
+            return False  # traced by the caller's torch.compile, or split over devices: one graph cannot hold it
         if input_ids.dim() != 2 or input_ids.shape[1] != 1 or not (input_ids.is_cuda or self.emulate):
             return False
         if model.training or torch.is_grad_enabled() or not isinstance(logits_to_keep, int):
