@@ -16,7 +16,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from t2r.bench.throughput import device_name, shaped_model
+from t2r.bench.throughput import device_name, greedy_steps, shaped_model
 from t2r.models.hf_compat import CACHE_ARG, output_cache
 from t2r.teacher import teacher_view
 
@@ -28,17 +28,14 @@ def profile_decode(model, batch: int, context: int, steps: int) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
     out = model(input_ids=ids, **{CACHE_ARG: None}, use_cache=True, logits_to_keep=1)
     cache, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
-    for _ in range(3):  # warm up: first calls compile kernels and fill allocator pools
-        nxt = model(input_ids=nxt, **{CACHE_ARG: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+    nxt = greedy_steps(model, nxt, cache, 3)  # warm up: first calls compile kernels and fill allocator pools
     sync()
     start = time.perf_counter()
-    for _ in range(steps):
-        nxt = model(input_ids=nxt, **{CACHE_ARG: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+    nxt = greedy_steps(model, nxt, cache, steps)
     sync()
     wall = (time.perf_counter() - start) / steps
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            nxt = model(input_ids=nxt, **{CACHE_ARG: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+        greedy_steps(model, nxt, cache, steps)
         sync()
     events = prof.key_averages()
     kernels = [e for e in events if e.device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA]

@@ -122,6 +122,13 @@ def train_throughput(
     }
 
 
+def greedy_steps(model: nn.Module, nxt: torch.Tensor, cache, steps: int) -> torch.Tensor:
+    """``steps`` greedy decoding steps on ``cache`` from tokens ``nxt`` [B, 1]; returns the last tokens."""
+    for _ in range(steps):
+        nxt = model(input_ids=nxt, **{CACHE_ARG: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+    return nxt
+
+
 @torch.no_grad()
 def decode_throughput(
     model: nn.Module,
@@ -145,12 +152,10 @@ def decode_throughput(
     rows = []
     for label, mode in (modes or {"": contextlib.nullcontext()}).items():
         with mode:
-            for _ in range(2):  # warm-up: first steps compile kernels (and capture graphs)
-                nxt = model(input_ids=nxt, **{CACHE_ARG: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+            nxt = greedy_steps(model, nxt, cache, 2)  # warm-up: first steps compile kernels (and capture graphs)
             _sync()
             start = time.perf_counter()
-            for _ in range(new_tokens):
-                nxt = model(input_ids=nxt, **{CACHE_ARG: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+            nxt = greedy_steps(model, nxt, cache, new_tokens)
             _sync()
         seconds = time.perf_counter() - start
         rows.append({
