@@ -3,8 +3,11 @@ CUDA kernels and host-side ops that take the most, for the GSA model and for the
 same weights. A step whose wall time is far above its GPU time is bound by the host (Python and launches), and
 no kernel work will move it; only fewer launches per token (CUDA graphs, fused layers) will.
 
+With ``--window N`` the GSA model is the hybrid; ``--eager`` profiles it without captured steps (the kernels a
+replay runs, each named); ``--no-teacher`` leaves the teacher out.
+
 Usage: python benchmarks/decode_profile.py [--shape smollm2-135m] [--batch 1 --batch 16] [--context 1024]
-                                           [--steps 16] [--json FILE]
+                                           [--steps 16] [--window N] [--eager] [--no-teacher] [--json FILE]
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def profile_decode(model, batch: int, context: int, steps: int) -> dict:
     kernels = [e for e in events if e.device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_ms = sum(e.device_time_total for e in kernels) / steps / 1000
     launches = sum(e.count for e in kernels) / steps
-    top_gpu = sorted(kernels, key=lambda e: -e.device_time_total)[:8]
+    top_gpu = sorted(kernels, key=lambda e: -e.device_time_total)[:16]
     host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.key.startswith("aten::")]
     top_host = sorted(host, key=lambda e: -e.self_cpu_time_total)[:8]
     return {
@@ -62,11 +65,18 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--window", type=int, default=0)
+    ap.add_argument("--eager", action="store_true", help="GSA without captured decoding steps")
+    ap.add_argument("--no-teacher", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
-    model = shaped_model(args.shape, device=args.device).eval()
+    model = shaped_model(args.shape, device=args.device, window=args.window).eval()
+    model.decode_graphs.enabled = not args.eager
+    models = [("GSA" if not args.window else f"hybrid W={args.window}", model)]
+    if not args.no_teacher:
+        models.append(("teacher (SDPA, KV cache)", teacher_view(model)))
     rows = []
-    for label, m in (("GSA", model), ("teacher (SDPA, KV cache)", teacher_view(model))):
+    for label, m in models:
         for batch in args.batch or [1, 16]:
             row = {"model": label, **profile_decode(m, batch, args.context, args.steps)}
             rows.append(row)

@@ -26,11 +26,12 @@ from t2r.kernels.tuning import TUNING
 # Tensors in the inputs' dtype (the rest are fp32 work buffers): x and a stand for k / v and q / do.
 HALF_INPUTS = {"q_ptr", "k_ptr", "v_ptr", "s_ptr", "g_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "ds_ptr",
                "x_ptr", "a_ptr", "dx_ptr"}  # fmt: skip
-INT_POINTERS = {"cu_ptr", "segoff_ptr", "seg_ptr"}
-INT_SCALARS = {"T", "stride_pd", "stride_pm", "d0"}
+INT_POINTERS = {"cu_ptr", "segoff_ptr", "seg_ptr", "keep_ptr"}
+INT_SCALARS = {"T", "stride_pd", "stride_pm", "d0", "keep_stride", "N"}
 CONSTEXPRS = dict(H=32, Hkv=32, K=128, V=128, M=64, D=128, BS=64, BC=16, BD=64, BM=32, GP=1, BK=32, BV=32, PREC_IN=0,
                   PREC=3, PREC_O=3, EXP_CLAMP=60.0, HAS_INIT=False, STORE_OUT=True, REVERSE=False,
-                  STORE_LSE=True)  # fmt: skip
+                  STORE_LSE=True, RAW=True, FM=1, HAS_KEEP=True, BLOCK=1024)  # fmt: skip
+# (The decode step as the model launches it: from the projections, with a padding mask; RMSNorm rows of 576.)
 
 
 def load_kernels(path: str):
@@ -72,7 +73,7 @@ def resources(fn, warps: int, stages: int, **overrides) -> str:
 def main() -> None:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "t2r", "kernels")
-    paths = sys.argv[1:] or [os.path.join(here, name) for name in ("chunk_jit.py", "decode_jit.py")]
+    paths = sys.argv[1:] or [os.path.join(here, name) for name in ("chunk_jit.py", "decode_jit.py", "norm.py")]
     sweeps = _launch_cfg(128, 128, 64)
     found = {}
     for path in paths:

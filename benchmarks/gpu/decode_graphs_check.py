@@ -8,8 +8,10 @@ For each model (random weights in SmolLM2-135M's shapes, bf16; pure GSA and the 
    the floor the graph leaves), and generate() end to end (tokens/s with and without graphs).
 
 Then the same step compiled with torch.compile (inductor) inside the graph: compilation time, agreement, step times.
+And the fused decode step (one Triton launch per layer that also applies the feature maps, gates and the output's
+silu) against the unfused PyTorch reference path (T2R_GSA_IMPL=reference), both in bf16 and against fp32.
 
-Usage: python benchmarks/gpu/decode_graphs_check.py [--compile-only] [--json FILE]
+Usage: python benchmarks/gpu/decode_graphs_check.py [--compile-only] [--fused-only] [--json FILE]
 """
 
 from __future__ import annotations
@@ -144,27 +146,59 @@ def compiled(label: str, model, reference, backend: str = "inductor", times: boo
     return result
 
 
+@torch.no_grad()
+def fused(label: str, model, reference) -> dict:
+    """Eager decoding through the fused step vs the PyTorch reference path (unfused prologue, recurrent step) on
+    the same forced tokens, in bf16 and fp32 (``reference``: the same weights in fp32), each against fp32 reference
+    decoding."""
+    from t2r.kernels.tuning import tuned
+
+    ids = torch.randint(0, model.config.vocab_size, (8, 2048), device="cuda")
+    forced = torch.randint(0, model.config.vocab_size, (8, 48), device="cuda")
+    model.decode_graphs.enabled = reference.decode_graphs.enabled = False
+    runs = {}
+    for impl in ("reference", "auto"):
+        with tuned(impl=impl):
+            runs[f"{impl}_fp32"], _ = decode(reference, ids, 48, forced)
+            runs[f"{impl}_bf16"], _ = decode(model, ids, 48, forced)
+    model.decode_graphs.enabled = reference.decode_graphs.enabled = True
+    exact = runs["reference_fp32"]
+    result = {"model": f"{label}, fused decode step vs the reference path"}
+    result["fused_fp32_rel_err_vs_reference_fp32"] = rel_err(runs["auto_fp32"], exact)
+    result["fused_bf16_rel_err_vs_reference_fp32"] = rel_err(runs["auto_bf16"], exact)
+    result["reference_bf16_rel_err_vs_reference_fp32"] = rel_err(runs["reference_bf16"], exact)
+    result["fused_bf16_rel_err_vs_reference_bf16"] = rel_err(runs["auto_bf16"], runs["reference_bf16"])
+    result["capture_failures"] = []
+    print(json.dumps(result, indent=1), flush=True)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--compile-only", action="store_true", help="only the compiled-step variants")
     ap.add_argument("--no-times", action="store_true", help="agreement only")
+    ap.add_argument("--fused-only", action="store_true", help="only the fused step against the reference path")
     args = ap.parse_args()
     gsa32 = shaped_model("smollm2-135m", dtype=torch.float32).eval()
     hybrid32 = shaped_model("smollm2-135m", dtype=torch.float32, window=512).eval()
     gsa, hybrid = (copy.deepcopy(m).to(torch.bfloat16) for m in (gsa32, hybrid32))  # the same weights in bf16
-    results = [] if args.compile_only else [
-        check("GSA (smollm2-135m shapes)", gsa),
-        check("hybrid W=512 (smollm2-135m shapes)", hybrid),
-    ]  # fmt: skip
+    results = [fused("GSA", gsa, gsa32), fused("hybrid W=512", hybrid, hybrid32)]
+    if not args.compile_only and not args.fused_only:
+        results += [check("GSA (smollm2-135m shapes)", gsa), check("hybrid W=512 (smollm2-135m shapes)", hybrid)]
     times = not args.no_times
-    results += [compiled("GSA", gsa, gsa32, times=times), compiled("hybrid W=512", hybrid, hybrid32, times=times)]
+    if not args.fused_only:
+        results += [compiled("GSA", gsa, gsa32, times=times), compiled("hybrid W=512", hybrid, hybrid32, times=times)]
     ok = all(
         r.get("generate_tokens_identical", True)
         and not r["capture_failures"]
         and (
-            r["decode_logits_rel_err"] < 1e-2  # graphs: the same kernels as eager
-            or r["compiled_bf16_rel_err_vs_fp32"] <= 1.5 * r["eager_bf16_rel_err_vs_fp32"]  # compiled: other kernels
+            r.get("decode_logits_rel_err", 1) < 1e-2  # graphs: the same kernels as eager
+            or r.get("compiled_bf16_rel_err_vs_fp32", 1) <= 1.5 * r.get("eager_bf16_rel_err_vs_fp32", 0)
+            or (  # fused: within the fp32 tolerance of the reference, and no less accurate in bf16
+                r.get("fused_fp32_rel_err_vs_reference_fp32", 1) <= 1e-2
+                and r["fused_bf16_rel_err_vs_reference_fp32"] <= 1.1 * r["reference_bf16_rel_err_vs_reference_fp32"]
+            )
         )
         for r in results
     )

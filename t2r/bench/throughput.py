@@ -188,7 +188,7 @@ def generate_throughput(
         _sync()
         return time.perf_counter() - start
 
-    run(new_tokens)
+    first = run(new_tokens)
     _peak_reset()
     seconds = run(new_tokens) - run(1)
     return {
@@ -198,6 +198,7 @@ def generate_throughput(
         "ms_per_token": round(1000 * seconds / (new_tokens - 1), 3),
         "tokens_per_s": round(batch * (new_tokens - 1) / seconds),
         "peak_gb": round(_peak_gb(), 2),
+        "first_call_s": round(first, 2),  # what a user waits for the first generate(): compilation, capture
     }
 
 
@@ -379,7 +380,7 @@ def run_generate_bench(
     ``generate()`` itself instead (see :func:`run_end_to_end`)."""
     model = load_bench_model(path, shape, device, window).eval()
     if end_to_end:
-        return run_end_to_end(model, contexts, batches, new_tokens, teacher)
+        return run_end_to_end(model, contexts, batches, new_tokens, teacher, compile_step)
     graphs = _cuda(model)
     rows = []
     with torch.no_grad():
@@ -399,17 +400,23 @@ def run_generate_bench(
 TEACHER_STATIC = "teacher SDPA, static cache (compiled on CUDA)"
 
 
-def run_end_to_end(model: nn.Module, contexts, batches, new_tokens: int, teacher: bool = True) -> list[dict]:
-    """Tokens/s through ``generate()``: GSA with its captured steps (as users get it), the teacher with its default
-    dynamic KV cache, and with ``cache_implementation="static"``, under which transformers compiles the teacher's
-    forward and replays it as CUDA graphs (on CUDA): the teacher's own fastest decoding path."""
+def run_end_to_end(
+    model: nn.Module, contexts, batches, new_tokens: int, teacher: bool = True, compile_step: bool = False
+) -> list[dict]:
+    """Tokens/s through ``generate()``: GSA with its captured steps (as users get it; with ``compile_step`` also
+    compiled), the teacher with its default dynamic KV cache, and with ``cache_implementation="static"``, under
+    which transformers compiles the teacher's forward and replays it as CUDA graphs (on CUDA): the teacher's own
+    fastest decoding path."""
     rows = []
     teacher_model = teacher_view(model) if teacher else None
+    modes = {GSA_GRAPHS if _cuda(model) else GSA_EAGER: None}
+    if compile_step and _cuda(model):
+        modes[GSA_COMPILED] = "inductor"
     for batch in batches:
         for context in contexts:
-            label = GSA_GRAPHS if _cuda(model) else GSA_EAGER
-            rows.append(generate_throughput(model, batch, context, new_tokens, label))
-            model.decode_graphs.reset()
+            for label, compile in modes.items():
+                with _decode_graphs(model, model.decode_graphs.enabled, compile):
+                    rows.append(generate_throughput(model, batch, context, new_tokens, label))
             if teacher_model is None:
                 continue
             for label, kwargs in ((TEACHER_DEFAULT, {}), (TEACHER_STATIC, {"cache_implementation": "static"})):
