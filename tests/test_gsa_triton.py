@@ -17,8 +17,9 @@ from conftest import make_inputs, rel_err, run_with_grads
 
 from t2r.kernels import chunk as kernels
 from t2r.kernels import gsa_decode_, gsa_recurrent
-from t2r.kernels.decode import gsa_decode_triton
-from t2r.kernels.dispatch import use_triton
+from t2r.kernels.decode import gsa_decode_fused_triton, gsa_decode_triton
+from t2r.kernels.dispatch import gsa_decode_fused_, use_triton
+from t2r.kernels.reference import gsa_decode_fused_reference
 from t2r.kernels.tuning import TUNING
 from t2r.models.hf_compat import output_cache
 
@@ -243,6 +244,47 @@ def test_decode_kernel_updates_state_in_place(monkeypatch, T, block):
     assert [x.data_ptr() for x in state] == pointers
     assert rel_err(o.cpu(), o_ref) <= 1e-5 and rel_err(state[0].cpu(), hk_ref) <= 1e-5
     assert rel_err(state[1].cpu(), hv_ref) <= 1e-5
+
+
+@pytest.mark.parametrize(("feature_map", "mask"), [("swish", None), ("relu", "long"), ("identity", "bool")])
+def test_fused_decode_step_matches_its_reference(feature_map, mask):
+    """The step that takes the projections (feature maps, gates, padding and the output's silu inside the kernel)
+    against its PyTorch reference: output and memories, updated in place. The gate logits span gates that forget
+    everything (alpha underflows to 0) to gates that keep almost everything (1 - alpha near 1e-13, where
+    1 - exp(g) would cancel); the padding mask is a column of a longer [B, L] mask, read through its stride."""
+    B, H, Hkv, K, V, M = 5, 6, 2, 32, 64, 32
+    (q, k, v, _, _), h0 = make_inputs(B, 1, H, Hkv, K, V, M, device=DEVICE)
+    f = torch.randn(B, 1, Hkv, M, device=DEVICE) * 4
+    f[0, 0, 0, :4] = torch.tensor([-3000.0, -40.0, 30.0, 35.0])
+    keep = None
+    if mask is not None:
+        full = torch.ones(B, 7, dtype=getattr(torch, mask), device=DEVICE)
+        full[1, -1] = full[3, -1] = 0
+        keep = full[:, -1:]
+    args = (feature_map, 8.0, keep)
+    with torch.no_grad():
+        state_ref = tuple(x.detach().clone() for x in h0)
+        o_ref = gsa_decode_fused_reference(q, k, v, f, 0.3, state_ref, *args)
+        state = tuple(x.detach().clone() for x in h0)
+        pointers = [x.data_ptr() for x in state]
+        o = gsa_decode_fused_triton(q, k, v, f, 0.3, state, *args)
+    assert [x.data_ptr() for x in state] == pointers
+    assert rel_err(o, o_ref) <= 1e-5
+    assert rel_err(state[0], state_ref[0]) <= 1e-5 and rel_err(state[1], state_ref[1]) <= 1e-5
+    if mask is not None:  # padded rows: memories untouched
+        assert torch.equal(state[0][1], h0[0][1]) and torch.equal(state[1][3], h0[1][3])
+
+
+def test_fused_decode_dispatch_takes_the_reference_for_several_tokens(monkeypatch):
+    """Several new tokens (and CPU tensors without T2R_GSA_IMPL=triton) go through the prologue and the unfused
+    step: the same contract, the same numbers as the reference."""
+    (q, k, v, _, _), h0 = make_inputs(2, 3, 4, 2, 16, 16, 16, device=DEVICE)
+    f = torch.randn(2, 3, 2, 16, device=DEVICE)
+    with torch.no_grad():
+        state_ref, state = (tuple(x.detach().clone() for x in h0) for _ in range(2))
+        o_ref = gsa_decode_fused_reference(q, k, v, f, None, state_ref, "swish", 16.0)
+        o = gsa_decode_fused_(q, k, v, f, None, state, "swish", 16.0)
+    assert rel_err(o, o_ref) <= 1e-5 and rel_err(state[1], state_ref[1]) <= 1e-5
 
 
 def test_dispatch(monkeypatch):

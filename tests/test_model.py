@@ -360,6 +360,35 @@ def test_window_sink_is_a_first_token_seen_from_everywhere():
     assert rel_err(out, expected) <= 1e-5
 
 
+@pytest.mark.parametrize("sink", [False, True])
+def test_window_decoding_step_is_attention_over_the_carried_window(sink):
+    """One new token on top of a carried window (its own shortcut past the block loop): masked softmax attention over
+    the sink, the window's real slots and itself (a padding query too), and the window shifted by one."""
+    from t2r.models.window_attention import sliding_window_attention
+
+    B, H, Hkv, D, W = 3, 4, 2, 8, 6
+    past = (torch.randn(B, W - 1, Hkv, D), torch.randn(B, W - 1, Hkv, D), torch.ones(B, W - 1, dtype=torch.bool))
+    past[2][1, :3] = False  # a left-padded row
+    q, k, v = torch.randn(B, 1, H, D), torch.randn(B, 1, Hkv, D), torch.randn(B, 1, Hkv, D)
+    valid = torch.tensor([[True], [True], [False]])
+    sk = (torch.randn(Hkv, D), torch.randn(Hkv, D)) if sink else None
+    out, new = sliding_window_attention(q, k, v, W, 0.3, valid=valid, past=past, sink=sk)
+    keys, values = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)
+    allowed = torch.cat([past[2], torch.ones(B, 1, dtype=torch.bool)], 1)
+    if sink:
+        keys = torch.cat([sk[0].expand(B, 1, Hkv, D), keys], 1)
+        values = torch.cat([sk[1].expand(B, 1, Hkv, D), values], 1)
+        allowed = torch.cat([torch.ones(B, 1, dtype=torch.bool), allowed], 1)
+    scores = torch.einsum("bthd,bjhd->bhtj", q, keys.repeat_interleave(H // Hkv, 2)) * 0.3
+    weights = scores.masked_fill(~allowed[:, None, None], float("-inf")).softmax(-1)
+    expected = torch.einsum("bhtj,bjhd->bthd", weights, values.repeat_interleave(H // Hkv, 2))
+    assert rel_err(out, expected) <= 1e-5
+    assert torch.equal(new[0], torch.cat([past[0], k], 1)[:, 1:]) and torch.equal(
+        new[1], torch.cat([past[1], v], 1)[:, 1:]
+    )
+    assert torch.equal(new[2], torch.cat([past[2], valid], 1)[:, 1:])
+
+
 def test_inference_model_carries_no_training_machinery(tmp_path):
     """The model (and the code saved beside a checkpoint) is inference only; training attaches the teacher's
     attention from outside without adding parameters, buffers or modules to the model."""

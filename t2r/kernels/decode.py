@@ -1,5 +1,6 @@
 """Host side of the fused in-place decode step (decode_jit.py): one token (or a few) on top of the memories,
-each memory read and written once per token. Its reference is :func:`reference.gsa_decode_reference`."""
+each memory read and written once per token. References: :func:`reference.gsa_decode_reference`, and for the
+step that also does the layer's elementwise work, :func:`reference.gsa_decode_fused_reference`."""
 
 from __future__ import annotations
 
@@ -22,17 +23,55 @@ def gsa_decode_triton(
     """A few new tokens on top of ``state``, which is updated in place (fp32, contiguous); returns o."""
     B, T, H, K = q.shape
     Hkv, V, M = k.shape[2], v.shape[3], s.shape[3]
-    hk, hv = state
-    if not (hk.is_contiguous() and hv.is_contiguous() and hk.dtype == hv.dtype == torch.float32):
-        raise ValueError("in-place decoding needs contiguous fp32 state tensors")
+    hk, hv = _check_state(state)
     q, k, v, s, g = (x.contiguous() for x in (q, k, v, s, g))
     o = empty(B, T, H, V, dtype=q.dtype, device=q.device)
     scale = K**-0.5 if scale is None else float(scale)
     if T == 1 and TUNING.decode_block:
-        _decode_step_kernel[(B * Hkv,)](q, k, v, s, g, o, hk, hv, scale, H=H, Hkv=Hkv, K=K, V=V, M=M,
-                                        GP=triton.next_power_of_2(H // Hkv), BK=min(K, TUNING.decode_block),
-                                        BV=min(V, TUNING.decode_block), num_warps=TUNING.decode_warps)  # fmt: skip
+        _step(q, k, v, s, g, o, state, scale, 1.0, None, raw=False, feature_map="identity")
     else:
         _decode_kernel[(B * Hkv,)](q, k, v, s, g, o, hk, hv, scale, T, H=H, Hkv=Hkv, K=K, V=V, M=M,
                                    num_warps=TUNING.decode_warps)  # fmt: skip
     return o
+
+
+FEATURE_CODES = {"identity": 0, "swish": 1, "relu": 2}  # decode_jit._feature
+
+
+def gsa_decode_fused_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tensor, scale: float | None, state: State,
+    feature_map: str, normalizer: float, keep: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """One token per sequence from the layer's projections, ``state`` updated in place; returns silu(o) (the
+    contract of :func:`reference.gsa_decode_fused_reference`). One launch where the unfused step takes a dozen:
+    a small model's decoding step is bound by launches (docs/benchmarks.md)."""
+    B, T, H, _ = q.shape
+    if T != 1 or not TUNING.decode_block:
+        raise ValueError("the fused decode step takes one token per sequence and the blocked kernel")
+    _check_state(state)
+    q, k, v, f = (x.contiguous() for x in (q, k, v, f))
+    o = empty(B, T, H, v.shape[3], dtype=q.dtype, device=q.device)
+    if keep is not None:
+        keep = keep[:, -1]
+    _step(q, k, v, None, f, o, state, scale, normalizer, keep, raw=True, feature_map=feature_map)
+    return o
+
+
+def _check_state(state: State) -> State:
+    hk, hv = state
+    if not (hk.is_contiguous() and hv.is_contiguous() and hk.dtype == hv.dtype == torch.float32):
+        raise ValueError("in-place decoding needs contiguous fp32 state tensors")
+    return state
+
+
+def _step(q, k, v, s, g, o, state: State, scale, normalizer: float, keep, raw: bool, feature_map: str) -> None:
+    B, _, H, K = q.shape
+    Hkv, V, M = k.shape[2], v.shape[3], g.shape[3]
+    scale = K**-0.5 if scale is None else float(scale)
+    keep_ptr, keep_stride = (q, 0) if keep is None else (keep, keep.stride(0))
+    _decode_step_kernel[(B * Hkv,)](
+        q, k, v, g if s is None else s, g, o, *state, keep_ptr, keep_stride, scale, float(normalizer),
+        H=H, Hkv=Hkv, K=K, V=V, M=M, GP=triton.next_power_of_2(H // Hkv),
+        BK=min(K, TUNING.decode_block), BV=min(V, TUNING.decode_block), RAW=raw, FM=FEATURE_CODES[feature_map],
+        HAS_KEEP=keep is not None, num_warps=TUNING.decode_warps,
+    )  # fmt: skip

@@ -46,32 +46,56 @@ def _decode_kernel(
 
 
 @triton.jit
+def _feature(x, FM: tl.constexpr):
+    """A q/k feature map by code (decode.FEATURE_CODES): 0 identity, 1 swish, 2 relu."""
+    if FM == 1:
+        x = x * tl.sigmoid(x)
+    elif FM == 2:
+        x = tl.maximum(x, 0.0)
+    return x
+
+
+@triton.jit
 def _decode_step_kernel(
-    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, o_ptr, hk_ptr, hv_ptr, scale,
+    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, o_ptr, hk_ptr, hv_ptr, keep_ptr, keep_stride, scale, normalizer,
     H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, GP: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, RAW: tl.constexpr, FM: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):  # fmt: skip
     """One token per sequence (decoding proper), the memories streamed through registers in blocks: keys-memory
     rows (decay, write, store, and every query head's slot logits), then value-memory columns (decay, write,
     store, output). A block's load does not wait on the previous block's math, so the state's bytes flow at
-    close to copy speed instead of one 64 KB load, then compute, then one store per program."""
+    close to copy speed instead of one 64 KB load, then compute, then one store per program.
+
+    ``RAW``: q, k, v are the projections and ``g_ptr`` holds the gate logits f; the layer's elementwise work
+    happens here (feature map ``FM``, silu values, log alpha = logsigmoid(f) / normalizer, 1 - alpha, padding
+    rows ``keep`` == 0 that neither write nor decay, and silu on the output) instead of in a dozen launches."""
     G: tl.constexpr = H // Hkv
     i_nh = tl.program_id(0).to(tl.int64)  # = sequence * Hkv + KV head, the token's row in k, v, s, g
     rg = tl.arange(0, GP)
     rm = tl.arange(0, M)
     heads = (i_nh * G + rg)[:, None]  # query heads of this KV head: rows of q and o
     in_group = rg[:, None] < G
-    s = tl.load(s_ptr + i_nh * M + rm).to(tl.float32)
-    a = tl.exp(tl.load(g_ptr + i_nh * M + rm).to(tl.float32))
+    if RAW:
+        f = tl.load(g_ptr + i_nh * M + rm).to(tl.float32)
+        g = (tl.minimum(f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(f)))) / normalizer  # logsigmoid, no overflow
+        if HAS_KEEP:
+            g = tl.where(tl.load(keep_ptr + (i_nh // Hkv) * keep_stride) != 0, g, 0.0)
+        a = tl.exp(g)
+        # 1 - alpha = -expm1(g) without 1 - exp(g)'s cancellation for gates near 1 (Kahan's expm1)
+        exact = (a == 1.0) | (a == 0.0)  # 1 - alpha is -g or 1 there
+        s = tl.where(exact, tl.where(a == 1.0, -g, 1.0), (1.0 - a) * g / tl.log(tl.where(exact, 0.5, a)))
+    else:
+        s = tl.load(s_ptr + i_nh * M + rm).to(tl.float32)
+        a = tl.exp(tl.load(g_ptr + i_nh * M + rm).to(tl.float32))
     logits = tl.zeros([GP, M], dtype=tl.float32)
     # Unrolled by 4: a little faster, the same bits (docs/benchmarks.md, the decode step).
     for k0 in tl.range(0, K, BK, loop_unroll_factor=4):
         rk = k0 + tl.arange(0, BK)
         ptrs = hk_ptr + i_nh * K * M + rk[:, None] * M + rm[None, :]
-        kb = tl.load(k_ptr + i_nh * K + rk).to(tl.float32)
+        kb = _feature(tl.load(k_ptr + i_nh * K + rk).to(tl.float32), FM)
         hk = tl.load(ptrs) * a[None, :] + kb[:, None] * s[None, :]
         tl.store(ptrs, hk)
-        qb = tl.load(q_ptr + heads * K + rk[None, :], mask=in_group, other=0.0).to(tl.float32)  # [GP, BK]
+        qb = _feature(tl.load(q_ptr + heads * K + rk[None, :], mask=in_group, other=0.0).to(tl.float32), FM)
         logits += tl.sum(qb[:, :, None] * hk[None, :, :], axis=1)
     logits = scale * logits
     e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
@@ -80,11 +104,11 @@ def _decode_step_kernel(
         rv = v0 + tl.arange(0, BV)
         ptrs = hv_ptr + i_nh * M * V + rm[:, None] * V + rv[None, :]
         vb = tl.load(v_ptr + i_nh * V + rv).to(tl.float32)
+        if RAW:
+            vb = vb * tl.sigmoid(vb)
         hv = tl.load(ptrs) * a[:, None] + s[:, None] * vb[None, :]
         tl.store(ptrs, hv)
         o = tl.sum(p[:, :, None] * hv[None, :, :], axis=1)  # [GP, BV]
+        if RAW:
+            o = o * tl.sigmoid(o)
         tl.store(o_ptr + heads * V + rv[None, :], o.to(o_ptr.dtype.element_ty), mask=in_group)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Host side.

@@ -10,13 +10,15 @@ recurrent form for a few tokens on top of a state (decoding), the chunked form o
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .reference import State, gsa_chunk, gsa_decode_reference, gsa_recurrent
+from .reference import State, gsa_chunk, gsa_decode_reference, gsa_prologue, gsa_recurrent, rms_norm_reference
 from .tuning import TUNING
 
 try:
     from .chunk import gsa_chunk_triton, supports
-    from .decode import gsa_decode_triton
+    from .decode import gsa_decode_fused_triton, gsa_decode_triton
+    from .norm import rms_norm_triton
 except ImportError:  # no triton: CPU-only install
     gsa_chunk_triton = None
 
@@ -70,3 +72,37 @@ def gsa_decode_(
     if use_triton(q, k, v, s) and state[0].is_contiguous() and state[1].is_contiguous():
         return gsa_decode_triton(q, k, v, s, g, scale, state)
     return gsa_decode_reference(q, k, v, s, g, scale, state)
+
+
+def gsa_decode_fused_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    f: torch.Tensor,
+    scale: float | None,
+    state: State,
+    feature_map: str,
+    normalizer: float,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A few new tokens from a layer's projections (q/k feature map, silu values, gates from the logits f, padding
+    ``keep`` [B, T]) on top of ``state``, updated in place; returns silu(o), as
+    :func:`reference.gsa_decode_fused_reference`. One token per sequence on the GPU is a single Triton launch,
+    where the steps apart take a dozen: a small model's decoding is bound by launches, not bytes."""
+    contiguous = state[0].is_contiguous() and state[1].is_contiguous()
+    if q.shape[1] == 1 and TUNING.decode_block and contiguous and use_triton(q, k, v, f):
+        return gsa_decode_fused_triton(q, k, v, f, scale, state, feature_map, normalizer, keep)
+    return F.silu(gsa_decode_(*gsa_prologue(q, k, v, f, feature_map, normalizer, keep), scale, state))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension: one Triton launch for CUDA tensors outside autograd and torch.compile (which
+    differentiates and fuses the PyTorch form itself), the reference's eight otherwise."""
+    fused = gsa_chunk_triton is not None and TUNING.impl != "reference" and (x.is_cuda or TUNING.impl == "triton")
+    if (
+        fused
+        and not torch.compiler.is_compiling()
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    ):
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)

@@ -11,7 +11,9 @@ state = (hk [N, Hkv, K, M], hv [N, Hkv, M, V]), always fp32, N = batch or number
     o_t  = hv_t^T softmax_M(scale * hk_t^T q_t)
 
 ``gsa_recurrent`` and ``gsa_chunk`` take and return the same things (``gsa_chunk`` is the chunkwise-parallel
-form: the reference of the Triton chunk kernels); ``gsa_decode_reference`` is the in-place decode step's.
+form: the reference of the Triton chunk kernels); ``gsa_decode_reference`` is the in-place decode step's, and
+``gsa_decode_fused_reference`` that of the step that also applies the layer's input maps (``gsa_prologue``) and
+the output's silu.
 """
 
 from __future__ import annotations
@@ -22,6 +24,29 @@ import torch
 import torch.nn.functional as F
 
 State = tuple[torch.Tensor, torch.Tensor]
+
+FEATURE_MAPS = {"swish": F.silu, "relu": F.relu, "identity": lambda x: x}  # q/k feature maps by config name
+
+
+def log_forget_gate(f: torch.Tensor, normalizer: float) -> torch.Tensor:
+    """log alpha (fp32) from the slot-gate logits f = f_proj(x)."""
+    return F.logsigmoid(f.float()) / normalizer
+
+
+def gsa_prologue(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tensor, feature_map: str, normalizer: float,
+    keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """GSA's inputs (q, k, v, s, g) from a layer's projections: the q/k feature map, silu values, the log forget
+    gates and write weights 1 - alpha (fp32). Tokens whose ``keep`` [B, T] is 0 (padding) neither write nor decay
+    the memories."""
+    g = log_forget_gate(f, normalizer)
+    s = -torch.expm1(g)
+    if keep is not None:
+        keep = keep.to(g.dtype)[..., None, None]
+        g, s = g * keep, s * keep
+    fm = FEATURE_MAPS[feature_map]
+    return fm(q), fm(k), F.silu(v), s, g
 
 
 def check_inputs(q, k, v, s, g, initial_state, cu_seqlens) -> tuple[int, int]:
@@ -224,3 +249,20 @@ def gsa_decode_reference(
     state[0].copy_(hk)
     state[1].copy_(hv)
     return o
+
+
+def gsa_decode_fused_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tensor, scale: float | None, state: State,
+    feature_map: str, normalizer: float, keep: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """A few new tokens from the layer's projections (:func:`gsa_prologue`) on top of ``state``, updated in place;
+    returns silu(o), the input of the layer's output norm (the fused decode kernel's contract)."""
+    return F.silu(gsa_decode_reference(*gsa_prologue(q, k, v, f, feature_map, normalizer, keep), scale, state))
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama-family RMSNorm (the fused kernel's contract): fp32 statistics, the normalised row in the
+    input's dtype, times the weight."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)

@@ -23,15 +23,15 @@ from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from t2r.kernels.dispatch import RECURRENT_MAX_TOKENS, gsa, gsa_decode_
+from t2r.kernels.dispatch import RECURRENT_MAX_TOKENS, gsa, gsa_decode_fused_
+from t2r.kernels.reference import gsa_prologue, log_forget_gate
 
 from .cache_t2r import GSACache
 from .configuration_t2r import T2RLlamaConfig, T2RMistralConfig, T2RQwen2Config, T2RQwen3Config
 from .decode_graphs import DecodeGraphs
 from .hf_compat import CACHE_ARG, take_cache
+from .norms import fuse_rms_norms
 from .window_attention import sliding_window_attention
-
-FEATURE_MAP_FNS = {"swish": F.silu, "relu": F.relu, "identity": lambda x: x}
 
 
 class DocumentRows(NamedTuple):
@@ -84,7 +84,7 @@ class GSAAttention(nn.Module):
         self.gate_logit_normalizer = config.gsa_gate_logit_normalizer
         self.scale = config.gsa_scale
         self.use_rope = config.gsa_use_rope
-        self.feature_map = FEATURE_MAP_FNS[config.gsa_feature_map]
+        self.feature_map = config.gsa_feature_map  # a name of reference.FEATURE_MAPS
         # Reused teacher modules (same parameter names as in the teacher checkpoint).
         self.q_proj, self.k_proj = teacher_attn.q_proj, teacher_attn.k_proj
         self.v_proj, self.o_proj = teacher_attn.v_proj, teacher_attn.o_proj
@@ -121,15 +121,9 @@ class GSAAttention(nn.Module):
             q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
             if self.use_rope:
                 q, k = q_rot, k_rot
-        v_raw = v
-        q, k, v = self.feature_map(q), self.feature_map(k), F.silu(v)
         f = self.f_proj(hidden_states).view(B, T, self.num_kv_heads, self.num_slots)
-        g = self.log_forget_gate(f)
-        s = -torch.expm1(g)  # write weight 1 - alpha
         token_mask = kwargs.get("gsa_token_mask")
-        if token_mask is not None:  # padding neither writes nor decays the memories
-            keep = token_mask[:, -T:].to(g.dtype)[..., None, None]
-            g, s = g * keep, s * keep
+        keep = None if token_mask is None else token_mask[:, -T:]  # padding neither writes nor decays the memories
 
         layer_cache = None
         if cache is not None:
@@ -138,10 +132,12 @@ class GSAAttention(nn.Module):
             layer_cache = cache.gsa_layer(self.layer_idx)
         docs = kwargs.get("gsa_documents")
         if layer_cache is None:  # training and cache-less forwards: all traceable by torch.compile
-            o, state = _gsa_rows(q, k, v, s, g, self.scale, None, docs, final=False)
+            inputs = gsa_prologue(q, k, v, f, self.feature_map, self.gate_logit_normalizer, keep)
+            o, state = _gsa_rows(*inputs, self.scale, None, docs, final=False)
+            o = F.silu(o)
         else:
-            o, state = _read_and_update_cached(q, k, v, s, g, self.scale, layer_cache, docs)
-        o = self.g_norm(F.silu(o.reshape(B, T, -1)))
+            o, state = self._read_and_update_cached(q, k, v, f, keep, layer_cache, docs)
+        o = self.g_norm(o.reshape(B, T, -1))
         window = None
         if self.window:
             doc = None if docs is None else docs.starts.long().cumsum(dim=1) - 1
@@ -149,21 +145,32 @@ class GSAAttention(nn.Module):
             past = layer_cache.window if layer_cache is not None else None
             sink = self.window_sink(k_rot) if self.window_sink is not None else None
             o_win, window = sliding_window_attention(
-                q_rot, k_rot, v_raw, self.window, self.window_scaling, valid, doc, past, sink=sink
+                q_rot, k_rot, v, self.window, self.window_scaling, valid, doc, past, sink=sink
             )
             if past is not None:  # the window stays in its buffers, where a captured decoding step reads it
                 for old, new in zip(past, window, strict=True):
                     old.copy_(new)
                 window = past
             mix = torch.sigmoid(self.window_mix(hidden_states))[..., None].to(o.dtype)  # [H, 1] or [B, T, H, 1]
-            o = (mix * o_win.to(o.dtype) + (1 - mix) * o.view(B, T, self.num_heads, -1)).reshape(B, T, -1)
+            o = torch.lerp(o.view(B, T, self.num_heads, -1), o_win.to(o.dtype), mix).reshape(B, T, -1)
         if layer_cache is not None:
             layer_cache.update_state(state, T, window)
         return self.o_proj(o), None
 
     def log_forget_gate(self, f: torch.Tensor) -> torch.Tensor:
-        """log alpha (fp32) from the slot-gate logits f = f_proj(x); benchmarks/inspect_memory.py reads it too."""
-        return F.logsigmoid(f.float()) / self.gate_logit_normalizer
+        """log alpha (fp32) from the slot-gate logits f = f_proj(x); benchmarks/inspect_memory.py reads it."""
+        return log_forget_gate(f, self.gate_logit_normalizer)
+
+    @torch.compiler.disable
+    def _read_and_update_cached(self, q, k, v, f, keep, layer_cache, docs: DocumentRows | None):
+        """A forward with a cache (prefill or decoding): (silu(o), the new state). Outside torch.compile graphs: the
+        cache is Python state, and decoding updates it in place, one fused launch per layer on the GPU."""
+        state = layer_cache.state
+        args = self.feature_map, self.gate_logit_normalizer, keep
+        if docs is None and state is not None and q.shape[1] <= RECURRENT_MAX_TOKENS and not torch.is_grad_enabled():
+            return gsa_decode_fused_(q, k, v, f, self.scale, state, *args), state
+        o, state = _gsa_rows(*gsa_prologue(q, k, v, f, *args), self.scale, state, docs, final=True)
+        return F.silu(o), state
 
 
 class WindowSink(nn.Module):
@@ -223,16 +230,6 @@ def _gsa_rows(q, k, v, s, g, scale, state, docs: DocumentRows | None, final: boo
     return o, ((last[0][docs.row_last], last[1][docs.row_last]) if final else None)
 
 
-@torch.compiler.disable
-def _read_and_update_cached(q, k, v, s, g, scale, layer_cache, docs: DocumentRows | None):
-    """A forward with a cache (prefill or decoding): (o, the new state). Outside torch.compile graphs: the cache
-    is Python state, and decoding updates it in place."""
-    state = layer_cache.state
-    if docs is None and state is not None and q.shape[1] <= RECURRENT_MAX_TOKENS and not torch.is_grad_enabled():
-        return gsa_decode_(q, k, v, s, g, scale, state), state  # decoding: the cached memories update in place
-    return _gsa_rows(q, k, v, s, g, scale, state, docs, final=True)
-
-
 KERNEL_IMPORT = re.compile(r"^from t2r\.kernels\.(\w+) import", flags=re.MULTILINE)
 
 
@@ -273,6 +270,7 @@ class T2RModelMixin:
             if config.is_gsa_layer(idx):
                 layer.self_attn = GSAAttention(config, idx, layer.self_attn)
         self.decode_graphs = DecodeGraphs()
+        fuse_rms_norms(self)  # one launch per norm outside autograd: a third of a decoding step's launches
         self.post_init()  # initialises only the new modules: the others are already marked initialised
 
     def forward(

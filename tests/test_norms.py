@@ -1,0 +1,82 @@
+"""The fused RMSNorm (Triton; the CPU interpreter here) against transformers' own norm and the reference, and the
+converted model's norms: which get the fused forward, and when it runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("triton")
+
+from conftest import rel_err, tiny_gsa_model
+
+from t2r.kernels.norm import rms_norm_triton
+from t2r.kernels.reference import rms_norm_reference
+from t2r.kernels.tuning import TUNING
+from t2r.models.norms import FusedRMSNorm, fuse_rms_norms
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "wdtype", "shape"),
+    [(torch.float32, torch.float32, (3, 5, 48)), (torch.bfloat16, torch.bfloat16, (2, 1, 576)),
+     (torch.bfloat16, torch.float32, (7, 64)), (torch.float16, torch.float16, (1, 1, 1, 100))],
+)  # fmt: skip
+def test_fused_rms_norm_matches_the_reference(dtype, wdtype, shape):
+    """Rows of any count and width (not only powers of two); the output's dtype as PyTorch promotes it; fp32 to
+    rounding, half precision to its last bit."""
+    x = (torch.randn(shape, device=DEVICE) * 3).to(dtype)
+    w = (torch.rand(shape[-1], device=DEVICE) + 0.5).to(wdtype)
+    got, want = rms_norm_triton(x, w, 1e-5), rms_norm_reference(x, w, 1e-5)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    assert rel_err(got, want) <= tol
+
+
+def test_reference_is_transformers_rms_norm():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    x = torch.randn(4, 33, dtype=torch.bfloat16)
+    for cls in (LlamaRMSNorm, Qwen3RMSNorm):
+        norm = cls(33, eps=1e-6)
+        nn.init.uniform_(norm.weight, 0.5, 1.5)
+        assert torch.equal(norm(x), rms_norm_reference(x, norm.weight, 1e-6))
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_converted_models_norms_are_fused_where_nothing_differentiates(arch, monkeypatch):
+    """Every norm (layers, final, g_norm, Qwen3's q/k norms) keeps its class (isinstance) and parameters; without
+    autograd it runs the kernel, with it the differentiable reference (the gradients reach the weight)."""
+    model = tiny_gsa_model(arch)
+    norms = [m for m in model.modules() if isinstance(m, FusedRMSNorm)]
+    per_layer = 3 + 2 * (arch == "qwen3")  # input, post-attention, g_norm (+ q/k norms)
+    assert len(norms) == per_layer * model.config.num_hidden_layers + 1
+    assert fuse_rms_norms(model) == len(norms)  # idempotent
+    first = model.model.layers[0].input_layernorm
+    stock = type(first).__mro__[2]
+    assert isinstance(first, stock) and stock.__name__.endswith("RMSNorm")
+    calls = []
+    monkeypatch.setattr("t2r.kernels.dispatch.rms_norm_triton", lambda *a: calls.append(1) or rms_norm_triton(*a))
+    monkeypatch.setattr(TUNING, "impl", "triton")
+    x = torch.randn(2, 3, model.config.hidden_size)
+    with torch.no_grad():
+        assert rel_err(first(x), stock.forward(first, x)) <= 1e-6 and calls
+    calls.clear()
+    first(x).sum().backward()
+    assert not calls and first.weight.grad is not None
+
+
+def test_norms_of_other_math_are_left_alone():
+    class GemmaLikeRMSNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight, self.variance_epsilon = nn.Parameter(torch.zeros(8)), 1e-6
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * (1 + self.weight)
+
+    model = nn.Sequential(GemmaLikeRMSNorm())
+    assert fuse_rms_norms(model) == 0 and type(model[0]) is GemmaLikeRMSNorm
