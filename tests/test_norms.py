@@ -50,7 +50,7 @@ def test_reference_is_transformers_rms_norm():
 def test_converted_models_norms_are_fused_where_nothing_differentiates(arch, monkeypatch):
     """Every norm (layers, final, g_norm, Qwen3's q/k norms) keeps its class (isinstance) and parameters; without
     autograd it runs the kernel, with it the differentiable reference (the gradients reach the weight)."""
-    model = tiny_gsa_model(arch)
+    model = tiny_gsa_model(arch).to(DEVICE)
     norms = [m for m in model.modules() if isinstance(m, FusedRMSNorm)]
     per_layer = 3 + 2 * (arch == "qwen3")  # input, post-attention, g_norm (+ q/k norms)
     assert len(norms) == per_layer * model.config.num_hidden_layers + 1
@@ -60,8 +60,9 @@ def test_converted_models_norms_are_fused_where_nothing_differentiates(arch, mon
     assert isinstance(first, stock) and stock.__name__.endswith("RMSNorm")
     calls = []
     monkeypatch.setattr("t2r.kernels.dispatch.rms_norm_triton", lambda *a: calls.append(1) or rms_norm_triton(*a))
-    monkeypatch.setattr(TUNING, "impl", "triton")
-    x = torch.randn(2, 3, model.config.hidden_size)
+    if DEVICE == "cpu":  # the interpreter; CUDA tensors take the kernel by default
+        monkeypatch.setattr(TUNING, "impl", "triton")
+    x = torch.randn(2, 3, model.config.hidden_size, device=DEVICE)
     with torch.no_grad():
         assert rel_err(first(x), stock.forward(first, x)) <= 1e-6 and calls
     calls.clear()
