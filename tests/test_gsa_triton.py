@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
 
@@ -331,6 +332,60 @@ def test_model_forward_backward_and_decode_through_kernels(monkeypatch):
     assert rel_err(loss, loss_ref) <= 1e-5
     assert max(rel_err(a, b) for a, b in zip(grads, grads_ref, strict=True)) <= 1e-3
     assert rel_err(step, step_ref) <= 1e-4
+
+
+class _Launches(TorchDispatchMode):
+    """Counts what a forward launches: PyTorch ops that run kernels (not views or allocations) and our Triton
+    launchers (patched to count themselves and run outside this mode, whose interpreter works in PyTorch)."""
+
+    FREE = frozenset({
+        "view", "_unsafe_view", "t", "transpose", "unsqueeze", "squeeze", "expand", "slice", "select", "as_strided",
+        "alias", "detach", "permute", "reshape", "split", "unbind", "lift_fresh", "_reshape_alias", "empty",
+        "empty_strided", "empty_like", "promote_types",
+    })  # fmt: skip
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.count = 0
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        from t2r.kernels import dispatch
+
+        for name in ("gsa_decode_fused_triton", "rms_norm_triton"):
+            launcher = getattr(dispatch, name)
+
+            def counted(*args, _launcher=launcher, **kwargs):
+                self.count += 1
+                with _disable_current_modes():
+                    return _launcher(*args, **kwargs)
+
+            monkeypatch.setattr(dispatch, name, counted)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__.rstrip("_") not in self.FREE
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("window", "bound"), [(0, 16), (8, 40)])
+def test_a_decoding_step_launches_few_kernels_per_layer(monkeypatch, window, bound):
+    """A small model's decoding step is bound by its launches (docs/benchmarks.md): per GSA layer, 3 fused norms,
+    8 projections, 1 fused GSA step, the MLP's silu and product and 2 residual adds (16); the hybrid adds RoPE and
+    the window branch (40). Counted per layer as the difference between 4- and 2-layer models."""
+    from conftest import tiny_gsa_model
+
+    monkeypatch.setattr(TUNING, "impl", "triton")
+    counts = {}
+    for layers in (2, 4):
+        overrides = dict(num_hidden_layers=layers, hidden_size=64, head_dim=16, num_attention_heads=4)
+        model = tiny_gsa_model("mistral", gsa_window=window, teacher_overrides=overrides).to(DEVICE).eval()
+        model.decode_graphs.enabled = False
+        ids = torch.randint(3, 100, (2, 12), device=DEVICE)
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=True)
+            with _Launches(monkeypatch) as launches:
+                model(input_ids=out.logits[:, -1:].argmax(-1), cache=output_cache(out), use_cache=True)
+        counts[layers] = launches.count
+    assert (counts[4] - counts[2]) / 2 <= bound, counts
 
 
 def test_plans_are_reused_for_a_shape_or_a_packed_layout():
