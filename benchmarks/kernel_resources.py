@@ -25,13 +25,14 @@ from t2r.kernels.tuning import TUNING
 
 # Tensors in the inputs' dtype (the rest are fp32 work buffers): x and a stand for k / v and q / do.
 HALF_INPUTS = {"q_ptr", "k_ptr", "v_ptr", "s_ptr", "g_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "ds_ptr",
-               "x_ptr", "a_ptr", "dx_ptr"}  # fmt: skip
+               "x_ptr", "a_ptr", "dx_ptr", "cos_ptr", "sin_ptr", "qo_ptr", "ko_ptr"}  # fmt: skip
 INT_POINTERS = {"cu_ptr", "segoff_ptr", "seg_ptr", "keep_ptr"}
-INT_SCALARS = {"T", "stride_pd", "stride_pm", "d0", "keep_stride", "N"}
+INT_SCALARS = {"T", "stride_pd", "stride_pm", "d0", "keep_stride", "N", "cs_batch", "H", "Hkv"}
 CONSTEXPRS = dict(H=32, Hkv=32, K=128, V=128, M=64, D=128, BS=64, BC=16, BD=64, BM=32, GP=1, BK=32, BV=32, PREC_IN=0,
                   PREC=3, PREC_O=3, EXP_CLAMP=60.0, HAS_INIT=False, STORE_OUT=True, REVERSE=False,
-                  STORE_LSE=True, RAW=True, FM=1, HAS_KEEP=True, BLOCK=1024)  # fmt: skip
-# (The decode step as the model launches it: from the projections, with a padding mask; RMSNorm rows of 576.)
+                  STORE_LSE=True, RAW=True, FM=1, HAS_KEEP=True, BLOCK=1024, HALF=32, BH=16, BHK=4)  # fmt: skip
+# (The decode step as the model launches it: from the projections, with a padding mask; RMSNorm rows of 576;
+# RoPE of SmolLM2's 9 query and 3 key heads of 64.)
 
 
 def load_kernels(path: str):
@@ -73,7 +74,8 @@ def resources(fn, warps: int, stages: int, **overrides) -> str:
 def main() -> None:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "t2r", "kernels")
-    paths = sys.argv[1:] or [os.path.join(here, name) for name in ("chunk_jit.py", "decode_jit.py", "norm.py")]
+    files = ("chunk_jit.py", "decode_jit.py", "norm.py", "rotary.py")
+    paths = sys.argv[1:] or [os.path.join(here, name) for name in files]
     sweeps = _launch_cfg(128, 128, 64)
     found = {}
     for path in paths:

@@ -307,14 +307,18 @@ def test_dispatch(monkeypatch):
     assert torch.equal(o, o_ref) and torch.equal(state[0], final[0]) and torch.equal(state[1], final[1])
 
 
-def test_model_forward_backward_and_decode_through_kernels(monkeypatch):
-    """A tiny converted model gives the same loss, gradients and decoded logits with the kernels as with the
-    reference (head dim 16, 16 slots: shapes the kernels accept)."""
+@pytest.mark.parametrize("gsa", [{}, dict(gsa_window=8, gsa_use_rope=True)], ids=["gsa", "hybrid-rope"])
+def test_model_forward_backward_and_decode_through_kernels(monkeypatch, gsa):
+    """A tiny converted model gives the same loss, gradients and decoded logits with the kernels (GSA, fused decode
+    step, norms, RoPE) as with the reference (head dim 16, 16 slots: shapes the kernels accept)."""
     from conftest import tiny_gsa_model
 
-    model = tiny_gsa_model("mistral", teacher_overrides=dict(hidden_size=64, head_dim=16, num_attention_heads=4))
+    overrides = dict(hidden_size=64, head_dim=16, num_attention_heads=4)
+    model = tiny_gsa_model("mistral", teacher_overrides=overrides, **gsa)
     model = model.to(DEVICE).float()
     ids = torch.randint(3, 101, (2, 40), device=DEVICE)
+
+    monkeypatch.setattr(TUNING, "fused_rope", True)
 
     def run(impl):
         monkeypatch.setattr(TUNING, "impl", impl)
@@ -351,7 +355,7 @@ class _Launches(TorchDispatchMode):
 
         from t2r.kernels import dispatch
 
-        for name in ("gsa_decode_fused_triton", "rms_norm_triton"):
+        for name in ("gsa_decode_fused_triton", "rms_norm_triton", "rotary_triton"):
             launcher = getattr(dispatch, name)
 
             def counted(*args, _launcher=launcher, **kwargs):
@@ -366,14 +370,15 @@ class _Launches(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize(("window", "bound"), [(0, 16), (8, 40)])
+@pytest.mark.parametrize(("window", "bound"), [(0, 16), (8, 31)])
 def test_a_decoding_step_launches_few_kernels_per_layer(monkeypatch, window, bound):
     """A small model's decoding step is bound by its launches (docs/benchmarks.md): per GSA layer, 3 fused norms,
-    8 projections, 1 fused GSA step, the MLP's silu and product and 2 residual adds (16); the hybrid adds RoPE and
-    the window branch (40). Counted per layer as the difference between 4- and 2-layer models."""
+    8 projections, 1 fused GSA step, the MLP's silu and product and 2 residual adds (16); the hybrid adds the fused
+    RoPE and the window branch (31). Counted per layer as the difference between 4- and 2-layer models."""
     from conftest import tiny_gsa_model
 
     monkeypatch.setattr(TUNING, "impl", "triton")
+    monkeypatch.setattr(TUNING, "fused_rope", True)
     counts = {}
     for layers in (2, 4):
         overrides = dict(num_hidden_layers=layers, hidden_size=64, head_dim=16, num_attention_heads=4)

@@ -12,13 +12,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import State, gsa_chunk, gsa_decode_reference, gsa_prologue, gsa_recurrent, rms_norm_reference
+from .reference import (
+    State,
+    gsa_chunk,
+    gsa_decode_reference,
+    gsa_prologue,
+    gsa_recurrent,
+    rms_norm_reference,
+    rotary_reference,
+)
 from .tuning import TUNING
 
 try:
     from .chunk import gsa_chunk_triton, supports
     from .decode import gsa_decode_fused_triton, gsa_decode_triton
     from .norm import rms_norm_triton
+    from .rotary import rotary_triton
 except ImportError:  # no triton: CPU-only install
     gsa_chunk_triton = None
 
@@ -95,14 +104,27 @@ def gsa_decode_fused_(
     return F.silu(gsa_decode_(*gsa_prologue(q, k, v, f, feature_map, normalizer, keep), scale, state))
 
 
+def _fused_inference(*tensors: torch.Tensor) -> bool:
+    """Whether an elementwise fusion applies: triton and CUDA tensors (or TUNING.impl == "triton"), nothing to
+    differentiate, and no torch.compile trace (which differentiates and fuses the PyTorch form itself)."""
+    if gsa_chunk_triton is None or TUNING.impl == "reference" or torch.compiler.is_compiling():
+        return False
+    if not (tensors[0].is_cuda or TUNING.impl == "triton"):
+        return False
+    return not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension: one Triton launch for CUDA tensors outside autograd and torch.compile (which
-    differentiates and fuses the PyTorch form itself), the reference's eight otherwise."""
-    fused = gsa_chunk_triton is not None and TUNING.impl != "reference" and (x.is_cuda or TUNING.impl == "triton")
-    if (
-        fused
-        and not torch.compiler.is_compiling()
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-    ):
+    """RMSNorm over the last dimension: one Triton launch where :func:`_fused_inference` holds, the reference's eight
+    otherwise."""
+    if _fused_inference(x, weight):
         return rms_norm_triton(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q [B, T, H, D] and k [B, T, Hkv, D]: one Triton launch where :func:`_fused_inference`
+    holds and ``TUNING.fused_rope`` is on (T2R_GSA_FUSED_ROPE=1), the reference's ten otherwise."""
+    if TUNING.fused_rope and _fused_inference(q, k, cos, sin):
+        return rotary_triton(q, k, cos, sin)
+    return rotary_reference(q, k, cos, sin)

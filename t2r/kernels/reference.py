@@ -266,3 +266,17 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
+
+
+def rotary_reference(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' rotary embedding (``apply_rotary_pos_emb`` with ``unsqueeze_dim=2``) of q [B, T, H, D] and
+    k [B, T, Hkv, D] by cos / sin [B or 1, T, D]: x * cos + rotate_half(x) * sin."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

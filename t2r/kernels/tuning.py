@@ -54,6 +54,9 @@ class Tuning:
     # the kernels get faster, whole training steps do not (docs/benchmarks.md).
     save_states: bool = field(default_factory=lambda: _env("SAVE_STATES", "0") == "1")
     save_probs: bool = field(default_factory=lambda: _env("SAVE_PROBS", "0") == "1")
+    # RoPE of q and k in one launch outside autograd (kernels/rotary.py). Off until it has run on a GPU: tested
+    # against the reference in Triton's interpreter and compiled for sm_90 on the CPU only (2026-12-04).
+    fused_rope: bool = field(default_factory=lambda: _env("FUSED_ROPE", "0") == "1")
     poison: bool = False  # tests: fill outputs with NaN before the kernels run, so that unwritten elements show
 
     def __post_init__(self) -> None:

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from t2r.kernels.dispatch import RECURRENT_MAX_TOKENS, gsa, gsa_decode_fused_
+from t2r.kernels.dispatch import RECURRENT_MAX_TOKENS, gsa, gsa_decode_fused_, rotary
 from t2r.kernels.reference import gsa_prologue, log_forget_gate
 
 from .cache_t2r import GSACache
@@ -118,7 +118,7 @@ class GSAAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope or self.window:
             cos, sin = position_embeddings
-            q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+            q_rot, k_rot = rotary(q, k, cos, sin)
             if self.use_rope:
                 q, k = q_rot, k_rot
         f = self.f_proj(hidden_states).view(B, T, self.num_kv_heads, self.num_slots)

@@ -1,5 +1,6 @@
-"""The fused RMSNorm (Triton; the CPU interpreter here) against transformers' own norm and the reference, and the
-converted model's norms: which get the fused forward, and when it runs."""
+"""The elementwise fusions of inference (Triton; the CPU interpreter here): RMSNorm and the rotary embedding against
+transformers' own and the references, and the converted model's norms: which get the fused forward, and when it
+runs."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ pytest.importorskip("triton")
 
 from conftest import rel_err, tiny_gsa_model
 
+from t2r.kernels.dispatch import rotary
 from t2r.kernels.norm import rms_norm_triton
-from t2r.kernels.reference import rms_norm_reference
+from t2r.kernels.reference import rms_norm_reference, rotary_reference
+from t2r.kernels.rotary import rotary_triton
 from t2r.kernels.tuning import TUNING
 from t2r.models.norms import FusedRMSNorm, fuse_rms_norms
 
@@ -81,3 +84,47 @@ def test_norms_of_other_math_are_left_alone():
 
     model = nn.Sequential(GemmaLikeRMSNorm())
     assert fuse_rms_norms(model) == 0 and type(model[0]) is GemmaLikeRMSNorm
+
+
+@pytest.mark.parametrize(
+    ("dtype", "B", "T", "H", "Hkv", "D", "shared"),
+    [(torch.float32, 2, 5, 4, 2, 16, False), (torch.bfloat16, 3, 1, 9, 3, 64, False),
+     (torch.float32, 2, 3, 6, 6, 32, True)],
+)  # fmt: skip
+def test_fused_rotary_matches_the_reference(dtype, B, T, H, Hkv, D, shared):
+    """Query and key heads of any count (not powers of two), one token or several, cos / sin per row or one table
+    for all rows (position ids shared by the batch)."""
+    q = torch.randn(B, T, H, D, device=DEVICE).to(dtype)
+    k = torch.randn(B, T, Hkv, D, device=DEVICE).to(dtype)
+    angles = torch.rand(1 if shared else B, T, D // 2, device=DEVICE) * 50
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(dtype) for f in (torch.cos, torch.sin))
+    got, want = rotary_triton(q, k, cos, sin), rotary_reference(q, k, cos, sin)
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape and rel_err(a, b) <= tol
+
+
+def test_rotary_reference_is_transformers_and_dispatch_takes_it_under_autograd(monkeypatch):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    q = torch.randn(2, 4, 6, 8, device=DEVICE, requires_grad=True)
+    k, cos, sin = (
+        torch.randn(2, 4, 3, 8, device=DEVICE),
+        torch.randn(2, 4, 8, device=DEVICE),
+        torch.randn(2, 4, 8, device=DEVICE),
+    )
+    want = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+    assert all(torch.equal(a, b) for a, b in zip(rotary_reference(q, k, cos, sin), want, strict=True))
+    calls = []
+    monkeypatch.setattr("t2r.kernels.dispatch.rotary_triton", lambda *a: calls.append(1) or rotary_triton(*a))
+    with torch.no_grad():
+        rotary(q, k, cos, sin)
+    assert not calls  # off by default (T2R_GSA_FUSED_ROPE=1) until it has run on a GPU
+    monkeypatch.setattr(TUNING, "fused_rope", True)
+    if DEVICE == "cpu":  # the interpreter; CUDA tensors take the kernel by default
+        monkeypatch.setattr(TUNING, "impl", "triton")
+    rotary(q, k, cos, sin)[0].sum().backward()  # q needs a gradient: the reference
+    assert not calls and q.grad is not None
+    with torch.no_grad():
+        got = rotary(q, k, cos, sin)
+    assert calls and all(rel_err(a, b) <= 1e-6 for a, b in zip(got, want, strict=True))
