@@ -1,6 +1,6 @@
-"""The elementwise fusions of inference (Triton; the CPU interpreter here): RMSNorm and the rotary embedding against
-transformers' own and the references, and the converted model's norms: which get the fused forward, and when it
-runs."""
+"""The fusions of inference (Triton; the CPU interpreter here): RMSNorm and the rotary embedding against transformers'
+own and the references, the hybrid's window step against its reference, and the converted model's norms: which get
+the fused forward, and when it runs."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from conftest import rel_err, tiny_gsa_model
 
 from t2r.kernels.dispatch import rotary
 from t2r.kernels.norm import rms_norm_triton
-from t2r.kernels.reference import rms_norm_reference, rotary_reference
+from t2r.kernels.reference import rms_norm_reference, rotary_reference, window_decode_reference
 from t2r.kernels.rotary import rotary_triton
 from t2r.kernels.tuning import TUNING
+from t2r.kernels.window import window_decode_triton
 from t2r.models.norms import FusedRMSNorm, fuse_rms_norms
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -128,3 +129,70 @@ def test_rotary_reference_is_transformers_and_dispatch_takes_it_under_autograd(m
     with torch.no_grad():
         got = rotary(q, k, cos, sin)
     assert calls and all(rel_err(a, b) <= 1e-6 for a, b in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "sink", "mask", "per_token"),
+    [(torch.float32, True, "long", True), (torch.float32, False, None, False), (torch.bfloat16, True, "bool", False)],
+)  # fmt: skip
+def test_fused_window_step_matches_its_reference(dtype, sink, mask, per_token):
+    """The window's attention over its real slots, the sink and the new token (a padding one too), the mix (per head
+    or per token) and the window shifted in place, on carried windows that are views of longer tensors (as a
+    prefill leaves them) and 37 slots (not a multiple of the kernel's blocks); GQA groups of 3."""
+    B, H, Hkv, D, P = 3, 6, 2, 16, 37
+    longer = [torch.randn(B, P + 5, Hkv, D, device=DEVICE).to(dtype) for _ in range(2)]
+    past = (longer[0][:, 5:], longer[1][:, 5:], torch.ones(B, P, dtype=torch.bool, device=DEVICE))
+    past[2][1, :20] = False  # a left-padded row
+    q = torch.randn(B, 1, H, D, device=DEVICE).to(dtype)
+    k, v = (torch.randn(B, 1, Hkv, D, device=DEVICE).to(dtype) for _ in range(2))
+    o = torch.randn(B, 1, H, D, device=DEVICE).to(dtype)
+    mix = torch.randn(B, 1, H, device=DEVICE) if per_token else torch.randn(H, device=DEVICE)
+    sk = (torch.randn(Hkv, D, device=DEVICE).to(dtype), torch.randn(Hkv, D, device=DEVICE).to(dtype)) if sink else None
+    keep = None
+    if mask is not None:
+        full = torch.ones(B, 9, dtype=getattr(torch, mask), device=DEVICE)
+        full[2, -1] = 0
+        keep = full[:, -1:]
+    ref_past = tuple(x.clone() for x in past)
+    before = longer[0][:, :5].clone()
+    want = window_decode_reference(q, k, v, ref_past, keep, sk, 0.25, o, mix)
+    got = window_decode_triton(q, k, v, past, keep, sk, 0.25, o, mix)
+    assert got.dtype == want.dtype and rel_err(got, want) <= (1e-5 if dtype == torch.float32 else 8e-3)
+    for a, b in zip(past, ref_past, strict=True):  # the shift moves values: bit for bit
+        assert torch.equal(a, b)
+    assert torch.equal(longer[0][:, :5], before)  # slots before the view: untouched
+    assert past[2][2, -1].item() is (mask is None) and torch.equal(past[0][:, -1], k[:, 0])
+
+
+def test_window_step_dispatch_is_off_by_default_and_falls_back_where_the_kernel_cannot_go(monkeypatch):
+    """The fused window step runs only when asked for (it has not run on a GPU yet), and never for gradients."""
+    from t2r.kernels.dispatch import window_decode_
+
+    calls = []
+    monkeypatch.setattr(
+        "t2r.kernels.dispatch.window_decode_triton", lambda *a: calls.append(1) or window_decode_triton(*a)
+    )
+    if DEVICE == "cpu":
+        monkeypatch.setattr(TUNING, "impl", "triton")
+    B, H, Hkv, D, P = 2, 4, 2, 16, 5
+
+    def step(requires_grad=False):
+        past = (torch.randn(B, P, Hkv, D, device=DEVICE), torch.randn(B, P, Hkv, D, device=DEVICE),
+                torch.ones(B, P, dtype=torch.bool, device=DEVICE))  # fmt: skip
+        q = torch.randn(B, 1, H, D, device=DEVICE, requires_grad=requires_grad)
+        k, v, o = (
+            torch.randn(B, 1, Hkv, D, device=DEVICE),
+            torch.randn(B, 1, Hkv, D, device=DEVICE),
+            torch.randn_like(q),
+        )
+        return window_decode_(q, k, v, past, None, None, 0.25, o, torch.zeros(H, device=DEVICE))
+
+    with torch.no_grad():
+        step()
+    assert not calls
+    monkeypatch.setattr(TUNING, "fused_window", True)
+    step(requires_grad=True)
+    assert not calls
+    with torch.no_grad():
+        step()
+    assert calls == [1]

@@ -14,10 +14,12 @@ def test_environment_sets_the_defaults(monkeypatch):
     monkeypatch.setenv("T2R_GSA_SEGMENT", "128")
     monkeypatch.setenv("T2R_GSA_DOT", "half:out,rev")
     monkeypatch.setenv("T2R_GSA_SAVE_STATES", "1")
-    assert Tuning().fused_rope is False
+    assert Tuning().fused_rope is Tuning().fused_window is False
     monkeypatch.setenv("T2R_GSA_FUSED_ROPE", "1")
+    monkeypatch.setenv("T2R_GSA_FUSED_WINDOW", "1")
     t = Tuning()
-    assert (t.segment, t.dot, t.dot_fp16, t.save_states, t.fused_rope) == (128, "half:out,rev", True, True, True)
+    assert (t.segment, t.dot, t.dot_fp16, t.save_states) == (128, "half:out,rev", True, True)
+    assert t.fused_rope and t.fused_window
     monkeypatch.delenv("T2R_GSA_DOT")
     assert Tuning().dot_fp16 is False
 

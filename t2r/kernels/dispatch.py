@@ -20,6 +20,7 @@ from .reference import (
     gsa_recurrent,
     rms_norm_reference,
     rotary_reference,
+    window_decode_reference,
 )
 from .tuning import TUNING
 
@@ -28,6 +29,7 @@ try:
     from .decode import gsa_decode_fused_triton, gsa_decode_triton
     from .norm import rms_norm_triton
     from .rotary import rotary_triton
+    from .window import window_decode_triton
 except ImportError:  # no triton: CPU-only install
     gsa_chunk_triton = None
 
@@ -128,3 +130,23 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     if TUNING.fused_rope and _fused_inference(q, k, cos, sin):
         return rotary_triton(q, k, cos, sin)
     return rotary_reference(q, k, cos, sin)
+
+
+def window_decode_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    past: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    keep: torch.Tensor | None,
+    sink: tuple[torch.Tensor, torch.Tensor] | None,
+    scale: float,
+    o: torch.Tensor,
+    mix_logits: torch.Tensor,
+) -> torch.Tensor:
+    """A hybrid layer's decoding step past its GSA output ``o``: window attention, mix, and the window updated in
+    place (:func:`reference.window_decode_reference`). One Triton launch where :func:`_fused_inference` holds,
+    ``TUNING.fused_window`` is on (T2R_GSA_FUSED_WINDOW=1) and the head dim is a power of two."""
+    D = q.shape[-1]
+    if TUNING.fused_window and D & (D - 1) == 0 and _fused_inference(q, k, v, o, mix_logits):
+        return window_decode_triton(q, k, v, past, keep, sink, scale, o, mix_logits)
+    return window_decode_reference(q, k, v, past, keep, sink, scale, o, mix_logits)

@@ -280,3 +280,59 @@ def rotary_reference(
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+Window = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor
+]  # a hybrid layer's keys [B, W-1, Hkv, D], values, valid [B, W-1]
+
+
+def window_step_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, valid: torch.Tensor, past: Window,
+    sink: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, Window]:  # fmt: skip
+    """One new token per row (q [B, 1, H, D], k / v [B, 1, Hkv, D], ``valid`` [B, 1]) of a hybrid layer's sliding
+    window: softmax attention over the carried window (exactly the ``window - 1`` previous slots, all in reach;
+    those whose ``past`` valid flag is off masked), the ``sink`` (key, value [Hkv, D]) and itself (a padding query
+    too, so that it stays finite). Returns the output and the window shifted by one token."""
+    B, _, H, _ = q.shape
+    Hkv = k.shape[2]
+    past_k, past_v, past_valid = past
+    keys, values = [past_k, k], [past_v, v]
+    if sink is not None:
+        keys.insert(0, sink[0].to(k.dtype).expand(B, 1, Hkv, -1))
+        values.insert(0, sink[1].to(v.dtype).expand(B, 1, Hkv, -1))
+    k_all, v_all = torch.cat(keys, dim=1), torch.cat(values, dim=1)
+    mask = F.pad(past_valid, (int(sink is not None), 1), value=True)  # the sink and the query itself always count
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k_all.transpose(1, 2),
+        v_all.transpose(1, 2),
+        attn_mask=mask[:, None, None],
+        scale=scale,
+        enable_gqa=Hkv != H,
+    )
+    keep = past_k.shape[1]
+    valid_all = torch.cat([past_valid, valid.bool()], dim=1)
+    return o.transpose(1, 2), (k_all[:, -keep:].detach(), v_all[:, -keep:].detach(), valid_all[:, -keep:])
+
+
+def mix_window(o: torch.Tensor, o_win: torch.Tensor, mix_logits: torch.Tensor) -> torch.Tensor:
+    """A hybrid layer's output per head [B, T, H, D]: sigmoid(mix) of the window's, the rest GSA's. ``mix_logits``
+    is [H] (per head) or [B, T, H] (per token)."""
+    mix = torch.sigmoid(mix_logits)[..., None].to(o.dtype)
+    return torch.lerp(o, o_win.to(o.dtype), mix)
+
+
+def window_decode_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: Window, keep: torch.Tensor | None,
+    sink: tuple[torch.Tensor, torch.Tensor] | None, scale: float, o: torch.Tensor, mix_logits: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """A hybrid layer's decoding step past its GSA output ``o`` [B, 1, H, D]: the window's attention
+    (:func:`window_step_attention`; ``keep`` [B, 1] marks real tokens), its mix with ``o``, and the window
+    updated in place (the fused window kernel's contract)."""
+    valid = torch.ones(q.shape[0], 1, dtype=torch.bool, device=q.device) if keep is None else keep.bool()
+    o_win, new = window_step_attention(q, k, v, scale, valid, past, sink)
+    for old, x in zip(past, new, strict=True):
+        old.copy_(x)
+    return mix_window(o, o_win, mix_logits)

@@ -57,6 +57,9 @@ class Tuning:
     # RoPE of q and k in one launch outside autograd (kernels/rotary.py). Off until it has run on a GPU: tested
     # against the reference in Triton's interpreter and compiled for sm_90 on the CPU only (2026-12-04).
     fused_rope: bool = field(default_factory=lambda: _env("FUSED_ROPE", "0") == "1")
+    # A hybrid layer's window attention, mix and window shift in one decoding launch (kernels/window.py); off for
+    # the same reason.
+    fused_window: bool = field(default_factory=lambda: _env("FUSED_WINDOW", "0") == "1")
     poison: bool = False  # tests: fill outputs with NaN before the kernels run, so that unwritten elements show
 
     def __post_init__(self) -> None:

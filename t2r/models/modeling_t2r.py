@@ -23,8 +23,8 @@ from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from t2r.kernels.dispatch import RECURRENT_MAX_TOKENS, gsa, gsa_decode_fused_, rotary
-from t2r.kernels.reference import gsa_prologue, log_forget_gate
+from t2r.kernels.dispatch import RECURRENT_MAX_TOKENS, gsa, gsa_decode_fused_, rotary, window_decode_
+from t2r.kernels.reference import gsa_prologue, log_forget_gate, mix_window
 
 from .cache_t2r import GSACache
 from .configuration_t2r import T2RLlamaConfig, T2RMistralConfig, T2RQwen2Config, T2RQwen3Config
@@ -140,19 +140,25 @@ class GSAAttention(nn.Module):
         o = self.g_norm(o.reshape(B, T, -1))
         window = None
         if self.window:
-            doc = None if docs is None else docs.starts.long().cumsum(dim=1) - 1
-            valid = None if token_mask is None else token_mask[:, -T:].bool()
             past = layer_cache.window if layer_cache is not None else None
             sink = self.window_sink(k_rot) if self.window_sink is not None else None
-            o_win, window = sliding_window_attention(
-                q_rot, k_rot, v, self.window, self.window_scaling, valid, doc, past, sink=sink
-            )
-            if past is not None:  # the window stays in its buffers, where a captured decoding step reads it
-                for old, new in zip(past, window, strict=True):
-                    old.copy_(new)
+            mix = self.window_mix(hidden_states)
+            o = o.view(B, T, self.num_heads, -1)
+            if past is not None and T == 1 and docs is None and self.window > 1:  # decoding: the window in place
+                o = window_decode_(q_rot, k_rot, v, past, keep, sink, self.window_scaling, o, mix)
                 window = past
-            mix = torch.sigmoid(self.window_mix(hidden_states))[..., None].to(o.dtype)  # [H, 1] or [B, T, H, 1]
-            o = torch.lerp(o.view(B, T, self.num_heads, -1), o_win.to(o.dtype), mix).reshape(B, T, -1)
+            else:
+                doc = None if docs is None else docs.starts.long().cumsum(dim=1) - 1
+                valid = None if keep is None else keep.bool()
+                o_win, window = sliding_window_attention(
+                    q_rot, k_rot, v, self.window, self.window_scaling, valid, doc, past, sink=sink
+                )
+                if past is not None:  # the window stays in its buffers, where a captured decoding step reads it
+                    for old, new in zip(past, window, strict=True):
+                        old.copy_(new)
+                    window = past
+                o = mix_window(o, o_win, mix)
+            o = o.reshape(B, T, -1)
         if layer_cache is not None:
             layer_cache.update_state(state, T, window)
         return self.o_proj(o), None

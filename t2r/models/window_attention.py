@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-Window = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # keys [B, W-1, Hkv, D], values, valid [B, W-1]
+from t2r.kernels.reference import Window, window_step_attention
 
 
 def sliding_window_attention(
@@ -36,8 +36,8 @@ def sliding_window_attention(
     Hkv = k.shape[2]
     device = q.device
     valid = torch.ones(B, T, dtype=torch.bool, device=device) if valid is None else valid.bool()
-    if past is not None and T == 1 and doc is None and window > 1:
-        return _one_token(q, k, v, scale, valid, past, sink)
+    if past is not None and T == 1 and doc is None and window > 1:  # decoding: no block loop (fewer launches)
+        return window_step_attention(q, k, v, scale, valid, past, sink)
     if past is not None:
         k_all, v_all = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
         valid_all = torch.cat([past[2], valid], dim=1)
@@ -82,29 +82,3 @@ def sliding_window_attention(
         else (k_all[:, :0], v_all[:, :0], valid_all[:, :0])
     )
     return torch.cat(outs, dim=1), new
-
-
-def _one_token(q, k, v, scale: float, valid, past: Window, sink) -> tuple[torch.Tensor, Window]:
-    """Decoding: one query per row over the carried window (exactly the ``window - 1`` previous slots, all in
-    reach), the sink and itself. The block loop's result in a third of its launches, which is what a decoding
-    step of a small model costs."""
-    B, _, H, _ = q.shape
-    Hkv = k.shape[2]
-    past_k, past_v, past_valid = past
-    keys, values = [past_k, k], [past_v, v]
-    if sink is not None:
-        keys.insert(0, sink[0].to(k.dtype).expand(B, 1, Hkv, -1))
-        values.insert(0, sink[1].to(v.dtype).expand(B, 1, Hkv, -1))
-    k_all, v_all = torch.cat(keys, dim=1), torch.cat(values, dim=1)
-    mask = F.pad(past_valid, (int(sink is not None), 1), value=True)  # the sink and the query itself always count
-    o = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k_all.transpose(1, 2),
-        v_all.transpose(1, 2),
-        attn_mask=mask[:, None, None],
-        scale=scale,
-        enable_gqa=Hkv != H,
-    )
-    keep = past_k.shape[1]
-    valid_all = torch.cat([past_valid, valid], dim=1)
-    return o.transpose(1, 2), (k_all[:, -keep:].detach(), v_all[:, -keep:].detach(), valid_all[:, -keep:])
