@@ -362,9 +362,10 @@ def test_window_sink_is_a_first_token_seen_from_everywhere():
 
 @pytest.mark.parametrize("sink", [False, True])
 def test_window_decoding_step_is_attention_over_the_carried_window(sink):
-    """One new token on top of a carried window (its own shortcut past the block loop): masked softmax attention over
-    the sink, the window's real slots and itself (a padding query too), and the window shifted by one."""
-    from t2r.models.window_attention import sliding_window_attention
+    """One new token on top of a carried window (decoding's path, without the block loop; the model's hybrid decoding
+    tests check it against the parallel forward): masked softmax attention over the sink, the window's real slots and
+    itself (a padding query too), and the window shifted by one."""
+    from t2r.kernels.reference import window_step_attention
 
     B, H, Hkv, D, W = 3, 4, 2, 8, 6
     past = (torch.randn(B, W - 1, Hkv, D), torch.randn(B, W - 1, Hkv, D), torch.ones(B, W - 1, dtype=torch.bool))
@@ -372,7 +373,7 @@ def test_window_decoding_step_is_attention_over_the_carried_window(sink):
     q, k, v = torch.randn(B, 1, H, D), torch.randn(B, 1, Hkv, D), torch.randn(B, 1, Hkv, D)
     valid = torch.tensor([[True], [True], [False]])
     sk = (torch.randn(Hkv, D), torch.randn(Hkv, D)) if sink else None
-    out, new = sliding_window_attention(q, k, v, W, 0.3, valid=valid, past=past, sink=sk)
+    out, new = window_step_attention(q, k, v, 0.3, valid, past, sk)
     keys, values = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)
     allowed = torch.cat([past[2], torch.ones(B, 1, dtype=torch.bool)], 1)
     if sink:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from t2r.kernels.reference import Window, window_step_attention
+from t2r.kernels.reference import Window
 
 
 def sliding_window_attention(
@@ -36,8 +36,6 @@ def sliding_window_attention(
     Hkv = k.shape[2]
     device = q.device
     valid = torch.ones(B, T, dtype=torch.bool, device=device) if valid is None else valid.bool()
-    if past is not None and T == 1 and doc is None and window > 1:  # decoding: no block loop (fewer launches)
-        return window_step_attention(q, k, v, scale, valid, past, sink)
     if past is not None:
         k_all, v_all = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
         valid_all = torch.cat([past[2], valid], dim=1)
