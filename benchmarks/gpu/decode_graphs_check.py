@@ -11,7 +11,8 @@ Then the same step compiled with torch.compile (inductor) inside the graph: comp
 And the fused decode step (one Triton launch per layer that also applies the feature maps, gates and the output's
 silu) against the unfused PyTorch reference path (T2R_GSA_IMPL=reference), both in bf16 and against fp32.
 
-Usage: python benchmarks/gpu/decode_graphs_check.py [--compile-only] [--fused-only] [--json FILE]
+Usage: python benchmarks/gpu/decode_graphs_check.py [--compile-only | --fused-only | --no-compiled] [--no-times]
+                                                   [--json FILE]
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def step_times(model, batch: int, context: int, steps: int = 64) -> dict:
 
 
 @torch.no_grad()
-def check(label: str, model) -> dict:
+def check(label: str, model, times: bool = True) -> dict:
     result = {"model": label}
     # 1. generate() over a left-padded batch.
     torch.manual_seed(0)
@@ -101,6 +102,9 @@ def check(label: str, model) -> dict:
     model.decode_graphs.enabled = True
     model.decode_graphs.reset()
     # 3. times.
+    if not times:
+        print(json.dumps(result, indent=1), flush=True)
+        return result
     result["steps"] = [step_times(model, b, 2048) for b in (1, 16, 64)]
     for name, enabled in (("graphs", True), ("eager", False)):
         model.decode_graphs.enabled = enabled
@@ -179,15 +183,19 @@ def main() -> None:
     ap.add_argument("--compile-only", action="store_true", help="only the compiled-step variants")
     ap.add_argument("--no-times", action="store_true", help="agreement only")
     ap.add_argument("--fused-only", action="store_true", help="only the fused step against the reference path")
+    ap.add_argument("--no-compiled", action="store_true", help="leave out the compiled-step variants")
     args = ap.parse_args()
     gsa32 = shaped_model("smollm2-135m", dtype=torch.float32).eval()
     hybrid32 = shaped_model("smollm2-135m", dtype=torch.float32, window=512).eval()
     gsa, hybrid = (copy.deepcopy(m).to(torch.bfloat16) for m in (gsa32, hybrid32))  # the same weights in bf16
     results = [fused("GSA", gsa, gsa32), fused("hybrid W=512", hybrid, hybrid32)]
-    if not args.compile_only and not args.fused_only:
-        results += [check("GSA (smollm2-135m shapes)", gsa), check("hybrid W=512 (smollm2-135m shapes)", hybrid)]
     times = not args.no_times
-    if not args.fused_only:
+    if not args.compile_only and not args.fused_only:
+        results += [
+            check("GSA (smollm2-135m shapes)", gsa, times),
+            check("hybrid W=512 (smollm2-135m shapes)", hybrid, times),
+        ]
+    if not args.fused_only and not args.no_compiled:
         results += [compiled("GSA", gsa, gsa32, times=times), compiled("hybrid W=512", hybrid, hybrid32, times=times)]
     ok = all(
         r.get("generate_tokens_identical", True)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU session for the Triton kernels: correctness against the oracle (pytest, compiled kernels), a sweep of the
 # tunables at two shapes (our kernels only), then `t2r bench kernels` (with FLA when its wheels are in /tmp/site).
-# Usage: benchmarks/gpu/kernels.sh [tests] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
+# `fusions`: the inference fusions (tests; graphs and the fused paths against the reference with the RoPE and
+# window-step kernels on; the hybrid's decoding with them off and on), the check behind turning those on by default.
+# Usage: benchmarks/gpu/kernels.sh [tests] [fusions] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
 set -uo pipefail
 source benchmarks/gpu/env.sh  # carried wheels (FLA for the comparison) in /root/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -12,6 +14,15 @@ tests)
   # TESTS_K="EXPR": only the tests pytest's -k selects (the whole set no longer fits one call on a fresh machine).
   python -m pytest -q -p no:cacheprovider tests/test_gsa_triton.py tests/test_gsa_reference.py ${TESTS_K:+-k "$TESTS_K"} -rf \
     2>&1 | tee "$OUT/pytest_gpu${TESTS_K:+_part}.log" | tail -15 ;;
+fusions)
+  python -m pytest -q -p no:cacheprovider tests/test_fusions.py tests/test_gsa_triton.py \
+    -k "fusions or fused or launches or model_forward or decode" -rf 2>&1 | tee "$OUT/pytest_gpu_fusions.log" | tail -5
+  T2R_GSA_FUSED_ROPE=1 T2R_GSA_FUSED_WINDOW=1 python benchmarks/gpu/decode_graphs_check.py --no-compiled --no-times \
+    --json "$OUT/fusions_check.json" 2>&1 | grep -E '"model"|rel_err|identical|failures|PASS|FAIL'
+  for on in 0 1; do
+    T2R_GSA_FUSED_ROPE=$on T2R_GSA_FUSED_WINDOW=$on python -m t2r.cli bench generate --shape smollm2-135m --window 512 \
+      --context 32768 --batch 1 --batch 16 --no-teacher --json "$OUT/hybrid_fusions_$on.json" 2>&1 | grep "^GSA" | sed "s/^/[on=$on] /"
+  done ;;
 sweep)
   IFS=';' read -ra CFGS <<< "${SWEEP:-64 16 tf32 2;64 16 half 2;128 32 half 2;64 16 half 1;64 32 half 2}"
   for cfg in "${CFGS[@]}"; do
