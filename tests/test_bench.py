@@ -68,13 +68,14 @@ def test_bench_generate_times_both_models_and_states_the_ratio(tiny_converted, t
     ):
         out, log = tmp_path / f"rows{len(extra)}.json", tmp_path / f"log{len(extra)}.md"
         args = ["bench", "generate", str(tiny_converted), "--device", "cpu", "--context", "12", "--context", "20",
-                "--batch", "2", "--new-tokens", "3", "--json", str(out), "--record", str(log), *extra]  # fmt: skip
+                "--batch", "2", "--new-tokens", "8", "--json", str(out), "--record", str(log), *extra]  # fmt: skip
         code, _ = run_cli(args, capsys)
         assert code == 0
         rows = json.loads(out.read_text())["rows"]
         assert {r["model"] for r in rows} == labels
         assert {(r["batch"], r["context"]) for r in rows} == {(2, 12), (2, 20)}
         assert all(r["tokens_per_s"] > 0 and r["ms_per_token"] > 0 for r in rows)
+        assert all(r["first_call_s"] >= 0 for r in rows) if extra else all("first_call_s" not in r for r in rows), rows
         ratios = [line for line in log.read_text().splitlines() if line.startswith("| 2 |")]
         assert "| GSA / best teacher |" in log.read_text() and len(ratios) == 2
 
