@@ -13,8 +13,14 @@ pytest.importorskip("triton")
 from conftest import rel_err, tiny_gsa_model
 
 from t2r.kernels.dispatch import rotary
-from t2r.kernels.norm import rms_norm_triton
-from t2r.kernels.reference import rms_norm_reference, rotary_reference, window_decode_reference
+from t2r.kernels.norm import rms_norm_autograd_triton, rms_norm_triton
+from t2r.kernels.prologue import gsa_prologue_triton
+from t2r.kernels.reference import (
+    gsa_prologue_reference,
+    rms_norm_reference,
+    rotary_reference,
+    window_decode_reference,
+)
 from t2r.kernels.rotary import rotary_triton
 from t2r.kernels.tuning import TUNING
 from t2r.kernels.window import window_decode_triton
@@ -37,6 +43,134 @@ def test_fused_rms_norm_matches_the_reference(dtype, wdtype, shape):
     assert got.dtype == want.dtype and got.shape == want.shape
     tol = 1e-6 if dtype == torch.float32 else 8e-3
     assert rel_err(got, want) <= tol
+
+
+@pytest.mark.parametrize(
+    ("dtype", "wdtype", "shape", "weight_grad"),
+    [(torch.float32, torch.float32, (3, 5, 48), True), (torch.bfloat16, torch.bfloat16, (37, 576), True),
+     (torch.float32, torch.float32, (2, 70, 100), True), (torch.bfloat16, torch.float32, (9, 64), False),
+     (torch.float16, torch.float16, (1, 1, 1, 100), True)],
+)  # fmt: skip
+def test_fused_rms_norm_gradients_match_the_reference(dtype, wdtype, shape, weight_grad):
+    """The autograd form against the reference's autograd in fp64: rows of any count (more than the backward's
+    programs, not a multiple of them) and width, a frozen weight (LoRA) getting no gradient; fp32 to rounding, half
+    precision within its rounding (the reference rounds its intermediate gradients to it; the kernel does not)."""
+    x = (torch.randn(shape, device=DEVICE) * 3).to(dtype).requires_grad_()
+    w = (torch.rand(shape[-1], device=DEVICE) + 0.5).to(wdtype).requires_grad_(weight_grad)
+    dy = torch.randn(shape, device=DEVICE)
+    got = rms_norm_autograd_triton(x, w, 1e-5)
+    got.backward(dy.to(got.dtype))
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    want = rms_norm_reference(x64, w64, 1e-5)
+    want.backward(dy.to(got.dtype).double())
+    assert got.dtype == torch.promote_types(dtype, wdtype) and got.shape == want.shape
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    assert rel_err(got, want) <= tol
+    assert rel_err(x.grad, x64.grad) <= tol
+    if weight_grad:
+        assert w.grad.dtype == wdtype and rel_err(w.grad, w64.grad) <= tol
+    else:
+        assert w.grad is None
+
+
+def test_fused_rms_norm_under_autograd_is_opt_in(monkeypatch):
+    """Under autograd the converted model's norms run the reference unless T2R_GSA_FUSED_NORM_GRAD asks for the
+    kernels' forward and backward; both give the model the same loss and gradients."""
+    from t2r.kernels import dispatch
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(TUNING, "impl", "reference")  # the GSA op in PyTorch: only the norms differ
+        monkeypatch.setattr(dispatch, "_fusable", lambda *t: True)
+    model = tiny_gsa_model("qwen3").to(DEVICE).train()
+    ids = torch.randint(3, 100, (2, 9), device=DEVICE)
+    calls = []
+    fused = rms_norm_autograd_triton
+    monkeypatch.setattr(dispatch, "rms_norm_autograd_triton", lambda *a: calls.append(1) or fused(*a))
+    results = []
+    for on in (False, True):
+        monkeypatch.setattr(TUNING, "fused_norm_grad", on)
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        assert bool(calls) == on
+    (loss0, grads0), (loss1, grads1) = results
+    assert rel_err(loss1, loss0) <= 1e-6 and grads0.keys() == grads1.keys()
+    assert max(rel_err(grads1[n], grads0[n]) for n in grads0) <= 1e-5
+
+
+def _projections(dtype, B, T, H, Hkv, D, M, layout):
+    """q, k, v, f as a layer makes them: views of separate projections, of one wider projection ("merged"), or
+    the last token of longer rows ("last")."""
+    widths = [H * D, Hkv * D, Hkv * D, Hkv * M]
+    if layout == "merged":
+        parts = (torch.randn(B, T, sum(widths), device=DEVICE) * 2).to(dtype).split(widths, dim=-1)
+    elif layout == "last":
+        parts = [(torch.randn(B, T + 3, w, device=DEVICE) * 2).to(dtype)[:, -T:] for w in widths]
+    else:
+        parts = [(torch.randn(B, T, w, device=DEVICE) * 2).to(dtype) for w in widths]
+    heads = [(H, D), (Hkv, D), (Hkv, D), (Hkv, M)]
+    return [p.view(B, T, *h) if p.is_contiguous() else p.unflatten(-1, h) for p, h in zip(parts, heads, strict=True)]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "feature_map", "B", "T", "H", "Hkv", "D", "M", "layout", "padded"),
+    [(torch.float32, "swish", 2, 5, 4, 2, 16, 16, "separate", False),
+     (torch.bfloat16, "swish", 2, 7, 9, 3, 64, 64, "merged", True),
+     (torch.float32, "relu", 3, 1, 6, 6, 32, 16, "last", True),
+     (torch.float32, "identity", 1, 4, 4, 1, 16, 32, "merged", False)],
+)  # fmt: skip
+def test_fused_prologue_matches_the_reference(dtype, feature_map, B, T, H, Hkv, D, M, layout, padded):
+    """The GSA op's inputs and their gradients back to the projections, against the reference's autograd in fp64:
+    each feature map, padding (a [B, T] slice of a longer mask) that neither writes nor decays, projections that
+    are views with gaps between tokens; strongly and weakly forgetting gate logits."""
+    proj = [x.requires_grad_() for x in _projections(dtype, B, T, H, Hkv, D, M, layout)]
+    keep = (torch.rand(B, T + 2, device=DEVICE) > 0.3)[:, -T:] if padded else None
+    got = gsa_prologue_triton(*proj, feature_map, 8.0, keep)
+    ups = [torch.randn(x.shape, device=DEVICE).to(x.dtype) for x in got]
+    torch.autograd.backward(got, ups)
+    proj64 = [x.detach().double().requires_grad_() for x in proj]
+    want = gsa_prologue_reference(*proj64, feature_map, 8.0, keep)
+    torch.autograd.backward(want, [u.double() for u in ups])
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    for name, a, b in zip("qkvsg", got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == (torch.float32 if name in "sg" else dtype), name
+        assert rel_err(a, b) <= (1e-6 if name in "sg" else tol), name
+    for name, a, b in zip(("dq", "dk", "dv", "df"), proj, proj64, strict=True):
+        assert rel_err(a.grad, b.grad) <= tol, name
+    if padded:
+        assert not got[3][~keep].any() and not got[4][~keep].any() and not proj[3].grad[~keep].any()
+    with torch.no_grad():  # without autograd: the forward alone, the same values
+        again = gsa_prologue_triton(*proj, feature_map, 8.0, keep)
+        assert all(torch.equal(a, b) for a, b in zip(again, got, strict=True))
+
+
+def test_fused_prologue_is_opt_in(monkeypatch):
+    """The model's GSA layers take their inputs from the fused prologue only with T2R_GSA_FUSED_PROLOGUE; the loss
+    and every gradient are the same either way, with padding."""
+    from t2r.kernels import dispatch
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(TUNING, "impl", "reference")  # the GSA op in PyTorch: only the prologue differs
+        monkeypatch.setattr(dispatch, "_fusable", lambda *t: True)
+    model = tiny_gsa_model("llama").to(DEVICE).train()
+    ids = torch.randint(3, 100, (2, 9), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    calls = []
+    fused = gsa_prologue_triton
+    monkeypatch.setattr(dispatch, "gsa_prologue_triton", lambda *a: calls.append(1) or fused(*a))
+    results = []
+    for on in (False, True):
+        monkeypatch.setattr(TUNING, "fused_prologue", on)
+        model.zero_grad()
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        assert bool(calls) == on
+    (loss0, grads0), (loss1, grads1) = results
+    assert rel_err(loss1, loss0) <= 1e-6 and grads0.keys() == grads1.keys()
+    assert max(rel_err(grads1[n], grads0[n]) for n in grads0) <= 1e-5
 
 
 def test_reference_is_transformers_rms_norm():

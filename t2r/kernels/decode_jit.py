@@ -56,6 +56,20 @@ def _feature(x, FM: tl.constexpr):
 
 
 @triton.jit
+def _log_gate(f, normalizer):
+    """log alpha = logsigmoid(f) / normalizer, without overflow for logits of either sign."""
+    return (tl.minimum(f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(f)))) / normalizer
+
+
+@triton.jit
+def _one_minus(a, g):
+    """1 - alpha = -expm1(g) for alpha = exp(g), without 1 - exp(g)'s cancellation for gates near 1 (Kahan's
+    expm1)."""
+    exact = (a == 1.0) | (a == 0.0)  # 1 - alpha is -g or 1 there
+    return tl.where(exact, tl.where(a == 1.0, -g, 1.0), (1.0 - a) * g / tl.log(tl.where(exact, 0.5, a)))
+
+
+@triton.jit
 def _decode_step_kernel(
     q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, o_ptr, hk_ptr, hv_ptr, keep_ptr, keep_stride, scale, normalizer,
     H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, GP: tl.constexpr,
@@ -76,14 +90,11 @@ def _decode_step_kernel(
     heads = (i_nh * G + rg)[:, None]  # query heads of this KV head: rows of q and o
     in_group = rg[:, None] < G
     if RAW:
-        f = tl.load(g_ptr + i_nh * M + rm).to(tl.float32)
-        g = (tl.minimum(f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(f)))) / normalizer  # logsigmoid, no overflow
+        g = _log_gate(tl.load(g_ptr + i_nh * M + rm).to(tl.float32), normalizer)
         if HAS_KEEP:
             g = tl.where(tl.load(keep_ptr + (i_nh // Hkv) * keep_stride) != 0, g, 0.0)
         a = tl.exp(g)
-        # 1 - alpha = -expm1(g) without 1 - exp(g)'s cancellation for gates near 1 (Kahan's expm1)
-        exact = (a == 1.0) | (a == 0.0)  # 1 - alpha is -g or 1 there
-        s = tl.where(exact, tl.where(a == 1.0, -g, 1.0), (1.0 - a) * g / tl.log(tl.where(exact, 0.5, a)))
+        s = _one_minus(a, g)
     else:
         s = tl.load(s_ptr + i_nh * M + rm).to(tl.float32)
         a = tl.exp(tl.load(g_ptr + i_nh * M + rm).to(tl.float32))

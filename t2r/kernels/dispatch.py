@@ -16,7 +16,7 @@ from .reference import (
     State,
     gsa_chunk,
     gsa_decode_reference,
-    gsa_prologue,
+    gsa_prologue_reference,
     gsa_recurrent,
     rms_norm_reference,
     rotary_reference,
@@ -27,7 +27,8 @@ from .tuning import TUNING
 try:
     from .chunk import gsa_chunk_triton, supports
     from .decode import gsa_decode_fused_triton, gsa_decode_triton
-    from .norm import rms_norm_triton
+    from .norm import rms_norm_autograd_triton, rms_norm_triton
+    from .prologue import gsa_prologue_triton
     from .rotary import rotary_triton
     from .window import window_decode_triton
 except ImportError:  # no triton: CPU-only install
@@ -106,22 +107,41 @@ def gsa_decode_fused_(
     return F.silu(gsa_decode_(*gsa_prologue(q, k, v, f, feature_map, normalizer, keep), scale, state))
 
 
-def _fused_inference(*tensors: torch.Tensor) -> bool:
-    """Whether an elementwise fusion applies: triton and CUDA tensors (or TUNING.impl == "triton"), nothing to
-    differentiate, and no torch.compile trace (which differentiates and fuses the PyTorch form itself)."""
+def _fusable(*tensors: torch.Tensor) -> bool:
+    """Whether a Triton fusion may run: triton and CUDA tensors (or TUNING.impl == "triton"), and no torch.compile
+    trace (which differentiates and fuses the PyTorch form itself)."""
     if gsa_chunk_triton is None or TUNING.impl == "reference" or torch.compiler.is_compiling():
         return False
-    if not (tensors[0].is_cuda or TUNING.impl == "triton"):
+    return tensors[0].is_cuda or TUNING.impl == "triton"
+
+
+def _fused_inference(*tensors: torch.Tensor) -> bool:
+    """Whether an elementwise fusion without a backward applies: :func:`_fusable`, and nothing to differentiate."""
+    if not _fusable(*tensors):
         return False
     return not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension: one Triton launch where :func:`_fused_inference` holds, the reference's eight
-    otherwise."""
+    """RMSNorm over the last dimension: one Triton launch where :func:`_fused_inference` holds; under autograd, with
+    ``TUNING.fused_norm_grad`` (T2R_GSA_FUSED_NORM_GRAD=1), one launch each way; the reference's eight otherwise."""
     if _fused_inference(x, weight):
         return rms_norm_triton(x, weight, eps)
+    if TUNING.fused_norm_grad and _fusable(x, weight):
+        return rms_norm_autograd_triton(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
+
+
+def gsa_prologue(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tensor, feature_map: str, normalizer: float,
+    keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """The GSA op's inputs (q, k, v, s, g) from a layer's projections (:func:`reference.gsa_prologue_reference`):
+    one Triton launch each way where :func:`_fusable` holds and ``TUNING.fused_prologue`` is on
+    (T2R_GSA_FUSED_PROLOGUE=1), about seven forward and eight backward otherwise."""
+    if TUNING.fused_prologue and _fusable(q, k, v, f):
+        return gsa_prologue_triton(q, k, v, f, feature_map, normalizer, keep)
+    return gsa_prologue_reference(q, k, v, f, feature_map, normalizer, keep)
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,8 +12,8 @@ state = (hk [N, Hkv, K, M], hv [N, Hkv, M, V]), always fp32, N = batch or number
 
 ``gsa_recurrent`` and ``gsa_chunk`` take and return the same things (``gsa_chunk`` is the chunkwise-parallel
 form: the reference of the Triton chunk kernels); ``gsa_decode_reference`` is the in-place decode step's, and
-``gsa_decode_fused_reference`` that of the step that also applies the layer's input maps (``gsa_prologue``) and
-the output's silu.
+``gsa_decode_fused_reference`` that of the step that also applies the layer's input maps
+(``gsa_prologue_reference``) and the output's silu.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def log_forget_gate(f: torch.Tensor, normalizer: float) -> torch.Tensor:
     return F.logsigmoid(f.float()) / normalizer
 
 
-def gsa_prologue(
+def gsa_prologue_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tensor, feature_map: str, normalizer: float,
     keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
@@ -255,9 +255,10 @@ def gsa_decode_fused_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tensor, scale: float | None, state: State,
     feature_map: str, normalizer: float, keep: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """A few new tokens from the layer's projections (:func:`gsa_prologue`) on top of ``state``, updated in place;
-    returns silu(o), the input of the layer's output norm (the fused decode kernel's contract)."""
-    return F.silu(gsa_decode_reference(*gsa_prologue(q, k, v, f, feature_map, normalizer, keep), scale, state))
+    """A few new tokens from the layer's projections (:func:`gsa_prologue_reference`) on top of ``state``, updated in
+    place; returns silu(o), the input of the layer's output norm (the fused decode kernel's contract)."""
+    inputs = gsa_prologue_reference(q, k, v, f, feature_map, normalizer, keep)
+    return F.silu(gsa_decode_reference(*inputs, scale, state))
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

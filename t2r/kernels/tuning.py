@@ -60,6 +60,11 @@ class Tuning:
     # A hybrid layer's window attention, mix and window shift in one decoding launch (kernels/window.py); off for
     # the same reason.
     fused_window: bool = field(default_factory=lambda: _env("FUSED_WINDOW", "0") == "1")
+    # Training: RMSNorm's forward and backward in Triton (kernels/norm.py) under autograd; off for the same reason.
+    fused_norm_grad: bool = field(default_factory=lambda: _env("FUSED_NORM_GRAD", "0") == "1")
+    # A GSA layer's input maps (feature maps, silu values, gates) in one launch each way (kernels/prologue.py); off
+    # for the same reason.
+    fused_prologue: bool = field(default_factory=lambda: _env("FUSED_PROLOGUE", "0") == "1")
     poison: bool = False  # tests: fill outputs with NaN before the kernels run, so that unwritten elements show
 
     def __post_init__(self) -> None:

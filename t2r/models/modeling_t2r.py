@@ -23,8 +23,15 @@ from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from t2r.kernels.dispatch import RECURRENT_MAX_TOKENS, gsa, gsa_decode_fused_, rotary, window_decode_
-from t2r.kernels.reference import gsa_prologue, log_forget_gate, mix_window
+from t2r.kernels.dispatch import (
+    RECURRENT_MAX_TOKENS,
+    gsa,
+    gsa_decode_fused_,
+    gsa_prologue,
+    rotary,
+    window_decode_,
+)
+from t2r.kernels.reference import log_forget_gate, mix_window
 
 from .cache_t2r import GSACache
 from .configuration_t2r import T2RLlamaConfig, T2RMistralConfig, T2RQwen2Config, T2RQwen3Config
