@@ -401,9 +401,10 @@ def test_a_decoding_step_launches_few_kernels_per_layer(monkeypatch, window, bou
 def test_a_training_step_launches_few_kernels_per_layer(monkeypatch):
     """A small model's training step is bound by its host time, a launch at a time (docs/benchmarks.md). Per GSA
     layer, forward and backward, with the fused norms and prologue (T2R_GSA_FUSED_NORM_GRAD / _PROLOGUE): 24
-    GEMMs, 11 GSA launches, 2 per norm (x3) and its weight's sum (x3), 2 for the prologue, silu on the output and
-    in the MLP and their gradients (4), the MLP's product and its gradient (2), 2 residual adds and 5 gradient
-    sums: 57 (131 without the two fusions, 105 for the teacher's layer). Counted as 4 layers minus 2."""
+    GEMMs, 10 GSA launches, 6 for the 3 norms and 3 sums of their weights' gradients, 2 for the prologue, silu on
+    the output and in the MLP and their gradients (4), the MLP's product and its 2 gradients, 2 residual adds and
+    6 gradient sums: 60 (125 without the two fusions; 105 for the teacher's layer). Counted as 4 layers minus 2,
+    after a first step (which builds the kernels' plan) and with no gradients to accumulate into."""
     from conftest import tiny_gsa_model
 
     monkeypatch.setattr(TUNING, "impl", "triton")
@@ -415,10 +416,12 @@ def test_a_training_step_launches_few_kernels_per_layer(monkeypatch):
         overrides = dict(num_hidden_layers=layers, hidden_size=64, head_dim=16, num_attention_heads=4)
         model = tiny_gsa_model("mistral", teacher_overrides=overrides).to(DEVICE).train()
         ids = torch.randint(3, 100, (1, 64), device=DEVICE)
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad()  # as an optimizer step leaves it: no gradient to add to
         with _Launches(monkeypatch) as launches:
             model(input_ids=ids, labels=ids).loss.backward()
         counts[layers] = launches.count
-    assert (counts[4] - counts[2]) / 2 <= 57, counts
+    assert (counts[4] - counts[2]) / 2 <= 60, counts
 
 
 def test_plans_are_reused_for_a_shape_or_a_packed_layout():
