@@ -240,6 +240,9 @@ def bench_train(
     lora: Annotated[bool, typer.Option(help="LoRA r=8 + new params, gradient checkpointing")] = False,
     reference: Annotated[bool, typer.Option(help="also time the PyTorch reference GSA path")] = False,
     compile: Annotated[bool, typer.Option(help="torch.compile both models' decoder layers")] = False,
+    fusions: Annotated[
+        bool, typer.Option(help="also time GSA with the training fusions (fused norms and prologue) switched")
+    ] = False,
     device: Annotated[str, typer.Option(help="device")] = "cuda",
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
     record: Annotated[Path | None, typer.Option(help=RECORD_HELP)] = None,
@@ -249,7 +252,7 @@ def bench_train(
     from t2r.bench.throughput import check_outputs, print_table, run_train_bench, write_outputs
 
     check_outputs(json_out, record)
-    rows = run_train_bench(model, shape, seq or [2048, 4096], batch, steps, lora, device, reference, compile)
+    rows = run_train_bench(model, shape, seq or [2048, 4096], batch, steps, lora, device, reference, compile, fusions)
     print_table(rows)
     write_outputs(rows, json_out, record, _command(), device=device)
 

@@ -3,7 +3,9 @@
 # tunables at two shapes (our kernels only), then `t2r bench kernels` (with FLA when its wheels are in /tmp/site).
 # `fusions`: the inference fusions (tests; graphs and the fused paths against the reference with the RoPE and
 # window-step kernels on; the hybrid's decoding with them off and on), the check behind turning those on by default.
-# Usage: benchmarks/gpu/kernels.sh [tests] [fusions] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
+# `train`: the training fusions (fused norms and prologue: their tests, then whole steps against the teacher with
+# them off and on in one run), the check behind turning those on by default.
+# Usage: benchmarks/gpu/kernels.sh [tests] [fusions] [train] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
 set -uo pipefail
 source benchmarks/gpu/env.sh  # carried wheels (FLA for the comparison) in /root/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -23,6 +25,12 @@ fusions)
     T2R_GSA_FUSED_ROPE=$on T2R_GSA_FUSED_WINDOW=$on python -m t2r.cli bench generate --shape smollm2-135m --window 512 \
       --context 32768 --batch 1 --batch 16 --no-teacher --json "$OUT/hybrid_fusions_$on.json" 2>&1 | grep "^GSA" | sed "s/^/[on=$on] /"
   done ;;
+train)
+  python -m pytest -q -p no:cacheprovider tests/test_fusions.py tests/test_gsa_triton.py \
+    -k "gradients or prologue or opt_in or launches or model_forward" -rf 2>&1 |
+    tee "$OUT/pytest_gpu_train_fusions.log" | tail -5
+  python -m t2r.cli bench train --shape smollm2-135m --seq 4096 --seq 16384 --batch 1 --steps 10 --fusions \
+    --json "$OUT/bench_train_fusions.json" 2>&1 | tee "$OUT/bench_train_fusions.log" | tail -8 ;;
 sweep)
   IFS=';' read -ra CFGS <<< "${SWEEP:-64 16 tf32 2;64 16 half 2;128 32 half 2;64 16 half 1;64 32 half 2}"
   for cfg in "${CFGS[@]}"; do

@@ -8,7 +8,6 @@ tensors without copying them, so only the attention differs. Results print as a 
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from t2r.kernels.tuning import TUNING, tuned
 from t2r.models.hf_compat import CACHE_ARG, output_cache
 from t2r.teacher import teacher_view
 
@@ -300,31 +300,26 @@ def load_bench_model(path: str | None, shape: str | None, device: str, window: i
     return load_converted(path, torch.bfloat16).to(device)
 
 
-@contextlib.contextmanager
-def _gsa_impl(impl: str):
-    """Run the GSA op through one implementation (see t2r.kernels.gsa_ops)."""
-    old = os.environ.get("T2R_GSA_IMPL")
-    os.environ["T2R_GSA_IMPL"] = impl
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("T2R_GSA_IMPL")
-        else:
-            os.environ["T2R_GSA_IMPL"] = old
-
-
 def run_train_bench(
-    path, shape, seqs, batch, steps, lora, device, reference: bool = False, compile: bool = False
-) -> list[dict]:
+    path, shape, seqs, batch, steps, lora, device, reference: bool = False, compile: bool = False,
+    fusions: bool = False,
+) -> list[dict]:  # fmt: skip
     """GSA student vs teacher (SDPA) training throughput; with ``lora`` the student trains LoRA r=8 on
     q/k/v/o plus the new parameters, with gradient checkpointing (the mistral-7b-fast setting). With ``compile``
-    both sides' decoder layers are compiled (t2r.train.compiled); the warmup steps then include the compilation."""
+    both sides' decoder layers are compiled (t2r.train.compiled); the warmup steps then include the compilation.
+    ``fusions`` also times the student with the training fusions (fused norms and prologue) switched the other
+    way, in the same run: the A/B behind their default."""
     from t2r.train.compiled import compile_decoder_layers
 
     prepare = compile_decoder_layers if compile else (lambda m: m)
     tag = ", compiled" if compile else ""
     model = prepare(load_bench_model(path, shape, device))
+    flipped = not (TUNING.fused_norm_grad and TUNING.fused_prologue)
+    variants = [({}, "")]
+    if fusions:
+        variants.append(
+            (dict(fused_norm_grad=flipped, fused_prologue=flipped), f", fusions {'on' if flipped else 'off'}")
+        )
     rows = []
     for seq in seqs:
         if lora:
@@ -334,12 +329,16 @@ def run_train_bench(
             stage = Stage(train="lora", lora=LoraSettings(r=8, alpha=16))
             student, _ = configure_trainable(model, stage, 0)
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            rows.append(train_throughput(student, batch, seq, steps, label=f"GSA + LoRA r8 (ckpt{tag})"))
+            for changes, label in variants:
+                with tuned(**changes):
+                    rows.append(train_throughput(student, batch, seq, steps, label=f"GSA + LoRA r8 (ckpt{tag}{label})"))
             model = student.unload()
         else:
-            rows.append(train_throughput(model, batch, seq, steps, label=f"GSA (full{tag})"))
+            for changes, label in variants:
+                with tuned(**changes):
+                    rows.append(train_throughput(model, batch, seq, steps, label=f"GSA (full{tag}{label})"))
             if device != "cpu" and reference:
-                with _gsa_impl("reference"):
+                with tuned(impl="reference"):
                     rows.append(train_throughput(model, batch, seq, steps, label="GSA, reference path (full)"))
             teacher = prepare(teacher_view(model))
             rows.append(train_throughput(teacher, batch, seq, steps, label=f"teacher SDPA (full{tag})"))
