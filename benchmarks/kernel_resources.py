@@ -26,12 +26,13 @@ from t2r.kernels.tuning import TUNING
 # Tensors in the inputs' dtype (the rest are fp32 work buffers): x and a stand for k / v and q / do.
 HALF_INPUTS = {"q_ptr", "k_ptr", "v_ptr", "s_ptr", "g_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "ds_ptr",
                "x_ptr", "a_ptr", "dx_ptr", "cos_ptr", "sin_ptr", "qo_ptr", "ko_ptr", "pk_ptr", "pv_ptr", "sk_ptr",
-               "sv_ptr", "out_ptr", "f_ptr", "vo_ptr", "dqo_ptr", "dko_ptr", "dvo_ptr", "df_ptr"}  # fmt: skip
+               "sv_ptr", "out_ptr", "f_ptr", "vo_ptr", "dqo_ptr", "dko_ptr", "dvo_ptr", "df_ptr", "h_ptr", "u_ptr",
+               "dh_ptr", "dg_ptr", "du_ptr"}  # fmt: skip
 BOOL_POINTERS = {"pvalid_ptr", "nvalid_ptr"}
 INT_POINTERS = {"cu_ptr", "segoff_ptr", "seg_ptr", "keep_ptr"}
 INT_SCALARS = {"T", "stride_pd", "stride_pm", "d0", "keep_stride", "N", "cs_batch", "H", "Hkv", "P", "stride_kb",
                "stride_kt", "stride_vb", "stride_vt", "stride_valid", "mix_stride", "R", "per_program", "sq", "sk",
-               "sv", "sf", "keep_sb", "keep_st"}  # fmt: skip
+               "sv", "sf", "keep_sb", "keep_st", "sg", "su"}  # fmt: skip
 CONSTEXPRS = dict(H=32, Hkv=32, K=128, V=128, M=64, D=128, BS=64, BC=16, BD=64, BM=32, GP=1, BK=32, BV=32, PREC_IN=0,
                   PREC=3, PREC_O=3, EXP_CLAMP=60.0, HAS_INIT=False, STORE_OUT=True, REVERSE=False,
                   STORE_LSE=True, RAW=True, FM=1, HAS_KEEP=True, BLOCK=1024, HALF=32, BH=16, BHK=4, BW=32,
@@ -82,7 +83,7 @@ def resources(fn, warps: int, stages: int, **overrides) -> str:
 def main() -> None:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "t2r", "kernels")
-    files = ("chunk_jit.py", "decode_jit.py", "norm.py", "prologue.py", "rotary.py", "window.py")
+    files = ("chunk_jit.py", "decode_jit.py", "norm.py", "prologue.py", "rotary.py", "swiglu.py", "window.py")
     paths = sys.argv[1:] or [os.path.join(here, name) for name in files]
     sweeps = _launch_cfg(128, 128, 64)
     found = {}

@@ -241,7 +241,7 @@ def bench_train(
     reference: Annotated[bool, typer.Option(help="also time the PyTorch reference GSA path")] = False,
     compile: Annotated[bool, typer.Option(help="torch.compile both models' decoder layers")] = False,
     fusions: Annotated[
-        bool, typer.Option(help="also time GSA with the training fusions (fused norms and prologue) switched")
+        bool, typer.Option(help="also time GSA with the training fusions (norms, prologue, MLP, merged GEMMs) switched")
     ] = False,
     device: Annotated[str, typer.Option(help="device")] = "cuda",
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,

@@ -32,22 +32,22 @@ def test_bench_train_switches_the_fusions_and_the_reference_in_one_run(tiny_conv
     """--fusions times the student a second time with the training fusions switched, --reference with the PyTorch
     path: each row runs under its own settings (read at each call, not from the environment at import)."""
     import t2r.bench.throughput as tp
-    from t2r.kernels.tuning import TUNING
+    from t2r.kernels.tuning import TRAINING_FUSIONS, TUNING
 
     seen = []
 
     def measure(model, batch, seq, steps, label):
-        seen.append((label, TUNING.fused_norm_grad, TUNING.fused_prologue, TUNING.impl))
+        seen.append((label, tuple(getattr(TUNING, name) for name in TRAINING_FUSIONS), TUNING.impl))
         return {"model": label}
 
     monkeypatch.setattr(tp, "train_throughput", measure)
     monkeypatch.setattr(TUNING, "fused_norm_grad", False)
     monkeypatch.setattr(TUNING, "impl", "auto")
+    default = tuple(getattr(TUNING, name) for name in TRAINING_FUSIONS)
     tp.run_train_bench(str(tiny_converted), None, [16], 1, 1, False, "meta", reference=True, fusions=True)
-    prologue = TUNING.fused_prologue
-    assert seen == [("GSA (full)", False, prologue, "auto"), ("GSA (full, fusions on)", True, True, "auto"),
-                    ("GSA, reference path (full)", False, prologue, "reference"),
-                    ("teacher SDPA (full)", False, prologue, "auto")]  # fmt: skip
+    assert seen == [("GSA (full)", default, "auto"), ("GSA (full, fusions on)", (True,) * 4, "auto"),
+                    ("GSA, reference path (full)", default, "reference"),
+                    ("teacher SDPA (full)", default, "auto")]  # fmt: skip
 
 
 def test_bench_output_that_is_a_directory_fails_before_the_run(tiny_converted, tmp_path, capsys, monkeypatch):

@@ -19,12 +19,15 @@ from t2r.kernels.reference import (
     gsa_prologue_reference,
     rms_norm_reference,
     rotary_reference,
+    swiglu_reference,
     window_decode_reference,
 )
 from t2r.kernels.rotary import rotary_triton
+from t2r.kernels.swiglu import swiglu_triton
 from t2r.kernels.tuning import TUNING
 from t2r.kernels.window import window_decode_triton
-from t2r.models.norms import FusedRMSNorm, fuse_rms_norms
+from t2r.models.fused import FusedMLP, FusedRMSNorm, fuse_modules
+from t2r.models.projections import project
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -173,6 +176,111 @@ def test_fused_prologue_is_opt_in(monkeypatch):
     assert max(rel_err(grads1[n], grads0[n]) for n in grads0) <= 1e-5
 
 
+@pytest.mark.parametrize(
+    ("dtype", "shape", "layout"),
+    [(torch.float32, (3, 5, 100), "separate"), (torch.bfloat16, (2, 7, 1536), "merged"),
+     (torch.float32, (4, 1, 2100), "last"), (torch.float16, (9, 64), "merged")],
+)  # fmt: skip
+def test_fused_swiglu_matches_the_reference(dtype, shape, layout):
+    """silu(gate) * up and its gradients against the reference's autograd in fp64: widths beyond one block of
+    columns and not multiples of it, gate and up as halves of one merged projection or last tokens of longer rows;
+    without autograd the same values."""
+    if layout == "merged":
+        both = (torch.randn(*shape[:-1], 2 * shape[-1], device=DEVICE) * 3).to(dtype)
+        gate, up = (x.requires_grad_() for x in both.split(shape[-1], dim=-1))
+    elif layout == "last":
+        longer = [(torch.randn(shape[0], 4, shape[-1], device=DEVICE) * 3).to(dtype) for _ in range(2)]
+        gate, up = (x[:, -1:].requires_grad_() for x in longer)
+    else:
+        gate, up = ((torch.randn(shape, device=DEVICE) * 3).to(dtype).requires_grad_() for _ in range(2))
+    got = swiglu_triton(gate, up)
+    dh = torch.randn(got.shape, device=DEVICE).to(dtype)
+    got.backward(dh)
+    g64, u64 = (x.detach().double().requires_grad_() for x in (gate, up))
+    want = swiglu_reference(g64, u64)
+    want.backward(dh.double())
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    assert got.dtype == dtype and rel_err(got, want) <= tol
+    assert rel_err(gate.grad, g64.grad) <= tol and rel_err(up.grad, u64.grad) <= tol
+    with torch.no_grad():
+        assert torch.equal(swiglu_triton(gate, up), got)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_merged_projections_match_the_modules(bias, monkeypatch):
+    """Under autograd, merged projections give each module's output and every parameter's gradient as separate
+    calls do; without autograd, or for a module that is not a plain nn.Linear (peft's layers), one with a hook,
+    or biases on some only, each module runs itself."""
+    monkeypatch.setattr(TUNING, "merged_projections", True)
+    mods = tuple(nn.Linear(24, n, bias=bias) for n in (16, 8, 8, 12))
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    calls = []
+    for m in mods:
+        m.forward = lambda x, _m=m: calls.append(1) or nn.Linear.forward(_m, x)  # counts separate calls
+    merged = project(x, mods)
+    assert not calls and [o.shape[-1] for o in merged] == [16, 8, 8, 12]
+    dys = [torch.randn(o.shape) for o in merged]
+    torch.autograd.backward(merged, dys)
+    got = [x.grad.clone()] + [p.grad.clone() for m in mods for p in m.parameters()]
+    x.grad = None
+    for m in mods:
+        m.zero_grad()
+    separate = [nn.Linear.forward(m, x) for m in mods]
+    torch.autograd.backward(separate, dys)
+    want = [x.grad] + [p.grad for m in mods for p in m.parameters()]
+    assert all(rel_err(a, b) <= 1e-6 for a, b in zip(merged, separate, strict=True))
+    assert all(rel_err(a, b) <= 1e-6 for a, b in zip(got, want, strict=True))
+    with torch.no_grad():
+        project(x, mods)
+    assert len(calls) == 4
+    calls.clear()
+
+    class LoraLike(nn.Linear):
+        pass
+
+    odd = (LoraLike(24, 16, bias=bias), *mods[1:])
+    project(x, odd)
+    assert len(calls) == 3
+    calls.clear()
+    handle = mods[0].register_forward_hook(lambda *a: None)
+    project(x, mods)
+    assert len(calls) == 4
+    handle.remove()
+    calls.clear()
+    project(x, (nn.Linear(24, 16, bias=not bias), *mods[1:]))
+    assert len(calls) == 3
+
+
+def test_training_fusions_are_opt_in_and_exact(monkeypatch):
+    """With every training fusion on (norms, prologue, MLP activation, merged projections), a hybrid model with
+    padding gives the loss and every gradient of the unfused model; off, none of the fused paths runs."""
+    from t2r.kernels import dispatch
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(TUNING, "impl", "reference")  # the GSA op in PyTorch: only the fusions differ
+        monkeypatch.setattr(dispatch, "_fusable", lambda *t: True)
+    model = tiny_gsa_model("qwen2", gsa_window=4, gsa_window_sink=True).to(DEVICE).train()
+    ids = torch.randint(3, 100, (2, 9), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    calls = []
+    for name in ("rms_norm_autograd_triton", "gsa_prologue_triton", "swiglu_triton"):
+        fused = getattr(dispatch, name)
+        monkeypatch.setattr(dispatch, name, lambda *a, _f=fused, _n=name: calls.append(_n) or _f(*a))
+    results = []
+    for on in (False, True):
+        for flag in ("fused_norm_grad", "fused_prologue", "fused_mlp", "merged_projections"):
+            monkeypatch.setattr(TUNING, flag, on)
+        model.zero_grad()
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        assert set(calls) == (set() if not on else {"rms_norm_autograd_triton", "gsa_prologue_triton", "swiglu_triton"})
+    (loss0, grads0), (loss1, grads1) = results
+    assert rel_err(loss1, loss0) <= 1e-6 and grads0.keys() == grads1.keys()
+    assert max(rel_err(grads1[n], grads0[n]) for n in grads0) <= 1e-5
+
+
 def test_reference_is_transformers_rms_norm():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
@@ -192,7 +300,9 @@ def test_converted_models_norms_are_fused_where_nothing_differentiates(arch, mon
     norms = [m for m in model.modules() if isinstance(m, FusedRMSNorm)]
     per_layer = 3 + 2 * (arch == "qwen3")  # input, post-attention, g_norm (+ q/k norms)
     assert len(norms) == per_layer * model.config.num_hidden_layers + 1
-    assert fuse_rms_norms(model) == len(norms)  # idempotent
+    mlps = [m for m in model.modules() if isinstance(m, FusedMLP)]
+    assert len(mlps) == model.config.num_hidden_layers
+    assert fuse_modules(model) == len(norms) + len(mlps)  # idempotent
     first = model.model.layers[0].input_layernorm
     stock = type(first).__mro__[2]
     assert isinstance(first, stock) and stock.__name__.endswith("RMSNorm")
@@ -218,7 +328,7 @@ def test_norms_of_other_math_are_left_alone():
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * (1 + self.weight)
 
     model = nn.Sequential(GemmaLikeRMSNorm())
-    assert fuse_rms_norms(model) == 0 and type(model[0]) is GemmaLikeRMSNorm
+    assert fuse_modules(model) == 0 and type(model[0]) is GemmaLikeRMSNorm
 
 
 @pytest.mark.parametrize(

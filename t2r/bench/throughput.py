@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from t2r.kernels.tuning import TUNING, tuned
+from t2r.kernels.tuning import TRAINING_FUSIONS, TUNING, tuned
 from t2r.models.hf_compat import CACHE_ARG, output_cache
 from t2r.teacher import teacher_view
 
@@ -307,19 +307,17 @@ def run_train_bench(
     """GSA student vs teacher (SDPA) training throughput; with ``lora`` the student trains LoRA r=8 on
     q/k/v/o plus the new parameters, with gradient checkpointing (the mistral-7b-fast setting). With ``compile``
     both sides' decoder layers are compiled (t2r.train.compiled); the warmup steps then include the compilation.
-    ``fusions`` also times the student with the training fusions (fused norms and prologue) switched the other
+    ``fusions`` also times the student with the training fusions (tuning.TRAINING_FUSIONS) switched the other
     way, in the same run: the A/B behind their default."""
     from t2r.train.compiled import compile_decoder_layers
 
     prepare = compile_decoder_layers if compile else (lambda m: m)
     tag = ", compiled" if compile else ""
     model = prepare(load_bench_model(path, shape, device))
-    flipped = not (TUNING.fused_norm_grad and TUNING.fused_prologue)
+    flipped = not all(getattr(TUNING, name) for name in TRAINING_FUSIONS)
     variants = [({}, "")]
     if fusions:
-        variants.append(
-            (dict(fused_norm_grad=flipped, fused_prologue=flipped), f", fusions {'on' if flipped else 'off'}")
-        )
+        variants.append((dict.fromkeys(TRAINING_FUSIONS, flipped), f", fusions {'on' if flipped else 'off'}"))
     rows = []
     for seq in seqs:
         if lora:

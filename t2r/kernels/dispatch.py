@@ -20,6 +20,7 @@ from .reference import (
     gsa_recurrent,
     rms_norm_reference,
     rotary_reference,
+    swiglu_reference,
     window_decode_reference,
 )
 from .tuning import TUNING
@@ -30,6 +31,7 @@ try:
     from .norm import rms_norm_autograd_triton, rms_norm_triton
     from .prologue import gsa_prologue_triton
     from .rotary import rotary_triton
+    from .swiglu import swiglu_triton
     from .window import window_decode_triton
 except ImportError:  # no triton: CPU-only install
     gsa_chunk_triton = None
@@ -150,6 +152,14 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     if TUNING.fused_rope and _fused_inference(q, k, cos, sin):
         return rotary_triton(q, k, cos, sin)
     return rotary_reference(q, k, cos, sin)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up: one Triton launch each way where :func:`_fusable` holds and ``TUNING.fused_mlp`` is on
+    (T2R_GSA_FUSED_MLP=1), the reference's two forward and three backward otherwise."""
+    if TUNING.fused_mlp and _fusable(gate, up):
+        return swiglu_triton(gate, up)
+    return swiglu_reference(gate, up)
 
 
 def window_decode_(

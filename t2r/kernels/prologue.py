@@ -16,6 +16,7 @@ except ImportError as err:
 
 from .decode import FEATURE_CODES
 from .decode_jit import _feature, _log_gate, _one_minus
+from .layout import flat_rows
 
 
 @triton.jit
@@ -89,16 +90,6 @@ def _prologue_bwd_kernel(
     tl.store(df_ptr + row * NF + rf, df.to(df_ptr.dtype.element_ty), mask=rf < NF)
 
 
-def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``x`` [B, T, heads, dim] and the stride between its flattened tokens; each token's heads x dim must be one
-    contiguous run (a projection's output, or a slice of a wider one), else a contiguous copy."""
-    B, T, _, d = x.shape
-    flat = B == 1 or T == 1 or x.stride(0) == T * x.stride(1)
-    if x.stride(3) != 1 or x.stride(2) != d or not flat:
-        x = x.contiguous()
-    return x, (x.stride(0) if T == 1 else x.stride(1))
-
-
 def _launch_args(shapes, keep: torch.Tensor | None, feature_map: str, T: int):
     blocks = [triton.next_power_of_2(n) for n in shapes]
     keep_strides = (0, 0) if keep is None else keep.stride()
@@ -110,12 +101,13 @@ def _launch_args(shapes, keep: torch.Tensor | None, feature_map: str, T: int):
 
 
 def _forward(q, k, v, f, feature_map: str, normalizer: float, keep: torch.Tensor | None):
+    """The outputs, and the inputs as the kernels read them ([B, T, heads x dim] rows) with their row strides."""
     B, T = q.shape[:2]
-    (q, sq), (k, sk), (v, sv), (f, sf) = (_rows(x) for x in (q, k, v, f))
-    outs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]
-    s, g = (torch.empty(f.shape, dtype=torch.float32, device=f.device) for _ in range(2))
-    shapes = [x.shape[2] * x.shape[3] for x in (q, k, v, f)]
-    scalars, consts = _launch_args(shapes, keep, feature_map, T)
+    shapes = [x.shape for x in (q, k, v, f)]
+    (q, sq), (k, sk), (v, sv), (f, sf) = (flat_rows(x.flatten(2)) for x in (q, k, v, f))
+    outs = [torch.empty(shape, dtype=x.dtype, device=x.device) for shape, x in zip(shapes[:3], (q, k, v), strict=True)]
+    s, g = (torch.empty(shapes[3], dtype=torch.float32, device=f.device) for _ in range(2))
+    scalars, consts = _launch_args([x.shape[2] for x in (q, k, v, f)], keep, feature_map, T)
     if B * T:
         _prologue_kernel[(B * T,)](q, k, v, f, q if keep is None else keep, *outs, s, g, sq, sk, sv, sf, *scalars,
                                    float(normalizer), **consts)  # fmt: skip
@@ -125,6 +117,7 @@ def _forward(q, k, v, f, feature_map: str, normalizer: float, keep: torch.Tensor
 class _PrologueFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, f, feature_map: str, normalizer: float, keep):
+        ctx.shapes = [x.shape for x in (q, k, v, f)]
         outputs, inputs, strides = _forward(q, k, v, f, feature_map, normalizer, keep)
         ctx.save_for_backward(*inputs, keep)
         ctx.strides, ctx.feature_map, ctx.normalizer = strides, feature_map, normalizer
@@ -134,9 +127,11 @@ class _PrologueFunction(torch.autograd.Function):
     def backward(ctx, dqo, dko, dvo, ds, dg):
         q, k, v, f, keep = ctx.saved_tensors
         B, T = q.shape[:2]
-        grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v, f)]
-        shapes = [x.shape[2] * x.shape[3] for x in (q, k, v, f)]
-        scalars, consts = _launch_args(shapes, keep, ctx.feature_map, T)
+        grads = [
+            torch.empty(shape, dtype=x.dtype, device=x.device)
+            for shape, x in zip(ctx.shapes, (q, k, v, f), strict=True)
+        ]
+        scalars, consts = _launch_args([x.shape[2] for x in (q, k, v, f)], keep, ctx.feature_map, T)
         ups = (x.contiguous() for x in (dqo, dko, dvo, ds, dg))
         if B * T:
             _prologue_bwd_kernel[(B * T,)](q, k, v, f, q if keep is None else keep, *ups, *grads, *ctx.strides,

@@ -18,6 +18,8 @@ import torch
 # scan: the memories' forward scan; dscan: their gradients' reverse scan; out: the forward walk's slot logits and
 # memory updates; o: the forward walk's output products; sweep: the backward's forward walk; rev: the reverse walks.
 PREC_GROUPS = ("scan", "dscan", "out", "o", "sweep", "rev")
+# The switches of the training fusions (what `t2r bench train --fusions` flips together).
+TRAINING_FUSIONS = ("fused_norm_grad", "fused_prologue", "fused_mlp", "merged_projections")
 IMPLS = ("auto", "reference", "triton")
 
 
@@ -65,6 +67,11 @@ class Tuning:
     # A GSA layer's input maps (feature maps, silu values, gates) in one launch each way (kernels/prologue.py); off
     # for the same reason.
     fused_prologue: bool = field(default_factory=lambda: _env("FUSED_PROLOGUE", "0") == "1")
+    # An MLP's silu(gate) * up in one launch each way (kernels/swiglu.py); off for the same reason.
+    fused_mlp: bool = field(default_factory=lambda: _env("FUSED_MLP", "0") == "1")
+    # Training: a GSA layer's q/k/v/gate projections and an MLP's gate/up as one GEMM each (models/projections.py);
+    # off until timed on a GPU.
+    merged_projections: bool = field(default_factory=lambda: _env("MERGED_PROJECTIONS", "0") == "1")
     poison: bool = False  # tests: fill outputs with NaN before the kernels run, so that unwritten elements show
 
     def __post_init__(self) -> None:

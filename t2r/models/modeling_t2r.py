@@ -36,8 +36,9 @@ from t2r.kernels.reference import log_forget_gate, mix_window
 from .cache_t2r import GSACache
 from .configuration_t2r import T2RLlamaConfig, T2RMistralConfig, T2RQwen2Config, T2RQwen3Config
 from .decode_graphs import DecodeGraphs
+from .fused import fuse_modules
 from .hf_compat import CACHE_ARG, take_cache
-from .norms import fuse_rms_norms
+from .projections import project
 from .window_attention import sliding_window_attention
 
 
@@ -118,9 +119,11 @@ class GSAAttention(nn.Module):
     ) -> tuple[torch.Tensor, None]:
         cache = take_cache(kwargs, cache)  # transformers < 5.24 passes it as past_key_values
         B, T, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v, f = project(hidden_states, (self.q_proj, self.k_proj, self.v_proj, self.f_proj))
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        f = f.view(B, T, self.num_kv_heads, self.num_slots)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope or self.window:
@@ -128,7 +131,6 @@ class GSAAttention(nn.Module):
             q_rot, k_rot = rotary(q, k, cos, sin)
             if self.use_rope:
                 q, k = q_rot, k_rot
-        f = self.f_proj(hidden_states).view(B, T, self.num_kv_heads, self.num_slots)
         token_mask = kwargs.get("gsa_token_mask")
         keep = None if token_mask is None else token_mask[:, -T:]  # padding neither writes nor decays the memories
 
@@ -283,7 +285,7 @@ class T2RModelMixin:
             if config.is_gsa_layer(idx):
                 layer.self_attn = GSAAttention(config, idx, layer.self_attn)
         self.decode_graphs = DecodeGraphs()
-        fuse_rms_norms(self)  # one launch per norm outside autograd: a third of a decoding step's launches
+        fuse_modules(self)  # fused norms and MLPs: a third of a decoding step's launches were the norms'
         self.post_init()  # initialises only the new modules: the others are already marked initialised
 
     def forward(
