@@ -76,32 +76,6 @@ def test_fused_rms_norm_gradients_match_the_reference(dtype, wdtype, shape, weig
         assert w.grad is None
 
 
-def test_fused_rms_norm_under_autograd_is_opt_in(monkeypatch):
-    """Under autograd the converted model's norms run the reference unless T2R_GSA_FUSED_NORM_GRAD asks for the
-    kernels' forward and backward; both give the model the same loss and gradients."""
-    from t2r.kernels import dispatch
-
-    if DEVICE == "cpu":
-        monkeypatch.setattr(TUNING, "impl", "reference")  # the GSA op in PyTorch: only the norms differ
-        monkeypatch.setattr(dispatch, "_fusable", lambda *t: True)
-    model = tiny_gsa_model("qwen3").to(DEVICE).train()
-    ids = torch.randint(3, 100, (2, 9), device=DEVICE)
-    calls = []
-    fused = rms_norm_autograd_triton
-    monkeypatch.setattr(dispatch, "rms_norm_autograd_triton", lambda *a: calls.append(1) or fused(*a))
-    results = []
-    for on in (False, True):
-        monkeypatch.setattr(TUNING, "fused_norm_grad", on)
-        model.zero_grad()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-        assert bool(calls) == on
-    (loss0, grads0), (loss1, grads1) = results
-    assert rel_err(loss1, loss0) <= 1e-6 and grads0.keys() == grads1.keys()
-    assert max(rel_err(grads1[n], grads0[n]) for n in grads0) <= 1e-5
-
-
 def _projections(dtype, B, T, H, Hkv, D, M, layout):
     """q, k, v, f as a layer makes them: views of separate projections, of one wider projection ("merged"), or
     the last token of longer rows ("last")."""
@@ -146,34 +120,6 @@ def test_fused_prologue_matches_the_reference(dtype, feature_map, B, T, H, Hkv, 
     with torch.no_grad():  # without autograd: the forward alone, the same values
         again = gsa_prologue_triton(*proj, feature_map, 8.0, keep)
         assert all(torch.equal(a, b) for a, b in zip(again, got, strict=True))
-
-
-def test_fused_prologue_is_opt_in(monkeypatch):
-    """The model's GSA layers take their inputs from the fused prologue only with T2R_GSA_FUSED_PROLOGUE; the loss
-    and every gradient are the same either way, with padding."""
-    from t2r.kernels import dispatch
-
-    if DEVICE == "cpu":
-        monkeypatch.setattr(TUNING, "impl", "reference")  # the GSA op in PyTorch: only the prologue differs
-        monkeypatch.setattr(dispatch, "_fusable", lambda *t: True)
-    model = tiny_gsa_model("llama").to(DEVICE).train()
-    ids = torch.randint(3, 100, (2, 9), device=DEVICE)
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0  # left padding
-    calls = []
-    fused = gsa_prologue_triton
-    monkeypatch.setattr(dispatch, "gsa_prologue_triton", lambda *a: calls.append(1) or fused(*a))
-    results = []
-    for on in (False, True):
-        monkeypatch.setattr(TUNING, "fused_prologue", on)
-        model.zero_grad()
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-        assert bool(calls) == on
-    (loss0, grads0), (loss1, grads1) = results
-    assert rel_err(loss1, loss0) <= 1e-6 and grads0.keys() == grads1.keys()
-    assert max(rel_err(grads1[n], grads0[n]) for n in grads0) <= 1e-5
 
 
 @pytest.mark.parametrize(
@@ -251,15 +197,29 @@ def test_merged_projections_match_the_modules(bias, monkeypatch):
     assert len(calls) == 3
 
 
-def test_training_fusions_are_opt_in_and_exact(monkeypatch):
-    """With every training fusion on (norms, prologue, MLP activation, merged projections), a hybrid model with
-    padding gives the loss and every gradient of the unfused model; off, none of the fused paths runs."""
-    from t2r.kernels import dispatch
+TRAINING_CASES = {  # switch: (architecture, hybrid options, what must run with it on)
+    "fused_norm_grad": ("qwen3", {}, {"rms_norm_autograd_triton"}),  # also Qwen3's q/k norms
+    "fused_prologue": ("llama", {}, {"gsa_prologue_triton"}),
+    "fused_mlp": ("mistral", {}, {"swiglu_triton"}),
+    "merged_projections": ("qwen2", {}, {"merged"}),  # q/k/v biases, a gate without one: only gate/up merge
+    "all": ("qwen2", dict(gsa_window=4, gsa_window_sink=True),
+            {"rms_norm_autograd_triton", "gsa_prologue_triton", "swiglu_triton", "merged"}),
+}  # fmt: skip
 
+
+@pytest.mark.parametrize("case", sorted(TRAINING_CASES))
+def test_training_fusions_are_opt_in_and_exact(case, monkeypatch):
+    """Each training fusion (and all four on a hybrid) gives a model with left padding the loss and every
+    gradient of the unfused model; off, none of the fused paths runs."""
+    from t2r.kernels import dispatch
+    from t2r.kernels.tuning import TRAINING_FUSIONS
+    from t2r.models import projections
+
+    arch, hybrid, expected = TRAINING_CASES[case]
     if DEVICE == "cpu":
         monkeypatch.setattr(TUNING, "impl", "reference")  # the GSA op in PyTorch: only the fusions differ
         monkeypatch.setattr(dispatch, "_fusable", lambda *t: True)
-    model = tiny_gsa_model("qwen2", gsa_window=4, gsa_window_sink=True).to(DEVICE).train()
+    model = tiny_gsa_model(arch, **hybrid).to(DEVICE).train()
     ids = torch.randint(3, 100, (2, 9), device=DEVICE)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
@@ -267,15 +227,17 @@ def test_training_fusions_are_opt_in_and_exact(monkeypatch):
     for name in ("rms_norm_autograd_triton", "gsa_prologue_triton", "swiglu_triton"):
         fused = getattr(dispatch, name)
         monkeypatch.setattr(dispatch, name, lambda *a, _f=fused, _n=name: calls.append(_n) or _f(*a))
+    mergeable = projections._mergeable
+    monkeypatch.setattr(projections, "_mergeable", lambda m: mergeable(m) and not calls.append("merged"))
     results = []
     for on in (False, True):
-        for flag in ("fused_norm_grad", "fused_prologue", "fused_mlp", "merged_projections"):
-            monkeypatch.setattr(TUNING, flag, on)
+        for flag in TRAINING_FUSIONS:
+            monkeypatch.setattr(TUNING, flag, on and (case == "all" or flag == case))
         model.zero_grad()
         loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-        assert set(calls) == (set() if not on else {"rms_norm_autograd_triton", "gsa_prologue_triton", "swiglu_triton"})
+        assert set(calls) == (expected if on else set())
     (loss0, grads0), (loss1, grads1) = results
     assert rel_err(loss1, loss0) <= 1e-6 and grads0.keys() == grads1.keys()
     assert max(rel_err(grads1[n], grads0[n]) for n in grads0) <= 1e-5
