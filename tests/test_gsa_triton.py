@@ -371,19 +371,20 @@ class _Launches(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize(("window", "bound"), [(0, 16), (8, 19)])
-def test_a_decoding_step_launches_few_kernels_per_layer(monkeypatch, window, bound):
+@pytest.mark.parametrize(("window", "mlp", "bound"), [(0, False, 16), (0, True, 15), (8, True, 18)])
+def test_a_decoding_step_launches_few_kernels_per_layer(monkeypatch, window, mlp, bound):
     """A small model's decoding step is bound by its launches (docs/benchmarks.md): per GSA layer, 3 fused norms,
-    8 projections, 1 fused GSA step, the MLP's silu and product and 2 residual adds (16); the hybrid, with the
-    fused RoPE and window step (T2R_GSA_FUSED_ROPE / _WINDOW), 19 with the copy of the window's valid flags (31
-    with the window in PyTorch, 40 with RoPE too). Counted per layer as the difference between 4- and 2-layer
-    models."""
+    8 projections, 1 fused GSA step, the MLP's silu and product (one launch with T2R_GSA_FUSED_MLP) and 2 residual
+    adds: 16, or 15; the hybrid, with the fused RoPE and window step (T2R_GSA_FUSED_ROPE / _WINDOW) and the fused
+    MLP, 18 with the copy of the window's valid flags (31 with the window in PyTorch, 40 with RoPE too). Counted
+    per layer as the difference between 4- and 2-layer models."""
     from conftest import tiny_gsa_model
 
     monkeypatch.setattr(TUNING, "impl", "triton")
     monkeypatch.setattr(TUNING, "poison", False)  # its NaN fills are the tests' own launches
     monkeypatch.setattr(TUNING, "fused_rope", True)
     monkeypatch.setattr(TUNING, "fused_window", True)
+    monkeypatch.setattr(TUNING, "fused_mlp", mlp)
     counts = {}
     for layers in (2, 4):
         overrides = dict(num_hidden_layers=layers, hidden_size=64, head_dim=16, num_attention_heads=4)
