@@ -299,6 +299,10 @@ def bench_generate(
 def bench_kernels(
     fla: Annotated[bool, typer.Option(help="compare with flash-linear-attention if it is installed")] = True,
     shape: Annotated[list[str] | None, typer.Option(help="BxT training shapes (repeat); default: 4 shapes")] = None,
+    train: Annotated[bool, typer.Option(help="time the training kernels (--no-train: the decode step only)")] = True,
+    decode_batch: Annotated[
+        list[int] | None, typer.Option(help="batch sizes of the decode step (repeat); default: 1, 16, 64", min=1)
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
     record: Annotated[Path | None, typer.Option(help=RECORD_HELP)] = None,
 ) -> None:
@@ -309,7 +313,7 @@ def bench_kernels(
 
     check_outputs(json_out, record)
     shapes = [tuple(int(x) for x in s.lower().split("x")) for s in shape] if shape else None
-    result = run_kernel_bench(shapes or TRAIN_SHAPES, fla)
+    result = run_kernel_bench((shapes or TRAIN_SHAPES) if train else [], fla, decode_batch or [1, 16, 64])
     bandwidth = result["copy_bandwidth_TBps"]
     notes = [
         f"{result['device']}, copy bandwidth {bandwidth} TB/s (read + write), FLA: {result['fla']}",
@@ -323,7 +327,7 @@ def bench_kernels(
     print()
     print_table(result["decode"])
     errors = {k: result[k] for k in ("rel_error_vs_reference", "rel_error_vs_reference_16k")}
-    tables = [result["train"], result["decode"]]
+    tables = [table for table in (result["train"], result["decode"]) if table]
     write_outputs([errors, *result["train"], *result["decode"]], json_out, record, _command(), tables, notes)
 
 

@@ -50,6 +50,31 @@ def test_bench_train_switches_the_fusions_and_the_reference_in_one_run(tiny_conv
                     ("teacher SDPA (full)", default, "auto")]  # fmt: skip
 
 
+def test_bench_kernels_times_the_decode_step_at_the_batch_sizes_asked(monkeypatch, tmp_path, capsys):
+    """The decode step at batch 1, 16 and 64 by default (the issue's sizes), others with --decode-batch, and
+    --no-train skips the training kernels; the record then holds the decode table only."""
+    import t2r.bench.kernels
+
+    calls = []
+
+    def run(shapes, fla, batches):
+        calls.append((shapes, fla, list(batches)))
+        return {"device": "dev", "rel_error_vs_reference": {}, "rel_error_vs_reference_16k": {}, "fla": fla,
+                "copy_bandwidth_TBps": 1.0, "train": [{"B": 1, "T": 8}] if shapes else [],
+                "decode": [{"B": b, "ours_step_ms": 0.01} for b in batches]}  # fmt: skip
+
+    monkeypatch.setattr(t2r.bench.kernels, "run_kernel_bench", run)
+    monkeypatch.setattr("t2r.bench.throughput.device_name", lambda device: "dev")
+    assert run_cli(["bench", "kernels", "--no-fla"], capsys)[0] == 0
+    record = tmp_path / "r.md"
+    args = ["bench", "kernels", "--no-train", "--decode-batch", "4", "--decode-batch", "8", "--record", str(record)]
+    assert run_cli(args, capsys)[0] == 0
+    assert calls[0][1:] == (False, [1, 16, 64]) and calls[0][0]
+    assert calls[1] == ([], True, [4, 8])
+    tables = [line for line in record.read_text().splitlines() if line.startswith("| ")]
+    assert tables[0].startswith("| B | ours_step_ms") and len(tables) == 3
+
+
 def test_bench_output_that_is_a_directory_fails_before_the_run(tiny_converted, tmp_path, capsys, monkeypatch):
     import t2r.bench.throughput
 

@@ -212,7 +212,7 @@ def check_against_reference(B=2, T=700, H=8, Hkv=4, K=128, V=128, M=64, dtype=to
     return {k: f"{v:.1e}" for k, v in errors.items()}
 
 
-def run_kernel_bench(shapes=TRAIN_SHAPES, fla: bool = True) -> dict:
+def run_kernel_bench(shapes=TRAIN_SHAPES, fla: bool = True, decode_batches=(1, 16, 64)) -> dict:
     if not torch.cuda.is_available():
         from t2r.errors import T2RError
 
@@ -226,5 +226,5 @@ def run_kernel_bench(shapes=TRAIN_SHAPES, fla: bool = True) -> dict:
         "copy_bandwidth_TBps": round(bandwidth / 1e12, 3),
         "fla": fla and _fla()[0] is not None,
         "train": train_rows(shapes, bandwidth=bandwidth, fla=fla),
-        "decode": decode_rows(bandwidth=bandwidth, fla=fla),
+        "decode": [row for B in decode_batches for row in decode_rows(B, bandwidth=bandwidth, fla=fla)],
     }
