@@ -9,14 +9,12 @@ import torch
 
 from t2r.devices import resolve_device
 from t2r.errors import T2RError, first_line
-from t2r.models.loading import load_converted
+from t2r.models.loading import load_converted, load_tokenizer
 from t2r.train.run_record import RUN_FILE, rebuild_model
 
 
 def load_for_generation(path: str | Path, device: str | None = None, dtype: str | None = None):
     """Model and tokenizer from an exported or converted directory, or a run (rebuilt, adapters merged)."""
-    from transformers import AutoTokenizer
-
     from t2r.shards import DTYPES
     from t2r.train.run_record import read_run
 
@@ -28,7 +26,7 @@ def load_for_generation(path: str | Path, device: str | None = None, dtype: str 
     else:
         model, tok_dir = load_converted(path, torch_dtype), path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        tokenizer = load_tokenizer(tok_dir)
     except (OSError, ValueError) as e:
         raise T2RError(f"no usable tokenizer in {tok_dir}: {first_line(e)}") from None
     tokenizer.padding_side = "left"

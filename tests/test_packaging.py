@@ -91,6 +91,29 @@ def test_installed_wheel_converts_finetunes_with_a_shipped_recipe_and_generates(
     assert text.startswith("Licensed under")
 
 
+def test_the_console_script_never_asks_to_run_the_checkpoints_code(tiny_converted, tmp_path):
+    """The `t2r` script imports the model classes only when a command needs them; a command that reads a
+    converted directory's tokenizer or config first (finetune, export) must register them before, or transformers
+    finds the directory's modeling code and stops to ask whether to run it (a prompt that waits at a terminal)."""
+    script = tmp_path / "bin" / "t2r"  # the console script's name: t2r/__init__.py then skips the registration
+    script.parent.mkdir()
+    script.write_text("import sys\nfrom t2r.cli import main\nsys.exit(main())\n")
+    (tmp_path / "data.txt").write_text((ROOT / "LICENSE").read_text() * 4)
+
+    def t2r(*args: str) -> str:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=tmp_path,
+                             stdin=subprocess.DEVNULL, env=env, timeout=600)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout + out.stderr
+
+    sets = ["--set", "stages.0.steps=1", "--set", "stages.1.steps=1", "--set", "eval_every=0"]
+    logs = t2r("finetune", str(tiny_converted), "run", "--data", "data.txt", "--recipe", "tiny-test", *sets,
+               "--device", "cpu")  # fmt: skip
+    logs += t2r("export", "run", "export")
+    assert "custom code" not in logs and "trust_remote_code" not in logs, logs[-3000:]
+
+
 def test_hf_kernels_package_is_not_shadowed_from_the_checkout():
     """transformers imports Hugging Face's top-level ``kernels``: nothing of ours may answer to that name, even
     when Python runs from the repository root."""

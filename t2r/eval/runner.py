@@ -15,7 +15,7 @@ from t2r.devices import resolve_device
 from t2r.eval.options import EvalOptions
 from t2r.eval.passkey import passkey_accuracy
 from t2r.eval.perplexity import perplexity, token_stream
-from t2r.models.loading import load_converted
+from t2r.models.loading import load_converted, load_tokenizer
 from t2r.train.run_record import RUN_FILE, read_run, rebuild_model
 
 
@@ -31,14 +31,12 @@ def _converted_dir(path: Path) -> Path | None:
 
 
 def load_student_and_teacher(path: str | Path, device: str, dtype: torch.dtype, with_teacher: bool = True):
-    from transformers import AutoTokenizer
-
     from t2r.teacher import teacher_view
 
     path = Path(path)
     student = rebuild_model(path, dtype=dtype) if (path / RUN_FILE).is_file() else load_converted(path, dtype)
     base = _converted_dir(path)
-    tokenizer = AutoTokenizer.from_pretrained(base if (path / RUN_FILE).is_file() else path)
+    tokenizer = load_tokenizer(base if (path / RUN_FILE).is_file() else path)
     teacher = None
     if with_teacher and base is not None:
         teacher = teacher_view(load_converted(base, dtype)).to(device).eval()

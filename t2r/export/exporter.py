@@ -20,7 +20,7 @@ from t2r.convert.sources import TOKENIZER_FILES
 from t2r.errors import T2RError
 from t2r.fsutil import atomic_directory, check_destination, read_json_object
 from t2r.models.hf_compat import output_cache
-from t2r.models.loading import load_converted
+from t2r.models.loading import load_config, load_converted, load_tokenizer
 from t2r.shards import DTYPES, parse_size
 from t2r.train.run_record import RUN_FILE, read_run, rebuild_model, stage_output, teacher_weights_changed
 
@@ -44,10 +44,8 @@ def decode_parity_gap(model, input_ids: torch.Tensor, prefill: int) -> float:
 
 
 def parity_input(model_dir: Path, vocab_size: int) -> torch.Tensor:
-    from transformers import AutoTokenizer
-
     try:
-        ids = AutoTokenizer.from_pretrained(model_dir)(PARITY_PROMPT, return_tensors="pt").input_ids[:, :48]
+        ids = load_tokenizer(model_dir)(PARITY_PROMPT, return_tensors="pt").input_ids[:, :48]
         if ids.shape[1] >= 16:
             return ids
     except (OSError, ValueError):
@@ -104,11 +102,9 @@ def export(
     conversion = _read_json(base_dir / "conversion.json")
     config = None
     if fmt == "fla":
-        from transformers import AutoConfig
-
         from t2r.export.fla import check_fla_compatible
 
-        config = AutoConfig.from_pretrained(base_dir)
+        config = load_config(base_dir)
         check_fla_compatible(config)  # before anything is written
     started = time.time()
     with atomic_directory(dest, force=force, reads=reads) as tmp:

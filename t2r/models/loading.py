@@ -34,3 +34,23 @@ def load_converted(model_dir: str | Path, dtype: torch.dtype = torch.float32) ->
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     except Exception as e:  # corrupt shards surface as several exception types
         raise T2RError(f"cannot load {model_dir}: {first_line(e)}") from None
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The tokenizer saved beside a converted (or exported) model. The converted architectures are registered
+    first: otherwise transformers finds the directory's modeling code and stops to ask whether to run it (the
+    command line imports the model classes only when it needs them)."""
+    from transformers import AutoTokenizer
+
+    import t2r.models.auto  # noqa: F401  (registers the converted architectures)
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def load_config(model_dir: str | Path):
+    """A converted (or exported) model's config, the converted architectures registered first (as above)."""
+    from transformers import AutoConfig
+
+    import t2r.models.auto  # noqa: F401
+
+    return AutoConfig.from_pretrained(model_dir)

@@ -72,10 +72,12 @@ def check_module_lr(model_dir: str, recipe: Recipe) -> None:
     surface only when its stage starts, after the earlier stages trained)."""
     if not any(stage.module_lr for stage in recipe.stages):
         return
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from t2r.models.loading import load_config
 
     with torch.device("meta"):  # the module tree only: no weights read or allocated
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+        skeleton = AutoModelForCausalLM.from_config(load_config(model_dir))
     names = {part for name, _ in skeleton.named_parameters() for part in name.split(".")}
     for i, stage in enumerate(recipe.stages):
         known = names

@@ -426,10 +426,10 @@ def _continue(out: Path, run: RunRecord, info: DistInfo, stop_after: int | None,
 
 
 def _rows(run: RunRecord, recipe: Recipe, info: DistInfo) -> tuple[PackedRows, PackedRows, dict]:
-    from transformers import AutoTokenizer
+    from t2r.models.loading import load_tokenizer
 
     torch.manual_seed(recipe.seed)
-    tokenizer = AutoTokenizer.from_pretrained(run.model_dir)
+    tokenizer = load_tokenizer(run.model_dir)
     train_rows, eval_rows = build_rows(run.data, run.eval_data, tokenizer, recipe, info)
     train_rows, recall_rows = add_recall_rows(
         train_rows, tokenizer, recipe.data.recall_fraction, recipe.seed, recipe.data.recall_answer_weight
