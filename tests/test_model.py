@@ -285,6 +285,37 @@ HYBRIDS = pytest.mark.parametrize(
 )
 
 
+def test_hybrid_layers_share_one_forwards_window_masks(monkeypatch):
+    """A forward's hybrid layers see the same positions, padding and documents: the first builds the window's
+    block masks and the others reuse them (about ten launches per block and layer saved), with the loss and
+    gradients of masks built by every layer; a new forward builds its own."""
+    from t2r.models import window_attention
+
+    model = _hybrid(window=4, gsa_window_sink=True).train()
+    ids = torch.randint(3, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    position_ids = torch.cat([torch.arange(7), torch.arange(5)]).expand(2, 12)  # two documents per row
+    built = []
+    block_mask, swa = window_attention._block_mask, window_attention.sliding_window_attention
+    monkeypatch.setattr(window_attention, "_block_mask", lambda *a: built.append(1) or block_mask(*a))
+    results = []
+    for share in (True, False):
+        if not share:  # every layer builds its own masks
+            monkeypatch.setattr("t2r.models.modeling_t2r.sliding_window_attention",
+                                lambda *a, masks=None, **kw: swa(*a, **kw))  # fmt: skip
+        model.zero_grad()
+        built.clear()
+        loss = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, labels=ids).loss
+        loss.backward()
+        results.append(
+            (built.copy(), loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+        )
+    (shared, loss0, grads0), (own, loss1, grads1) = results
+    assert len(shared) == 1 and len(own) == model.config.num_hidden_layers
+    assert torch.equal(loss0, loss1) and all(torch.equal(a, b) for a, b in zip(grads0, grads1, strict=True))
+
+
 @torch.no_grad()
 @HYBRIDS
 def test_hybrid_decode_matches_full_forward_across_the_window(variant):

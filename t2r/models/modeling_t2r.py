@@ -49,6 +49,7 @@ class DocumentRows(NamedTuple):
     cu_seqlens: torch.Tensor  # the documents' bounds in the flattened rows
     row_first: torch.Tensor  # document index of each row's first document
     row_last: torch.Tensor  # ... and of its last
+    numbers: torch.Tensor  # [B, T] each token's document within its row (0, 1, ...): the hybrid window's bounds
 
 
 def document_rows(position_ids: torch.Tensor | None, batch: int, length: int) -> DocumentRows | None:
@@ -69,7 +70,7 @@ def document_rows(position_ids: torch.Tensor | None, batch: int, length: int) ->
     cu_seqlens = torch.cat([begin, begin.new_tensor([batch * length])])
     row_first = (begin % length == 0).nonzero().squeeze(-1)
     row_last = torch.cat([row_first[1:] - 1, row_first.new_tensor([len(begin) - 1])])
-    return DocumentRows(starts, cu_seqlens, row_first, row_last)
+    return DocumentRows(starts, cu_seqlens, row_first, row_last, starts.long().cumsum(dim=1) - 1)
 
 
 class GSAAttention(nn.Module):
@@ -157,10 +158,19 @@ class GSAAttention(nn.Module):
                 o = window_decode_(q_rot, k_rot, v, past, keep, sink, self.window_scaling, o, mix)
                 window = past
             else:
-                doc = None if docs is None else docs.starts.long().cumsum(dim=1) - 1
+                doc = None if docs is None else docs.numbers
                 valid = None if keep is None else keep.bool()
                 o_win, window = sliding_window_attention(
-                    q_rot, k_rot, v, self.window, self.window_scaling, valid, doc, past, sink=sink
+                    q_rot,
+                    k_rot,
+                    v,
+                    self.window,
+                    self.window_scaling,
+                    valid,
+                    doc,
+                    past,
+                    sink=sink,
+                    masks=kwargs.get("gsa_window_masks"),
                 )
                 if past is not None:  # the window stays in its buffers, where a captured decoding step reads it
                     for old, new in zip(past, window, strict=True):
@@ -319,6 +329,8 @@ class T2RModelMixin:
             attention_mask = torch.ones(rows.shape[0], 1, 0, 0, dtype=torch.bool, device=rows.device)
         if rows is not None:  # one look at the positions for all layers (it waits for the device)
             kwargs["gsa_documents"] = document_rows(position_ids, rows.shape[0], rows.shape[1])
+        if self.config.gsa_window:  # the hybrid layers' window masks, built by the first and shared by the rest
+            kwargs["gsa_window_masks"] = {}
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,

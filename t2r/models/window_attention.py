@@ -24,13 +24,17 @@ def sliding_window_attention(
     past: Window | None = None,
     block: int = 1024,
     sink: tuple[torch.Tensor, torch.Tensor] | None = None,
+    masks: dict | None = None,
 ) -> tuple[torch.Tensor, Window]:
     """Causal softmax attention of each token over itself and the previous ``window - 1`` tokens.
 
     q [B, T, H, D]; k, v [B, T, Hkv, D]; ``valid`` [B, T] marks real (non-padding) tokens; ``doc`` [B, T]
     numbers packed documents (attention never crosses them); ``past`` is the window carried from earlier
     calls (its tokens continue each row's first document); ``sink`` (key, value [Hkv, D]) is a virtual token
-    every query also sees. Returns the output and the new window.
+    every query also sees. ``masks``: where the block masks of a forward's layers are kept (the model passes one
+    per forward: its layers share positions, padding and documents), so the first layer builds them, about ten
+    launches per block, and the others reuse them; not used with a carried window or under torch.compile.
+    Returns the output and the new window.
     """
     B, T, H, _ = q.shape
     Hkv = k.shape[2]
@@ -45,21 +49,23 @@ def sliding_window_attention(
     doc_all = None
     if doc is not None:
         doc_all = torch.cat([doc[:, :1].expand(B, P), doc], dim=1) if P else doc
+    if masks is not None and (past is not None or torch.compiler.is_compiling()):
+        masks = None
+    if sink is not None:
+        sink_k, sink_v = (x.to(y.dtype).expand(B, 1, Hkv, -1) for x, y in zip(sink, (k, v), strict=True))
     outs = []
     for s in range(0, T, block):
         e = min(T, s + block)
         lo, hi = max(0, P + s - window + 1), P + e
-        qpos = torch.arange(P + s, P + e, device=device)[:, None]
-        kpos = torch.arange(lo, hi, device=device)[None, :]
-        mask = ((kpos <= qpos) & (kpos > qpos - window))[None] & valid_all[:, None, lo:hi]
-        if doc_all is not None:
-            mask = mask & (doc_all[:, None, lo:hi] == doc[:, s:e, None])
-        mask = mask | (kpos == qpos)[None]  # padding queries see themselves: finite, and ignored
+        key = (s, e, window, sink is not None)
+        mask = masks.get(key) if masks is not None else None
+        if mask is None:
+            mask = _block_mask(P, s, e, lo, hi, window, valid_all, doc_all, doc, sink is not None)
+            if masks is not None:
+                masks[key] = mask
         k_blk, v_blk = k_all[:, lo:hi], v_all[:, lo:hi]
         if sink is not None:
-            k_blk = torch.cat([sink[0].to(k.dtype).expand(B, 1, Hkv, -1), k_blk], dim=1)
-            v_blk = torch.cat([sink[1].to(v.dtype).expand(B, 1, Hkv, -1), v_blk], dim=1)
-            mask = F.pad(mask, (1, 0), value=True)
+            k_blk, v_blk = torch.cat([sink_k, k_blk], dim=1), torch.cat([sink_v, v_blk], dim=1)
         o = F.scaled_dot_product_attention(
             q[:, s:e].transpose(1, 2),
             k_blk.transpose(1, 2),
@@ -80,3 +86,16 @@ def sliding_window_attention(
         else (k_all[:, :0], v_all[:, :0], valid_all[:, :0])
     )
     return torch.cat(outs, dim=1), new
+
+
+def _block_mask(P, s, e, lo, hi, window, valid_all, doc_all, doc, sink: bool) -> torch.Tensor:
+    """[B, e - s, (sink) + hi - lo] which keys queries s..e of a block see: their window, real tokens of their own
+    document, and themselves (padding queries too: finite, and ignored)."""
+    device = valid_all.device
+    qpos = torch.arange(P + s, P + e, device=device)[:, None]
+    kpos = torch.arange(lo, hi, device=device)[None, :]
+    mask = ((kpos <= qpos) & (kpos > qpos - window))[None] & valid_all[:, None, lo:hi]
+    if doc_all is not None:
+        mask = mask & (doc_all[:, None, lo:hi] == doc[:, s:e, None])
+    mask = mask | (kpos == qpos)[None]
+    return F.pad(mask, (1, 0), value=True) if sink else mask
