@@ -16,6 +16,11 @@ def flat_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x, stride
 
 
+def row_warps(block: int, most: int = 16) -> int:
+    """Warps for a program that holds a row block of ``block`` elements: one per 512, at least one."""
+    return min(max(block // 512, 1), most)
+
+
 def _row_stride(x: torch.Tensor) -> int | None:
     stride, span = None, None
     for size, st in zip(reversed(x.shape[:-1]), reversed(x.stride()[:-1]), strict=True):

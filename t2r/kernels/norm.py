@@ -16,6 +16,8 @@ try:  # a try block, so that transformers' trust_remote_code import check does n
 except ImportError as err:
     raise ImportError("the GSA Triton kernels need triton (pip install 't2r[cuda]')") from err
 
+from .layout import row_warps
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, N, eps, BLOCK: tl.constexpr, STORE_RSTD: tl.constexpr):
@@ -61,10 +63,6 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, R, N, p
         tl.store(dw_ptr + pid.to(tl.int64) * N + cols, dw, mask=inside)
 
 
-def _warps(block: int) -> int:
-    return min(max(block // 512, 1), 16)
-
-
 def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, rstd: torch.Tensor | None) -> torch.Tensor:
     N = x.shape[-1]
     rows = x.reshape(-1, N)
@@ -73,7 +71,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, rstd: torch.Tens
         block = triton.next_power_of_2(N)
         stats = out if rstd is None else rstd  # not written without a backward
         _rms_norm_kernel[(rows.shape[0],)](rows, weight.contiguous(), out, stats, N, float(eps), BLOCK=block,
-                                           STORE_RSTD=rstd is not None, num_warps=_warps(block))  # fmt: skip
+                                           STORE_RSTD=rstd is not None, num_warps=row_warps(block))  # fmt: skip
     return out
 
 
@@ -113,7 +111,7 @@ class _RMSNormFunction(torch.autograd.Function):
         if R:
             block = triton.next_power_of_2(N)
             _rms_norm_bwd_kernel[(programs,)](dy.contiguous(), x, weight.contiguous(), rstd, dx, dw, R, N, per_program,
-                                              BLOCK=block, HAS_DW=has_dw, num_warps=_warps(block))  # fmt: skip
+                                              BLOCK=block, HAS_DW=has_dw, num_warps=row_warps(block))  # fmt: skip
         return dx, (dw.sum(0).to(weight.dtype) if has_dw else None), None
 
 

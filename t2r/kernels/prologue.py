@@ -16,7 +16,7 @@ except ImportError as err:
 
 from .decode import FEATURE_CODES
 from .decode_jit import _feature, _log_gate, _one_minus
-from .layout import flat_rows
+from .layout import flat_rows, row_warps
 
 
 @triton.jit
@@ -95,7 +95,7 @@ def _launch_args(shapes, keep: torch.Tensor | None, feature_map: str, T: int):
     keep_strides = (0, 0) if keep is None else keep.stride()
     names = ("NQ", "NK", "NV", "NF", "BLOCK_Q", "BLOCK_K", "BLOCK_V", "BLOCK_F")
     consts = dict(zip(names, (*shapes, *blocks), strict=True))
-    warps = min(max(max(blocks) // 512, 1), 8)
+    warps = row_warps(max(blocks), most=8)
     return (T, *keep_strides), dict(consts, FM=FEATURE_CODES[feature_map], HAS_KEEP=keep is not None,
                                     num_warps=warps)  # fmt: skip
 
