@@ -34,7 +34,7 @@ INT_SCALARS = {"T", "stride_pd", "stride_pm", "d0", "keep_stride", "N", "cs_batc
                "stride_kt", "stride_vb", "stride_vt", "stride_valid", "mix_stride", "R", "per_program", "sq", "sk",
                "sv", "sf", "keep_sb", "keep_st", "sg", "su"}  # fmt: skip
 CONSTEXPRS = dict(H=32, Hkv=32, K=128, V=128, M=64, D=128, BS=64, BC=16, BD=64, BM=32, GP=1, BK=32, BV=32, PREC_IN=0,
-                  PREC=3, PREC_O=3, EXP_CLAMP=60.0, HAS_INIT=False, STORE_OUT=True, REVERSE=False,
+                  PREC=3, PREC_O=3, EXP_CLAMP=60.0, HAS_INIT=False, STORE_OUT=True, REVERSE=False, MEMORY=0,
                   STORE_LSE=True, RAW=True, FM=1, HAS_KEEP=True, BLOCK=1024, HALF=32, BH=16, BHK=4, BW=32,
                   HAS_SINK=True, STORE_RSTD=True, HAS_DW=True, NQ=4096, NK=1024, NV=1024, NF=512,
                   BLOCK_Q=4096, BLOCK_K=1024, BLOCK_V=1024, BLOCK_F=512)  # fmt: skip
@@ -99,11 +99,16 @@ def main() -> None:
         warps, stages = (sweeps["num_warps"], sweeps["num_stages"]) if sweep else (4, 3 if "state" in name else 2)
         if name in ("_slot_probs_kernel", "_out_blocks_kernel", "_slot_grads_kernel"):  # segment-at-once
             warps = TUNING.fwd_warps
-        # A kernel with both directions (REVERSE) is two compiled programs: one row each.
-        for reverse in (False, True) if "REVERSE" in fn.arg_names else (False,):
-            label = name + (" (reverse)" if reverse else "")
+        # A kernel with both directions (REVERSE), or one memory or both (MEMORY), is two compiled programs: a row each.
+        variants = {"": {}}
+        if "REVERSE" in fn.arg_names:
+            variants = {"": dict(REVERSE=False), " (reverse)": dict(REVERSE=True)}
+        if "MEMORY" in fn.arg_names:
+            variants = {"": dict(MEMORY=0), " (both)": dict(MEMORY=2)}
+        for suffix, overrides in variants.items():
+            label = name + suffix
             try:
-                report = resources(fn, warps, stages, REVERSE=reverse)
+                report = resources(fn, warps, stages, **overrides)
             except Exception as err:  # a kernel this table cannot build: say so, go on with the others
                 report = f"not compiled here: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
             print(f"{label:38s} warps {warps} stages {stages}: {report}")

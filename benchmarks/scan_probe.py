@@ -140,7 +140,7 @@ def main():
         s = torch.rand(B * T, H, M, device="cuda", dtype=torch.bfloat16)
         g = (-torch.rand(B * T, H, M, device="cuda") * 0.1).to(torch.bfloat16)
         plan = gt._Plan(B, T, None, x.device, BS)
-        prec = gt._precision(torch.bfloat16)
+        prec = gt.precision(torch.bfloat16)
         ref = lambda: gt._state_scan(x, s, g, None, plan, (M, 1), prec, False)[0]
         href = ref()
         t_ref = do_bench(ref)

@@ -134,6 +134,26 @@ def test_saved_states_skip_the_backward_scan(monkeypatch, final):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: "x".join(map(str, s)))
+def test_merged_reverse_walks_are_one_launch_with_the_same_gradients(monkeypatch, shape):
+    """T2R_GSA_MERGED_REV: both memories' reverse walks in one launch (unequal K and V, GQA groups, an initial
+    state); the same programs run, so the gradients are bit for bit those of two launches."""
+    inputs, h0 = make_inputs(*shape, device=DEVICE)
+    results, launches = [], []
+    for merged in (False, True):
+        monkeypatch.setattr(TUNING, "merged_rev", merged)
+        called = []
+        monkeypatch.setattr(kernels, "_bwd_rev_memories_kernel",
+                            _Recorder(kernels._bwd_rev_memories_kernel, "rev", called))  # fmt: skip
+        o, state = kernels.gsa_chunk_triton(*inputs, initial_state=h0, output_final_state=True)
+        loss = (o * o).sum() + sum((x * x).sum() for x in state)
+        results.append(torch.autograd.grad(loss, list(inputs) + list(h0)))
+        launches.append(len(called))
+    assert launches == [2, 1]
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp32_gates_keep_their_running_sums_for_the_backward(monkeypatch, dtype):
     """fp32 gates: the backward reuses the forward's running sums (saved in g's place, the same bytes), so the

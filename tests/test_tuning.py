@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from t2r.kernels.tuning import TUNING, Tuning, half_groups, tuned
+from t2r.kernels.tuning import TUNING, Tuning, half_groups, parse_changes, tuned
 
 
 def test_environment_sets_the_defaults(monkeypatch):
@@ -52,3 +52,16 @@ def test_a_bad_environment_fails_at_import_with_the_variable_named():
     env = {"T2R_GSA_SEGMENT": "100", "PATH": "/usr/bin"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode != 0 and "T2R_GSA_SEGMENT=100" in out.stderr
+
+
+def test_a_variants_text_gives_typed_changes():
+    """A benchmark variant names tunables and values as text; each value takes its field's type, and dot's own
+    commas stay in its value."""
+    assert parse_changes("save_states=1, save_probs=false,segment=128,dot=half:out,rev") == {
+        "save_states": True, "save_probs": False, "segment": 128, "dot": "half:out,rev",
+    }  # fmt: skip
+    assert parse_changes("") == {}
+    for bad, words in [("segmnet=32", "NAME=VALUE"), ("save_states", "NAME=VALUE"), ("save_states=yes", "1 or 0"),
+                       ("segment=big", "integer")]:  # fmt: skip
+        with pytest.raises(ValueError, match=words):
+            parse_changes(bad)

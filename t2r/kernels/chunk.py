@@ -27,10 +27,10 @@ How the work is split (per KV head; the G query heads of a group share all state
   otherwise ``_bwd_sweep`` walks the sub-chunks recomputing p (slot softmax, dp, dz, dq). Then the scan in
   reverse (the memories' gradients), ``_bwd_rev_memory`` once per memory (reverse walk: dk or dv, and the
   memory's shares of ds and of the gate gradient's carry into the segment, <memory, gradient> at the segment's
-  end; one memory per launch keeps its registers from spilling), then ``_gate_grad`` adds the shares and takes
-  every segment's reverse cumulative sum of the summands plus its carry: dg, all segments in parallel. The
-  reverse walks stay walks: a segment at a time, like the forward output, they spill registers and run slower
-  (docs/benchmarks.md).
+  end; one memory per program keeps its registers from spilling; ``merged_rev``: both memories' programs in one
+  launch), then ``_gate_grad`` adds the shares and takes every segment's reverse cumulative sum of the summands
+  plus its carry: dg, all segments in parallel. The reverse walks stay walks: a segment at a time, like the
+  forward output, they spill registers and run slower (docs/benchmarks.md).
 
 The gate gradient uses d/d b_t = dz_t * z_t + p_t * dp_t - s_t * ds_t (b the running sum of g), because b_t
 scales every read at t by exp(b_t) and every write at t by exp(-b_t); dg is its reverse cumulative sum.
@@ -46,13 +46,10 @@ from __future__ import annotations
 import functools
 import os
 import re
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import torch
-
-try:  # a try block, so that transformers' trust_remote_code import check does not demand triton on CPU machines
-    import triton
-except ImportError as err:
-    raise ImportError("the GSA Triton kernels need triton (pip install 't2r[cuda]')") from err
 
 from .chunk_jit import (
     PREC_BF16,
@@ -61,7 +58,7 @@ from .chunk_jit import (
     PREC_FP16_EMULATED,
     PREC_IEEE,
     PREC_TF32,
-    _bwd_rev_memory_kernel,
+    _bwd_rev_memories_kernel,
     _bwd_sweep_kernel,
     _gate_grad_kernel,
     _out_blocks_kernel,
@@ -71,6 +68,7 @@ from .chunk_jit import (
     _slot_probs_kernel,
     _state_scan_kernel,
 )
+from .layout import cdiv
 from .memo import LastTensorMemo
 from .reference import State, check_inputs
 from .tuning import PREC_GROUPS, TUNING, empty, half_groups
@@ -91,23 +89,28 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor)
     return ok(q.shape[-1]) and ok(v.shape[-1]) and ok(s.shape[-1]) and s.shape[-1] <= 128
 
 
-def precision(dtype: torch.dtype) -> dict[str, int]:
+def precision(dtype: torch.dtype) -> Mapping[str, int]:
     """Operand precisions of the kernels' matmuls: "in" for products of two input tensors, and one per kernel
-    group (PREC_GROUPS) for the rest.
+    group (PREC_GROUPS) for the rest. Memoised on the settings it reads (asked three times per fwd+bwd: host time).
 
     Products of two half-precision inputs (q k^T, do v^T) are exact in half precision. The other products
     take fp32 intermediates (memories, slot weights, decay factors): in tf32 (10 mantissa bits instead of 7,
     about 8x less rounding) or, for the groups T2R_GSA_DOT names (by default "out", for bf16 inputs), in the
     inputs' half precision."""
+    return _precision(dtype, TUNING.dot, TUNING.dot_fp16, torch.backends.cuda.matmul.allow_tf32)
+
+
+@functools.lru_cache(maxsize=32)
+def _precision(dtype: torch.dtype, dot: str, dot_fp16: bool, allow_tf32: bool) -> Mapping[str, int]:
     if dtype in (torch.bfloat16, torch.float16):
         half = PREC_BF16 if dtype == torch.bfloat16 else PREC_FP16
         if INTERPRETED:
             half = PREC_BF16_EMULATED if dtype == torch.bfloat16 else PREC_FP16_EMULATED
-        halves = half_groups(TUNING.dot) if dtype == torch.bfloat16 or TUNING.dot_fp16 else set()
+        halves = half_groups(dot) if dtype == torch.bfloat16 or dot_fp16 else set()
         rest = PREC_IEEE if INTERPRETED else PREC_TF32
-        return {"in": half} | {group: half if group in halves else rest for group in PREC_GROUPS}
-    full = PREC_IEEE if INTERPRETED or not torch.backends.cuda.matmul.allow_tf32 else PREC_TF32
-    return dict.fromkeys(("in", *PREC_GROUPS), full)
+        return MappingProxyType({"in": half} | {group: half if group in halves else rest for group in PREC_GROUPS})
+    full = PREC_IEEE if INTERPRETED or not allow_tf32 else PREC_TF32
+    return MappingProxyType(dict.fromkeys(("in", *PREC_GROUPS), full))
 
 
 class _Plan:
@@ -200,7 +203,7 @@ def _state_scan(xk, yk, xv, yv, b, init, plan, prec, Hkv: int, M: int, store_out
     return bufs, (outs if store_out else None)
 
 
-def _wide(prec: dict[str, int], group: str, M: int) -> int:
+def _wide(prec: Mapping[str, int], group: str, M: int) -> int:
     """A segment-at-once kernel's product precision: their bf16 products with fewer than 64 slot columns came out
     wrong (Triton 3.6; docs/benchmarks.md), so those take tf32."""
     return prec[group] if M >= 64 or prec[group] != PREC_BF16 else PREC_TF32
@@ -275,14 +278,10 @@ def _backward(q, k, v, s, b, scale, h0, plan, prec, do, dhT, saved=None, probs=N
         return dq, dk, dv, ds, db, dh0
     dsk, dsv = empty(2, *s.shape, **f32)  # the two memories' shares of ds
     ck, cv = empty(2, plan.NS, Hkv, M, **f32)  # ... and of dg's carries into the segments
-    for x, a, y, dbuf, mbuf, dx, dspart, cpart, D in (
-        (k, q, dz, dbufs[0], hk_buf, dk, dsk, ck, K),
-        (v, do, p, dbufs[1], hv_buf, dv, dsv, cv, V),
-    ):
-        _bwd_rev_memory_kernel[(plan.NS, Hkv)](
-            x, a, y, s, b, dbuf, mbuf, plan.segs, plan.cu, dx, dspart, cpart, D=D, PREC=prec["rev"], **side,
-            **_launch_cfg(K, V, M),
-        )  # fmt: skip
+    args = (k, q, dz, v, do, p, s, b, *dbufs, hk_buf, hv_buf, plan.segs, plan.cu, dk, dv, dsk, dsv, ck, cv)
+    rev = dict(K=K, V=V, PREC=prec["rev"], **side, **_launch_cfg(K, V, M))
+    for memory in (2,) if TUNING.merged_rev else (0, 1):
+        _bwd_rev_memories_kernel[(plan.NS, Hkv, 2 if memory == 2 else 1)](*args, MEMORY=memory, **rev)
     if need_final:  # the final state's gradient reaches every gate of the sequence through exp(b_T)
         final = (hT[0] * dhT[0]).sum(2) + (hT[1] * dhT[1]).sum(3)  # [N, Hkv, M]
         seqs, last = plan.last_segments
@@ -313,24 +312,30 @@ def _kept(keep: bool, g_dtype: torch.dtype, M: int) -> tuple[bool, bool, bool]:
     )
 
 
-def _gsa_fwd_impl(
+def _gsa_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor, g: torch.Tensor, B: int, scale: float,
     hk0: torch.Tensor | None, hv0: torch.Tensor | None, cu_seqlens: torch.Tensor | None, final: bool, keep: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
     """The B rows' tokens flattened ([B * T, heads, dim]) -> (o, hkT, hvT, and for a backward (``keep``): the
-    running sums, hk_buf, hv_buf, p, lse); what is not computed or kept comes back empty (an op returns a fixed
-    number of tensors)."""
+    running sums, hk_buf, hv_buf, p, lse); None for what is not computed or kept."""
     plan = _plan(B, q.shape[0] // B, cu_seqlens, q.device)
     sums, states, probs = _kept(keep, g.dtype, s.shape[2])
     b = _segment_cumsum(g, plan)
     h0 = (hk0, hv0) if hk0 is not None else None
     o, hT, bufs, kept_probs = _forward(q, k, v, s, b, scale, h0, final, plan, precision(q.dtype), probs)
-    none = q.new_empty  # outputs may not alias one another: a new empty tensor each
-    return (
-        o, *(hT if hT is not None else (none(0), none(0))), b if sums else none(0),
-        *(bufs if states else (none(0), none(0))), *(kept_probs or (none(0), none(0))),
-    )  # fmt: skip
+    none = (None, None)
+    return o, *(hT or none), b if sums else None, *(bufs if states else none), *(kept_probs or none)
+
+
+def _gsa_fwd_impl(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor, g: torch.Tensor, B: int, scale: float,
+    hk0: torch.Tensor | None, hv0: torch.Tensor | None, cu_seqlens: torch.Tensor | None, final: bool, keep: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:  # fmt: skip
+    """:func:`_gsa_forward` as an op, which returns a fixed number of tensors: an empty one for each None (a new one
+    each: outputs may not alias). Eager calls skip these allocations (host time)."""
+    outputs = _gsa_forward(q, k, v, s, g, B, scale, hk0, hv0, cu_seqlens, final, keep)
+    return tuple(q.new_empty(0) if x is None else x for x in outputs)
 
 
 _gsa_fwd = torch.library.custom_op(f"{_NS}::gsa_fwd", _gsa_fwd_impl, mutates_args=(), **_OP_TAGS)
@@ -346,7 +351,7 @@ def _(q, k, v, s, g, B, scale, hk0, hv0, cu_seqlens, final, keep):
     sums, states, probs = _kept(keep, g.dtype, M)
     if states:  # a packed batch's segment count depends on cu_seqlens' values
         NS = (
-            max(B * triton.cdiv(BT // B, TUNING.segment), 1)
+            max(B * cdiv(BT // B, TUNING.segment), 1)
             if cu_seqlens is None
             else torch.library.get_ctx().new_dynamic_size()
         )
@@ -423,7 +428,7 @@ class _GSAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _gsa_fwd_impl(*inputs)
+        output = _gsa_forward(*inputs)
         _gsa_setup_context(ctx, inputs, output)
         return output[:3]  # what it keeps need not be outputs here (autograd tracks each output: host time)
 

@@ -1,5 +1,11 @@
 """Triton JIT code of the chunked GSA forward and backward. The host side, which plans the packed layout, picks
-precisions and launches these, is chunk.py; the work split and the exactness argument are in its docstring."""
+precisions and launches these, is chunk.py; the work split and the exactness argument are in its docstring.
+
+A program serves the G query heads of its KV head in a loop that is not unrolled (``tl.range``): unrolled, the
+heads' tiles stayed live together and spilled. Offline for sm_90 (benchmarks/kernel_resources.py, Triton 3.9),
+spilled bytes per thread at 4 warps, unrolled -> loop: SmolLM2's layer (G = 3, K = V = M = 64) ``_slot_probs``
+2,280 -> 1,400, ``_slot_grads`` 3,720 -> 1,880, ``_out_blocks`` 1,976 -> 1,352, ``_bwd_sweep`` 1,216 -> 744, the
+reverse walk 576 -> 32; Mistral-7B's (G = 4, K = V = 128) alike. With G = 1 the code is the same."""
 
 from __future__ import annotations
 
@@ -208,7 +214,7 @@ def _state_bwd_block(
         b, b_last = _segment_gates(b_ptr, t, valid, tl.minimum(bos + i * BS + BS, eos), Hkv, h, M, m0, BM)
         eb = tl.exp(b)
         dstate = dstate * tl.exp(b_last)[None, :]
-        for gi in tl.static_range(G):
+        for gi in tl.range(G):  # not unrolled (module docstring)
             x = _load_cols(x_ptr, t, valid, H, h * G + gi, D, d0, BD)
             y = _load_cols(y_ptr, t, valid, H, h * G + gi, M, m0, BM)
             dstate += _mm(tl.trans(x), y * eb, PREC)
@@ -273,7 +279,7 @@ def _out_fwd_kernel(
     for c in range(0, BS, BC):
         t, valid, kc, vc, sc, bc, bl = _load_subchunk(k_ptr, v_ptr, s_ptr, b_ptr, t0, c, eos, Hkv, h, K, V, M, BC)
         eq, _, ek, eb, _, w, decay = _subchunk_gates(sc, bc, bl, EXP_CLAMP)
-        for gi in tl.static_range(G):
+        for gi in tl.range(G):  # not unrolled (module docstring)
             qc = _load_rows(q_ptr, t, valid, H, h * G + gi, K)
             A = tl.where(causal, _mm(qc, tl.trans(kc), PREC_IN), 0.0)
             logits = scale * (_mm(qc, hk, PREC) * eb + _mm(A, ek, PREC) * eq)
@@ -356,7 +362,7 @@ def _slot_probs_kernel(
     i_s, t0, eos, t, valid, causal, diag = _segment_rows(seg_ptr, cu_ptr, BS, BC)
     h = tl.program_id(1)
     kc = _load_raw(k_ptr, t, valid, Hkv, h, K)
-    for gi in tl.static_range(G):
+    for gi in tl.range(G):  # not unrolled (module docstring)
         qc = _load_raw(q_ptr, t, valid, H, h * G + gi, K)
         logits = _segment_reads(qc, kc, s_ptr, b_ptr, hk_ptr, i_s, t0, eos, t, valid, causal, diag, Hkv, h, K, M, BS,
                                 BC, PREC_IN, PREC, EXP_CLAMP)  # fmt: skip
@@ -384,7 +390,7 @@ def _slot_grads_kernel(
     h = tl.program_id(1)
     vc = _load_raw(v_ptr, t, valid, Hkv, h, V)
     db = tl.zeros([BS, M], dtype=tl.float32)
-    for gi in tl.static_range(G):
+    for gi in tl.range(G):  # not unrolled (module docstring)
         doc = _load_raw(do_ptr, t, valid, H, h * G + gi, V)
         dp = _segment_reads(doc, vc, s_ptr, b_ptr, hv_ptr, i_s, t0, eos, t, valid, causal, diag, Hkv, h, V, M, BS,
                             BC, PREC_IN, PREC, EXP_CLAMP)  # fmt: skip
@@ -413,7 +419,7 @@ def _out_blocks_kernel(
     sc = _load_rows(s_ptr, t, valid, Hkv, h, M)
     eq = tl.exp(tl.minimum(b - r, EXP_CLAMP))
     ek = sc * tl.exp(tl.minimum(r - b, EXP_CLAMP))
-    for gi in tl.static_range(G):
+    for gi in tl.range(G):  # not unrolled (module docstring)
         p = _load_rows(p_ptr, t, valid, H, h * G + gi, M)
         A2 = tl.where(diag, _mm(p * eq, tl.trans(ek), PREC), 0.0)
         for j in range(NB - 1):
@@ -445,7 +451,7 @@ def _bwd_sweep_kernel(
         t, valid, kc, vc, sc, bc, bl = _load_subchunk(k_ptr, v_ptr, s_ptr, b_ptr, t0, c, eos, Hkv, h, K, V, M, BC)
         eq, _, ek, eb, _, w, decay = _subchunk_gates(sc, bc, bl, EXP_CLAMP)
         db = tl.zeros([BC, M], dtype=tl.float32)
-        for gi in tl.static_range(G):
+        for gi in tl.range(G):  # not unrolled (module docstring)
             qc = _load_rows(q_ptr, t, valid, H, h * G + gi, K)
             doc = _load_rows(do_ptr, t, valid, H, h * G + gi, V)
             A = tl.where(causal, _mm(qc, tl.trans(kc), PREC_IN), 0.0)
@@ -468,7 +474,25 @@ def _bwd_sweep_kernel(
 
 
 @triton.jit
-def _bwd_rev_memory_kernel(
+def _bwd_rev_memories_kernel(
+    k_ptr, q_ptr, dz_ptr, v_ptr, do_ptr, p_ptr, s_ptr, b_ptr, dbk_ptr, dbv_ptr, hk_ptr, hv_ptr, seg_ptr, cu_ptr,
+    dk_ptr, dv_ptr, dsk_ptr, dsv_ptr, ck_ptr, cv_ptr,
+    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BS: tl.constexpr,
+    BC: tl.constexpr, PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr, MEMORY: tl.constexpr,
+):  # fmt: skip
+    """The memories' reverse walks (``_bwd_rev_memory``): ``MEMORY`` 0 the keys memory, 1 the values memory, 2 both
+    in one launch (program axis 2 picks: one launch fewer per backward, twice the programs to fill the device with;
+    offline it spills about as much, benchmarks/kernel_resources.py)."""
+    if MEMORY == 0 or (MEMORY == 2 and tl.program_id(2) == 0):
+        _bwd_rev_memory(k_ptr, q_ptr, dz_ptr, s_ptr, b_ptr, dbk_ptr, hk_ptr, seg_ptr, cu_ptr, dk_ptr, dsk_ptr, ck_ptr,
+                        H, Hkv, K, M, BS, BC, PREC_IN, PREC, EXP_CLAMP)  # fmt: skip
+    else:
+        _bwd_rev_memory(v_ptr, do_ptr, p_ptr, s_ptr, b_ptr, dbv_ptr, hv_ptr, seg_ptr, cu_ptr, dv_ptr, dsv_ptr, cv_ptr,
+                        H, Hkv, V, M, BS, BC, PREC_IN, PREC, EXP_CLAMP)  # fmt: skip
+
+
+@triton.jit
+def _bwd_rev_memory(
     x_ptr, a_ptr, y_ptr, s_ptr, b_ptr, dbuf_ptr, mbuf_ptr, seg_ptr, cu_ptr, dx_ptr, dspart_ptr, cpart_ptr,
     H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr,
     PREC_IN: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr,
@@ -502,7 +526,7 @@ def _bwd_rev_memory_kernel(
         ds = eend * _mm(xc, dmem, PREC)
         ds_in = tl.zeros([BC, M], dtype=tl.float32)
         dmem = dmem * decay[None, :]
-        for gi in tl.static_range(G):
+        for gi in tl.range(G):  # not unrolled (module docstring)
             ac = _load_rows(a_ptr, t, valid, H, h * G + gi, D)
             yc = _load_rows(y_ptr, t, valid, H, h * G + gi, M)
             A = tl.where(causal, _mm(ac, tl.trans(xc), PREC_IN), 0.0)

@@ -6,12 +6,8 @@ from __future__ import annotations
 
 import torch
 
-try:  # a try block, so that transformers' trust_remote_code import check does not demand triton on CPU machines
-    import triton
-except ImportError as err:
-    raise ImportError("the GSA Triton kernels need triton (pip install 't2r[cuda]')") from err
-
 from .decode_jit import _decode_kernel, _decode_step_kernel
+from .layout import next_pow2
 from .reference import State
 from .tuning import TUNING, empty
 
@@ -71,7 +67,7 @@ def _step(q, k, v, s, g, o, state: State, scale, normalizer: float, keep, raw: b
     keep_ptr, keep_stride = (q, 0) if keep is None else (keep, keep.stride(0))
     _decode_step_kernel[(B * Hkv,)](
         q, k, v, g if s is None else s, g, o, *state, keep_ptr, keep_stride, scale, float(normalizer),
-        H=H, Hkv=Hkv, K=K, V=V, M=M, GP=triton.next_power_of_2(H // Hkv),
+        H=H, Hkv=Hkv, K=K, V=V, M=M, GP=next_pow2(H // Hkv),
         BK=min(K, TUNING.decode_block), BV=min(V, TUNING.decode_block), RAW=raw, FM=FEATURE_CODES[feature_map],
         HAS_KEEP=keep is not None, num_warps=TUNING.decode_warps,
     )  # fmt: skip

@@ -1,5 +1,6 @@
-"""Row layouts the elementwise kernels read without a copy: a tensor's leading dims as rows of one stride, each
-row contiguous (a projection's output, a slice of a wider merged one, the last tokens of longer rows)."""
+"""Launch geometry on the host: row layouts the elementwise kernels read without a copy (a tensor's leading dims as
+rows of one stride, each row contiguous: a projection's output, a slice of a wider merged one, the last tokens of
+longer rows), and block sizes."""
 
 from __future__ import annotations
 
@@ -14,6 +15,17 @@ def flat_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
         x = x.contiguous()
         stride = x.shape[-1]
     return x, stride
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (0 for 0, as Triton's). Plain Python: ``triton.next_power_of_2`` is a
+    constexpr function that costs ~2 us per host call (Triton 3.9), and launchers ask it per call, per layer."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for a >= 0, b > 0; plain Python, as :func:`next_pow2`."""
+    return -(-a // b)
 
 
 def row_warps(block: int, most: int = 16) -> int:

@@ -16,7 +16,7 @@ try:  # a try block, so that transformers' trust_remote_code import check does n
 except ImportError as err:
     raise ImportError("the GSA Triton kernels need triton (pip install 't2r[cuda]')") from err
 
-from .layout import row_warps
+from .layout import cdiv, next_pow2, row_warps
 
 
 @triton.jit
@@ -68,7 +68,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, rstd: torch.Tens
     rows = x.reshape(-1, N)
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     if rows.shape[0]:
-        block = triton.next_power_of_2(N)
+        block = next_pow2(N)
         stats = out if rstd is None else rstd  # not written without a backward
         _rms_norm_kernel[(rows.shape[0],)](rows, weight.contiguous(), out, stats, N, float(eps), BLOCK=block,
                                            STORE_RSTD=rstd is not None, num_warps=row_warps(block))  # fmt: skip
@@ -105,11 +105,11 @@ class _RMSNormFunction(torch.autograd.Function):
         dx = torch.empty_like(x)
         has_dw = ctx.needs_input_grad[1]
         programs = max(min(R, _programs(x.device)), 1)
-        per_program = triton.cdiv(R, programs)
-        programs = triton.cdiv(R, per_program) if R else 1
+        per_program = cdiv(R, programs)
+        programs = cdiv(R, per_program) if R else 1
         dw = torch.empty(programs, N, dtype=torch.float32, device=x.device) if has_dw else dx  # a row per program
         if R:
-            block = triton.next_power_of_2(N)
+            block = next_pow2(N)
             _rms_norm_bwd_kernel[(programs,)](dy.contiguous(), x, weight.contiguous(), rstd, dx, dw, R, N, per_program,
                                               BLOCK=block, HAS_DW=has_dw, num_warps=row_warps(block))  # fmt: skip
         return dx, (dw.sum(0).to(weight.dtype) if has_dw else None), None

@@ -16,7 +16,7 @@ except ImportError as err:
 
 from .decode import FEATURE_CODES
 from .decode_jit import _feature, _log_gate, _one_minus
-from .layout import flat_rows, row_warps
+from .layout import flat_rows, next_pow2, row_warps
 
 
 @triton.jit
@@ -91,7 +91,7 @@ def _prologue_bwd_kernel(
 
 
 def _launch_args(shapes, keep: torch.Tensor | None, feature_map: str, T: int):
-    blocks = [triton.next_power_of_2(n) for n in shapes]
+    blocks = [next_pow2(n) for n in shapes]
     keep_strides = (0, 0) if keep is None else keep.stride()
     names = ("NQ", "NK", "NV", "NF", "BLOCK_Q", "BLOCK_K", "BLOCK_V", "BLOCK_F")
     consts = dict(zip(names, (*shapes, *blocks), strict=True))

@@ -12,6 +12,8 @@ try:  # a try block, so that transformers' trust_remote_code import check does n
 except ImportError as err:
     raise ImportError("the GSA Triton kernels need triton (pip install 't2r[cuda]')") from err
 
+from .layout import next_pow2
+
 
 @triton.jit
 def _rotate_rows(x_ptr, o_ptr, c1, c2, s1, s2, tok, n, N: tl.constexpr, HALF: tl.constexpr):
@@ -58,6 +60,6 @@ def rotary_triton(
     ko = torch.empty(k.shape, dtype=torch.result_type(k, cos), device=k.device)
     if B * T:
         cs_batch = 0 if cos.shape[0] == 1 else T * D  # one table for every row, or one per row
-        _rotary_kernel[(B * T,)](q, k, cos, sin, qo, ko, T, cs_batch, H, Hkv, HALF=D // 2, BH=triton.next_power_of_2(H),
-                                 BHK=triton.next_power_of_2(Hkv), num_warps=4)  # fmt: skip
+        _rotary_kernel[(B * T,)](q, k, cos, sin, qo, ko, T, cs_batch, H, Hkv, HALF=D // 2, BH=next_pow2(H),
+                                 BHK=next_pow2(Hkv), num_warps=4)  # fmt: skip
     return qo, ko

@@ -12,7 +12,7 @@ try:  # a try block, so that transformers' trust_remote_code import check does n
 except ImportError as err:
     raise ImportError("the GSA Triton kernels need triton (pip install 't2r[cuda]')") from err
 
-from .layout import flat_rows
+from .layout import cdiv, flat_rows
 
 BLOCK = 1024  # columns per program
 
@@ -50,7 +50,7 @@ def _forward(gate: torch.Tensor, up: torch.Tensor):
     h = torch.empty(g.shape, dtype=torch.promote_types(g.dtype, u.dtype), device=g.device)
     rows = h.numel() // N if N else 0
     if rows:
-        _swiglu_kernel[(rows, triton.cdiv(N, BLOCK))](g, u, h, sg, su, N, BLOCK=BLOCK, num_warps=4)
+        _swiglu_kernel[(rows, cdiv(N, BLOCK))](g, u, h, sg, su, N, BLOCK=BLOCK, num_warps=4)
     return h, (g, u), (sg, su)
 
 
@@ -72,7 +72,7 @@ class _SwiGLUFunction(torch.autograd.Function):
         )
         rows = dg.numel() // N if N else 0
         if rows:
-            _swiglu_bwd_kernel[(rows, triton.cdiv(N, BLOCK))](g, u, dh.contiguous(), dg, du, *ctx.strides, N,
+            _swiglu_bwd_kernel[(rows, cdiv(N, BLOCK))](g, u, dh.contiguous(), dg, du, *ctx.strides, N,
                                                               BLOCK=BLOCK, num_warps=4)  # fmt: skip
         return dg, du
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -72,6 +73,9 @@ class Tuning:
     # Training: a GSA layer's q/k/v/gate projections and an MLP's gate/up as one GEMM each (models/projections.py);
     # off until timed on a GPU.
     merged_projections: bool = field(default_factory=lambda: _env("MERGED_PROJECTIONS", "0") == "1")
+    # The backward's two reverse walks (one per memory) in one launch: a launch fewer per layer, twice the programs;
+    # off until timed on a GPU (spills about as much offline, benchmarks/kernel_resources.py).
+    merged_rev: bool = field(default_factory=lambda: _env("MERGED_REV", "0") == "1")
     poison: bool = False  # tests: fill outputs with NaN before the kernels run, so that unwritten elements show
 
     def __post_init__(self) -> None:
@@ -100,6 +104,31 @@ def half_groups(mode: str) -> set[str]:
 
 
 TUNING = Tuning()
+
+
+def parse_changes(text: str) -> dict[str, bool | int | str]:
+    """``"save_states=1,dot=half:out"`` -> tunables and values of their fields' types (what a benchmark's variant
+    changes). Unknown names and values that do not parse raise ValueError; :func:`tuned` checks the rest."""
+    types = {f.name: f.type for f in dataclasses.fields(Tuning)}
+    changes: dict[str, bool | int | str] = {}
+    for item in filter(None, re.split(r",(?=\s*\w+\s*=)", text)):  # a value may hold commas (dot=half:out,o)
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in types:
+            raise ValueError(f"{item!r}: expected NAME=VALUE with NAME one of {sorted(types)}")
+        value = value.strip()
+        if types[name] == "bool":
+            if value.lower() not in ("0", "1", "true", "false"):
+                raise ValueError(f"{item!r}: {name} takes 1 or 0")
+            changes[name] = value.lower() in ("1", "true")
+        elif types[name] == "int":
+            try:
+                changes[name] = int(value)
+            except ValueError:
+                raise ValueError(f"{item!r}: {name} takes an integer") from None
+        else:
+            changes[name] = value
+    return changes
 
 
 @contextlib.contextmanager

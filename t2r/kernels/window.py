@@ -14,6 +14,7 @@ try:  # a try block, so that transformers' trust_remote_code import check does n
 except ImportError as err:
     raise ImportError("the GSA Triton kernels need triton (pip install 't2r[cuda]')") from err
 
+from .layout import next_pow2
 from .reference import Window
 
 
@@ -121,7 +122,7 @@ def window_decode_triton(
         float(scale), P,
         past_k.stride(0), past_k.stride(1), past_v.stride(0), past_v.stride(1), past_valid.stride(0),
         0 if keep_col is None else keep_col.stride(0), H if mix.dim() > 1 else 0, H=H, Hkv=Hkv, D=D,
-        GP=triton.next_power_of_2(H // Hkv), BW=32, HAS_SINK=sink is not None, HAS_KEEP=keep_col is not None,
+        GP=next_pow2(H // Hkv), BW=32, HAS_SINK=sink is not None, HAS_KEEP=keep_col is not None,
         num_warps=4,
     )  # fmt: skip
     past_valid.copy_(new_valid)
