@@ -243,16 +243,26 @@ def bench_train(
     fusions: Annotated[
         bool, typer.Option(help="also time GSA with the training fusions (norms, prologue, MLP, merged GEMMs) switched")
     ] = False,
+    tuning: Annotated[
+        list[str] | None,
+        typer.Option(help="also time GSA with these kernel tunables changed, e.g. save_states=1,save_probs=1 (repeat)"),
+    ] = None,
+    profile: Annotated[
+        int, typer.Option(help="profile this many more steps per row: GPU busy time, kernels by family", min=0)
+    ] = 0,
     device: Annotated[str, typer.Option(help="device")] = "cuda",
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
     record: Annotated[Path | None, typer.Option(help=RECORD_HELP)] = None,
 ) -> None:
     """Training tokens/s and peak memory: GSA student (kernels, optionally the reference path) vs the teacher
-    with SDPA, same batch."""
+    with SDPA, same batch, and the student's ratios to the teacher."""
     from t2r.bench.throughput import check_outputs, print_table, run_train_bench, write_outputs
 
     check_outputs(json_out, record)
-    rows = run_train_bench(model, shape, seq or [2048, 4096], batch, steps, lora, device, reference, compile, fusions)
+    rows = run_train_bench(
+        model, shape, seq or [2048, 4096], batch, steps, lora, device, reference, compile, fusions, profile,
+        tuning or (),
+    )  # fmt: skip
     print_table(rows)
     write_outputs(rows, json_out, record, _command(), device=device)
 
@@ -303,17 +313,28 @@ def bench_kernels(
     decode_batch: Annotated[
         list[int] | None, typer.Option(help="batch sizes of the decode step (repeat); default: 1, 16, 64", min=1)
     ] = None,
+    layer: Annotated[
+        list[str] | None,
+        typer.Option(help="layer shapes (repeat): issue (32 heads of 128, no GQA; default), smollm2-135m, mistral-7b"),
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
     record: Annotated[Path | None, typer.Option(help=RECORD_HELP)] = None,
 ) -> None:
     """GSA kernels vs FLA chunk_gsa (if installed) vs SDPA flash attention, fwd and fwd+bwd; the decode step
     vs FLA's fused recurrent step and KV-cache attention at 32k; with each one's ratio to the memory floor."""
-    from t2r.bench.kernels import TRAIN_SHAPES, run_kernel_bench
+    from t2r.bench.kernels import LAYERS, TRAIN_SHAPES, run_kernel_bench
     from t2r.bench.throughput import check_outputs, print_table, write_outputs
 
     check_outputs(json_out, record)
+    unknown = sorted(set(layer or ()) - set(LAYERS))
+    if unknown:
+        from t2r.errors import T2RError
+
+        raise T2RError(f"--layer {unknown[0]}: expected one of {', '.join(LAYERS)}")
     shapes = [tuple(int(x) for x in s.lower().split("x")) for s in shape] if shape else None
-    result = run_kernel_bench((shapes or TRAIN_SHAPES) if train else [], fla, decode_batch or [1, 16, 64])
+    result = run_kernel_bench(
+        (shapes or TRAIN_SHAPES) if train else [], fla, decode_batch or [1, 16, 64], layer or ["issue"]
+    )
     bandwidth = result["copy_bandwidth_TBps"]
     notes = [
         f"{result['device']}, copy bandwidth {bandwidth} TB/s (read + write), FLA: {result['fla']}",

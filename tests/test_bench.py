@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+import torch
 from conftest import run_cli
 
 
@@ -36,18 +38,84 @@ def test_bench_train_switches_the_fusions_and_the_reference_in_one_run(tiny_conv
 
     seen = []
 
-    def measure(model, batch, seq, steps, label):
+    def measure(model, batch, seq, steps, label, profile):
         seen.append((label, tuple(getattr(TUNING, name) for name in TRAINING_FUSIONS), TUNING.impl))
-        return {"model": label}
+        return {"model": label, "seq": seq, "tokens_per_s": 100.0}
 
     monkeypatch.setattr(tp, "train_throughput", measure)
     monkeypatch.setattr(TUNING, "fused_norm_grad", False)
     monkeypatch.setattr(TUNING, "impl", "auto")
     default = tuple(getattr(TUNING, name) for name in TRAINING_FUSIONS)
-    tp.run_train_bench(str(tiny_converted), None, [16], 1, 1, False, "meta", reference=True, fusions=True)
+    variants = ["fused_mlp=1,save_probs=1"]
+    tp.run_train_bench(str(tiny_converted), None, [16], 1, 1, False, "meta", reference=True, fusions=True,
+                       variants=variants)  # fmt: skip
+    mlp = tuple(name == "fused_mlp" for name in TRAINING_FUSIONS)
     assert seen == [("GSA (full)", default, "auto"), ("GSA (full, fusions on)", (True,) * 4, "auto"),
+                    ("GSA (full, fused_mlp=1,save_probs=1)", mlp, "auto"),
                     ("GSA, reference path (full)", default, "reference"),
                     ("teacher SDPA (full)", default, "auto")]  # fmt: skip
+
+
+def test_bench_train_states_each_rows_ratio_to_the_teacher():
+    """Tokens/s ratios per sequence length, and GPU-busy ratios where profiled (the ceiling without host time)."""
+    from t2r.bench.throughput import teacher_ratios
+
+    rows = teacher_ratios([
+        {"model": "GSA (full)", "seq": 16, "tokens_per_s": 300, "gpu_ms": 4.0},
+        {"model": "teacher SDPA (full)", "seq": 16, "tokens_per_s": 400, "gpu_ms": 5.0},
+        {"model": "GSA (full)", "seq": 32, "tokens_per_s": 500},
+        {"model": "teacher SDPA (full)", "seq": 32, "tokens_per_s": 250},
+        {"model": "GSA + LoRA r8 (ckpt)", "seq": 64, "tokens_per_s": 9},
+    ])  # fmt: skip
+    assert [(r.get("x_teacher"), r.get("gpu_x_teacher")) for r in rows] == [
+        (0.75, 1.25), (1.0, 1.0), (2.0, None), (1.0, None), (None, None)
+    ]  # fmt: skip
+
+
+def test_a_profile_sums_the_gpus_busy_time_and_sorts_kernels_into_families():
+    """Overlapping kernels count once in the busy time, each in full in its family; per step."""
+    from t2r.bench.profile import busy_summary, family
+
+    kernels = [  # (name, start us, end us), two steps' worth
+        ("_state_scan_kernel", 0, 1000),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", 500, 2000),  # overlaps the scan
+        ("_rms_norm_kernel", 3000, 3200),
+        ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", 4000, 5000),
+        ("triton_poi_fused_add_mul_0", 5000, 5400),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", 6000, 6200),
+    ]
+    assert busy_summary(kernels, steps=2) == {
+        "gpu_ms": 1.9, "kernels": 3, "gsa_ms": 0.5, "t2r_ms": 0.1, "attention_ms": 0.5, "gemm_ms": 0.75,
+        "inductor_ms": 0.2, "other_ms": 0.1,
+    }  # fmt: skip
+    assert family("_bwd_rev_memories_kernel") == "gsa" and family("_decode_step_kernel") == "t2r"
+    assert family("nvjet_tst_128x64_64x8_1x2_h_bz_coopA_TNT") == "gemm" and family("Memcpy DtoD") == "other"
+    assert busy_summary([], steps=1)["gpu_ms"] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="profiles the GPU's kernels")
+def test_a_profiled_training_step_finds_the_gsa_kernels_and_the_gpus_busy_time():
+    from t2r.bench.throughput import shaped_model, train_throughput
+
+    model = shaped_model("smollm2-135m", device="cuda")
+    row = train_throughput(model, batch=1, seq=256, steps=1, warmup=1, profile=2)
+    assert 0 < row["gpu_ms"] <= row["profiled_step_ms"] and row["kernels"] > 30 * 10
+    assert row["gsa_ms"] > 0 and row["gemm_ms"] > 0 and row["attention_ms"] == 0  # GSA layers: no softmax attention
+
+
+def test_bench_train_refuses_a_bad_variant_before_it_runs(tiny_converted, capsys):
+    from conftest import run_cli
+
+    code, err = run_cli(["bench", "train", str(tiny_converted), "--device", "cpu", "--tuning", "segment=48"], capsys)
+    assert code == 1 and err == ["t2r: error: --tuning 'segment=48': T2R_GSA_SEGMENT=48: expected a power of two >= 16"]
+
+
+def test_bench_train_profile_needs_a_gpu(tiny_converted, capsys):
+    from conftest import run_cli
+
+    code, err = run_cli(["bench", "train", str(tiny_converted), "--device", "cpu", "--profile", "2"], capsys)
+    message = "t2r: error: --profile measures the GPU's busy time; the run is on 'cpu': give a CUDA device"
+    assert code == 1 and err == [message]
 
 
 def test_bench_kernels_times_the_decode_step_at_the_batch_sizes_asked(monkeypatch, tmp_path, capsys):
@@ -57,8 +125,8 @@ def test_bench_kernels_times_the_decode_step_at_the_batch_sizes_asked(monkeypatc
 
     calls = []
 
-    def run(shapes, fla, batches):
-        calls.append((shapes, fla, list(batches)))
+    def run(shapes, fla, batches, layers):
+        calls.append((shapes, fla, list(batches), list(layers)))
         return {"device": "dev", "rel_error_vs_reference": {}, "rel_error_vs_reference_16k": {}, "fla": fla,
                 "copy_bandwidth_TBps": 1.0, "train": [{"B": 1, "T": 8}] if shapes else [],
                 "decode": [{"B": b, "ours_step_ms": 0.01} for b in batches]}  # fmt: skip
@@ -69,8 +137,12 @@ def test_bench_kernels_times_the_decode_step_at_the_batch_sizes_asked(monkeypatc
     record = tmp_path / "r.md"
     args = ["bench", "kernels", "--no-train", "--decode-batch", "4", "--decode-batch", "8", "--record", str(record)]
     assert run_cli(args, capsys)[0] == 0
-    assert calls[0][1:] == (False, [1, 16, 64]) and calls[0][0]
-    assert calls[1] == ([], True, [4, 8])
+    assert calls[0][1:] == (False, [1, 16, 64], ["issue"]) and calls[0][0]
+    assert calls[1] == ([], True, [4, 8], ["issue"])
+    assert run_cli(["bench", "kernels", "--layer", "smollm2-135m", "--layer", "mistral-7b"], capsys)[0] == 0
+    assert calls[2][3] == ["smollm2-135m", "mistral-7b"]  # real models' GQA shapes
+    code, err = run_cli(["bench", "kernels", "--layer", "gpt2"], capsys)
+    assert code == 1 and err == ["t2r: error: --layer gpt2: expected one of issue, smollm2-135m, mistral-7b"]
     tables = [line for line in record.read_text().splitlines() if line.startswith("| ")]
     assert tables[0].startswith("| B | ours_step_ms") and len(tables) == 3
 
@@ -125,9 +197,58 @@ def test_bench_generate_times_both_models_and_states_the_ratio(tiny_converted, t
         assert all(r["first_call_s"] >= 0 for r in rows) if extra else all("first_call_s" not in r for r in rows), rows
         ratios = [line for line in log.read_text().splitlines() if line.startswith("| 2 |")]
         assert "| GSA / best teacher |" in log.read_text() and len(ratios) == 2
+        # each row states its step's bytes (the teacher's grow with the context, GSA's do not), the ratio row theirs
+        step = {(r["model"].startswith("teacher"), r["context"]): r["step_mb"] for r in rows}
+        assert step[False, 12] == step[False, 20] and step[True, 12] < step[True, 20]
+        assert "| bytes ratio |" in log.read_text() and all(line.count("x |") >= 2 for line in ratios)
 
 
 def test_end_to_end_needs_two_new_tokens(tiny_converted, capsys):
     args = ["bench", "generate", str(tiny_converted), "--device", "cpu", "--new-tokens", "1", "--end-to-end"]
     code, lines = run_cli(args, capsys)
     assert code != 0 and len(lines) == 1 and "at least 2" in lines[0]
+
+
+def test_a_failing_profiler_keeps_the_rows_timings(tiny_converted, monkeypatch):
+    """The profile comes after the timed steps: if the profiler itself fails, the row keeps what was measured."""
+    import t2r.bench.profile
+    from t2r.bench.throughput import train_throughput
+    from t2r.models.loading import load_converted
+
+    def broken(step, steps):
+        raise RuntimeError("CUPTI could not be initialised\nmore detail")
+
+    monkeypatch.setattr(t2r.bench.profile, "profile_steps", broken)
+    row = train_throughput(load_converted(tiny_converted), batch=1, seq=16, steps=1, warmup=0, profile=2)
+    assert row["tokens_per_s"] > 0 and row["profile_error"] == "CUPTI could not be initialised"
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_a_decoding_steps_floor_counts_weights_once_and_each_layers_cache(arch):
+    """Weights (tied ones once), keys and values over the context (the teacher's sliding window caps them where its
+    cache does), fp32 memories read and written, a hybrid layer's window; a layer kept as softmax attention is
+    counted as the teacher's."""
+    from conftest import tiny_gsa_model
+
+    from t2r.bench.floors import decode_step_bytes
+    from t2r.teacher import teacher_view
+
+    window = 6
+    overrides = dict(num_hidden_layers=3, sliding_window=40, tie_word_embeddings=True)
+    if arch == "qwen2":
+        overrides["use_sliding_window"] = False  # Qwen2's window is off unless asked for: its cache keeps all
+    student = tiny_gsa_model(arch, teacher_overrides=overrides, gsa_window=window, gsa_full_attention_layers=[2])
+    config = student.config
+    assert config.gsa_window == window and not config.is_gsa_layer(2)
+    D, Hkv, M, L = config.attention_head_dim, config.num_key_value_heads, config.gsa_num_slots, config.num_hidden_layers
+    weights = sum(p.numel() * 4 for p in student.parameters())
+    assert student.lm_head.weight is student.model.embed_tokens.weight
+    teacher = teacher_view(student)
+    kv = 2 * Hkv * D * 4
+    for B, T in ((1, 16), (3, 100)):
+        span = min(T, 40) if arch == "mistral" else T
+        memories = 2 * Hkv * (D * M + M * D) * 4  # the keys' and the values' memories, read and written
+        gsa_layer = memories + kv * window
+        assert decode_step_bytes(student, B, T) == weights + B * (2 * gsa_layer + kv * (span + 1))
+        teacher_weights = sum(p.numel() * 4 for p in teacher.parameters())
+        assert decode_step_bytes(teacher, B, T) == teacher_weights + B * L * kv * (span + 1)

@@ -1,8 +1,9 @@
 """Kernel-level benchmark: t2r's GSA kernels vs flash-linear-attention's (if installed) vs SDPA, one run.
 
-Shapes follow the kernels issue (H=32, K=V=128, M=64, bf16). Times are medians of CUDA-event timings from
-``triton.testing.do_bench`` (which flushes L2 between runs); every row is measured in this process, so the
-ratios compare like with like. FLA is a comparison only: t2r never imports it elsewhere.
+Layer shapes (``LAYERS``): the kernels issue's (H = Hkv = 32, K = V = 128, M = 64, bf16), and real models' with
+their GQA groups, which change how much each program holds (chunk_jit.py's docstring). Times are medians of
+CUDA-event timings from ``triton.testing.do_bench`` (which flushes L2 between runs); every row is measured in this
+process, so the ratios compare like with like. FLA is a comparison only: t2r never imports it elsewhere.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 TRAIN_SHAPES = [(8, 2048), (2, 8192), (1, 16384), (1, 32768)]
+# name -> (query heads, KV heads, head dim (K = V), slots)
+LAYERS = {"issue": (32, 32, 128, 64), "smollm2-135m": (9, 3, 64, 64), "mistral-7b": (32, 8, 128, 64)}
 
 
 def _bench(fn, warmup_ms: int = 50, rep_ms: int = 300) -> float:
@@ -29,21 +32,23 @@ def copy_bandwidth(nbytes: int = 2**30) -> float:
     return 2 * nbytes / (ms * 1e-3)
 
 
-def _inputs(B, T, H, K, V, M, dtype, requires_grad=True):
+def _inputs(B, T, H, K, V, M, dtype, requires_grad=True, Hkv=None):
     def t(*shape):
         return torch.randn(*shape, device="cuda", dtype=dtype).requires_grad_(requires_grad)
 
-    q, k, v = t(B, T, H, K), t(B, T, H, K), t(B, T, H, V)
-    f = torch.randn(B, T, H, M, device="cuda")
+    Hkv = Hkv or H
+    q, k, v = t(B, T, H, K), t(B, T, Hkv, K), t(B, T, Hkv, V)
+    f = torch.randn(B, T, Hkv, M, device="cuda")
     g = (F.logsigmoid(f) / 8).to(dtype).requires_grad_(requires_grad)
     s = (1 - g.detach().float().exp()).to(dtype).requires_grad_(requires_grad)
     return q, k, v, s, g
 
 
-def decode_inputs(B, H, K, V, M, dtype):
+def decode_inputs(B, H, K, V, M, dtype, Hkv=None):
     """One token per sequence and a random fp32 state (keys memory, values memory) for decode timings."""
-    state = (torch.randn(B, H, K, M, device="cuda"), torch.randn(B, H, M, V, device="cuda"))
-    return _inputs(B, 1, H, K, V, M, dtype, requires_grad=False), state
+    Hkv = Hkv or H
+    state = (torch.randn(B, Hkv, K, M, device="cuda"), torch.randn(B, Hkv, M, V, device="cuda"))
+    return _inputs(B, 1, H, K, V, M, dtype, requires_grad=False, Hkv=Hkv), state
 
 
 def state_floor_ms(state, bandwidth: float) -> float:
@@ -82,11 +87,11 @@ def _fwd_bwd(fn, inputs, do):
     return run
 
 
-def _train_row(B, T, H, K, V, M, dtype, bandwidth, fla: bool) -> dict:
+def _train_row(B, T, H, K, V, M, dtype, bandwidth, fla: bool, Hkv=None, layer="issue") -> dict:
     from t2r.kernels.chunk import gsa_chunk_triton
 
     chunk_gsa = _fla()[0] if fla else None
-    inputs = _inputs(B, T, H, K, V, M, dtype)
+    inputs = _inputs(B, T, H, K, V, M, dtype, Hkv=Hkv)
     q, k, v, s, g = inputs
     do = torch.randn(B, T, H, V, device="cuda", dtype=dtype)
     scale = K**-0.5
@@ -94,7 +99,13 @@ def _train_row(B, T, H, K, V, M, dtype, bandwidth, fla: bool) -> dict:
     def ours():
         return gsa_chunk_triton(q, k, v, s, g, scale)[0]
 
-    row = {"B": B, "T": T, "ours_fwd_ms": _bench(ours), "ours_fwdbwd_ms": _bench(_fwd_bwd(ours, inputs, do))}
+    row = {
+        "layer": layer,
+        "B": B,
+        "T": T,
+        "ours_fwd_ms": _bench(ours),
+        "ours_fwdbwd_ms": _bench(_fwd_bwd(ours, inputs, do)),
+    }
     row["ours_kept_gb"] = _kept_gb(ours)
     with keeping_forward_buffers():
         row["ours_keep_fwdbwd_ms"] = _bench(_fwd_bwd(ours, inputs, do))
@@ -109,7 +120,7 @@ def _train_row(B, T, H, K, V, M, dtype, bandwidth, fla: bool) -> dict:
     qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
 
     def sdpa():
-        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=kt.shape[1] != qt.shape[1])
 
     row["sdpa_fwd_ms"] = _bench(sdpa)
     row["sdpa_fwdbwd_ms"] = _bench(_fwd_bwd(sdpa, (qt, kt, vt), do.transpose(1, 2)))
@@ -140,10 +151,11 @@ def _kept_gb(forward) -> float:
     return kept / 2**30
 
 
-def train_rows(shapes=TRAIN_SHAPES, H=32, K=128, V=128, M=64, dtype=torch.bfloat16, bandwidth=None, fla=True):
+def train_rows(shapes=TRAIN_SHAPES, layer="issue", dtype=torch.bfloat16, bandwidth=None, fla=True):
+    H, Hkv, D, M = LAYERS[layer]
     rows = []
     for B, T in shapes:
-        rows.append(_train_row(B, T, H, K, V, M, dtype, bandwidth, fla))
+        rows.append(_train_row(B, T, H, D, D, M, dtype, bandwidth, fla, Hkv=Hkv, layer=layer))
         torch.cuda.empty_cache()
     return rows
 
@@ -163,20 +175,29 @@ def _with_ratios(row: dict) -> dict:
     return out
 
 
-def decode_rows(B=16, H=32, K=128, V=128, M=64, context=32768, dtype=torch.bfloat16, bandwidth=None, fla=True):
+def decode_rows(B=16, layer="issue", context=32768, dtype=torch.bfloat16, bandwidth=None, fla=True):
     """One decoding step: our fused in-place update vs FLA's fused recurrent inference kernel vs softmax
     attention of one query over a KV cache of ``context`` tokens (SDPA)."""
     from t2r.kernels.decode import gsa_decode_triton
 
+    H, Hkv, K, M = LAYERS[layer]
     fla_step = _fla()[1] if fla else None
-    (q, k, v, s, g), state = decode_inputs(B, H, K, V, M, dtype)
+    (q, k, v, s, g), state = decode_inputs(B, H, K, K, M, dtype, Hkv=Hkv)
     scale = K**-0.5
-    row = {"B": B, "H": H, "ours_step_ms": _bench(lambda: gsa_decode_triton(q, k, v, s, g, scale, state))}
+    row = {
+        "layer": layer,
+        "B": B,
+        "H": H,
+        "ours_step_ms": _bench(lambda: gsa_decode_triton(q, k, v, s, g, scale, state)),
+    }
     if fla_step is not None:
         row["fla_step_ms"] = _bench(lambda: fla_step(q, k, v, s, g, state, True, scale))
-    kv = torch.randn(2, B, H, context, K, device="cuda", dtype=dtype)
+    kv = torch.randn(2, B, Hkv, context, K, device="cuda", dtype=dtype)
     qt = q.transpose(1, 2)
-    row[f"kv_cache_{context // 1024}k_ms"] = _bench(lambda: F.scaled_dot_product_attention(qt, kv[0], kv[1]))
+    gqa = Hkv != H
+    row[f"kv_cache_{context // 1024}k_ms"] = _bench(
+        lambda: F.scaled_dot_product_attention(qt, kv[0], kv[1], enable_gqa=gqa)
+    )
     if bandwidth:
         row["state_floor_ms"] = state_floor_ms(state, bandwidth)
         row["ours/floor"] = row["ours_step_ms"] / row["state_floor_ms"]
@@ -212,7 +233,7 @@ def check_against_reference(B=2, T=700, H=8, Hkv=4, K=128, V=128, M=64, dtype=to
     return {k: f"{v:.1e}" for k, v in errors.items()}
 
 
-def run_kernel_bench(shapes=TRAIN_SHAPES, fla: bool = True, decode_batches=(1, 16, 64)) -> dict:
+def run_kernel_bench(shapes=TRAIN_SHAPES, fla: bool = True, decode_batches=(1, 16, 64), layers=("issue",)) -> dict:
     if not torch.cuda.is_available():
         from t2r.errors import T2RError
 
@@ -225,6 +246,6 @@ def run_kernel_bench(shapes=TRAIN_SHAPES, fla: bool = True, decode_batches=(1, 1
         "rel_error_vs_reference_16k": check_against_reference(B=1, T=16384, H=4, Hkv=4),
         "copy_bandwidth_TBps": round(bandwidth / 1e12, 3),
         "fla": fla and _fla()[0] is not None,
-        "train": train_rows(shapes, bandwidth=bandwidth, fla=fla),
-        "decode": [row for B in decode_batches for row in decode_rows(B, bandwidth=bandwidth, fla=fla)],
+        "train": [row for layer in layers for row in train_rows(shapes, layer, bandwidth=bandwidth, fla=fla)],
+        "decode": [row for layer in layers for B in decode_batches for row in decode_rows(B, layer, bandwidth, fla)],
     }

@@ -90,29 +90,35 @@ def _peak_gb() -> float:
 
 
 def train_throughput(
-    model: nn.Module, batch: int, seq: int, steps: int = 5, warmup: int = 2, label: str = "GSA"
+    model: nn.Module, batch: int, seq: int, steps: int = 5, warmup: int = 2, label: str = "GSA", profile: int = 0
 ) -> dict:
-    """Tokens/s of full training steps (forward, backward, AdamW) under bf16 autocast on the model's device."""
+    """Tokens/s of full training steps (forward, backward, AdamW) under bf16 autocast on the model's device; with
+    ``profile`` that many more steps run under the profiler (t2r.bench.profile: the GPU's busy time per step, and
+    its kernels by family)."""
     from t2r.train.losses import ce_loss_sum
 
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
-    _peak_reset()
-    for i in range(warmup + steps):
-        if i == warmup:
-            _sync()
-            start = time.perf_counter()
+
+    def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             logits = model(input_ids=ids, use_cache=False).logits
             loss = ce_loss_sum(logits, ids) / (batch * (seq - 1))  # the trainer's chunked loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    _peak_reset()
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync()
+            start = time.perf_counter()
+        step()
     _sync()
     seconds = (time.perf_counter() - start) / steps
-    return {
+    row = {
         "model": label,
         "batch": batch,
         "seq": seq,
@@ -120,6 +126,29 @@ def train_throughput(
         "tokens_per_s": round(batch * seq / seconds),
         "peak_gb": round(_peak_gb(), 2),
     }
+    if profile:
+        from t2r.bench.profile import profile_steps
+
+        try:
+            row |= profile_steps(step, profile)
+        except RuntimeError as err:  # the profiler's own failure: keep the timings measured above
+            row["profile_error"] = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+    return row
+
+
+def teacher_ratios(rows: list[dict]) -> list[dict]:
+    """Each row with its ratio to the teacher's row of the same sequence length (the teacher's own: 1.0): tokens/s
+    (``x_teacher``) and, where profiled, GPU busy time (``gpu_x_teacher``: the ratio both would reach at their
+    device time, i.e. with no host overhead)."""
+    teachers = {r["seq"]: r for r in rows if r["model"].startswith("teacher")}
+    for row in rows:
+        teacher = teachers.get(row["seq"])
+        if teacher is None:
+            continue
+        row["x_teacher"] = round(row["tokens_per_s"] / teacher["tokens_per_s"], 3)
+        if row.get("gpu_ms") and teacher.get("gpu_ms"):
+            row["gpu_x_teacher"] = round(teacher["gpu_ms"] / row["gpu_ms"], 3)
+    return rows
 
 
 def greedy_steps(model: nn.Module, nxt: torch.Tensor, cache, steps: int) -> torch.Tensor:
@@ -302,24 +331,36 @@ def load_bench_model(path: str | None, shape: str | None, device: str, window: i
 
 def run_train_bench(
     path, shape, seqs, batch, steps, lora, device, reference: bool = False, compile: bool = False,
-    fusions: bool = False,
+    fusions: bool = False, profile: int = 0, variants: Sequence[str] = (),
 ) -> list[dict]:  # fmt: skip
     """GSA student vs teacher (SDPA) training throughput; with ``lora`` the student trains LoRA r=8 on
     q/k/v/o plus the new parameters, with gradient checkpointing (the mistral-7b-fast setting). With ``compile``
     both sides' decoder layers are compiled (t2r.train.compiled); the warmup steps then include the compilation.
     ``fusions`` also times the student with the training fusions (tuning.TRAINING_FUSIONS) switched the other
-    way, in the same run: the A/B behind their default."""
+    way, in the same run: the A/B behind their default; each of ``variants`` (tunables, as
+    :func:`t2r.kernels.tuning.parse_changes` reads them) times it once more with those changed. ``profile``: steps
+    per row under the profiler (each row gains its GPU busy time and kernels by family; t2r.bench.profile). Student
+    rows carry their ratios to the teacher (:func:`teacher_ratios`)."""
+    from t2r.bench.profile import check_profile
     from t2r.train.compiled import compile_decoder_layers
 
+    if profile:
+        check_profile(device)
+    changed = [(_checked_changes(text), f", {text}") for text in variants]
     prepare = compile_decoder_layers if compile else (lambda m: m)
     tag = ", compiled" if compile else ""
     model = prepare(load_bench_model(path, shape, device))
     flipped = not all(getattr(TUNING, name) for name in TRAINING_FUSIONS)
-    variants = [({}, "")]
+    settings = [({}, "")]
     if fusions:
-        variants.append((dict.fromkeys(TRAINING_FUSIONS, flipped), f", fusions {'on' if flipped else 'off'}"))
+        settings.append((dict.fromkeys(TRAINING_FUSIONS, flipped), f", fusions {'on' if flipped else 'off'}"))
+    settings += changed
     rows = []
     for seq in seqs:
+
+        def measure(m: nn.Module, label: str, seq: int = seq) -> dict:
+            return train_throughput(m, batch, seq, steps, label=label, profile=profile)
+
         if lora:
             from t2r.train.recipe import LoraSettings, Stage
             from t2r.train.trainable import configure_trainable
@@ -327,21 +368,36 @@ def run_train_bench(
             stage = Stage(train="lora", lora=LoraSettings(r=8, alpha=16))
             student, _ = configure_trainable(model, stage, 0)
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            for changes, label in variants:
+            for changes, label in settings:
                 with tuned(**changes):
-                    rows.append(train_throughput(student, batch, seq, steps, label=f"GSA + LoRA r8 (ckpt{tag}{label})"))
+                    rows.append(measure(student, f"GSA + LoRA r8 (ckpt{tag}{label})"))
             model = student.unload()
         else:
-            for changes, label in variants:
+            for changes, label in settings:
                 with tuned(**changes):
-                    rows.append(train_throughput(model, batch, seq, steps, label=f"GSA (full{tag}{label})"))
+                    rows.append(measure(model, f"GSA (full{tag}{label})"))
             if device != "cpu" and reference:
                 with tuned(impl="reference"):
-                    rows.append(train_throughput(model, batch, seq, steps, label="GSA, reference path (full)"))
+                    rows.append(measure(model, "GSA, reference path (full)"))
             teacher = prepare(teacher_view(model))
-            rows.append(train_throughput(teacher, batch, seq, steps, label=f"teacher SDPA (full{tag})"))
+            rows.append(measure(teacher, f"teacher SDPA (full{tag})"))
             model.zero_grad(set_to_none=True)
-    return rows
+    return teacher_ratios(rows)
+
+
+def _checked_changes(text: str) -> dict:
+    """A variant's tunables, parsed and checked before the benchmark runs: a typo is one line, not a traceback
+    after minutes of timing."""
+    from t2r.errors import T2RError
+    from t2r.kernels.tuning import parse_changes
+
+    try:
+        changes = parse_changes(text)
+        with tuned(**changes):
+            pass
+    except ValueError as err:
+        raise T2RError(f"--tuning {text!r}: {err}") from None
+    return changes
 
 
 @contextlib.contextmanager
@@ -393,9 +449,18 @@ def run_generate_bench(
                     modes = {GSA_GRAPHS: _decode_graphs(model, True), **modes}
                 if graphs and compile_step:
                     modes = {GSA_COMPILED: _decode_graphs(model, True, "inductor"), **modes}
-                rows += decode_throughput(model, batch, context, modes, new_tokens)
+                rows += _with_floor(decode_throughput(model, batch, context, modes, new_tokens), model)
                 if teacher:
                     rows += _teacher_decode(model, batch, context, new_tokens, graphs)
+    return rows
+
+
+def _with_floor(rows: list[dict], model: nn.Module) -> list[dict]:
+    """Each row with the bytes its model's decoding step moves at least (``step_mb``, 1e6 bytes; t2r.bench.floors)."""
+    from t2r.bench.floors import decode_step_bytes
+
+    for row in rows:
+        row["step_mb"] = round(decode_step_bytes(model, row["batch"], row["context"]) / 1e6, 3)
     return rows
 
 
@@ -418,15 +483,16 @@ def run_end_to_end(
         for context in contexts:
             for label, compile in modes.items():
                 with _decode_graphs(model, model.decode_graphs.enabled, compile):
-                    rows.append(generate_throughput(model, batch, context, new_tokens, label))
+                    rows += _with_floor([generate_throughput(model, batch, context, new_tokens, label)], model)
             if teacher_model is None:
                 continue
             for label, kwargs in ((TEACHER_DEFAULT, {}), (TEACHER_STATIC, {"cache_implementation": "static"})):
                 try:
-                    rows.append(generate_throughput(teacher_model, batch, context, new_tokens, label, **kwargs))
+                    row = generate_throughput(teacher_model, batch, context, new_tokens, label, **kwargs)
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
-                    rows.append({"model": label, "batch": batch, "context": context, "tokens_per_s": "OOM"})
+                    row = {"model": label, "batch": batch, "context": context, "tokens_per_s": "OOM"}
+                rows += _with_floor([row], teacher_model)
     return rows
 
 
@@ -438,16 +504,19 @@ def _teacher_decode(model: nn.Module, batch: int, context: int, new_tokens: int,
     modes = {TEACHER_DEFAULT: contextlib.nullcontext()}
     if cuda:
         modes[TEACHER_NO_CUDNN] = _sdpa_without_cudnn()
+    teacher = teacher_view(model)
     try:
-        return decode_throughput(teacher_view(model), batch, context, modes, new_tokens)
+        rows = decode_throughput(teacher, batch, context, modes, new_tokens)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
-        return [{"model": label, "batch": batch, "context": context, "tokens_per_s": "OOM"} for label in modes]
+        rows = [{"model": label, "batch": batch, "context": context, "tokens_per_s": "OOM"} for label in modes]
+    return _with_floor(rows, teacher)
 
 
 def decode_ratios(rows: list[dict]) -> list[dict]:
     """Per batch and context: GSA's tokens/s (its fastest mode measured: compiled captured steps, captured steps,
-    eager) over the faster teacher's."""
+    eager) over the faster teacher's, and the ratio of their steps' bytes (``bytes ratio``: the speed-up if both
+    decoded at their memory floor; a measured ratio above it comes from the teacher's other costs, e.g. its host)."""
     out = []
     cells = dict.fromkeys((r["batch"], r["context"]) for r in rows)
     for batch, context in cells:
@@ -460,6 +529,10 @@ def decode_ratios(rows: list[dict]) -> list[dict]:
             row["GSA / best teacher"] = f"{gsa / max(teachers):.2f}x"
         elif any(k.startswith("teacher") for k in cell):
             row["GSA / best teacher"] = "teacher OOM"
+        step_mb = {r["model"].startswith("teacher"): r["step_mb"] for r in rows
+                   if (r["batch"], r["context"]) == (batch, context) and "step_mb" in r}  # fmt: skip
+        if len(step_mb) == 2:
+            row["bytes ratio"] = f"{step_mb[True] / step_mb[False]:.2f}x"
         if cell.get(GSA_GRAPHS) and cell.get(GSA_EAGER):
             row["graphs / eager"] = f"{cell[GSA_GRAPHS] / cell[GSA_EAGER]:.2f}x"
         out.append(row)

@@ -1,0 +1,89 @@
+"""Where a step's time goes: the device's busy time and its kernels by family, beside the step's wall time.
+
+A small model's training step is bound by its host, not its kernels (docs/benchmarks.md). A tokens/s ratio then
+says little about what faster kernels or fewer launches would buy; the busy time does. Both models' busy times
+come from the same run as their wall times, so the ratio's ceiling (both sides at their device time, as CUDA
+graphs would run them) is measured, not estimated.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+
+# Checked in this order; a kernel's family is the first whose pattern its name matches.
+FAMILIES = (
+    ("attention", re.compile(r"flash|fmha|attention|attn|cudnn", re.I)),
+    ("gemm", re.compile(r"gemm|cutlass|xmma|nvjet|cublas|matmul|wgmma", re.I)),
+    ("inductor", re.compile(r"^triton_")),  # torch.compile's generated kernels
+)
+_FAMILY_ORDER = ("gsa", "t2r", *(label for label, _ in FAMILIES), "other")  # the columns, in this order
+
+
+@functools.cache
+def _gsa_kernels() -> frozenset[str]:
+    """The chunked GSA op's Triton kernels, by name (what the profiler calls them)."""
+    try:
+        from t2r.kernels import chunk_jit
+    except ImportError:  # no triton: no GSA kernel can have run
+        return frozenset()
+    return frozenset(name for name in vars(chunk_jit) if name.endswith("_kernel"))
+
+
+def family(name: str) -> str:
+    """``gsa`` (the chunked GSA op), ``t2r`` (our other Triton kernels: norms, prologue, MLP, RoPE, decoding),
+    ``attention``, ``gemm``, ``inductor`` or ``other`` (elementwise, reductions, copies)."""
+    if name in _gsa_kernels():
+        return "gsa"
+    if re.fullmatch(r"_\w+_kernel", name):
+        return "t2r"
+    return next((label for label, pattern in FAMILIES if pattern.search(name)), "other")
+
+
+def busy_summary(kernels: Iterable[tuple[str, float, float]], steps: int) -> dict:
+    """Per step: the device's busy time (the union of the kernels' [start, end] intervals, in ms: overlapping
+    kernels count once), the number of kernels, and the kernels' own time by family (ms; these may add up to
+    more than the busy time where kernels overlap). ``kernels``: (name, start, end) in microseconds."""
+    kernels = sorted(kernels, key=lambda k: k[1])
+    busy, end = 0.0, float("-inf")
+    by_family: dict[str, float] = {}
+    for name, start, stop in kernels:
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+        label = family(name)
+        by_family[label] = by_family.get(label, 0.0) + (stop - start)
+    row = {"gpu_ms": round(busy / steps / 1e3, 3), "kernels": round(len(kernels) / steps)}
+    return row | {f"{label}_ms": round(by_family.get(label, 0.0) / steps / 1e3, 3) for label in _FAMILY_ORDER}
+
+
+def check_profile(device: str) -> None:
+    """Before a benchmark runs: a profile of GPU kernels needs the run to be on a GPU."""
+    from t2r.devices import resolve_device
+    from t2r.errors import T2RError
+
+    if torch.device(resolve_device(device)).type != "cuda":
+        raise T2RError(f"--profile measures the GPU's busy time; the run is on {device!r}: give a CUDA device")
+
+
+def profile_steps(step: Callable[[], None], steps: int) -> dict:
+    """Run ``step`` ``steps`` times on the GPU under torch's profiler: :func:`busy_summary` of the device's
+    kernels, and the wall time per step of the profiled steps (``profiled_step_ms``; the profiler adds host
+    time of its own, so tokens/s come from the unprofiled steps)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels = [
+        (e.name, e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA
+    ]
+    return {"profiled_step_ms": round(wall / steps * 1e3, 2)} | busy_summary(kernels, steps)
