@@ -3,9 +3,12 @@
 # tunables at two shapes (our kernels only), then `t2r bench kernels` (with FLA when its wheels are in /tmp/site).
 # `fusions`: the inference fusions (tests; graphs and the fused paths against the reference with the RoPE and
 # window-step kernels on; the hybrid's decoding with them off and on), the check behind turning those on by default.
-# `train`: the training fusions (fused norms and prologue: their tests, then whole steps against the teacher with
-# them off and on in one run), the check behind turning those on by default.
-# Usage: benchmarks/gpu/kernels.sh [tests] [fusions] [train] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
+# `train`: the training fusions (their tests, then whole steps against the teacher with them off and on in one run,
+# each row with its GPU busy time: the ratio's ceiling without host time), the check behind turning those on by
+# default. `variants`: the same steps with kernel tunables changed (kept states and softmax, merged reverse walks,
+# 8 warps).
+# `gqa`: the kernels at real models' GQA shapes; `gqa-ab`: an A/B there against another revision's kernels (AB_OLD).
+# Usage: benchmarks/gpu/kernels.sh [tests] [fusions] [train] [variants] [gqa] [gqa-ab] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
 set -uo pipefail
 source benchmarks/gpu/env.sh  # carried wheels (FLA for the comparison) in /root/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -26,11 +29,25 @@ fusions)
       --context 32768 --batch 1 --batch 16 --no-teacher --json "$OUT/hybrid_fusions_$on.json" 2>&1 | grep "^GSA" | sed "s/^/[on=$on] /"
   done ;;
 train)
-  python -m pytest -q -p no:cacheprovider tests/test_fusions.py tests/test_gsa_triton.py \
-    -k "gradients or prologue or opt_in or launches or model_forward" -rf 2>&1 |
+  python -m pytest -q -p no:cacheprovider tests/test_fusions.py tests/test_gsa_triton.py tests/test_bench.py \
+    -k "gradients or prologue or opt_in or launches or model_forward or profiled or merged_reverse" -rf 2>&1 |
     tee "$OUT/pytest_gpu_train_fusions.log" | tail -5
-  python -m t2r.cli bench train --shape smollm2-135m --seq 4096 --seq 16384 --batch 1 --steps 10 --fusions \
+  python -m t2r.cli bench train --shape smollm2-135m --seq 4096 --seq 16384 --batch 1 --steps 10 --fusions --profile 3 \
     --json "$OUT/bench_train_fusions.json" 2>&1 | tee "$OUT/bench_train_fusions.log" | tail -8 ;;
+variants)
+  # Kernel tunables in whole steps, each beside the teacher (a call of its own: every variant compiles its kernels).
+  python -m t2r.cli bench train --shape smollm2-135m --seq 4096 --seq 16384 --batch 1 --steps 10 --profile 3 \
+    --tuning save_states=1,save_probs=1 --tuning merged_rev=1 --tuning warps=8 --tuning fwd_warps=8 \
+    --json "$OUT/bench_train_variants.json" 2>&1 | tee "$OUT/bench_train_variants.log" | tail -14 ;;
+gqa)
+  # Real models' GQA layer shapes (SmolLM2: 9 heads over 3 KV heads of 64; Mistral-7B: 32 over 8 of 128), which the
+  # default issue shape (no GQA) never timed.
+  python -m t2r.cli bench kernels --layer smollm2-135m --layer mistral-7b --shape 1x4096 --shape 1x16384 \
+    --decode-batch 16 --json "$OUT/bench_kernels_gqa.json" 2>&1 | tee "$OUT/bench_kernels_gqa.log" | tail -12 ;;
+gqa-ab)
+  # AB_OLD=DIR: another revision's t2r/kernels (carried untracked, e.g. from `git archive f98e2d3 t2r/kernels`, the
+  # last with unrolled heads) beside this one in one process, at the GQA shapes.
+  LAYERS=smollm2-135m,mistral-7b python benchmarks/ab_kernels.py "$AB_OLD" 2>&1 | tee "$OUT/ab_gqa.log" ;;
 sweep)
   IFS=';' read -ra CFGS <<< "${SWEEP:-64 16 tf32 2;64 16 half 2;128 32 half 2;64 16 half 1;64 32 half 2}"
   for cfg in "${CFGS[@]}"; do
