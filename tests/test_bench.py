@@ -93,6 +93,25 @@ def test_a_profile_sums_the_gpus_busy_time_and_sorts_kernels_into_families():
     assert busy_summary([], steps=1)["gpu_ms"] == 0
 
 
+def test_a_profile_finds_the_hosts_time_in_our_autograd_functions():
+    """The autograd engine's wrapper and the backward node nested in it count once; other host events not at all."""
+    from t2r.bench.profile import host_summary
+    from t2r.kernels import norm  # noqa: F401  (defines _RMSNormFunction)
+
+    events = [  # (name, start us, end us), two steps' worth
+        ("_GSAFunction", 0, 300),
+        ("aten::mm", 100, 200),  # inside the op: part of its time already
+        ("aten::add", 400, 500),
+        ("autograd::engine::evaluate_function: _GSAFunctionBackward", 1000, 1600),
+        ("_GSAFunctionBackward", 1050, 1550),
+        ("autograd::engine::evaluate_function: _RMSNormFunctionBackward", 2000, 2100),
+        ("autograd::engine::evaluate_function: MmBackward0", 2100, 2400),
+        ("_OtherFunction", 3000, 4000),
+    ]
+    assert host_summary(events, steps=2) == {"t2r_host_ms": 0.5}
+    assert host_summary([], steps=1) == {"t2r_host_ms": 0}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="profiles the GPU's kernels")
 def test_a_profiled_training_step_finds_the_gsa_kernels_and_the_gpus_busy_time():
     from t2r.bench.throughput import shaped_model, train_throughput
@@ -101,6 +120,7 @@ def test_a_profiled_training_step_finds_the_gsa_kernels_and_the_gpus_busy_time()
     row = train_throughput(model, batch=1, seq=256, steps=1, warmup=1, profile=2)
     assert 0 < row["gpu_ms"] <= row["profiled_step_ms"] and row["kernels"] > 30 * 10
     assert row["gsa_ms"] > 0 and row["gemm_ms"] > 0 and row["attention_ms"] == 0  # GSA layers: no softmax attention
+    assert 0 < row["t2r_host_ms"] < row["profiled_step_ms"] and row["host_ms"] > 0
 
 
 def test_bench_train_refuses_a_bad_variant_before_it_runs(tiny_converted, capsys):
@@ -221,6 +241,7 @@ def test_a_failing_profiler_keeps_the_rows_timings(tiny_converted, monkeypatch):
     monkeypatch.setattr(t2r.bench.profile, "profile_steps", broken)
     row = train_throughput(load_converted(tiny_converted), batch=1, seq=16, steps=1, warmup=0, profile=2)
     assert row["tokens_per_s"] > 0 and row["profile_error"] == "CUPTI could not be initialised"
+    assert 0 < row["host_ms"] <= row["step_s"] * 1e3 * 1.5  # one step timed: its issue time is (about) its time
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])

@@ -36,7 +36,7 @@ train)
     --json "$OUT/bench_train_fusions.json" 2>&1 | tee "$OUT/bench_train_fusions.log" | tail -8 ;;
 variants)
   # Kernel tunables in whole steps, each beside the teacher (a call of its own: every variant compiles its kernels).
-  python -m t2r.cli bench train --shape smollm2-135m --seq 4096 --seq 16384 --batch 1 --steps 10 --profile 3 \
+  python -m t2r.cli bench train --shape smollm2-135m --seq 4096 --seq 16384 --batch 1 --steps 10 --profile 3 --fusions \
     --tuning save_states=1,save_probs=1 --tuning merged_rev=1 --tuning warps=8 --tuning fwd_warps=8 \
     --json "$OUT/bench_train_variants.json" 2>&1 | tee "$OUT/bench_train_variants.log" | tail -14 ;;
 gqa)
@@ -45,7 +45,7 @@ gqa)
   python -m t2r.cli bench kernels --layer smollm2-135m --layer mistral-7b --shape 1x4096 --shape 1x16384 \
     --decode-batch 16 --json "$OUT/bench_kernels_gqa.json" 2>&1 | tee "$OUT/bench_kernels_gqa.log" | tail -12 ;;
 gqa-ab)
-  # AB_OLD=DIR: another revision's t2r/kernels (carried untracked, e.g. from `git archive f98e2d3 t2r/kernels`, the
+  # AB_OLD=DIR: another revision's t2r/kernels (carried untracked, e.g. from `git archive 9f23b4e t2r/kernels`, the
   # last with unrolled heads) beside this one in one process, at the GQA shapes.
   LAYERS=smollm2-135m,mistral-7b python benchmarks/ab_kernels.py "$AB_OLD" 2>&1 | tee "$OUT/ab_gqa.log" ;;
 sweep)

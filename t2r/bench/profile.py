@@ -44,18 +44,42 @@ def family(name: str) -> str:
     return next((label for label, pattern in FAMILIES if pattern.search(name)), "other")
 
 
+def _union_us(intervals: Iterable[tuple[float, float]]) -> float:
+    """The length of the union of [start, end] intervals (overlapping or nested ones count once)."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        total += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    return total
+
+
+def _t2r_functions() -> frozenset[str]:
+    """Our autograd Functions' names, forward and backward, as the profiler records them (those imported so far:
+    a step that ran one has imported it)."""
+    names = {c.__name__ for c in torch.autograd.Function.__subclasses__() if c.__module__.startswith("t2r.")}
+    return frozenset(names | {f"{name}Backward" for name in names})
+
+
+def host_summary(events: Iterable[tuple[str, float, float]], steps: int) -> dict:
+    """Per step, the host's time inside our autograd Functions (GSA op, fused norms, prologue, MLP), forward and
+    backward, with their Triton launches (ms; under the profiler, which adds some). ``events``: the host's
+    (name, start, end) in microseconds; the autograd engine's wrapper and the node nested in it count once."""
+    ours = _t2r_functions()
+    prefix = "autograd::engine::evaluate_function: "
+    spans = [(start, stop) for name, start, stop in events if name.removeprefix(prefix) in ours]
+    return {"t2r_host_ms": round(_union_us(spans) / steps / 1e3, 3)}
+
+
 def busy_summary(kernels: Iterable[tuple[str, float, float]], steps: int) -> dict:
     """Per step: the device's busy time (the union of the kernels' [start, end] intervals, in ms: overlapping
     kernels count once), the number of kernels, and the kernels' own time by family (ms; these may add up to
     more than the busy time where kernels overlap). ``kernels``: (name, start, end) in microseconds."""
-    kernels = sorted(kernels, key=lambda k: k[1])
-    busy, end = 0.0, float("-inf")
+    kernels = list(kernels)
     by_family: dict[str, float] = {}
     for name, start, stop in kernels:
-        busy += max(0.0, stop - max(start, end))
-        end = max(end, stop)
         label = family(name)
         by_family[label] = by_family.get(label, 0.0) + (stop - start)
+    busy = _union_us((start, stop) for _, start, stop in kernels)
     row = {"gpu_ms": round(busy / steps / 1e3, 3), "kernels": round(len(kernels) / steps)}
     return row | {f"{label}_ms": round(by_family.get(label, 0.0) / steps / 1e3, 3) for label in _FAMILY_ORDER}
 
@@ -83,7 +107,8 @@ def profile_steps(step: Callable[[], None], steps: int) -> dict:
             step()
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
-    kernels = [
-        (e.name, e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA
-    ]
-    return {"profiled_step_ms": round(wall / steps * 1e3, 2)} | busy_summary(kernels, steps)
+    events = [(e.name, e.time_range.start, e.time_range.end, e.device_type) for e in prof.events()]
+    kernels = [event[:3] for event in events if event[3] == DeviceType.CUDA]
+    host = [event[:3] for event in events if event[3] == DeviceType.CPU]
+    row = {"profiled_step_ms": round(wall / steps * 1e3, 2)} | busy_summary(kernels, steps)
+    return row | host_summary(host, steps)

@@ -8,6 +8,7 @@ tensors without copying them, so only the attention differs. Results print as a 
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -111,11 +112,14 @@ def train_throughput(
         opt.zero_grad(set_to_none=True)
 
     _peak_reset()
+    issued = []  # per timed step: how long the host took to issue it (no sync inside a step)
     for i in range(warmup + steps):
         if i == warmup:
             _sync()
             start = time.perf_counter()
+        began = time.perf_counter()
         step()
+        issued.append(time.perf_counter() - began)
     _sync()
     seconds = (time.perf_counter() - start) / steps
     row = {
@@ -125,6 +129,8 @@ def train_throughput(
         "step_s": round(seconds, 4),
         "tokens_per_s": round(batch * seq / seconds),
         "peak_gb": round(_peak_gb(), 2),
+        # The median step's issue time: near step_s, the host is the bound (the device waits for launches).
+        "host_ms": round(statistics.median(issued[warmup:]) * 1e3, 2),
     }
     if profile:
         from t2r.bench.profile import profile_steps
