@@ -49,11 +49,16 @@ def test_bench_train_switches_the_fusions_and_the_reference_in_one_run(tiny_conv
     variants = ["fused_mlp=1,save_probs=1"]
     tp.run_train_bench(str(tiny_converted), None, [16], 1, 1, False, "meta", reference=True, fusions=True,
                        variants=variants)  # fmt: skip
-    mlp = tuple(name == "fused_mlp" for name in TRAINING_FUSIONS)
+    mlp = tuple(name == "fused_mlp" or flag for name, flag in zip(TRAINING_FUSIONS, default, strict=True))
     assert seen == [("GSA (full)", default, "auto"), ("GSA (full, fusions on)", (True,) * 4, "auto"),
                     ("GSA (full, fused_mlp=1,save_probs=1)", mlp, "auto"),
                     ("GSA, reference path (full)", default, "reference"),
                     ("teacher SDPA (full)", default, "auto")]  # fmt: skip
+    seen.clear()
+    for name in TRAINING_FUSIONS:  # all on (the defaults): the second row has them off
+        monkeypatch.setattr(TUNING, name, True)
+    tp.run_train_bench(str(tiny_converted), None, [16], 1, 1, False, "meta", fusions=True)
+    assert seen[:2] == [("GSA (full)", (True,) * 4, "auto"), ("GSA (full, fusions off)", (False,) * 4, "auto")]
 
 
 def test_bench_train_states_each_rows_ratio_to_the_teacher():
@@ -84,10 +89,16 @@ def test_a_profile_sums_the_gpus_busy_time_and_sorts_kernels_into_families():
         ("triton_poi_fused_add_mul_0", 5000, 5400),
         ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", 6000, 6200),
     ]
-    assert busy_summary(kernels, steps=2) == {
+    summary = busy_summary(kernels, steps=2)
+    top = summary.pop("top_kernels")
+    assert summary == {
         "gpu_ms": 1.9, "kernels": 3, "gsa_ms": 0.5, "t2r_ms": 0.1, "attention_ms": 0.5, "gemm_ms": 0.75,
         "inductor_ms": 0.2, "other_ms": 0.1,
     }  # fmt: skip
+    assert top[0] == {"kernel": "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "family": "gemm",
+                      "ms": 0.75, "calls": 0.5}  # fmt: skip
+    assert [k["kernel"] for k in top[1:3]] == ["_state_scan_kernel", "pytorch_flash::flash_fwd_kernel"]
+    assert top[-1]["kernel"] == "vectorized_elementwise_kernel" and len(top) == len(kernels)
     assert family("_bwd_rev_memories_kernel") == "gsa" and family("_decode_step_kernel") == "t2r"
     assert family("nvjet_tst_128x64_64x8_1x2_h_bz_coopA_TNT") == "gemm" and family("Memcpy DtoD") == "other"
     assert busy_summary([], steps=1)["gpu_ms"] == 0
@@ -273,3 +284,12 @@ def test_a_decoding_steps_floor_counts_weights_once_and_each_layers_cache(arch):
         assert decode_step_bytes(student, B, T) == weights + B * (2 * gsa_layer + kv * (span + 1))
         teacher_weights = sum(p.numel() * 4 for p in teacher.parameters())
         assert decode_step_bytes(teacher, B, T) == teacher_weights + B * L * kv * (span + 1)
+
+
+def test_tables_leave_a_profiles_kernel_list_to_the_json(capsys):
+    from t2r.bench.throughput import markdown_table, print_table
+
+    rows = [{"model": "GSA", "gpu_ms": 1.5, "top_kernels": [{"kernel": "k", "ms": 1.0}]}, {"model": "teacher"}]
+    print_table(rows)
+    assert capsys.readouterr().out.splitlines()[0].split() == ["model", "|", "gpu_ms"]
+    assert markdown_table(rows).splitlines()[2] == "| GSA | 1.5 |"

@@ -180,6 +180,27 @@ def test_merged_projections_match_the_modules(bias, monkeypatch):
         project(x, mods)
     assert len(calls) == 4
     calls.clear()
+    frozen = mods[1].weight.requires_grad_(False)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        saved = []
+        merged = project(x, mods)
+    # the backward concatenates the weights again: nothing is kept but x and the modules' own weights
+    assert {t.data_ptr() for t in saved} <= {x.data_ptr()} | {m.weight.data_ptr() for m in mods}
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # gradients in autocast's dtype, returned in the params'
+        x.grad = None
+        for m in mods:
+            m.zero_grad()
+        torch.autograd.backward(project(x, mods), dys)
+        got = [x.grad] + [p.grad for m in mods for p in m.parameters() if p.requires_grad]
+        x.grad = None
+        for m in mods:
+            m.zero_grad()
+        torch.autograd.backward([nn.Linear.forward(m, x) for m in mods], dys)
+        want = [x.grad] + [p.grad for m in mods for p in m.parameters() if p.requires_grad]
+    assert frozen.grad is None and all(g.dtype == torch.float32 for g in got)
+    assert all(rel_err(a, b) <= 1e-2 for a, b in zip(got, want, strict=True))
+    frozen.requires_grad_(True)
+    calls.clear()
 
     class LoraLike(nn.Linear):
         pass

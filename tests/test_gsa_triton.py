@@ -422,11 +422,11 @@ def test_a_decoding_step_launches_few_kernels_per_layer(monkeypatch, window, mlp
 def test_a_training_step_launches_few_kernels_per_layer(monkeypatch):
     """A small model's training step is bound by its host time, a launch at a time (docs/benchmarks.md). Per GSA
     layer, forward and backward, with the training fusions (tuning.TRAINING_FUSIONS): 12 GEMMs (q/k/v/gates and
-    gate/up merged: 4 forward, 8 backward), 2 concatenations of weights and 2 of the merged outputs' gradients,
-    10 GSA launches, 6 for the 3 norms and 3 sums of their weights' gradients, 2 for the prologue, 2 for the MLP's
-    activation, silu on the output and its gradient, 2 residual adds and 2 gradient sums: 45 (125 without the
-    fusions; 105 for the teacher's layer). Counted as 4 layers minus 2, after a first step (which builds the
-    kernels' plan) and with no gradients to accumulate into."""
+    gate/up merged: 4 forward, 8 backward), 4 concatenations of weights (again in the backward: the copy is not
+    kept) and 2 of the merged outputs' gradients, 10 GSA launches, 6 for the 3 norms and 3 sums of their weights'
+    gradients, 2 for the prologue, 2 for the MLP's activation, silu on the output and its gradient, 2 residual adds
+    and 2 gradient sums: 47 (125 without the fusions; 105 for the teacher's layer). Counted as 4 layers minus 2,
+    after a first step (which builds the kernels' plan) and with no gradients to accumulate into."""
     from conftest import tiny_gsa_model
 
     monkeypatch.setattr(TUNING, "impl", "triton")
@@ -443,7 +443,7 @@ def test_a_training_step_launches_few_kernels_per_layer(monkeypatch):
         with _Launches(monkeypatch) as launches:
             model(input_ids=ids, labels=ids).loss.backward()
         counts[layers] = launches.count
-    assert (counts[4] - counts[2]) / 2 <= 45, counts
+    assert (counts[4] - counts[2]) / 2 <= 47, counts
 
 
 def test_plans_are_reused_for_a_shape_or_a_packed_layout():

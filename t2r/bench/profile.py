@@ -76,12 +76,33 @@ def busy_summary(kernels: Iterable[tuple[str, float, float]], steps: int) -> dic
     more than the busy time where kernels overlap). ``kernels``: (name, start, end) in microseconds."""
     kernels = list(kernels)
     by_family: dict[str, float] = {}
+    by_name: dict[str, list[float]] = {}
     for name, start, stop in kernels:
         label = family(name)
         by_family[label] = by_family.get(label, 0.0) + (stop - start)
+        total = by_name.setdefault(name, [0.0, 0])
+        total[0] += stop - start
+        total[1] += 1
     busy = _union_us((start, stop) for _, start, stop in kernels)
     row = {"gpu_ms": round(busy / steps / 1e3, 3), "kernels": round(len(kernels) / steps)}
-    return row | {f"{label}_ms": round(by_family.get(label, 0.0) / steps / 1e3, 3) for label in _FAMILY_ORDER}
+    row |= {f"{label}_ms": round(by_family.get(label, 0.0) / steps / 1e3, 3) for label in _FAMILY_ORDER}
+    top = sorted(by_name.items(), key=lambda item: -item[1][0])[:TOP]
+    row["top_kernels"] = [
+        {"kernel": short_name(name), "family": family(name), "ms": round(us / steps / 1e3, 3), "calls": n / steps}
+        for name, (us, n) in top
+    ]
+    return row
+
+
+TOP = 12  # kernels listed by their time per step (JSON only: what a family's time is made of)
+
+
+def short_name(name: str) -> str:
+    """A kernel's name without C++ return type, namespaces' noise and template arguments (CUDA's names run to
+    hundreds of characters)."""
+    name = name.removeprefix("void ")
+    name = re.sub(r"<.*", "", name)  # template arguments and everything after
+    return name.removeprefix("at::native::")[:80]
 
 
 def check_profile(device: str) -> None:

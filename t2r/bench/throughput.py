@@ -242,10 +242,15 @@ def generate_throughput(
     }
 
 
+def _columns(rows: list[dict]) -> list[str]:
+    """The keys of scalar values, in first-seen order (lists, such as a profile's top kernels, stay in the JSON)."""
+    return list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, list | dict)))
+
+
 def print_table(rows: list[dict]) -> None:
     if not rows:
         return
-    keys = list(dict.fromkeys(k for r in rows for k in r))
+    keys = _columns(rows)
     widths = {k: max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys}
     print(" | ".join(k.ljust(widths[k]) for k in keys))
     print("-|-".join("-" * widths[k] for k in keys))
@@ -254,7 +259,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
+    keys = _columns(rows)
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
     return "\n".join(lines)

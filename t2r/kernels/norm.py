@@ -1,7 +1,8 @@
 """RMSNorm in one launch: transformers' Llama-family RMSNorm, whose eager form is eight launches per call and three
 calls per decoder layer, the largest share of a small model's decoding step (docs/benchmarks.md). Under autograd
-(opt-in, ``TUNING.fused_norm_grad``) the forward keeps only its input and one fp32 statistic per row, where the eager
-form keeps an fp32 copy of the normalised rows too, and the backward is one launch plus the weight gradient's sum.
+(``TUNING.fused_norm_grad``, on by default) the forward keeps only its input and one fp32 statistic per row, where
+the eager form keeps an fp32 copy of the normalised rows too, and the backward is one launch plus the weight
+gradient's sum.
 Reference: :func:`reference.rms_norm_reference`."""
 
 from __future__ import annotations

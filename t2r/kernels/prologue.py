@@ -1,4 +1,4 @@
-"""A GSA layer's input maps in one launch each way (opt-in, ``TUNING.fused_prologue``): the q/k feature map, silu
+"""A GSA layer's input maps in one launch each way (``TUNING.fused_prologue``, on by default): the q/k feature map, silu
 values, log alpha = logsigmoid(f) / normalizer and the write weights 1 - alpha from the layer's projections, with
 padding rows that neither write nor decay. In PyTorch these are about seven launches forward and eight backward per
 layer, and autograd keeps fp32 copies of the gate logits; here the backward keeps only the projections.

@@ -1,6 +1,6 @@
-"""silu(gate) * up in one launch each way (opt-in, ``TUNING.fused_mlp``): an MLP's activation, two launches forward
-and three backward in PyTorch, which also keeps silu(gate) for the backward; here the backward keeps only gate and
-up (views of one merged projection or two tensors). Reference: :func:`reference.swiglu_reference`."""
+"""silu(gate) * up in one launch each way (``TUNING.fused_mlp``, on by default): an MLP's activation, two launches
+forward and three backward in PyTorch, which also keeps silu(gate) for the backward; here the backward keeps only
+gate and up (views of one merged projection or two tensors). Reference: :func:`reference.swiglu_reference`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Several linear projections of one input as one GEMM (opt-in, ``TUNING.merged_projections``): a GSA layer's
+"""Several linear projections of one input as one GEMM (``TUNING.merged_projections``, on by default): a GSA layer's
 q, k, v and slot gates, an MLP's gate and up. Under autograd this saves launches both ways (one GEMM for the
 weights' gradients, one for the input's, and no sums of the input's partial gradients), which bounds a small
 model's training step. The weights stay the modules' own parameters (checkpoints, optimizers and peft see no
@@ -27,11 +27,49 @@ def _mergeable(modules: tuple[nn.Module, ...]) -> bool:
     return same and len({m.bias is None for m in modules}) == 1
 
 
+class _MergedLinear(torch.autograd.Function):
+    """x @ cat(weights).T (+ cat(biases)) with one GEMM each way. The concatenated weights are not kept for the
+    backward, which concatenates them again: keeping them would hold a second copy of every merged weight until
+    the backward (~7.5 GB of MLP weights at 7B without checkpointing). Gradients take the output gradient's dtype,
+    the one the forward ran in (autocast's), and are returned in each input's own."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, n: int, *params: torch.Tensor | None) -> torch.Tensor:
+        weights, biases = params[:n], params[n:]
+        bias = None if biases[0] is None else torch.cat(biases)
+        ctx.n = n
+        ctx.save_for_backward(x, *weights)
+        ctx.bias_dtype = None if bias is None else biases[0].dtype
+        return F.linear(x, torch.cat(weights), bias)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, *weights = ctx.saved_tensors
+        need_x, _, *need = ctx.needs_input_grad
+        dt, sizes = dy.dtype, [w.shape[0] for w in weights]
+        rows = dy.reshape(-1, dy.shape[-1])
+        dx = None
+        if need_x:
+            dx = (dy @ torch.cat(weights).to(dt)).to(x.dtype)
+        dws: list[torch.Tensor | None] = [None] * ctx.n
+        if any(need[: ctx.n]):
+            dw = rows.T @ x.reshape(-1, x.shape[-1]).to(dt)
+            dws = [
+                g.to(w.dtype) if req else None
+                for g, w, req in zip(dw.split(sizes), weights, need[: ctx.n], strict=True)
+            ]
+        dbs: list[torch.Tensor | None] = [None] * ctx.n
+        if ctx.bias_dtype is not None and any(need[ctx.n :]):
+            db = rows.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+            dbs = [g if req else None for g, req in zip(db.split(sizes), need[ctx.n :], strict=True)]
+        return dx, None, *dws, *dbs
+
+
 def project(x: torch.Tensor, modules: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
-    """Each module applied to ``x``: one GEMM over the concatenated weights (outputs are views of its result)
-    where :func:`_mergeable` holds, autograd is on and ``TUNING.merged_projections``; else one call each."""
+    """Each module applied to ``x``: one GEMM over the concatenated weights each way (outputs are views of its
+    result) where :func:`_mergeable` holds, autograd is on and ``TUNING.merged_projections``; else one call each."""
     if TUNING.merged_projections and torch.is_grad_enabled() and _mergeable(modules):
-        weight = torch.cat([m.weight for m in modules])
-        bias = None if modules[0].bias is None else torch.cat([m.bias for m in modules])
-        return F.linear(x, weight, bias).split([m.out_features for m in modules], dim=-1)
+        params = [m.weight for m in modules] + [m.bias for m in modules]
+        y = _MergedLinear.apply(x, len(modules), *params)
+        return y.split([m.out_features for m in modules], dim=-1)
     return tuple(m(x) for m in modules)
