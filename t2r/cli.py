@@ -250,6 +250,9 @@ def bench_train(
     profile: Annotated[
         int, typer.Option(help="profile this many more steps per row: GPU busy time, kernels by family", min=0)
     ] = 0,
+    rounds: Annotated[
+        int, typer.Option(help="time every row this many times, the rows taking turns; report each row's median", min=1)
+    ] = 1,
     device: Annotated[str, typer.Option(help="device")] = "cuda",
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
     record: Annotated[Path | None, typer.Option(help=RECORD_HELP)] = None,
@@ -261,7 +264,7 @@ def bench_train(
     check_outputs(json_out, record)
     rows = run_train_bench(
         model, shape, seq or [2048, 4096], batch, steps, lora, device, reference, compile, fusions, profile,
-        tuning or (),
+        tuning or (), rounds,
     )  # fmt: skip
     print_table(rows)
     write_outputs(rows, json_out, record, _command(), device=device)

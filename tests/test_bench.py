@@ -293,3 +293,31 @@ def test_tables_leave_a_profiles_kernel_list_to_the_json(capsys):
     print_table(rows)
     assert capsys.readouterr().out.splitlines()[0].split() == ["model", "|", "gpu_ms"]
     assert markdown_table(rows).splitlines()[2] == "| GSA | 1.5 |"
+
+
+def test_bench_train_rounds_take_turns_and_report_each_rows_median(tiny_converted, monkeypatch):
+    """--rounds 3: student and teacher alternate (a drifting host slows all rows alike), each row reports its
+    median round with the rounds' spread, and only the last round is profiled."""
+    import t2r.bench.throughput as tp
+
+    times = iter([0.30, 0.20, 0.10, 0.40, 0.50, 0.20])  # round by round: student, teacher
+    calls = []
+
+    def measure(model, batch, seq, steps, label, profile):
+        step = next(times)
+        calls.append((label, profile))
+        row = {"model": label, "seq": seq, "step_s": step, "tokens_per_s": round(seq / step)}
+        return row | ({"gpu_ms": 50.0 if label.startswith("GSA") else 40.0} if profile else {})
+
+    monkeypatch.setattr(tp, "train_throughput", measure)
+    monkeypatch.setattr("t2r.bench.profile.check_profile", lambda device: None)
+    rows = tp.run_train_bench(str(tiny_converted), None, [16], 1, 1, False, "meta", profile=2, rounds=3)
+    assert calls == [("GSA (full)", 0), ("teacher SDPA (full)", 0)] * 2 + [
+        ("GSA (full)", 2),
+        ("teacher SDPA (full)", 2),
+    ]
+    student, teacher = rows
+    assert (student["step_s"], student["rounds"], student["spread"], student["gpu_ms"]) == (0.3, 3, 1.333, 50.0)
+    assert (teacher["step_s"], teacher["spread"], teacher["gpu_ms"]) == (0.2, 1.0, 40.0)
+    assert student["x_teacher"] == round(student["tokens_per_s"] / teacher["tokens_per_s"], 3)
+    assert tp.median_rounds([{"model": "a", "step_s": 2.0}, {"model": "a", "step_s": 1.0}])[0]["step_s"] == 1.0

@@ -5,7 +5,7 @@
 # window-step kernels on; the hybrid's decoding with them off and on), the check behind turning those on by default.
 # `train`: the training fusions (their tests, then whole steps against the teacher with them off and on in one run,
 # each row with its GPU busy time: the ratio's ceiling without host time), the check behind turning those on by
-# default. `variants`: the same steps with kernel tunables changed (kept states and softmax, merged reverse walks,
+# default. `variants`: the same steps with kernel tunables changed (smaller scan blocks, kept states and softmax,
 # 8 warps).
 # `gqa`: the kernels at real models' GQA shapes; `gqa-ab`: an A/B there against another revision's kernels (AB_OLD).
 # Usage: benchmarks/gpu/kernels.sh [tests] [fusions] [train] [variants] [gqa] [gqa-ab] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
@@ -33,11 +33,13 @@ train)
     -k "gradients or prologue or opt_in or launches or model_forward or profiled or merged_reverse" -rf 2>&1 |
     tee "$OUT/pytest_gpu_train_fusions.log" | tail -5
   python -m t2r.cli bench train --shape smollm2-135m --seq 4096 --seq 16384 --batch 1 --steps 10 --fusions --profile 3 \
-    --json "$OUT/bench_train_fusions.json" 2>&1 | tee "$OUT/bench_train_fusions.log" | tail -8 ;;
+    --rounds 3 --json "$OUT/bench_train_fusions.json" 2>&1 | tee "$OUT/bench_train_fusions.log" | tail -8 ;;
 variants)
   # Kernel tunables in whole steps, each beside the teacher (a call of its own: every variant compiles its kernels).
-  python -m t2r.cli bench train --shape smollm2-135m --seq 4096 --seq 16384 --batch 1 --steps 10 --profile 3 --fusions \
-    --tuning save_states=1,save_probs=1 --tuning merged_rev=1 --tuning warps=8 --tuning fwd_warps=8 \
+  # The memories' scans were 43 of the GSA op's 64 ms per step at 16k (H200, 2026-12-05): 24 programs at SmolLM2's
+  # 3 KV heads; smaller row blocks (state_block) give them 48 or 96.
+  python -m t2r.cli bench train --shape smollm2-135m --seq 4096 --seq 16384 --batch 1 --steps 10 --profile 3 --rounds 2 \
+    --tuning state_block=16 --tuning state_block=32 --tuning save_states=1,save_probs=1 --tuning warps=8 \
     --json "$OUT/bench_train_variants.json" 2>&1 | tee "$OUT/bench_train_variants.log" | tail -14 ;;
 gqa)
   # Real models' GQA layer shapes (SmolLM2: 9 heads over 3 KV heads of 64; Mistral-7B: 32 over 8 of 128), which the

@@ -342,7 +342,7 @@ def load_bench_model(path: str | None, shape: str | None, device: str, window: i
 
 def run_train_bench(
     path, shape, seqs, batch, steps, lora, device, reference: bool = False, compile: bool = False,
-    fusions: bool = False, profile: int = 0, variants: Sequence[str] = (),
+    fusions: bool = False, profile: int = 0, variants: Sequence[str] = (), rounds: int = 1,
 ) -> list[dict]:  # fmt: skip
     """GSA student vs teacher (SDPA) training throughput; with ``lora`` the student trains LoRA r=8 on
     q/k/v/o plus the new parameters, with gradient checkpointing (the mistral-7b-fast setting). With ``compile``
@@ -350,8 +350,11 @@ def run_train_bench(
     ``fusions`` also times the student with the training fusions (tuning.TRAINING_FUSIONS) switched the other
     way, in the same run: the A/B behind their default; each of ``variants`` (tunables, as
     :func:`t2r.kernels.tuning.parse_changes` reads them) times it once more with those changed. ``profile``: steps
-    per row under the profiler (each row gains its GPU busy time and kernels by family; t2r.bench.profile). Student
-    rows carry their ratios to the teacher (:func:`teacher_ratios`)."""
+    per row under the profiler (each row gains its GPU busy time and kernels by family; t2r.bench.profile). With
+    ``rounds`` > 1 every row of a length is timed once per round, the rows taking turns (a host-bound step's time
+    drifts with the machine by 10-30% between runs; turns spread that drift over every row), and each row reports
+    its median round (:func:`median_rounds`; the profile runs in the last). Student rows carry their ratios to the
+    teacher (:func:`teacher_ratios`)."""
     from t2r.bench.profile import check_profile
     from t2r.train.compiled import compile_decoder_layers
 
@@ -368,32 +371,52 @@ def run_train_bench(
     settings += changed
     rows = []
     for seq in seqs:
+        timed = []
+        for turn in range(rounds):
 
-        def measure(m: nn.Module, label: str, seq: int = seq) -> dict:
-            return train_throughput(m, batch, seq, steps, label=label, profile=profile)
+            def measure(m: nn.Module, label: str, seq: int = seq, last: bool = turn == rounds - 1) -> dict:
+                return train_throughput(m, batch, seq, steps, label=label, profile=profile if last else 0)
 
-        if lora:
-            from t2r.train.recipe import LoraSettings, Stage
-            from t2r.train.trainable import configure_trainable
+            if lora:
+                from t2r.train.recipe import LoraSettings, Stage
+                from t2r.train.trainable import configure_trainable
 
-            stage = Stage(train="lora", lora=LoraSettings(r=8, alpha=16))
-            student, _ = configure_trainable(model, stage, 0)
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            for changes, label in settings:
-                with tuned(**changes):
-                    rows.append(measure(student, f"GSA + LoRA r8 (ckpt{tag}{label})"))
-            model = student.unload()
-        else:
-            for changes, label in settings:
-                with tuned(**changes):
-                    rows.append(measure(model, f"GSA (full{tag}{label})"))
-            if device != "cpu" and reference:
-                with tuned(impl="reference"):
-                    rows.append(measure(model, "GSA, reference path (full)"))
-            teacher = prepare(teacher_view(model))
-            rows.append(measure(teacher, f"teacher SDPA (full{tag})"))
-            model.zero_grad(set_to_none=True)
+                stage = Stage(train="lora", lora=LoraSettings(r=8, alpha=16))
+                student, _ = configure_trainable(model, stage, 0)
+                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                for changes, label in settings:
+                    with tuned(**changes):
+                        timed.append(measure(student, f"GSA + LoRA r8 (ckpt{tag}{label})"))
+                model = student.unload()
+            else:
+                for changes, label in settings:
+                    with tuned(**changes):
+                        timed.append(measure(model, f"GSA (full{tag}{label})"))
+                if device != "cpu" and reference:
+                    with tuned(impl="reference"):
+                        timed.append(measure(model, "GSA, reference path (full)"))
+                teacher = prepare(teacher_view(model))
+                timed.append(measure(teacher, f"teacher SDPA (full{tag})"))
+                model.zero_grad(set_to_none=True)
+        rows += median_rounds(timed) if rounds > 1 else timed
     return teacher_ratios(rows)
+
+
+def median_rounds(rows: list[dict]) -> list[dict]:
+    """Rows of one length timed in several rounds -> one per label, in first-seen order: the round with the median
+    step time (its own tokens/s, memory and issue time; the lower middle of an even count), with the rounds'
+    count, their spread ((slowest - fastest) / median step) and the profiled round's profile."""
+    merged = []
+    for label in dict.fromkeys(r["model"] for r in rows):
+        runs = [r for r in rows if r["model"] == label]
+        times = sorted(r["step_s"] for r in runs)
+        middle = times[(len(times) - 1) // 2]
+        row = dict(next(r for r in runs if r["step_s"] == middle))
+        for run in runs:  # the profile's keys, from the round that was profiled
+            row |= {k: v for k, v in run.items() if k not in row}
+        spread = (times[-1] - times[0]) / middle if middle else 0.0
+        merged.append(row | {"rounds": len(runs), "spread": round(spread, 3)})
+    return merged
 
 
 def _checked_changes(text: str) -> dict:
