@@ -181,6 +181,33 @@ class _Recorder:
         return self.kernel[grid]
 
 
+@pytest.mark.parametrize("parts", [2, 3, 8])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_two_level_scans_match_one_walk(monkeypatch, parts, packed):
+    """T2R_GSA_SCAN_PARTS: the forward scans (the forward's and the backward's recomputed one) in parts scanned in
+    parallel plus each part's carry give the one walk's outputs, final states and gradients, with parts of
+    unequal length, empty ones (more parts than segments) and empty sequences."""
+    if not CUDA:
+        monkeypatch.setattr(TUNING, "segment", 16)  # several segments per sequence at the interpreter's lengths
+    if packed:
+        lengths = [5, 0, 150, 700, 1] if CUDA else [5, 0, 40, 16, 1]
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+        inputs, h0 = make_inputs(1, sum(lengths), 6, 2, 64 if CUDA else 16, 32, 32 if CUDA else 16,
+                                 N=len(lengths), device=DEVICE)  # fmt: skip
+        kw = dict(cu_seqlens=cu)
+    else:
+        inputs, h0 = make_inputs(*SHAPES[1], device=DEVICE)
+        kw = {}
+    want = run_with_grads(kernels.gsa_chunk_triton, inputs, h0, **kw)
+    monkeypatch.setattr(TUNING, "scan_parts", parts)
+    called = []
+    for name in ("_state_parts_kernel", "_state_carry_kernel", "_state_scan_kernel"):
+        monkeypatch.setattr(kernels, name, _Recorder(getattr(kernels, name), name, called))
+    got = run_with_grads(kernels.gsa_chunk_triton, inputs, h0, **kw)
+    assert called == ["_state_parts_kernel", "_state_carry_kernel"] * 2 + ["_state_scan_kernel"]  # reverse: one walk
+    compare(got, [want[0], want[1], want[2], want[3]], 1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernels_match_oracle_half(dtype):
     B, T, H, Hkv, K, V, M = SHAPES[1]

@@ -25,7 +25,15 @@ def test_environment_sets_the_defaults(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(segment=48), dict(subchunk=8), dict(segment=16, subchunk=32), dict(dot="half:nope"), dict(impl="cuda")]
+    "bad",
+    [
+        dict(segment=48),
+        dict(subchunk=8),
+        dict(segment=16, subchunk=32),
+        dict(dot="half:nope"),
+        dict(impl="cuda"),
+        dict(scan_parts=0),
+    ],
 )
 def test_bad_values_are_refused_and_nothing_changes(bad):
     before = dict(vars(TUNING))

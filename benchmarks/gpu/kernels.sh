@@ -8,7 +8,8 @@
 # default. `variants`: the same steps with kernel tunables changed (smaller scan blocks, kept states and softmax,
 # 8 warps).
 # `gqa`: the kernels at real models' GQA shapes; `gqa-ab`: an A/B there against another revision's kernels (AB_OLD).
-# Usage: benchmarks/gpu/kernels.sh [tests] [fusions] [train] [variants] [gqa] [gqa-ab] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
+# `scan`: the forward scans in parts and in smaller row blocks, kernels alone.
+# Usage: benchmarks/gpu/kernels.sh [tests] [fusions] [train] [variants] [gqa] [gqa-ab] [scan] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
 set -uo pipefail
 source benchmarks/gpu/env.sh  # carried wheels (FLA for the comparison) in /root/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -39,7 +40,7 @@ variants)
   # The memories' scans were 43 of the GSA op's 64 ms per step at 16k (H200, 2026-12-05): 24 programs at SmolLM2's
   # 3 KV heads; smaller row blocks (state_block) give them 48 or 96.
   python -m t2r.cli bench train --shape smollm2-135m --seq 4096 --seq 16384 --batch 1 --steps 10 --profile 3 --rounds 2 \
-    --tuning state_block=16 --tuning state_block=32 --tuning save_states=1,save_probs=1 --tuning warps=8 \
+    --tuning state_block=16 --tuning state_block=32 --tuning scan_parts=4 --tuning scan_parts=8 \
     --json "$OUT/bench_train_variants.json" 2>&1 | tee "$OUT/bench_train_variants.log" | tail -14 ;;
 gqa)
   # Real models' GQA layer shapes (SmolLM2: 9 heads over 3 KV heads of 64; Mistral-7B: 32 over 8 of 128), which the
@@ -50,6 +51,16 @@ gqa-ab)
   # AB_OLD=DIR: another revision's t2r/kernels (carried untracked, e.g. from `git archive 9f23b4e t2r/kernels`, the
   # last with unrolled heads) beside this one in one process, at the GQA shapes.
   LAYERS=smollm2-135m,mistral-7b python benchmarks/ab_kernels.py "$AB_OLD" 2>&1 | tee "$OUT/ab_gqa.log" ;;
+scan)
+  # The forward scans in parts (T2R_GSA_SCAN_PARTS) and smaller row blocks (T2R_GSA_STATE_BLOCK), kernels alone at
+  # real models' shapes (each setting checked against the oracle by tests/test_gsa_triton.py -k two_level first).
+  python -m pytest -q -p no:cacheprovider tests/test_gsa_triton.py -k "two_level or scan_block" -rf 2>&1 | tail -2
+  for cfg in ${SCAN:-"1 64" "4 64" "8 64" "16 64" "1 16" "8 32"}; do
+    set -- $cfg
+    T2R_GSA_SCAN_PARTS=$1 T2R_GSA_STATE_BLOCK=$2 python -m t2r.cli bench kernels --no-fla --layer smollm2-135m \
+      --layer mistral-7b --shape 1x4096 --shape 1x16384 --json "$OUT/scan_$1_$2.json" 2>&1 | sed "s/^/[parts $1 rows $2] /" |
+      grep -v "^\[.*\] *$"
+  done ;;
 sweep)
   IFS=';' read -ra CFGS <<< "${SWEEP:-64 16 tf32 2;64 16 half 2;128 32 half 2;64 16 half 1;64 32 half 2}"
   for cfg in "${CFGS[@]}"; do

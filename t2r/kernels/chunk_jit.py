@@ -189,6 +189,119 @@ def _state_fwd_block(
 
 
 @triton.jit
+def _scan_part(cu_ptr, segoff_ptr, Hkv: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, PARTS: tl.constexpr):
+    """A two-level scan program's slot columns, part p of PARTS, (sequence x KV head) index, KV head, first token,
+    end, first segment of the sequence, and its part's segments [first, last) of the sequence's."""
+    m0 = tl.program_id(2) * BM
+    p = tl.program_id(1) % PARTS
+    i_nh = tl.program_id(1) // PARTS
+    n = i_nh // Hkv
+    bos = tl.load(cu_ptr + n).to(tl.int64)
+    eos = tl.load(cu_ptr + n + 1).to(tl.int64)
+    seg0 = tl.load(segoff_ptr + n).to(tl.int64)
+    nseg = tl.cdiv(eos - bos, BS)
+    length = tl.cdiv(nseg, PARTS)
+    first = tl.minimum(p * length, nseg)
+    return m0, p, i_nh, i_nh % Hkv, bos, eos, seg0, first, tl.minimum(first + length, nseg)
+
+
+@triton.jit
+def _state_parts_kernel(
+    xk_ptr, yk_ptr, xv_ptr, yv_ptr, b_ptr, bk_ptr, bv_ptr, partk_ptr, partv_ptr, dec_ptr, cu_ptr, segoff_ptr,
+    Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+    BM: tl.constexpr, PARTS: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """First level of the two-level forward scan (``TUNING.scan_parts``): each of a sequence's PARTS parts scanned from
+    a zero state, in parallel (programs below K / BD: the keys memory, the rest: the values memory)."""
+    pid = tl.program_id(0)
+    if pid < K // BD:
+        _state_part_block(xk_ptr, yk_ptr, b_ptr, bk_ptr, partk_ptr, dec_ptr, cu_ptr, segoff_ptr, pid * BD, True,
+                          Hkv, K, M, BS, BD, BM, PARTS, PREC)  # fmt: skip
+    else:
+        _state_part_block(xv_ptr, yv_ptr, b_ptr, bv_ptr, partv_ptr, dec_ptr, cu_ptr, segoff_ptr, (pid - K // BD) * BD,
+                          False, Hkv, V, M, BS, BD, BM, PARTS, PREC)  # fmt: skip
+
+
+@triton.jit
+def _state_part_block(
+    x_ptr, s_ptr, b_ptr, hbuf_ptr, part_ptr, dec_ptr, cu_ptr, segoff_ptr, d0, STORE_DEC: tl.constexpr,
+    Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+    PARTS: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """A [BD, BM] block of one memory over one part: each segment's state at its start relative to the part's
+    (hbuf, completed by ``_state_carry_kernel``), the part's own end state (part [N * Hkv, PARTS, D, M]) and, from the
+    keys' first row block, its total log decay (dec [N * Hkv, PARTS, M])."""
+    m0, p, i_nh, h, bos, eos, seg0, first, last = _scan_part(cu_ptr, segoff_ptr, Hkv, BS, BM, PARTS)
+    internal = _state_ptrs(d0 * M + m0, BD, BM, M, 1)
+    state = tl.zeros([BD, BM], dtype=tl.float32)
+    dec = tl.zeros([BM], dtype=tl.float32)
+    rt = tl.arange(0, BS)
+    for i in range(first, last):
+        tl.store(hbuf_ptr + ((seg0 + i) * Hkv + h) * D * M + internal, state)
+        t = bos + i * BS + rt
+        valid = t < eos
+        x = _load_cols(x_ptr, t, valid, Hkv, h, D, d0, BD)
+        s = _load_cols(s_ptr, t, valid, Hkv, h, M, m0, BM)
+        b, b_last = _segment_gates(b_ptr, t, valid, tl.minimum(bos + i * BS + BS, eos), Hkv, h, M, m0, BM)
+        state = state * tl.exp(b_last)[None, :] + _mm(tl.trans(x), s * tl.exp(b_last[None, :] - b), PREC)
+        dec += b_last
+    tl.store(part_ptr + (i_nh * PARTS + p) * D * M + internal, state)
+    if STORE_DEC:  # noqa: SIM102  (a constexpr, then a runtime test: kept apart for Triton)
+        if d0 == 0:
+            tl.store(dec_ptr + (i_nh * PARTS + p) * M + m0 + tl.arange(0, BM), dec)
+
+
+@triton.jit
+def _state_carry_kernel(
+    b_ptr, ik_ptr, iv_ptr, bk_ptr, bv_ptr, partk_ptr, partv_ptr, dec_ptr, ok_ptr, ov_ptr, cu_ptr, segoff_ptr,
+    Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+    BM: tl.constexpr, PARTS: tl.constexpr, HAS_INIT: tl.constexpr, STORE_OUT: tl.constexpr,
+):  # fmt: skip
+    """Second level of the two-level forward scan, both memories in one launch like the first."""
+    pid = tl.program_id(0)
+    if pid < K // BD:
+        _state_carry_block(b_ptr, ik_ptr, bk_ptr, partk_ptr, dec_ptr, ok_ptr, cu_ptr, segoff_ptr, M, 1, pid * BD,
+                           Hkv, K, M, BS, BD, BM, PARTS, HAS_INIT, STORE_OUT)  # fmt: skip
+    else:
+        _state_carry_block(b_ptr, iv_ptr, bv_ptr, partv_ptr, dec_ptr, ov_ptr, cu_ptr, segoff_ptr, 1, V,
+                           (pid - K // BD) * BD, Hkv, V, M, BS, BD, BM, PARTS, HAS_INIT, STORE_OUT)  # fmt: skip
+
+
+@triton.jit
+def _state_carry_block(
+    b_ptr, init_ptr, hbuf_ptr, part_ptr, dec_ptr, out_ptr, cu_ptr, segoff_ptr, stride_pd, stride_pm, d0,
+    Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+    PARTS: tl.constexpr, HAS_INIT: tl.constexpr, STORE_OUT: tl.constexpr,
+):  # fmt: skip
+    """A part's carry (the state at its start: the initial state through the earlier parts' end states and
+    decays; PARTS is small) added to each of its segments' states times the decay since the part's start. The decay
+    is per slot, so this is elementwise. The last part also stores the final state in the public layout given by
+    (stride_pd, stride_pm)."""
+    m0, p, i_nh, h, bos, eos, seg0, first, last = _scan_part(cu_ptr, segoff_ptr, Hkv, BS, BM, PARTS)
+    public = _state_ptrs(i_nh.to(tl.int64) * D * M + d0 * stride_pd + m0 * stride_pm, BD, BM, stride_pd, stride_pm)
+    internal = _state_ptrs(d0 * M + m0, BD, BM, M, 1)
+    rm = m0 + tl.arange(0, BM)
+    if HAS_INIT:
+        carry = tl.load(init_ptr + public).to(tl.float32)
+    else:
+        carry = tl.zeros([BD, BM], dtype=tl.float32)
+    for q in range(p):
+        decay = tl.exp(tl.load(dec_ptr + (i_nh * PARTS + q) * M + rm))
+        carry = carry * decay[None, :] + tl.load(part_ptr + (i_nh * PARTS + q) * D * M + internal)
+    cum = tl.zeros([BM], dtype=tl.float32)
+    for i in range(first, last):
+        ptrs = hbuf_ptr + ((seg0 + i) * Hkv + h) * D * M + internal
+        tl.store(ptrs, tl.load(ptrs) + carry * tl.exp(cum)[None, :])
+        seg_end = tl.minimum(bos + i * BS + BS, eos)
+        cum += tl.load(b_ptr + ((seg_end - 1) * Hkv + h) * M + rm)
+    if STORE_OUT:  # noqa: SIM102  (a constexpr, then a runtime test: kept apart for Triton)
+        if p == PARTS - 1:
+            decay = tl.exp(tl.load(dec_ptr + (i_nh * PARTS + p) * M + rm))
+            own = tl.load(part_ptr + (i_nh * PARTS + p) * D * M + internal)
+            tl.store(out_ptr + public, carry * decay[None, :] + own)
+
+
+@triton.jit
 def _state_bwd_block(
     x_ptr, y_ptr, b_ptr, dhT_ptr, dbuf_ptr, dh0_ptr, cu_ptr, segoff_ptr, stride_pd, stride_pm, d0,
     H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
