@@ -184,9 +184,9 @@ class _Recorder:
 @pytest.mark.parametrize("parts", [2, 3, 8])
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 def test_two_level_scans_match_one_walk(monkeypatch, parts, packed):
-    """T2R_GSA_SCAN_PARTS: the forward scans (the forward's and the backward's recomputed one) in parts scanned in
-    parallel plus each part's carry give the one walk's outputs, final states and gradients, with parts of
-    unequal length, empty ones (more parts than segments) and empty sequences."""
+    """T2R_GSA_SCAN_PARTS: every scan (the forward's, the backward's recomputed one and the gradients' reverse one)
+    in parts scanned in parallel plus each part's carry gives the one walk's outputs, final states and gradients,
+    with parts of unequal length, empty ones (more parts than segments) and empty sequences."""
     if not CUDA:
         monkeypatch.setattr(TUNING, "segment", 16)  # several segments per sequence at the interpreter's lengths
     if packed:
@@ -201,10 +201,12 @@ def test_two_level_scans_match_one_walk(monkeypatch, parts, packed):
     want = run_with_grads(kernels.gsa_chunk_triton, inputs, h0, **kw)
     monkeypatch.setattr(TUNING, "scan_parts", parts)
     called = []
-    for name in ("_state_parts_kernel", "_state_carry_kernel", "_state_scan_kernel"):
+    for name in ("_state_parts_kernel", "_state_rev_parts_kernel", "_state_carry_kernel", "_state_scan_kernel"):
         monkeypatch.setattr(kernels, name, _Recorder(getattr(kernels, name), name, called))
     got = run_with_grads(kernels.gsa_chunk_triton, inputs, h0, **kw)
-    assert called == ["_state_parts_kernel", "_state_carry_kernel"] * 2 + ["_state_scan_kernel"]  # reverse: one walk
+    # the forward's scan, the backward's recomputed one, the gradients' reverse scan
+    assert called == ["_state_parts_kernel", "_state_carry_kernel"] * 2 + ["_state_rev_parts_kernel",
+                                                                          "_state_carry_kernel"]  # fmt: skip
     compare(got, [want[0], want[1], want[2], want[3]], 1e-5)
 
 

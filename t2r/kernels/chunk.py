@@ -68,6 +68,7 @@ from .chunk_jit import (
     _slot_probs_kernel,
     _state_carry_kernel,
     _state_parts_kernel,
+    _state_rev_parts_kernel,
     _state_scan_kernel,
 )
 from .layout import cdiv
@@ -198,15 +199,17 @@ def _state_scan(xk, yk, xv, yv, b, init, plan, prec, Hkv: int, M: int, store_out
     outs = (empty(plan.N, Hkv, K, M, **f32), empty(plan.N, Hkv, M, V, **f32)) if store_out else bufs
     BD, BM, stages = _scan_blocks(K, V, M, Hkv, plan)
     P = TUNING.scan_parts
-    if P > 1 and not reverse and plan.NS:
+    if P > 1 and plan.NS:  # in two levels: P parts per sequence in parallel, then their carries
         parts = (empty(plan.N * Hkv, P, K, M, **f32), empty(plan.N * Hkv, P, V, M, **f32))
         dec = empty(plan.N * Hkv, P, M, **f32)
         grid = ((K + V) // BD, plan.N * Hkv * P, M // BM)
         common = dict(Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BD=BD, BM=BM, PARTS=P)
-        _state_parts_kernel[grid](xk, yk, xv, yv, b, *bufs, *parts, dec, plan.cu, plan.segoff, **common, PREC=prec,
-                                  num_warps=4, num_stages=stages)  # fmt: skip
+        first = _state_rev_parts_kernel if reverse else _state_parts_kernel
+        first[grid](xk, yk, xv, yv, b, *bufs, *parts, dec, plan.cu, plan.segoff, **common, PREC=prec,
+                    **(dict(H=H) if reverse else {}), num_warps=4, num_stages=stages)  # fmt: skip
         _state_carry_kernel[grid](b, *(init if init is not None else bufs), *bufs, *parts, dec, *outs, plan.cu,
-                                  plan.segoff, **common, HAS_INIT=init is not None, STORE_OUT=store_out)  # fmt: skip
+                                  plan.segoff, **common, HAS_INIT=init is not None, STORE_OUT=store_out,
+                                  REVERSE=reverse)  # fmt: skip
         return bufs, (outs if store_out else None)
     _state_scan_kernel[((K + V) // BD, plan.N * Hkv, M // BM)](
         xk, yk, xv, yv, b, *(init if init is not None else bufs), *bufs, *outs, plan.cu, plan.segoff,

@@ -252,31 +252,86 @@ def _state_part_block(
 
 
 @triton.jit
+def _state_rev_parts_kernel(
+    xk_ptr, yk_ptr, xv_ptr, yv_ptr, b_ptr, bk_ptr, bv_ptr, partk_ptr, partv_ptr, dec_ptr, cu_ptr, segoff_ptr,
+    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BS: tl.constexpr,
+    BD: tl.constexpr, BM: tl.constexpr, PARTS: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """First level of the two-level reverse scan: the memories' gradients over each part, from a zero gradient
+    at its end, in parallel (``_state_part_block``'s mirror; x, y = q, dz and do, p)."""
+    pid = tl.program_id(0)
+    if pid < K // BD:
+        _state_rev_part_block(xk_ptr, yk_ptr, b_ptr, bk_ptr, partk_ptr, dec_ptr, cu_ptr, segoff_ptr, pid * BD, True,
+                              H, Hkv, K, M, BS, BD, BM, PARTS, PREC)  # fmt: skip
+    else:
+        _state_rev_part_block(xv_ptr, yv_ptr, b_ptr, bv_ptr, partv_ptr, dec_ptr, cu_ptr, segoff_ptr,
+                              (pid - K // BD) * BD, False, H, Hkv, V, M, BS, BD, BM, PARTS, PREC)  # fmt: skip
+
+
+@triton.jit
+def _state_rev_part_block(
+    x_ptr, y_ptr, b_ptr, dbuf_ptr, part_ptr, dec_ptr, cu_ptr, segoff_ptr, d0, STORE_DEC: tl.constexpr,
+    H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+    BM: tl.constexpr, PARTS: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """A [BD, BM] block of one memory's gradient over one part, in reverse: each segment's gradient at its end
+    relative to the part's end (dbuf, completed by ``_state_carry_kernel``), the part's own gradient at its start
+    (part) and, from the keys' first row block, its total log decay (dec)."""
+    G: tl.constexpr = H // Hkv
+    m0, p, i_nh, h, bos, eos, seg0, first, last = _scan_part(cu_ptr, segoff_ptr, Hkv, BS, BM, PARTS)
+    internal = _state_ptrs(d0 * M + m0, BD, BM, M, 1)
+    dstate = tl.zeros([BD, BM], dtype=tl.float32)
+    dec = tl.zeros([BM], dtype=tl.float32)
+    rt = tl.arange(0, BS)
+    for j in range(last - first):
+        i = last - 1 - j
+        tl.store(dbuf_ptr + ((seg0 + i) * Hkv + h) * D * M + internal, dstate)
+        t = bos + i * BS + rt
+        valid = t < eos
+        b, b_last = _segment_gates(b_ptr, t, valid, tl.minimum(bos + i * BS + BS, eos), Hkv, h, M, m0, BM)
+        eb = tl.exp(b)
+        dstate = dstate * tl.exp(b_last)[None, :]
+        for gi in tl.range(G):  # not unrolled (module docstring)
+            x = _load_cols(x_ptr, t, valid, H, h * G + gi, D, d0, BD)
+            y = _load_cols(y_ptr, t, valid, H, h * G + gi, M, m0, BM)
+            dstate += _mm(tl.trans(x), y * eb, PREC)
+        dec += b_last
+    tl.store(part_ptr + (i_nh * PARTS + p) * D * M + internal, dstate)
+    if STORE_DEC:  # noqa: SIM102  (a constexpr, then a runtime test: kept apart for Triton)
+        if d0 == 0:
+            tl.store(dec_ptr + (i_nh * PARTS + p) * M + m0 + tl.arange(0, BM), dec)
+
+
+@triton.jit
 def _state_carry_kernel(
     b_ptr, ik_ptr, iv_ptr, bk_ptr, bv_ptr, partk_ptr, partv_ptr, dec_ptr, ok_ptr, ov_ptr, cu_ptr, segoff_ptr,
     Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
-    BM: tl.constexpr, PARTS: tl.constexpr, HAS_INIT: tl.constexpr, STORE_OUT: tl.constexpr,
+    BM: tl.constexpr, PARTS: tl.constexpr, HAS_INIT: tl.constexpr, STORE_OUT: tl.constexpr, REVERSE: tl.constexpr,
 ):  # fmt: skip
-    """Second level of the two-level forward scan, both memories in one launch like the first."""
+    """Second level of the two-level scans (forward, or REVERSE: the gradients), both memories in one launch like
+    the first."""
     pid = tl.program_id(0)
     if pid < K // BD:
         _state_carry_block(b_ptr, ik_ptr, bk_ptr, partk_ptr, dec_ptr, ok_ptr, cu_ptr, segoff_ptr, M, 1, pid * BD,
-                           Hkv, K, M, BS, BD, BM, PARTS, HAS_INIT, STORE_OUT)  # fmt: skip
+                           Hkv, K, M, BS, BD, BM, PARTS, HAS_INIT, STORE_OUT, REVERSE)  # fmt: skip
     else:
         _state_carry_block(b_ptr, iv_ptr, bv_ptr, partv_ptr, dec_ptr, ov_ptr, cu_ptr, segoff_ptr, 1, V,
-                           (pid - K // BD) * BD, Hkv, V, M, BS, BD, BM, PARTS, HAS_INIT, STORE_OUT)  # fmt: skip
+                           (pid - K // BD) * BD, Hkv, V, M, BS, BD, BM, PARTS, HAS_INIT, STORE_OUT,
+                           REVERSE)  # fmt: skip
 
 
 @triton.jit
 def _state_carry_block(
     b_ptr, init_ptr, hbuf_ptr, part_ptr, dec_ptr, out_ptr, cu_ptr, segoff_ptr, stride_pd, stride_pm, d0,
     Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
-    PARTS: tl.constexpr, HAS_INIT: tl.constexpr, STORE_OUT: tl.constexpr,
+    PARTS: tl.constexpr, HAS_INIT: tl.constexpr, STORE_OUT: tl.constexpr, REVERSE: tl.constexpr,
 ):  # fmt: skip
-    """A part's carry (the state at its start: the initial state through the earlier parts' end states and
-    decays; PARTS is small) added to each of its segments' states times the decay since the part's start. The decay
-    is per slot, so this is elementwise. The last part also stores the final state in the public layout given by
-    (stride_pd, stride_pm)."""
+    """A part's carry added to each of its segments' states times the decay between them. Forward: the carry is
+    the state at the part's start (the initial state through the earlier parts' end states and decays), the
+    decay that since the part's start, and the last part also stores the final state. REVERSE: the carry is the
+    gradient at the part's end (the final state's through the later parts), the decay that of the part's later
+    segments, and the first part stores the initial state's gradient. The decay is per slot, so this is
+    elementwise; PARTS is small. Public layout: (stride_pd, stride_pm)."""
     m0, p, i_nh, h, bos, eos, seg0, first, last = _scan_part(cu_ptr, segoff_ptr, Hkv, BS, BM, PARTS)
     public = _state_ptrs(i_nh.to(tl.int64) * D * M + d0 * stride_pd + m0 * stride_pm, BD, BM, stride_pd, stride_pm)
     internal = _state_ptrs(d0 * M + m0, BD, BM, M, 1)
@@ -285,17 +340,20 @@ def _state_carry_block(
         carry = tl.load(init_ptr + public).to(tl.float32)
     else:
         carry = tl.zeros([BD, BM], dtype=tl.float32)
-    for q in range(p):
+    others = PARTS - 1 - p if REVERSE else p
+    for j in range(others):
+        q = PARTS - 1 - j if REVERSE else j
         decay = tl.exp(tl.load(dec_ptr + (i_nh * PARTS + q) * M + rm))
         carry = carry * decay[None, :] + tl.load(part_ptr + (i_nh * PARTS + q) * D * M + internal)
     cum = tl.zeros([BM], dtype=tl.float32)
-    for i in range(first, last):
+    for j in range(last - first):
+        i = last - 1 - j if REVERSE else first + j
         ptrs = hbuf_ptr + ((seg0 + i) * Hkv + h) * D * M + internal
         tl.store(ptrs, tl.load(ptrs) + carry * tl.exp(cum)[None, :])
         seg_end = tl.minimum(bos + i * BS + BS, eos)
         cum += tl.load(b_ptr + ((seg_end - 1) * Hkv + h) * M + rm)
     if STORE_OUT:  # noqa: SIM102  (a constexpr, then a runtime test: kept apart for Triton)
-        if p == PARTS - 1:
+        if p == (0 if REVERSE else PARTS - 1):
             decay = tl.exp(tl.load(dec_ptr + (i_nh * PARTS + p) * M + rm))
             own = tl.load(part_ptr + (i_nh * PARTS + p) * D * M + internal)
             tl.store(out_ptr + public, carry * decay[None, :] + own)

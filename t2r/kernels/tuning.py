@@ -43,8 +43,8 @@ class Tuning:
     dot_fp16: bool = field(default_factory=lambda: "T2R_GSA_DOT" in os.environ)
     state_block: int = field(default_factory=lambda: int(_env("STATE_BLOCK", "64")))  # memory rows per scan program
     stages: int = field(default_factory=lambda: int(_env("STAGES", "2")))
-    # The forward scans in two levels: each sequence's segments in this many parts scanned in parallel, then each
-    # part's carry added (1: one walk per sequence). For few sequences x KV heads, whose walks fill few SMs (24
+    # The memories' scans (forward and reverse) in two levels: each sequence's segments in this many parts scanned
+    # in parallel, then each part's carry added (1: one walk per sequence). For few sequences x KV heads, whose walks fill few SMs (24
     # programs at SmolLM2's 3 KV heads: 43 of the op's 64 ms per step at 16k, H200); untimed, so off.
     scan_parts: int = field(default_factory=lambda: int(_env("SCAN_PARTS", "1")))
     warps: int = field(default_factory=lambda: int(_env("WARPS", "0")))  # 0: by tile size
