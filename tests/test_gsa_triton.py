@@ -201,12 +201,11 @@ def test_two_level_scans_match_one_walk(monkeypatch, parts, packed):
     want = run_with_grads(kernels.gsa_chunk_triton, inputs, h0, **kw)
     monkeypatch.setattr(TUNING, "scan_parts", parts)
     called = []
-    for name in ("_state_parts_kernel", "_state_rev_parts_kernel", "_state_carry_kernel", "_state_scan_kernel"):
+    for name in ("_state_parts_kernel", "_state_carry_kernel", "_state_scan_kernel"):
         monkeypatch.setattr(kernels, name, _Recorder(getattr(kernels, name), name, called))
     got = run_with_grads(kernels.gsa_chunk_triton, inputs, h0, **kw)
-    # the forward's scan, the backward's recomputed one, the gradients' reverse scan
-    assert called == ["_state_parts_kernel", "_state_carry_kernel"] * 2 + ["_state_rev_parts_kernel",
-                                                                          "_state_carry_kernel"]  # fmt: skip
+    # the forward's scan, the backward's recomputed one, the gradients' reverse scan: two levels each
+    assert called == ["_state_parts_kernel", "_state_carry_kernel"] * 3
     compare(got, [want[0], want[1], want[2], want[3]], 1e-5)
 
 

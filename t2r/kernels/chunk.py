@@ -68,7 +68,6 @@ from .chunk_jit import (
     _slot_probs_kernel,
     _state_carry_kernel,
     _state_parts_kernel,
-    _state_rev_parts_kernel,
     _state_scan_kernel,
 )
 from .layout import cdiv
@@ -204,9 +203,8 @@ def _state_scan(xk, yk, xv, yv, b, init, plan, prec, Hkv: int, M: int, store_out
         dec = empty(plan.N * Hkv, P, M, **f32)
         grid = ((K + V) // BD, plan.N * Hkv * P, M // BM)
         common = dict(Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BD=BD, BM=BM, PARTS=P)
-        first = _state_rev_parts_kernel if reverse else _state_parts_kernel
-        first[grid](xk, yk, xv, yv, b, *bufs, *parts, dec, plan.cu, plan.segoff, **common, PREC=prec,
-                    **(dict(H=H) if reverse else {}), num_warps=4, num_stages=stages)  # fmt: skip
+        _state_parts_kernel[grid](xk, yk, xv, yv, b, *bufs, *parts, dec, plan.cu, plan.segoff, **common, H=H,
+                                  REVERSE=reverse, PREC=prec, num_warps=4, num_stages=stages)  # fmt: skip
         _state_carry_kernel[grid](b, *(init if init is not None else bufs), *bufs, *parts, dec, *outs, plan.cu,
                                   plan.segoff, **common, HAS_INIT=init is not None, STORE_OUT=store_out,
                                   REVERSE=reverse)  # fmt: skip

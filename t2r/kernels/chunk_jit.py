@@ -208,95 +208,56 @@ def _scan_part(cu_ptr, segoff_ptr, Hkv: tl.constexpr, BS: tl.constexpr, BM: tl.c
 @triton.jit
 def _state_parts_kernel(
     xk_ptr, yk_ptr, xv_ptr, yv_ptr, b_ptr, bk_ptr, bv_ptr, partk_ptr, partv_ptr, dec_ptr, cu_ptr, segoff_ptr,
-    Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
-    BM: tl.constexpr, PARTS: tl.constexpr, PREC: tl.constexpr,
+    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BS: tl.constexpr,
+    BD: tl.constexpr, BM: tl.constexpr, PARTS: tl.constexpr, REVERSE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """First level of the two-level forward scan (``TUNING.scan_parts``): each of a sequence's PARTS parts scanned from
-    a zero state, in parallel (programs below K / BD: the keys memory, the rest: the values memory)."""
+    """First level of the two-level scans (``TUNING.scan_parts``): each of a sequence's PARTS parts scanned from a
+    zero state, in parallel (programs below K / BD: the keys memory, the rest: the values memory). Forward: x, y =
+    k, s and v, s; REVERSE, the memories' gradients from a zero gradient at the part's end: x, y = q, dz and do, p."""
     pid = tl.program_id(0)
     if pid < K // BD:
         _state_part_block(xk_ptr, yk_ptr, b_ptr, bk_ptr, partk_ptr, dec_ptr, cu_ptr, segoff_ptr, pid * BD, True,
-                          Hkv, K, M, BS, BD, BM, PARTS, PREC)  # fmt: skip
+                          H, Hkv, K, M, BS, BD, BM, PARTS, REVERSE, PREC)  # fmt: skip
     else:
         _state_part_block(xv_ptr, yv_ptr, b_ptr, bv_ptr, partv_ptr, dec_ptr, cu_ptr, segoff_ptr, (pid - K // BD) * BD,
-                          False, Hkv, V, M, BS, BD, BM, PARTS, PREC)  # fmt: skip
+                          False, H, Hkv, V, M, BS, BD, BM, PARTS, REVERSE, PREC)  # fmt: skip
 
 
 @triton.jit
 def _state_part_block(
-    x_ptr, s_ptr, b_ptr, hbuf_ptr, part_ptr, dec_ptr, cu_ptr, segoff_ptr, d0, STORE_DEC: tl.constexpr,
-    Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
-    PARTS: tl.constexpr, PREC: tl.constexpr,
+    x_ptr, y_ptr, b_ptr, buf_ptr, part_ptr, dec_ptr, cu_ptr, segoff_ptr, d0, STORE_DEC: tl.constexpr,
+    H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+    BM: tl.constexpr, PARTS: tl.constexpr, REVERSE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """A [BD, BM] block of one memory over one part: each segment's state at its start relative to the part's
-    (hbuf, completed by ``_state_carry_kernel``), the part's own end state (part [N * Hkv, PARTS, D, M]) and, from the
-    keys' first row block, its total log decay (dec [N * Hkv, PARTS, M])."""
+    """A [BD, BM] block of one memory (or its gradient, REVERSE) over one part: each segment's state at its start
+    (the gradient at its end) relative to the part's, into buf (completed by ``_state_carry_kernel``), the part's
+    own end state (gradient at its start) into part [N * Hkv, PARTS, D, M] and, from the keys' first row block,
+    its total log decay into dec [N * Hkv, PARTS, M]."""
+    G: tl.constexpr = H // Hkv
     m0, p, i_nh, h, bos, eos, seg0, first, last = _scan_part(cu_ptr, segoff_ptr, Hkv, BS, BM, PARTS)
     internal = _state_ptrs(d0 * M + m0, BD, BM, M, 1)
     state = tl.zeros([BD, BM], dtype=tl.float32)
     dec = tl.zeros([BM], dtype=tl.float32)
     rt = tl.arange(0, BS)
-    for i in range(first, last):
-        tl.store(hbuf_ptr + ((seg0 + i) * Hkv + h) * D * M + internal, state)
+    for j in range(last - first):
+        i = last - 1 - j if REVERSE else first + j
+        tl.store(buf_ptr + ((seg0 + i) * Hkv + h) * D * M + internal, state)
         t = bos + i * BS + rt
         valid = t < eos
-        x = _load_cols(x_ptr, t, valid, Hkv, h, D, d0, BD)
-        s = _load_cols(s_ptr, t, valid, Hkv, h, M, m0, BM)
         b, b_last = _segment_gates(b_ptr, t, valid, tl.minimum(bos + i * BS + BS, eos), Hkv, h, M, m0, BM)
-        state = state * tl.exp(b_last)[None, :] + _mm(tl.trans(x), s * tl.exp(b_last[None, :] - b), PREC)
+        state = state * tl.exp(b_last)[None, :]
+        if REVERSE:  # each query head's tokens add q (dz exp(b))^T, do (p exp(b))^T
+            eb = tl.exp(b)
+            for gi in tl.range(G):  # not unrolled (module docstring)
+                x = _load_cols(x_ptr, t, valid, H, h * G + gi, D, d0, BD)
+                y = _load_cols(y_ptr, t, valid, H, h * G + gi, M, m0, BM)
+                state += _mm(tl.trans(x), y * eb, PREC)
+        else:  # each token adds k (s exp(b_last - b))^T, v (...)^T
+            x = _load_cols(x_ptr, t, valid, Hkv, h, D, d0, BD)
+            y = _load_cols(y_ptr, t, valid, Hkv, h, M, m0, BM)
+            state += _mm(tl.trans(x), y * tl.exp(b_last[None, :] - b), PREC)
         dec += b_last
     tl.store(part_ptr + (i_nh * PARTS + p) * D * M + internal, state)
-    if STORE_DEC:  # noqa: SIM102  (a constexpr, then a runtime test: kept apart for Triton)
-        if d0 == 0:
-            tl.store(dec_ptr + (i_nh * PARTS + p) * M + m0 + tl.arange(0, BM), dec)
-
-
-@triton.jit
-def _state_rev_parts_kernel(
-    xk_ptr, yk_ptr, xv_ptr, yv_ptr, b_ptr, bk_ptr, bv_ptr, partk_ptr, partv_ptr, dec_ptr, cu_ptr, segoff_ptr,
-    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BS: tl.constexpr,
-    BD: tl.constexpr, BM: tl.constexpr, PARTS: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
-    """First level of the two-level reverse scan: the memories' gradients over each part, from a zero gradient
-    at its end, in parallel (``_state_part_block``'s mirror; x, y = q, dz and do, p)."""
-    pid = tl.program_id(0)
-    if pid < K // BD:
-        _state_rev_part_block(xk_ptr, yk_ptr, b_ptr, bk_ptr, partk_ptr, dec_ptr, cu_ptr, segoff_ptr, pid * BD, True,
-                              H, Hkv, K, M, BS, BD, BM, PARTS, PREC)  # fmt: skip
-    else:
-        _state_rev_part_block(xv_ptr, yv_ptr, b_ptr, bv_ptr, partv_ptr, dec_ptr, cu_ptr, segoff_ptr,
-                              (pid - K // BD) * BD, False, H, Hkv, V, M, BS, BD, BM, PARTS, PREC)  # fmt: skip
-
-
-@triton.jit
-def _state_rev_part_block(
-    x_ptr, y_ptr, b_ptr, dbuf_ptr, part_ptr, dec_ptr, cu_ptr, segoff_ptr, d0, STORE_DEC: tl.constexpr,
-    H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
-    BM: tl.constexpr, PARTS: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
-    """A [BD, BM] block of one memory's gradient over one part, in reverse: each segment's gradient at its end
-    relative to the part's end (dbuf, completed by ``_state_carry_kernel``), the part's own gradient at its start
-    (part) and, from the keys' first row block, its total log decay (dec)."""
-    G: tl.constexpr = H // Hkv
-    m0, p, i_nh, h, bos, eos, seg0, first, last = _scan_part(cu_ptr, segoff_ptr, Hkv, BS, BM, PARTS)
-    internal = _state_ptrs(d0 * M + m0, BD, BM, M, 1)
-    dstate = tl.zeros([BD, BM], dtype=tl.float32)
-    dec = tl.zeros([BM], dtype=tl.float32)
-    rt = tl.arange(0, BS)
-    for j in range(last - first):
-        i = last - 1 - j
-        tl.store(dbuf_ptr + ((seg0 + i) * Hkv + h) * D * M + internal, dstate)
-        t = bos + i * BS + rt
-        valid = t < eos
-        b, b_last = _segment_gates(b_ptr, t, valid, tl.minimum(bos + i * BS + BS, eos), Hkv, h, M, m0, BM)
-        eb = tl.exp(b)
-        dstate = dstate * tl.exp(b_last)[None, :]
-        for gi in tl.range(G):  # not unrolled (module docstring)
-            x = _load_cols(x_ptr, t, valid, H, h * G + gi, D, d0, BD)
-            y = _load_cols(y_ptr, t, valid, H, h * G + gi, M, m0, BM)
-            dstate += _mm(tl.trans(x), y * eb, PREC)
-        dec += b_last
-    tl.store(part_ptr + (i_nh * PARTS + p) * D * M + internal, dstate)
     if STORE_DEC:  # noqa: SIM102  (a constexpr, then a runtime test: kept apart for Triton)
         if d0 == 0:
             tl.store(dec_ptr + (i_nh * PARTS + p) * M + m0 + tl.arange(0, BM), dec)

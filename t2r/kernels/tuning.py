@@ -44,8 +44,9 @@ class Tuning:
     state_block: int = field(default_factory=lambda: int(_env("STATE_BLOCK", "64")))  # memory rows per scan program
     stages: int = field(default_factory=lambda: int(_env("STAGES", "2")))
     # The memories' scans (forward and reverse) in two levels: each sequence's segments in this many parts scanned
-    # in parallel, then each part's carry added (1: one walk per sequence). For few sequences x KV heads, whose walks fill few SMs (24
-    # programs at SmolLM2's 3 KV heads: 43 of the op's 64 ms per step at 16k, H200); untimed, so off.
+    # in parallel, then each part's carry added (1: one walk per sequence). For few sequences x KV heads, whose
+    # walks fill few SMs (24 programs at SmolLM2's 3 KV heads: 43 of the op's 64 ms per step at 16k, H200);
+    # untimed, so off.
     scan_parts: int = field(default_factory=lambda: int(_env("SCAN_PARTS", "1")))
     warps: int = field(default_factory=lambda: int(_env("WARPS", "0")))  # 0: by tile size
     # Decoding: warps per (sequence, KV head) program, and the rows / columns one step streams the memories in
