@@ -321,3 +321,14 @@ def test_bench_train_rounds_take_turns_and_report_each_rows_median(tiny_converte
     assert (teacher["step_s"], teacher["spread"], teacher["gpu_ms"]) == (0.2, 1.0, 40.0)
     assert student["x_teacher"] == round(student["tokens_per_s"] / teacher["tokens_per_s"], 3)
     assert tp.median_rounds([{"model": "a", "step_s": 2.0}, {"model": "a", "step_s": 1.0}])[0]["step_s"] == 1.0
+
+
+def test_bench_train_rounds_from_the_command_line(tiny_converted, tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    args = ["bench", "train", str(tiny_converted), "--device", "cpu", "--seq", "16", "--batch", "1", "--steps", "1"]
+    code, _ = run_cli([*args, "--rounds", "2", "--json", str(out)], capsys)
+    rows = json.loads(out.read_text())["rows"]
+    assert code == 0 and [(r["model"], r["rounds"]) for r in rows] == [("GSA (full)", 2), ("teacher SDPA (full)", 2)]
+    assert all(r["spread"] >= 0 and r["host_ms"] > 0 for r in rows)
+    code, err = run_cli([*args, "--rounds", "0"], capsys)
+    assert code == 2 and any("--rounds" in line for line in err)  # refused before anything is built
