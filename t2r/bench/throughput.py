@@ -371,7 +371,7 @@ def run_train_bench(
     settings += changed
     rows = []
     for seq in seqs:
-        timed = []
+        timed, teacher = [], None
         for turn in range(rounds):
 
             def measure(m: nn.Module, label: str, seq: int = seq, last: bool = turn == rounds - 1) -> dict:
@@ -395,7 +395,8 @@ def run_train_bench(
                 if device != "cpu" and reference:
                     with tuned(impl="reference"):
                         timed.append(measure(model, "GSA, reference path (full)"))
-                teacher = prepare(teacher_view(model))
+                if teacher is None:  # built (and compiled) once per length
+                    teacher = prepare(teacher_view(model))
                 timed.append(measure(teacher, f"teacher SDPA (full{tag})"))
                 model.zero_grad(set_to_none=True)
         rows += median_rounds(timed) if rounds > 1 else timed
