@@ -75,14 +75,15 @@ def busy_summary(kernels: Iterable[tuple[str, float, float]], steps: int) -> dic
     kernels count once), the number of kernels, and the kernels' own time by family (ms; these may add up to
     more than the busy time where kernels overlap). ``kernels``: (name, start, end) in microseconds."""
     kernels = list(kernels)
-    by_family: dict[str, float] = {}
-    by_name: dict[str, list[float]] = {}
+    by_name: dict[str, list[float]] = {}  # name: [time, launches]
     for name, start, stop in kernels:
-        label = family(name)
-        by_family[label] = by_family.get(label, 0.0) + (stop - start)
         total = by_name.setdefault(name, [0.0, 0])
         total[0] += stop - start
         total[1] += 1
+    by_family: dict[str, float] = {}
+    for name, (us, _) in by_name.items():  # a name's family once, not once per launch
+        label = family(name)
+        by_family[label] = by_family.get(label, 0.0) + us
     busy = _union_us((start, stop) for _, start, stop in kernels)
     row = {"gpu_ms": round(busy / steps / 1e3, 3), "kernels": round(len(kernels) / steps)}
     row |= {f"{label}_ms": round(by_family.get(label, 0.0) / steps / 1e3, 3) for label in _FAMILY_ORDER}
