@@ -151,7 +151,7 @@ def _kept_gb(forward) -> float:
     return kept / 2**30
 
 
-def train_rows(shapes=TRAIN_SHAPES, layer="issue", dtype=torch.bfloat16, bandwidth=None, fla=True):
+def train_rows(shapes=TRAIN_SHAPES, layer="issue", *, dtype=torch.bfloat16, bandwidth=None, fla=True):
     H, Hkv, D, M = LAYERS[layer]
     rows = []
     for B, T in shapes:
@@ -175,7 +175,7 @@ def _with_ratios(row: dict) -> dict:
     return out
 
 
-def decode_rows(B=16, layer="issue", context=32768, dtype=torch.bfloat16, bandwidth=None, fla=True):
+def decode_rows(B=16, layer="issue", *, context=32768, dtype=torch.bfloat16, bandwidth=None, fla=True):
     """One decoding step: our fused in-place update vs FLA's fused recurrent inference kernel vs softmax
     attention of one query over a KV cache of ``context`` tokens (SDPA)."""
     from t2r.kernels.decode import gsa_decode_triton
@@ -247,5 +247,10 @@ def run_kernel_bench(shapes=TRAIN_SHAPES, fla: bool = True, decode_batches=(1, 1
         "copy_bandwidth_TBps": round(bandwidth / 1e12, 3),
         "fla": fla and _fla()[0] is not None,
         "train": [row for layer in layers for row in train_rows(shapes, layer, bandwidth=bandwidth, fla=fla)],
-        "decode": [row for layer in layers for B in decode_batches for row in decode_rows(B, layer, bandwidth, fla)],
+        "decode": [
+            row
+            for layer in layers
+            for B in decode_batches
+            for row in decode_rows(B, layer, bandwidth=bandwidth, fla=fla)
+        ],
     }
