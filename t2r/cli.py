@@ -325,6 +325,7 @@ def bench_kernels(
 ) -> None:
     """GSA kernels vs FLA chunk_gsa (if installed) vs SDPA flash attention, fwd and fwd+bwd; the decode step
     vs FLA's fused recurrent step and KV-cache attention at 32k; with each one's ratio to the memory floor."""
+    from t2r.bench import kernels
     from t2r.bench.kernels import LAYERS, TRAIN_SHAPES, run_kernel_bench
     from t2r.bench.throughput import check_outputs, print_table, write_outputs
 
@@ -352,7 +353,8 @@ def bench_kernels(
     print_table(result["decode"])
     errors = {k: result[k] for k in ("rel_error_vs_reference", "rel_error_vs_reference_16k")}
     tables = [table for table in (result["train"], result["decode"]) if table]
-    write_outputs([errors, *result["train"], *result["decode"]], json_out, record, _command(), tables, notes)
+    rows = [errors, *result["train"], *result["decode"]]
+    write_outputs(rows, json_out, record, _command(), tables, notes, device=kernels.DEVICE)
 
 
 def main() -> None:

@@ -332,3 +332,36 @@ def test_bench_train_rounds_from_the_command_line(tiny_converted, tmp_path, caps
     assert all(r["spread"] >= 0 and r["host_ms"] > 0 for r in rows)
     code, err = run_cli([*args, "--rounds", "0"], capsys)
     assert code == 2 and any("--rounds" in line for line in err)  # refused before anything is built
+
+
+def test_bench_kernels_runs_every_row_on_the_cpu_at_a_tiny_layer(monkeypatch, tmp_path, capsys):
+    """The whole `t2r bench kernels` run (correctness checks, training rows with and without kept buffers, decode
+    rows at two batch sizes, ratios, tables, JSON) on the CPU through Triton's interpreter, so that a broken row
+    fails here rather than on a GPU call (a positional mix-up in the decode rows once cost one)."""
+    import json
+
+    import t2r.bench.kernels as kernels
+
+    monkeypatch.setattr(kernels, "DEVICE", "cpu")
+    monkeypatch.setitem(kernels.LAYERS, "tiny", (4, 2, 16, 16))
+    small = dict(H=4, Hkv=2, K=16, V=16, M=16)
+    monkeypatch.setattr(kernels, "CHECKS", {"rel_error_vs_reference": dict(B=1, T=70, **small),
+                                            "rel_error_vs_reference_16k": dict(B=1, T=130, **small)})  # fmt: skip
+    out = tmp_path / "k.json"
+    args = ["bench", "kernels", "--no-fla", "--layer", "tiny", "--shape", "1x96", "--decode-batch", "1",
+            "--decode-batch", "3", "--json", str(out)]  # fmt: skip
+    code, err = run_cli(args, capsys)
+    assert code == 0, err
+    errors, train, *decode = json.loads(out.read_text())["rows"]
+    assert set(errors) == set(kernels.CHECKS)
+    for check in errors.values():
+        assert set(check) == {"o", "hk", "hv", "dq", "dk", "dv", "ds", "dg", "dhk0", "dhv0"}
+        assert all(float(e) < 2e-2 for e in check.values()), check  # bf16 kernels against the fp32 reference
+    assert (train["layer"], train["B"], train["T"]) == ("tiny", 1, 96)
+    for key in ("ours_fwd_ms", "ours_fwdbwd_ms", "ours_keep_fwdbwd_ms", "sdpa_fwd_ms", "sdpa_fwdbwd_ms"):
+        assert train[key] > 0, key
+    assert "fla_fwd_ms" not in train and "sdpa/ours_fwdbwd" in train and train["fwd_floor_ms"] > 0
+    assert [row["B"] for row in decode] == [1, 3]
+    for row in decode:
+        assert row["layer"] == "tiny" and row["H"] == 4 and "fla_step_ms" not in row
+        assert row["ours_step_ms"] > 0 and row["kv_cache_32k_ms"] > 0 and row["state_floor_ms"] > 0

@@ -9,6 +9,7 @@ process, so the ratios compare like with like. FLA is a comparison only: t2r nev
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,26 @@ TRAIN_SHAPES = [(8, 2048), (2, 8192), (1, 16384), (1, 32768)]
 LAYERS = {"issue": (32, 32, 128, 64), "smollm2-135m": (9, 3, 64, 64), "mistral-7b": (32, 8, 128, 64)}
 
 
+# Where the benchmark runs. Users time CUDA only; the CPU tests run every row at tiny shapes on "cpu" (Triton's
+# interpreter, one untimed call per row), so the orchestration is exercised before a GPU call is spent on it.
+DEVICE = "cuda"
+# The correctness checks each run starts with: GQA 2 at a length that ends mid-segment, and a long one (dg's
+# error used to grow with the length).
+CHECKS = {
+    "rel_error_vs_reference": dict(B=2, T=700, H=8, Hkv=4, K=128, V=128, M=64),
+    "rel_error_vs_reference_16k": dict(B=1, T=16384, H=4, Hkv=4, K=128, V=128, M=64),
+}
+
+
+def _on_gpu() -> bool:
+    return torch.device(DEVICE).type == "cuda"
+
+
 def _bench(fn, warmup_ms: int = 50, rep_ms: int = 300) -> float:
+    if not _on_gpu():
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     from triton.testing import do_bench
 
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
@@ -26,7 +46,7 @@ def _bench(fn, warmup_ms: int = 50, rep_ms: int = 300) -> float:
 
 def copy_bandwidth(nbytes: int = 2**30) -> float:
     """Device bytes/s of a large copy (bytes read + written): the floor the memory-bound kernels face."""
-    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=DEVICE)
     y = torch.empty_like(x)
     ms = _bench(lambda: y.copy_(x))
     return 2 * nbytes / (ms * 1e-3)
@@ -34,11 +54,11 @@ def copy_bandwidth(nbytes: int = 2**30) -> float:
 
 def _inputs(B, T, H, K, V, M, dtype, requires_grad=True, Hkv=None):
     def t(*shape):
-        return torch.randn(*shape, device="cuda", dtype=dtype).requires_grad_(requires_grad)
+        return torch.randn(*shape, device=DEVICE, dtype=dtype).requires_grad_(requires_grad)
 
     Hkv = Hkv or H
     q, k, v = t(B, T, H, K), t(B, T, Hkv, K), t(B, T, Hkv, V)
-    f = torch.randn(B, T, Hkv, M, device="cuda")
+    f = torch.randn(B, T, Hkv, M, device=DEVICE)
     g = (F.logsigmoid(f) / 8).to(dtype).requires_grad_(requires_grad)
     s = (1 - g.detach().float().exp()).to(dtype).requires_grad_(requires_grad)
     return q, k, v, s, g
@@ -47,7 +67,7 @@ def _inputs(B, T, H, K, V, M, dtype, requires_grad=True, Hkv=None):
 def decode_inputs(B, H, K, V, M, dtype, Hkv=None):
     """One token per sequence and a random fp32 state (keys memory, values memory) for decode timings."""
     Hkv = Hkv or H
-    state = (torch.randn(B, Hkv, K, M, device="cuda"), torch.randn(B, Hkv, M, V, device="cuda"))
+    state = (torch.randn(B, Hkv, K, M, device=DEVICE), torch.randn(B, Hkv, M, V, device=DEVICE))
     return _inputs(B, 1, H, K, V, M, dtype, requires_grad=False, Hkv=Hkv), state
 
 
@@ -93,7 +113,7 @@ def _train_row(B, T, H, K, V, M, dtype, bandwidth, fla: bool, Hkv=None, layer="i
     chunk_gsa = _fla()[0] if fla else None
     inputs = _inputs(B, T, H, K, V, M, dtype, Hkv=Hkv)
     q, k, v, s, g = inputs
-    do = torch.randn(B, T, H, V, device="cuda", dtype=dtype)
+    do = torch.randn(B, T, H, V, device=DEVICE, dtype=dtype)
     scale = K**-0.5
 
     def ours():
@@ -143,6 +163,8 @@ def keeping_forward_buffers():
 
 def _kept_gb(forward) -> float:
     """Device memory a forward leaves held for its backward, beyond its output."""
+    if not _on_gpu():
+        return float("nan")
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     out = forward()
@@ -156,7 +178,8 @@ def train_rows(shapes=TRAIN_SHAPES, layer="issue", *, dtype=torch.bfloat16, band
     rows = []
     for B, T in shapes:
         rows.append(_train_row(B, T, H, D, D, M, dtype, bandwidth, fla, Hkv=Hkv, layer=layer))
-        torch.cuda.empty_cache()
+        if _on_gpu():
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -192,7 +215,7 @@ def decode_rows(B=16, layer="issue", *, context=32768, dtype=torch.bfloat16, ban
     }
     if fla_step is not None:
         row["fla_step_ms"] = _bench(lambda: fla_step(q, k, v, s, g, state, True, scale))
-    kv = torch.randn(2, B, Hkv, context, K, device="cuda", dtype=dtype)
+    kv = torch.randn(2, B, Hkv, context, K, device=DEVICE, dtype=dtype)
     qt = q.transpose(1, 2)
     gqa = Hkv != H
     row[f"kv_cache_{context // 1024}k_ms"] = _bench(
@@ -216,8 +239,8 @@ def check_against_reference(B=2, T=700, H=8, Hkv=4, K=128, V=128, M=64, dtype=to
 
     q, k, v, s, g = _inputs(B, T, H, K, V, M, dtype)
     k, v, s, g = (x.detach()[:, :, :Hkv].contiguous().requires_grad_() for x in (k, v, s, g))
-    h0 = tuple(torch.randn(B, Hkv, *shape, device="cuda", requires_grad=True) for shape in ((K, M), (M, V)))
-    do = torch.randn(B, T, H, V, device="cuda")
+    h0 = tuple(torch.randn(B, Hkv, *shape, device=DEVICE, requires_grad=True) for shape in ((K, M), (M, V)))
+    do = torch.randn(B, T, H, V, device=DEVICE)
     errors = {}
     results = []
     for fn in (gsa_chunk_triton, gsa_chunk):
@@ -234,16 +257,14 @@ def check_against_reference(B=2, T=700, H=8, Hkv=4, K=128, V=128, M=64, dtype=to
 
 
 def run_kernel_bench(shapes=TRAIN_SHAPES, fla: bool = True, decode_batches=(1, 16, 64), layers=("issue",)) -> dict:
-    if not torch.cuda.is_available():
+    if _on_gpu() and not torch.cuda.is_available():
         from t2r.errors import T2RError
 
         raise T2RError("t2r bench kernels needs a CUDA device")
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(2**30 if _on_gpu() else 2**20)
     return {
-        "device": torch.cuda.get_device_name(),
-        "rel_error_vs_reference": check_against_reference(),
-        # dg's error used to grow with the length; one long check keeps that visible
-        "rel_error_vs_reference_16k": check_against_reference(B=1, T=16384, H=4, Hkv=4),
+        "device": torch.cuda.get_device_name() if _on_gpu() else DEVICE,
+        **{name: check_against_reference(**shape) for name, shape in CHECKS.items()},
         "copy_bandwidth_TBps": round(bandwidth / 1e12, 3),
         "fla": fla and _fla()[0] is not None,
         "train": [row for layer in layers for row in train_rows(shapes, layer, bandwidth=bandwidth, fla=fla)],
