@@ -69,6 +69,12 @@ def signature(fn, **overrides) -> tuple[dict, dict]:
 
 def resources(fn, warps: int, stages: int, **overrides) -> str:
     sig, consts = signature(fn, **overrides)
+    return resources_of(fn, {n: t for n, t in sig.items() if t != "constexpr"}, consts, warps, stages)
+
+
+def resources_of(fn, types: dict[str, str], consts: dict, warps: int, stages: int) -> str:
+    """``fn`` compiled for sm_90 with these argument types and constexpr values: its cuobjdump resource line."""
+    sig = {name: types.get(name, "constexpr") for name in fn.arg_names}
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": warps, "num_stages": stages})  # fmt: skip
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")

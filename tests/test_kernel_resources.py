@@ -30,3 +30,28 @@ def test_every_kernel_compiles_for_sm90_and_reports_its_registers():
     assert all("REG:" in row and "not compiled" not in row for row in rows), rows
     decode = next(row for row in rows if row.startswith("_decode_kernel"))
     assert "STACK:0 " in decode  # the decode step must not spill: it is bound by its state's bandwidth
+
+
+def test_a_real_steps_launches_are_recorded_with_the_hosts_settings_and_compiled(tmp_path):
+    """benchmarks/launch_resources.py: the kernels a SmolLM2-shaped layer's training step launches, each with the
+    block sizes and precisions the host code picks there (not the interpreter's emulated ones), compiled for sm_90."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "launches.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "launch_resources.py"), "--seq", "256", "--tuning",
+           "scan_parts=2", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    launches = {}
+    for row in rows:
+        assert row["resources"].startswith("REG:"), row
+        launches[row["kernel"]] = launches.get(row["kernel"], 0) + row["launches"]
+    # one layer: four norms (input, the GSA output's, post-attention, final) and the GSA op's forward and backward
+    assert launches["_rms_norm_kernel"] == 4 and launches["_rms_norm_bwd_kernel"] == 4
+    assert launches["_state_parts_kernel"] == launches["_state_carry_kernel"] == 3  # the three scans, in parts
+    assert "_state_scan_kernel" not in launches
+    probs = next(row for row in rows if row["kernel"] == "_slot_probs_kernel")
+    assert probs["constexprs"]["K"] == 64 and probs["constexprs"]["H"] == 9 and probs["constexprs"]["Hkv"] == 3
+    assert probs["constexprs"]["PREC_IN"] == 0  # bf16 products, as on a GPU (the interpreter's would be emulated)
