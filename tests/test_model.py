@@ -165,6 +165,50 @@ def test_no_context_sized_mask_is_built_when_no_layer_reads_it(arch, gsa):
     assert rel_err(second.logits, full[:, 24:]) <= 1e-4
 
 
+def test_a_training_step_on_the_kernels_waits_for_the_device_nowhere(monkeypatch):
+    """A dense training batch through an all-GSA model on the Triton path reads nothing back from the device:
+    transformers' look at the position ids for packed rows (which waited once per forward, and under CUDA-graph
+    capture built a [T, T] mask no layer reads) is skipped, as in decoding. A kept softmax layer still gets its
+    mask, and the loss is the same either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from t2r.kernels.tuning import TUNING
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(TUNING, "impl", "triton")  # the kernels (Triton's interpreter on the CPU)
+    ids = torch.randint(3, 101, (2, 70))
+    wide = dict(hidden_size=96)  # heads of 16, the kernels' smallest
+    model = tiny_gsa_model("llama", num_slots=16, teacher_overrides=wide).train()
+    seen = []
+    hook = model.model.layers[0].register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True
+    )
+    with Reads() as reads:
+        loss = model(input_ids=ids, use_cache=False).logits.float().logsumexp(-1).mean()
+        loss.backward()
+    hook.remove()
+    assert reads.count == 0
+    assert seen[0] is not None and seen[0].numel() == 0  # the empty prepared mask
+    kept = tiny_gsa_model("llama", num_slots=16, teacher_overrides=wide, gsa_full_attention_layers=[1]).train()
+    kept.load_state_dict(model.state_dict(), strict=False)
+    seen.clear()
+    hook = kept.model.layers[1].register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True
+    )
+    with torch.no_grad():
+        kept(input_ids=ids, use_cache=False)
+    hook.remove()
+    assert seen[0] is None or seen[0].numel() > 0  # built by transformers (None: SDPA's causal flag)
+
+
 @torch.no_grad()
 def test_cache_size_is_constant_in_context_length():
     model = tiny_gsa_model("mistral")

@@ -323,9 +323,11 @@ class T2RModelMixin:
         if attention_mask is not None and attention_mask.dim() == 2:
             kwargs["gsa_token_mask"] = attention_mask
         rows = input_ids if input_ids is not None else inputs_embeds
-        if cache is not None and rows is not None and self._reads_no_causal_mask():
-            # transformers' mask builders pass a prepared 4D mask through: an empty one spares a [T, context] mask
-            # per prefill chunk, which made peak memory grow with the context (0.4 GB more at 128k than at 32k).
+        if rows is not None and self._reads_no_causal_mask():
+            # transformers' mask builders pass a prepared 4D mask through. An empty one spares a [T, context] mask
+            # per prefill chunk, which made peak memory grow with the context (0.4 GB more at 128k than at 32k),
+            # and in training the look at the position ids for packed rows, which waits for the device (and
+            # under CUDA-graph capture, where it cannot wait, builds a [T, T] mask no layer reads).
             attention_mask = torch.ones(rows.shape[0], 1, 0, 0, dtype=torch.bool, device=rows.device)
         if rows is not None:  # one look at the positions for all layers (it waits for the device)
             kwargs["gsa_documents"] = document_rows(position_ids, rows.shape[0], rows.shape[1])

@@ -44,12 +44,13 @@ def _sum_over_chunks(fn, tensors: list[torch.Tensor | None], chunk: int) -> torc
     """sum of fn(*row slices) over chunks of ``chunk`` rows. Under autograd each chunk is recomputed in the
     backward (activation checkpointing), so the fp32 vocab-sized intermediates of only one chunk are alive at a
     time, instead of every chunk's being kept for the backward (2 x rows x vocab x 4 bytes: 13 GB at 4 x 8k
-    tokens with a 49k vocabulary)."""
+    tokens with a 49k vocabulary). The losses draw no random numbers, so the recompute needs no saved RNG state
+    (saving it reads the device's generator: host time per chunk, and not allowed under CUDA-graph capture)."""
     total = None
     for i in range(0, tensors[0].shape[0], chunk):
         parts = [None if x is None else x[i : i + chunk] for x in tensors]
         if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in parts):
-            value = checkpoint(fn, *parts, use_reentrant=False)
+            value = checkpoint(fn, *parts, use_reentrant=False, preserve_rng_state=False)
         else:
             value = fn(*parts)
         total = value if total is None else total + value
