@@ -253,6 +253,9 @@ def bench_train(
     rounds: Annotated[
         int, typer.Option(help="time every row this many times, the rows taking turns; report each row's median", min=1)
     ] = 1,
+    graphs: Annotated[
+        bool, typer.Option(help="also time every row (the teacher's too) with its step replayed as one CUDA graph")
+    ] = False,
     device: Annotated[str, typer.Option(help="device")] = "cuda",
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
     record: Annotated[Path | None, typer.Option(help=RECORD_HELP)] = None,
@@ -264,7 +267,7 @@ def bench_train(
     check_outputs(json_out, record)
     rows = run_train_bench(
         model, shape, seq or [2048, 4096], batch, steps, lora, device, reference, compile, fusions, profile,
-        tuning or (), rounds,
+        tuning or (), rounds, graphs,
     )  # fmt: skip
     print_table(rows)
     write_outputs(rows, json_out, record, _command(), device=device)

@@ -38,7 +38,7 @@ def test_bench_train_switches_the_fusions_and_the_reference_in_one_run(tiny_conv
 
     seen = []
 
-    def measure(model, batch, seq, steps, label, profile):
+    def measure(model, batch, seq, steps, label, profile, graphs=False):
         seen.append((label, tuple(getattr(TUNING, name) for name in TRAINING_FUSIONS), TUNING.impl))
         return {"model": label, "seq": seq, "tokens_per_s": 100.0}
 
@@ -295,6 +295,73 @@ def test_tables_leave_a_profiles_kernel_list_to_the_json(capsys):
     assert markdown_table(rows).splitlines()[2] == "| GSA | 1.5 |"
 
 
+def test_bench_train_graphs_times_every_row_again_as_one_cuda_graph(tiny_converted, monkeypatch):
+    """--graphs: each row (the teacher's too) again with its step replayed as a graph, right after its eager
+    timing; graphed rows take their ratio to the graphed teacher, and a capture that failed keeps its error
+    through the rounds without a ratio."""
+    import t2r.bench.throughput as tp
+
+    calls = []
+
+    def measure(model, batch, seq, steps, label, profile, graphs=False):
+        calls.append((label, graphs))
+        head = {"model": label, "seq": seq} | ({"graphs": True} if graphs else {})
+        if graphs and label.startswith("GSA (full, fusions"):
+            return head | {"graphs_error": "operation not permitted when stream is capturing"}
+        step = {"GSA (full)": 0.2, "teacher SDPA (full)": 0.3}.get(label.replace(", graphs", ""), 0.1) / (
+            4 if graphs else 1
+        )
+        return head | {"step_s": step, "tokens_per_s": round(seq / step)}
+
+    monkeypatch.setattr(tp, "train_throughput", measure)
+    monkeypatch.setattr(tp, "check_graphs", lambda device: None)
+    rows = tp.run_train_bench(str(tiny_converted), None, [16], 1, 1, False, "meta", fusions=True, graphs=True,
+                              rounds=2)  # fmt: skip
+    labels = ["GSA (full", "GSA (full, fusions off", "teacher SDPA (full"]
+    modes = (("", False), (", graphs", True))
+    one_round = [(f"{label}{mode})", graphed) for label in labels for mode, graphed in modes]
+    assert calls == one_round * 2
+    by = {r["model"]: r for r in rows}
+    for mode in ("", ", graphs"):
+        student, teacher = by[f"GSA (full{mode})"], by[f"teacher SDPA (full{mode})"]
+        assert student["x_teacher"] == round(student["tokens_per_s"] / teacher["tokens_per_s"], 3)
+    assert by["GSA (full, graphs)"]["tokens_per_s"] == 4 * by["GSA (full)"]["tokens_per_s"]
+    assert by["teacher SDPA (full, graphs)"]["x_teacher"] == 1.0
+    failed = by["GSA (full, fusions off, graphs)"]
+    assert failed["graphs_error"].startswith("operation not permitted") and failed["rounds"] == 2
+    assert "x_teacher" not in failed
+
+
+def test_bench_train_graphs_needs_a_gpu(tiny_converted, capsys):
+    code, err = run_cli(["bench", "train", str(tiny_converted), "--device", "cpu", "--graphs"], capsys)
+    assert code == 1 and err == ["t2r: error: --graphs captures CUDA graphs; the run is on 'cpu': give a CUDA device"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
+def test_a_graphed_training_step_updates_the_weights_as_the_eager_one_does():
+    """Replays of one captured step (forward, backward, AdamW) against as many eager steps from the same weights
+    and batch: the same updates, so the timed replays do the work the eager rows do. (A graphed run warms up
+    eagerly before the capture, then replays warmup + steps times.)"""
+    import copy
+
+    from conftest import rel_err
+
+    from t2r.bench.throughput import shaped_model, train_throughput
+
+    eager = shaped_model("smollm2-135m", device="cuda", dtype=torch.float32)
+    eager.config.num_hidden_layers = 2
+    eager.model.layers = eager.model.layers[:2]
+    graphed = copy.deepcopy(eager)
+    before = torch.cat([p.detach().flatten() for p in eager.parameters()])
+    torch.manual_seed(0)
+    row = train_throughput(graphed, batch=1, seq=256, steps=3, warmup=2, graphs=True)
+    assert "graphs_error" not in row and row["graphs"] and row["step_s"] > 0
+    torch.manual_seed(0)
+    train_throughput(eager, batch=1, seq=256, steps=5, warmup=2)  # 7 updates, as the graphed run made
+    moved = [torch.cat([p.detach().flatten() for p in m.parameters()]) - before for m in (graphed, eager)]
+    assert moved[1].norm() > 0 and rel_err(*moved) <= 5e-2
+
+
 def test_bench_train_rounds_take_turns_and_report_each_rows_median(tiny_converted, monkeypatch):
     """--rounds 3: student and teacher alternate (a drifting host slows all rows alike), each row reports its
     median round with the rounds' spread, and only the last round is profiled."""
@@ -303,7 +370,7 @@ def test_bench_train_rounds_take_turns_and_report_each_rows_median(tiny_converte
     times = iter([0.30, 0.20, 0.10, 0.40, 0.50, 0.20])  # round by round: student, teacher
     calls = []
 
-    def measure(model, batch, seq, steps, label, profile):
+    def measure(model, batch, seq, steps, label, profile, graphs=False):
         step = next(times)
         calls.append((label, profile))
         row = {"model": label, "seq": seq, "step_s": step, "tokens_per_s": round(seq / step)}

@@ -3,13 +3,13 @@
 # tunables at two shapes (our kernels only), then `t2r bench kernels` (with FLA when its wheels are in /tmp/site).
 # `fusions`: the inference fusions (tests; graphs and the fused paths against the reference with the RoPE and
 # window-step kernels on; the hybrid's decoding with them off and on), the check behind turning those on by default.
-# `train`: the training fusions (their tests, then whole steps against the teacher with them off and on in one run,
-# each row with its GPU busy time: the ratio's ceiling without host time), the check behind turning those on by
-# default. `variants`: the same steps with kernel tunables changed (smaller scan blocks, kept states and softmax,
-# 8 warps).
+# `train`: the training fusions' and graphed steps' GPU tests, then whole steps against the teacher, eager and
+# as CUDA graphs (`--graphs`), each row with its GPU busy time; `fusions-ab`: the fusions off and on in one run,
+# the check behind turning them on by default. `variants`: the same steps with kernel tunables changed (the scans
+# in parts, smaller scan blocks).
 # `gqa`: the kernels at real models' GQA shapes; `gqa-ab`: an A/B there against another revision's kernels (AB_OLD).
 # `scan`: the forward scans in parts and in smaller row blocks, kernels alone.
-# Usage: benchmarks/gpu/kernels.sh [tests] [fusions] [train] [variants] [gqa] [gqa-ab] [scan] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
+# Usage: benchmarks/gpu/kernels.sh [tests] [fusions] [train] [fusions-ab] [variants] [gqa] [gqa-ab] [scan] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
 set -uo pipefail
 source benchmarks/gpu/env.sh  # carried wheels (FLA for the comparison) in /root/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -31,8 +31,12 @@ fusions)
   done ;;
 train)
   python -m pytest -q -p no:cacheprovider tests/test_fusions.py tests/test_gsa_triton.py tests/test_bench.py \
-    -k "gradients or prologue or opt_in or launches or model_forward or profiled or merged_reverse" -rf 2>&1 |
-    tee "$OUT/pytest_gpu_train_fusions.log" | tail -5
+    -k "gradients or prologue or opt_in or launches or model_forward or profiled or merged_reverse or graphed" -rf \
+    2>&1 | tee "$OUT/pytest_gpu_train_fusions.log" | tail -5
+  # Eager and graphed steps (--graphs: each step one CUDA graph replay, the teacher's too), turn by turn.
+  python -m t2r.cli bench train --shape smollm2-135m --seq 4096 --seq 16384 --batch 1 --steps 10 --graphs \
+    --profile 3 --rounds 3 --json "$OUT/bench_train_graphs.json" 2>&1 | tee "$OUT/bench_train_graphs.log" | tail -8 ;;
+fusions-ab)
   python -m t2r.cli bench train --shape smollm2-135m --seq 4096 --seq 16384 --batch 1 --steps 10 --fusions --profile 3 \
     --rounds 3 --json "$OUT/bench_train_fusions.json" 2>&1 | tee "$OUT/bench_train_fusions.log" | tail -8 ;;
 variants)

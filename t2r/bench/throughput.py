@@ -91,28 +91,55 @@ def _peak_gb() -> float:
 
 
 def train_throughput(
-    model: nn.Module, batch: int, seq: int, steps: int = 5, warmup: int = 2, label: str = "GSA", profile: int = 0
+    model: nn.Module,
+    batch: int,
+    seq: int,
+    steps: int = 5,
+    warmup: int = 2,
+    label: str = "GSA",
+    profile: int = 0,
+    graphs: bool = False,
 ) -> dict:
     """Tokens/s of full training steps (forward, backward, AdamW) under bf16 autocast on the model's device; with
     ``profile`` that many more steps run under the profiler (t2r.bench.profile: the GPU's busy time per step, and
-    its kernels by family)."""
+    its kernels by family); with ``graphs`` each step is the replay of one captured CUDA graph
+    (t2r.bench.graphed), and a capture that fails leaves its error in the row instead of timings."""
     from t2r.train.losses import ce_loss_sum
 
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda", capturable=graphs)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
 
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+    def forward_backward() -> None:
+        # Under capture the autocast cache's casts would live in the graph's pool past their use: off, as
+        # torch.cuda.graph's notes ask (each replay casts the weights again, as an eager step does anyway).
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not graphs):
             logits = model(input_ids=ids, use_cache=False).logits
             loss = ce_loss_sum(logits, ids) / (batch * (seq - 1))  # the trainer's chunked loss
         loss.backward()
         opt.step()
+
+    def zero_grad() -> None:
         opt.zero_grad(set_to_none=True)
 
+    def step() -> None:
+        forward_backward()
+        zero_grad()
+
     _peak_reset()
-    issued = []  # per timed step: how long the host took to issue it (no sync inside a step)
+    head = {"model": label, "batch": batch, "seq": seq} | ({"graphs": True} if graphs else {})
+    if graphs:
+        from t2r.bench.graphed import captured_step
+
+        try:
+            step = captured_step(forward_backward, zero_grad, warmup)
+        except RuntimeError as err:  # e.g. an operation that waits for the device: say which, time the others
+            zero_grad()
+            return head | {"graphs_error": str(err).splitlines()[0][:200] if str(err) else type(err).__name__}
+    # Per timed step: how long the host took to issue it. The student's step never waits for the device; the
+    # teacher's forward does once (transformers' look at the position ids for packed rows).
+    issued = []
     for i in range(warmup + steps):
         if i == warmup:
             _sync()
@@ -122,10 +149,7 @@ def train_throughput(
         issued.append(time.perf_counter() - began)
     _sync()
     seconds = (time.perf_counter() - start) / steps
-    row = {
-        "model": label,
-        "batch": batch,
-        "seq": seq,
+    row = head | {
         "step_s": round(seconds, 4),
         "tokens_per_s": round(batch * seq / seconds),
         "peak_gb": round(_peak_gb(), 2),
@@ -142,14 +166,23 @@ def train_throughput(
     return row
 
 
+def check_graphs(device: str) -> None:
+    """Before a benchmark runs: CUDA graphs need the run to be on a GPU."""
+    from t2r.devices import resolve_device
+    from t2r.errors import T2RError
+
+    if torch.device(resolve_device(device)).type != "cuda":
+        raise T2RError(f"--graphs captures CUDA graphs; the run is on {device!r}: give a CUDA device")
+
+
 def teacher_ratios(rows: list[dict]) -> list[dict]:
     """Each row with its ratio to the teacher's row of the same sequence length (the teacher's own: 1.0): tokens/s
     (``x_teacher``) and, where profiled, GPU busy time (``gpu_x_teacher``: the ratio both would reach at their
     device time, i.e. with no host overhead)."""
-    teachers = {r["seq"]: r for r in rows if r["model"].startswith("teacher")}
+    teachers = {(r["seq"], r.get("graphs", False)): r for r in rows if r["model"].startswith("teacher")}
     for row in rows:
-        teacher = teachers.get(row["seq"])
-        if teacher is None:
+        teacher = teachers.get((row["seq"], row.get("graphs", False)))  # graphed rows against the graphed teacher
+        if teacher is None or "tokens_per_s" not in row or "tokens_per_s" not in teacher:
             continue
         row["x_teacher"] = round(row["tokens_per_s"] / teacher["tokens_per_s"], 3)
         if row.get("gpu_ms") and teacher.get("gpu_ms"):
@@ -342,7 +375,7 @@ def load_bench_model(path: str | None, shape: str | None, device: str, window: i
 
 def run_train_bench(
     path, shape, seqs, batch, steps, lora, device, reference: bool = False, compile: bool = False,
-    fusions: bool = False, profile: int = 0, variants: Sequence[str] = (), rounds: int = 1,
+    fusions: bool = False, profile: int = 0, variants: Sequence[str] = (), rounds: int = 1, graphs: bool = False,
 ) -> list[dict]:  # fmt: skip
     """GSA student vs teacher (SDPA) training throughput; with ``lora`` the student trains LoRA r=8 on
     q/k/v/o plus the new parameters, with gradient checkpointing (the mistral-7b-fast setting). With ``compile``
@@ -353,13 +386,17 @@ def run_train_bench(
     per row under the profiler (each row gains its GPU busy time and kernels by family; t2r.bench.profile). With
     ``rounds`` > 1 every row of a length is timed once per round, the rows taking turns (a host-bound step's time
     drifts with the machine by 10-30% between runs; turns spread that drift over every row), and each row reports
-    its median round (:func:`median_rounds`; the profile runs in the last). Student rows carry their ratios to the
-    teacher (:func:`teacher_ratios`)."""
+    its median round (:func:`median_rounds`; the profile runs in the last). ``graphs``: every row (the teacher's
+    too) is timed again with its step captured as one CUDA graph (t2r.bench.graphed), which takes the host's time
+    out. Student rows carry their ratios to the teacher in the same mode (:func:`teacher_ratios`)."""
     from t2r.bench.profile import check_profile
     from t2r.train.compiled import compile_decoder_layers
 
     if profile:
         check_profile(device)
+    if graphs:
+        check_graphs(device)
+    modes = [("", False), (", graphs", True)] if graphs else [("", False)]
     changed = [(_checked_changes(text), f", {text}") for text in variants]
     prepare = compile_decoder_layers if compile else (lambda m: m)
     tag = ", compiled" if compile else ""
@@ -374,8 +411,15 @@ def run_train_bench(
         timed, teacher = [], None
         for turn in range(rounds):
 
-            def measure(m: nn.Module, label: str, seq: int = seq, last: bool = turn == rounds - 1) -> dict:
-                return train_throughput(m, batch, seq, steps, label=label, profile=profile if last else 0)
+            def measure(m: nn.Module, name: str, how: str, seq: int = seq, last: bool = turn == rounds - 1) -> list:
+                """Rows labelled "NAME (HOW[, graphs])", one per mode."""
+                profiled = profile if last else 0
+                return [
+                    train_throughput(
+                        m, batch, seq, steps, label=f"{name} ({how}{mode})", profile=profiled, graphs=graphed
+                    )
+                    for mode, graphed in modes
+                ]
 
             if lora:
                 from t2r.train.recipe import LoraSettings, Stage
@@ -386,18 +430,18 @@ def run_train_bench(
                 student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 for changes, label in settings:
                     with tuned(**changes):
-                        timed.append(measure(student, f"GSA + LoRA r8 (ckpt{tag}{label})"))
+                        timed += measure(student, "GSA + LoRA r8", f"ckpt{tag}{label}")
                 model = student.unload()
             else:
                 for changes, label in settings:
                     with tuned(**changes):
-                        timed.append(measure(model, f"GSA (full{tag}{label})"))
+                        timed += measure(model, "GSA", f"full{tag}{label}")
                 if device != "cpu" and reference:
                     with tuned(impl="reference"):
-                        timed.append(measure(model, "GSA, reference path (full)"))
+                        timed += measure(model, "GSA, reference path", "full")
                 if teacher is None:  # built (and compiled) once per length
                     teacher = prepare(teacher_view(model))
-                timed.append(measure(teacher, f"teacher SDPA (full{tag})"))
+                timed += measure(teacher, "teacher SDPA", f"full{tag}")
                 model.zero_grad(set_to_none=True)
         rows += median_rounds(timed) if rounds > 1 else timed
     return teacher_ratios(rows)
@@ -410,9 +454,12 @@ def median_rounds(rows: list[dict]) -> list[dict]:
     merged = []
     for label in dict.fromkeys(r["model"] for r in rows):
         runs = [r for r in rows if r["model"] == label]
-        times = sorted(r["step_s"] for r in runs)
+        times = sorted(r["step_s"] for r in runs if "step_s" in r)
+        if not times:  # every round failed (a graph that could not be captured): its first error
+            merged.append(dict(runs[0]) | {"rounds": len(runs)})
+            continue
         middle = times[(len(times) - 1) // 2]
-        row = dict(next(r for r in runs if r["step_s"] == middle))
+        row = dict(next(r for r in runs if r.get("step_s") == middle))
         for run in runs:  # the profile's keys, from the round that was profiled
             row |= {k: v for k, v in run.items() if k not in row}
         spread = (times[-1] - times[0]) / middle if middle else 0.0
