@@ -32,7 +32,7 @@ def test_environment_sets_the_defaults(monkeypatch):
         dict(segment=16, subchunk=32),
         dict(dot="half:nope"),
         dict(impl="cuda"),
-        dict(scan_parts=0),
+        dict(scan_parts=-1),
     ],
 )
 def test_bad_values_are_refused_and_nothing_changes(bad):

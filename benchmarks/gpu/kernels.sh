@@ -42,9 +42,10 @@ fusions-ab)
 variants)
   # Kernel tunables in whole steps, each beside the teacher (a call of its own: every variant compiles its kernels).
   # The memories' scans were 43 of the GSA op's 64 ms per step at 16k (H200, 2026-12-05): 24 programs at SmolLM2's
-  # 3 KV heads; smaller row blocks (state_block) give them 48 or 96.
+  # 3 KV heads. The scans in parts give them PARTS times as many (scan_parts=0, automatic: 16 parts at 16k, 8 at
+  # 4k); smaller row blocks (state_block=32) twice as many.
   python -m t2r.cli bench train --shape smollm2-135m --seq 4096 --seq 16384 --batch 1 --steps 10 --profile 3 --rounds 2 \
-    --tuning state_block=16 --tuning state_block=32 --tuning scan_parts=4 --tuning scan_parts=8 \
+    --tuning scan_parts=0 --tuning scan_parts=4 --tuning scan_parts=8 --tuning state_block=32 \
     --json "$OUT/bench_train_variants.json" 2>&1 | tee "$OUT/bench_train_variants.log" | tail -14 ;;
 gqa)
   # Real models' GQA layer shapes (SmolLM2: 9 heads over 3 KV heads of 64; Mistral-7B: 32 over 8 of 128), which the
@@ -59,7 +60,7 @@ scan)
   # The forward scans in parts (T2R_GSA_SCAN_PARTS) and smaller row blocks (T2R_GSA_STATE_BLOCK), kernels alone at
   # real models' shapes (each setting checked against the oracle by tests/test_gsa_triton.py -k two_level first).
   python -m pytest -q -p no:cacheprovider tests/test_gsa_triton.py -k "two_level or scan_block" -rf 2>&1 | tail -2
-  for cfg in ${SCAN:-"1 64" "4 64" "8 64" "16 64" "1 16" "8 32"}; do
+  for cfg in ${SCAN:-"1 64" "0 64" "4 64" "8 64" "16 64" "1 16"}; do  # parts 0: automatic
     set -- $cfg
     T2R_GSA_SCAN_PARTS=$1 T2R_GSA_STATE_BLOCK=$2 python -m t2r.cli bench kernels --no-fla --layer smollm2-135m \
       --layer mistral-7b --shape 1x4096 --shape 1x16384 --json "$OUT/scan_$1_$2.json" 2>&1 | sed "s/^/[parts $1 rows $2] /" |

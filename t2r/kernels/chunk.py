@@ -138,6 +138,11 @@ class _Plan:
         self._nseg, self._segoff, self._device = nseg, segoff, device
 
     @functools.cached_property
+    def longest(self) -> int:
+        """Segments of the longest sequence (host data: no device read)."""
+        return int(self._nseg.max()) if len(self._nseg) else 0
+
+    @functools.cached_property
     def last_segments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(non-empty sequences, their last segments) on the device; built only when a final-state gradient needs
         them, so that plain calls copy nothing more to the device."""
@@ -179,6 +184,27 @@ def _scan_blocks(K: int, V: int, M: int, Hkv: int, plan: _Plan) -> tuple[int, in
     return BD, BM, 3 if BD * BM <= 64 * 32 else TUNING.stages
 
 
+# Automatic scan parts (T2R_GSA_SCAN_PARTS=0): split until the scan programs fill the device twice over, keeping
+# at least this many segments per part of the longest sequence (each part costs a carry pass over its states).
+MIN_SEGMENTS_PER_PART = 8
+
+
+def auto_scan_parts(programs: int, longest: int, sms: int) -> int:
+    """Parts per sequence for a scan of ``programs`` one-walk programs over sequences of at most ``longest``
+    segments on a device of ``sms`` multiprocessors: a power of two, 1 when the walks already fill the device."""
+    parts = 1
+    while programs * parts < 2 * sms and longest // (2 * parts) >= MIN_SEGMENTS_PER_PART:
+        parts *= 2
+    return parts
+
+
+@functools.lru_cache(maxsize=8)
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter (CPU tests): an H100's / H200's count
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _segment_cumsum(g: torch.Tensor, plan: _Plan) -> torch.Tensor:
     b = empty(*g.shape, dtype=torch.float32, device=g.device)
     if plan.NS:
@@ -198,6 +224,9 @@ def _state_scan(xk, yk, xv, yv, b, init, plan, prec, Hkv: int, M: int, store_out
     outs = (empty(plan.N, Hkv, K, M, **f32), empty(plan.N, Hkv, M, V, **f32)) if store_out else bufs
     BD, BM, stages = _scan_blocks(K, V, M, Hkv, plan)
     P = TUNING.scan_parts
+    if P == 0:
+        programs = (K + V) // BD * plan.N * Hkv * (M // BM)
+        P = auto_scan_parts(programs, plan.longest, _multiprocessors(xk.device))
     if P > 1 and plan.NS:  # in two levels: P parts per sequence in parallel, then their carries
         parts = (empty(plan.N * Hkv, P, K, M, **f32), empty(plan.N * Hkv, P, V, M, **f32))
         dec = empty(plan.N * Hkv, P, M, **f32)

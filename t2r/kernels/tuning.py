@@ -44,9 +44,9 @@ class Tuning:
     state_block: int = field(default_factory=lambda: int(_env("STATE_BLOCK", "64")))  # memory rows per scan program
     stages: int = field(default_factory=lambda: int(_env("STAGES", "2")))
     # The memories' scans (forward and reverse) in two levels: each sequence's segments in this many parts scanned
-    # in parallel, then each part's carry added (1: one walk per sequence). For few sequences x KV heads, whose
-    # walks fill few SMs (24 programs at SmolLM2's 3 KV heads: 43 of the op's 64 ms per step at 16k, H200);
-    # untimed, so off.
+    # in parallel, then each part's carry added (1: one walk per sequence; 0: chosen per call by
+    # chunk.auto_scan_parts). For few sequences x KV heads, whose walks fill few SMs (24 programs at SmolLM2's 3 KV
+    # heads: 43 of the op's 64 ms per step at 16k, H200); untimed, so off.
     scan_parts: int = field(default_factory=lambda: int(_env("SCAN_PARTS", "1")))
     warps: int = field(default_factory=lambda: int(_env("WARPS", "0")))  # 0: by tile size
     # Decoding: warps per (sequence, KV head) program, and the rows / columns one step streams the memories in
@@ -93,8 +93,8 @@ class Tuning:
             n = getattr(self, name)
             if n < 16 or n & (n - 1):
                 raise ValueError(f"T2R_GSA_{name.upper()}={n}: expected a power of two >= 16")
-        if self.scan_parts < 1:
-            raise ValueError(f"T2R_GSA_SCAN_PARTS={self.scan_parts}: expected a count >= 1")
+        if self.scan_parts < 0:
+            raise ValueError(f"T2R_GSA_SCAN_PARTS={self.scan_parts}: expected a count >= 1, or 0 (automatic)")
         if self.segment % self.subchunk:
             raise ValueError(f"the segment ({self.segment}) must be a multiple of the sub-chunk ({self.subchunk})")
         half_groups(self.dot)
