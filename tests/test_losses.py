@@ -59,7 +59,7 @@ def test_backward_keeps_no_fp32_vocab_tensors():
     """Tensors the forward saves for the backward, in bytes: the one-shot CE keeps fp32 [rows, vocab]
     intermediates; the chunked one keeps only the bf16 inputs (each chunk is recomputed in the backward)."""
     logits, _, labels, weights = _inputs(T=257, V=300)
-    rows, vocab = 2 * 256, 300
+    rows, vocab = 2 * 257, 300  # every position (the last one's label is ignored: the labels are shifted)
 
     def saved_bytes(fn):
         total = 0
@@ -79,3 +79,54 @@ def test_backward_keeps_no_fp32_vocab_tensors():
     assert saved_bytes(lambda x: _plain_ce(x, labels, weights)) >= rows * vocab * 4  # fp32 log-probabilities
     # The bf16 rows themselves, their labels (int64) and weights (fp32): nothing vocab-sized in fp32.
     assert saved_bytes(lambda x: ce_loss_sum(x, labels, weights, chunk=64)) <= rows * (vocab * 2 + 8 + 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
+def test_fused_cross_entropy_matches_the_reference(monkeypatch, dtype, weighted):
+    """The Triton kernels (Triton's interpreter on the CPU) against the PyTorch reference on fresh random rows:
+    a vocabulary over several blocks with a partial last one, ignored rows, rows with -inf logits, large logits,
+    a strided view of the rows; the summed loss and the logits' gradient (relative errors)."""
+    pytest.importorskip("triton")
+    from t2r.kernels import cross_entropy
+    from t2r.kernels.cross_entropy import cross_entropy_sum_triton
+    from t2r.kernels.reference import cross_entropy_sum_reference
+
+    monkeypatch.setattr(cross_entropy, "MAX_BLOCK", 128)  # 300 columns: three blocks, the last partial
+    wide = torch.randn(3, 19, 310) * 4
+    wide[0, 3] += 80.0  # exp overflows fp32 without the running maximum
+    wide[1, 2, :150] = float("-inf")  # a first block with no finite logit
+    logits = wide[..., :300].to(dtype).requires_grad_()  # rows of stride 310: a view, not a copy
+    labels = torch.randint(0, 300, (3, 19))
+    labels[1, 2] = 200  # its label's logit is finite
+    labels[2, 4:7] = IGNORE_INDEX
+    weights = torch.rand(3, 19) + 0.5 if weighted else None
+    got = cross_entropy_sum_triton(logits, labels, weights, IGNORE_INDEX)
+    (g_got,) = torch.autograd.grad(got * 0.7, logits)
+    want = cross_entropy_sum_reference(logits, labels, weights, IGNORE_INDEX)
+    (g_want,) = torch.autograd.grad(want * 0.7, logits)
+    assert got.dtype == torch.float32 and g_got.dtype == dtype
+    assert _rel(got, want) < 1e-6
+    assert _rel(g_got, g_want) < (1e-6 if dtype == torch.float32 else 1e-2)
+    assert torch.all(g_got[2, 4:7] == 0)  # ignored rows
+
+
+def test_fused_cross_entropy_in_the_training_loss(monkeypatch):
+    """T2R_GSA_FUSED_CE=1: ce_loss_sum over every row at once with the kernels gives the chunked loss and its
+    gradient (bf16 logits, weights, ignored labels, several rows)."""
+    pytest.importorskip("triton")
+    from t2r.kernels.cross_entropy import cross_entropy_sum_triton
+    from t2r.kernels.tuning import TUNING
+
+    logits, _, labels, weights = _inputs(B=3, T=40, V=70)
+    want = ce_loss_sum(logits, labels, weights, chunk=16)
+    (g_want,) = torch.autograd.grad(want, logits)
+    monkeypatch.setattr(TUNING, "fused_ce", True)
+    monkeypatch.setattr(TUNING, "impl", "triton")  # CPU tensors to the kernels (the interpreter)
+    calls = []
+    monkeypatch.setattr("t2r.kernels.dispatch.cross_entropy_sum_triton",
+                        lambda *a: calls.append(1) or cross_entropy_sum_triton(*a))  # fmt: skip
+    got = ce_loss_sum(logits, labels, weights, chunk=16)
+    (g_got,) = torch.autograd.grad(got, logits)
+    assert calls == [1]  # one call over every row
+    assert _rel(got, want) < 1e-6 and _rel(g_got, g_want) < 1e-2

@@ -43,9 +43,11 @@ variants)
   # Kernel tunables in whole steps, each beside the teacher (a call of its own: every variant compiles its kernels).
   # The memories' scans were 43 of the GSA op's 64 ms per step at 16k (H200, 2026-12-05): 24 programs at SmolLM2's
   # 3 KV heads. The scans in parts give them PARTS times as many (scan_parts=0, automatic: 16 parts at 16k, 8 at
-  # 4k); smaller row blocks (state_block=32) twice as many.
+  # 4k); smaller row blocks (state_block=32) twice as many. fused_ce: the loss in one launch each way (the chunked
+  # loss's softmax and casts were about 20 of the 131 ms at 16k).
   python -m t2r.cli bench train --shape smollm2-135m --seq 4096 --seq 16384 --batch 1 --steps 10 --profile 3 --rounds 2 \
-    --tuning scan_parts=0 --tuning scan_parts=4 --tuning scan_parts=8 --tuning state_block=32 \
+    --tuning scan_parts=0 --tuning scan_parts=8 --tuning state_block=32 --tuning fused_ce=1 \
+    --tuning scan_parts=0,fused_ce=1 \
     --json "$OUT/bench_train_variants.json" 2>&1 | tee "$OUT/bench_train_variants.log" | tail -14 ;;
 gqa)
   # Real models' GQA layer shapes (SmolLM2: 9 heads over 3 KV heads of 64; Mistral-7B: 32 over 8 of 128), which the

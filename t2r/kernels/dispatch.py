@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .reference import (
     State,
+    cross_entropy_sum_reference,
     gsa_chunk,
     gsa_decode_reference,
     gsa_prologue_reference,
@@ -27,6 +28,7 @@ from .tuning import TUNING
 
 try:
     from .chunk import gsa_chunk_triton, supports
+    from .cross_entropy import cross_entropy_sum_triton
     from .decode import gsa_decode_fused_triton, gsa_decode_triton
     from .norm import rms_norm_autograd_triton, rms_norm_triton
     from .prologue import gsa_prologue_triton
@@ -180,3 +182,19 @@ def window_decode_(
     if TUNING.fused_window and D & (D - 1) == 0 and _fused_inference(q, k, v, o, mix_logits):
         return window_decode_triton(q, k, v, past, keep, sink, scale, o, mix_logits)
     return window_decode_reference(q, k, v, past, keep, sink, scale, o, mix_logits)
+
+
+def fused_cross_entropy(logits: torch.Tensor) -> bool:
+    """Whether :func:`cross_entropy_sum` takes the Triton kernels: ``TUNING.fused_ce`` (T2R_GSA_FUSED_CE=1) and
+    :func:`_fusable`. Then the caller need not split the rows into chunks: nothing vocabulary-sized is made."""
+    return TUNING.fused_ce and _fusable(logits)
+
+
+def cross_entropy_sum(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None, ignore_index: int
+) -> torch.Tensor:
+    """Summed (weighted) cross-entropy over rows (:func:`reference.cross_entropy_sum_reference`): one Triton
+    launch each way where :func:`fused_cross_entropy` holds."""
+    if fused_cross_entropy(logits):
+        return cross_entropy_sum_triton(logits, labels, weights, ignore_index)
+    return cross_entropy_sum_reference(logits, labels, weights, ignore_index)

@@ -342,3 +342,13 @@ def window_decode_reference(
     for old, x in zip(past, new, strict=True):
         old.copy_(x)
     return mix_window(o, o_win, mix_logits)
+
+
+def cross_entropy_sum_reference(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None, ignore_index: int
+) -> torch.Tensor:
+    """Sum over rows of the cross-entropy of ``logits`` [..., V] against ``labels`` [...], each row's loss times
+    its weight (``weights`` [...], optional); rows labelled ``ignore_index`` count 0. In fp32."""
+    per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=ignore_index,
+                          reduction="none")  # fmt: skip
+    return per.sum() if weights is None else (per * weights.reshape(-1)).sum()

@@ -78,6 +78,9 @@ class Tuning:
     fused_mlp: bool = field(default_factory=lambda: _env("FUSED_MLP", "1") == "1")
     # a GSA layer's q/k/v/gate projections and an MLP's gate/up as one GEMM each way (models/projections.py).
     merged_projections: bool = field(default_factory=lambda: _env("MERGED_PROJECTIONS", "1") == "1")
+    # Next-token cross-entropy in one launch each way, with nothing vocabulary-sized kept (kernels/cross_entropy.py),
+    # instead of the chunked fp32 log-softmax, recomputed in the backward; off until timed on a GPU.
+    fused_ce: bool = field(default_factory=lambda: _env("FUSED_CE", "0") == "1")
     # The backward's two reverse walks (one per memory) in one launch: a launch fewer per layer, twice the programs;
     # off until timed on a GPU (spills about as much offline, benchmarks/kernel_resources.py).
     merged_rev: bool = field(default_factory=lambda: _env("MERGED_REV", "0") == "1")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from t2r.kernels.dispatch import cross_entropy_sum, fused_cross_entropy
 from t2r.train.data import IGNORE_INDEX
 from t2r.train.teacher_attention import TransferCollector, attach_softmax_twins, transfer
 
@@ -58,18 +59,25 @@ def _sum_over_chunks(fn, tensors: list[torch.Tensor | None], chunk: int) -> torc
 
 
 def _ce_chunk(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    per = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
-    return per.sum() if weights is None else (per * weights).sum()
+    return cross_entropy_sum(logits, labels, weights, IGNORE_INDEX)
 
 
 def ce_loss_sum(
     logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None, chunk: int = 2048
 ) -> torch.Tensor:
-    """Next-token cross-entropy summed over labelled positions (labels are shifted here); ``weights`` (same
-    shape as labels, optional) scales the loss of predicting each label, e.g. a recall row's answer. Computed
-    in fp32 over chunks of positions (see ``_sum_over_chunks``)."""
-    w = None if weights is None else weights[:, 1:].flatten().to(torch.float32)
-    return _sum_over_chunks(_ce_chunk, [logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), w], chunk)
+    """Next-token cross-entropy summed over labelled positions; ``weights`` (same shape as labels, optional)
+    scales the loss of predicting each label, e.g. a recall row's answer. In fp32: the fused kernel's
+    (``TUNING.fused_ce``) over every row at once, else over chunks of positions (see ``_sum_over_chunks``).
+
+    The labels are shifted, not the logits: position t predicts label t + 1, and each row's last position gets
+    ``IGNORE_INDEX``. The logits' rows stay a view (slicing off their last position copied them for batches of
+    several rows)."""
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+    w = None if weights is None else F.pad(weights[:, 1:].to(torch.float32), (0, 1)).flatten()
+    rows = logits.flatten(0, 1)
+    if fused_cross_entropy(rows):
+        return _ce_chunk(rows, shifted, w)
+    return _sum_over_chunks(_ce_chunk, [rows, shifted, w], chunk)
 
 
 def kd_loss_sum(
