@@ -92,8 +92,16 @@ def resources_of(fn, types: dict[str, str], consts: dict, warps: int, stages: in
 def main() -> None:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "t2r", "kernels")
-    files = ("chunk_jit.py", "decode_jit.py", "norm.py", "prologue.py", "rotary.py", "swiglu.py", "window.py",
-             "cross_entropy.py")
+    files = (
+        "chunk_jit.py",
+        "decode_jit.py",
+        "norm.py",
+        "prologue.py",
+        "rotary.py",
+        "swiglu.py",
+        "window.py",
+        "cross_entropy.py",
+    )
     paths = sys.argv[1:] or [os.path.join(here, name) for name in files]
     sweeps = _launch_cfg(128, 128, 64)
     found = {}
