@@ -130,3 +130,51 @@ def test_fused_cross_entropy_in_the_training_loss(monkeypatch):
     (g_got,) = torch.autograd.grad(got, logits)
     assert calls == [1]  # one call over every row
     assert _rel(got, want) < 1e-6 and _rel(g_got, g_want) < 1e-2
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_distillation_matches_the_reference(monkeypatch, dtype, temperature):
+    """The KL kernels against the PyTorch reference on fresh random rows: several vocabulary blocks with a partial
+    last one, ignored rows, -inf logits on either side (a teacher's -inf is no term, not NaN), large logits,
+    strided rows of both, weights; the scaled sum and the student's gradient (relative errors)."""
+    pytest.importorskip("triton")
+    from t2r.kernels import cross_entropy
+    from t2r.kernels.cross_entropy import kd_sum_triton
+    from t2r.kernels.reference import kd_sum_reference
+
+    monkeypatch.setattr(cross_entropy, "MAX_BLOCK", 128)
+    wide_s, wide_t = torch.randn(2, 23, 310) * 3, torch.randn(2, 23, 310) * 3
+    wide_s[0, 1] += 70.0
+    wide_t[1, 5, :140] = float("-inf")  # a teacher row whose first block has no finite logit
+    wide_t[0, 7, 200:] = float("-inf")  # and one with -inf at the end
+    wide_s[1, 9, 250:] = -1e4  # a student far below
+    student = wide_s[..., :300].to(dtype).requires_grad_()
+    teacher = wide_t[..., :300].to(dtype)
+    labels = torch.randint(0, 300, (2, 23))
+    labels[1, 10:14] = IGNORE_INDEX
+    weights = torch.rand(2, 23) + 0.5
+    got = kd_sum_triton(student, teacher, labels, weights, temperature, IGNORE_INDEX)
+    (g_got,) = torch.autograd.grad(got * 1.3, student)
+    want = kd_sum_reference(student, teacher, labels, weights, temperature, IGNORE_INDEX)
+    (g_want,) = torch.autograd.grad(want * 1.3, student)
+    assert torch.isfinite(got) and got.dtype == torch.float32 and g_got.dtype == dtype
+    assert _rel(got, want) < 1e-5
+    assert _rel(g_got, g_want) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert torch.all(g_got[1, 10:14] == 0)
+
+
+def test_fused_distillation_in_the_training_loss(monkeypatch):
+    """T2R_GSA_FUSED_CE=1: kd_loss_sum over every row at once with the kernels (no selection of the labelled
+    rows) gives the chunked loss and its gradient."""
+    pytest.importorskip("triton")
+    from t2r.kernels.tuning import TUNING
+
+    logits, teacher, labels, weights = _inputs(B=3, T=40, V=70)
+    want = kd_loss_sum(logits, teacher, labels, 2.0, weights, chunk=16)
+    (g_want,) = torch.autograd.grad(want, logits)
+    monkeypatch.setattr(TUNING, "fused_ce", True)
+    monkeypatch.setattr(TUNING, "impl", "triton")
+    got = kd_loss_sum(logits, teacher, labels, 2.0, weights, chunk=16)
+    (g_got,) = torch.autograd.grad(got, logits)
+    assert _rel(got, want) < 1e-6 and _rel(g_got, g_want) < 1e-2

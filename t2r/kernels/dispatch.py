@@ -19,6 +19,7 @@ from .reference import (
     gsa_decode_reference,
     gsa_prologue_reference,
     gsa_recurrent,
+    kd_sum_reference,
     rms_norm_reference,
     rotary_reference,
     swiglu_reference,
@@ -28,7 +29,7 @@ from .tuning import TUNING
 
 try:
     from .chunk import gsa_chunk_triton, supports
-    from .cross_entropy import cross_entropy_sum_triton
+    from .cross_entropy import cross_entropy_sum_triton, kd_sum_triton
     from .decode import gsa_decode_fused_triton, gsa_decode_triton
     from .norm import rms_norm_autograd_triton, rms_norm_triton
     from .prologue import gsa_prologue_triton
@@ -185,8 +186,9 @@ def window_decode_(
 
 
 def fused_cross_entropy(logits: torch.Tensor) -> bool:
-    """Whether :func:`cross_entropy_sum` takes the Triton kernels: ``TUNING.fused_ce`` (T2R_GSA_FUSED_CE=1) and
-    :func:`_fusable`. Then the caller need not split the rows into chunks: nothing vocabulary-sized is made."""
+    """Whether :func:`cross_entropy_sum` and :func:`kd_sum` take the Triton kernels: ``TUNING.fused_ce``
+    (T2R_GSA_FUSED_CE=1) and :func:`_fusable`. Then the caller need not split the rows into chunks, nor select the
+    labelled ones: nothing vocabulary-sized is made."""
     return TUNING.fused_ce and _fusable(logits)
 
 
@@ -198,3 +200,18 @@ def cross_entropy_sum(
     if fused_cross_entropy(logits):
         return cross_entropy_sum_triton(logits, labels, weights, ignore_index)
     return cross_entropy_sum_reference(logits, labels, weights, ignore_index)
+
+
+def kd_sum(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+) -> torch.Tensor:
+    """Summed (weighted) distillation KL over rows, times T^2 (:func:`reference.kd_sum_reference`): one Triton
+    launch each way where :func:`fused_cross_entropy` holds."""
+    if fused_cross_entropy(student):
+        return kd_sum_triton(student, teacher, labels, weights, temperature, ignore_index)
+    return kd_sum_reference(student, teacher, labels, weights, temperature, ignore_index)

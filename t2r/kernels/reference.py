@@ -352,3 +352,24 @@ def cross_entropy_sum_reference(
     per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=ignore_index,
                           reduction="none")  # fmt: skip
     return per.sum() if weights is None else (per * weights.reshape(-1)).sum()
+
+
+def kd_sum_reference(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+) -> torch.Tensor:
+    """Sum over rows of KL(softmax(teacher / T) || softmax(student / T)) times T^2, the usual distillation scale;
+    each row's value times its weight (``weights`` [...], optional), rows labelled ``ignore_index`` count 0. In
+    fp32."""
+    V = student.shape[-1]
+    log_p_s = F.log_softmax(student.reshape(-1, V).float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher.reshape(-1, V).float() / temperature, dim=-1)
+    p_t = log_p_t.exp()
+    # p log p -> 0 where the teacher gives a token no mass (F.kl_div makes that 0 * -inf = NaN)
+    per = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0).sum(-1)
+    per = torch.where(labels.reshape(-1) != ignore_index, per, 0.0)
+    return (per if weights is None else per * weights.reshape(-1)).sum() * temperature**2

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from t2r.kernels.dispatch import cross_entropy_sum, fused_cross_entropy
+from t2r.kernels.dispatch import cross_entropy_sum, fused_cross_entropy, kd_sum
 from t2r.train.data import IGNORE_INDEX
 from t2r.train.teacher_attention import TransferCollector, attach_softmax_twins, transfer
 
@@ -88,17 +88,20 @@ def kd_loss_sum(
     weights: torch.Tensor | None = None,
     chunk: int = 1024,
 ) -> torch.Tensor:
-    """KL(teacher || student) per labelled position, summed (weighted like ``ce_loss_sum``); computed in fp32
-    over chunks of positions (see ``_sum_over_chunks``). Scaled by T^2 as usual for distillation."""
-    mask = labels[:, 1:].flatten() != IGNORE_INDEX
-    s = student_logits[:, :-1].flatten(0, 1)[mask]
-    t = teacher_logits[:, :-1].flatten(0, 1)[mask].to(s.device)
-    w = None if weights is None else weights[:, 1:].flatten()[mask].to(s.device, torch.float32)
+    """KL(teacher || student) per labelled position, summed (weighted like ``ce_loss_sum``), scaled by T^2 as usual
+    for distillation. In fp32: the fused kernels' (``TUNING.fused_ce``) over every row at once, else over chunks of
+    the labelled positions (see ``_sum_over_chunks``)."""
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+    w = None if weights is None else F.pad(weights[:, 1:].to(torch.float32), (0, 1)).flatten()
+    s = student_logits.flatten(0, 1)
+    t = teacher_logits.flatten(0, 1).to(s.device)
+    if fused_cross_entropy(s):
+        return kd_sum(s, t, shifted, None if w is None else w.to(s.device), temperature, IGNORE_INDEX)
+    mask = shifted.to(s.device) != IGNORE_INDEX
+    s, t, y = s[mask], t[mask], shifted.to(s.device)[mask]
+    w = None if w is None else w.to(s.device)[mask]
 
-    def kl(s: torch.Tensor, t: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-        log_p_s = F.log_softmax(s.float() / temperature, dim=-1)
-        log_p_t = F.log_softmax(t.float() / temperature, dim=-1)
-        per = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="none").sum(-1)
-        return (per if w is None else per * w).sum()
+    def kl(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        return kd_sum(s, t, y, w, temperature, IGNORE_INDEX)
 
-    return _sum_over_chunks(kl, [s, t, w], chunk) * temperature**2
+    return _sum_over_chunks(kl, [s, t, y, w], chunk)
