@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from t2r.train.data import IGNORE_INDEX
 from t2r.train.losses import ce_loss_sum, kd_loss_sum
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the fused kernels: compiled, or Triton's interpreter
+
 
 def _inputs(B=2, T=33, V=50, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -96,11 +98,12 @@ def test_fused_cross_entropy_matches_the_reference(monkeypatch, dtype, weighted)
     wide = torch.randn(3, 19, 310) * 4
     wide[0, 3] += 80.0  # exp overflows fp32 without the running maximum
     wide[1, 2, :150] = float("-inf")  # a first block with no finite logit
-    logits = wide[..., :300].to(dtype).requires_grad_()  # rows of stride 310: a view, not a copy
+    logits = wide[..., :300].to(DEVICE, dtype).requires_grad_()  # rows of stride 310: a view, not a copy
     labels = torch.randint(0, 300, (3, 19))
     labels[1, 2] = 200  # its label's logit is finite
     labels[2, 4:7] = IGNORE_INDEX
-    weights = torch.rand(3, 19) + 0.5 if weighted else None
+    labels = labels.to(DEVICE)
+    weights = (torch.rand(3, 19) + 0.5).to(DEVICE) if weighted else None
     got = cross_entropy_sum_triton(logits, labels, weights, IGNORE_INDEX)
     (g_got,) = torch.autograd.grad(got * 0.7, logits)
     want = cross_entropy_sum_reference(logits, labels, weights, IGNORE_INDEX)
@@ -118,11 +121,13 @@ def test_fused_cross_entropy_in_the_training_loss(monkeypatch):
     from t2r.kernels.cross_entropy import cross_entropy_sum_triton
     from t2r.kernels.tuning import TUNING
 
-    logits, _, labels, weights = _inputs(B=3, T=40, V=70)
+    logits, _, labels, weights = (x.to(DEVICE) for x in _inputs(B=3, T=40, V=70))
+    logits = logits.detach().requires_grad_()
     want = ce_loss_sum(logits, labels, weights, chunk=16)
     (g_want,) = torch.autograd.grad(want, logits)
     monkeypatch.setattr(TUNING, "fused_ce", True)
-    monkeypatch.setattr(TUNING, "impl", "triton")  # CPU tensors to the kernels (the interpreter)
+    if DEVICE == "cpu":
+        monkeypatch.setattr(TUNING, "impl", "triton")  # CPU tensors to the kernels (the interpreter)
     calls = []
     monkeypatch.setattr("t2r.kernels.dispatch.cross_entropy_sum_triton",
                         lambda *a: calls.append(1) or cross_entropy_sum_triton(*a))  # fmt: skip
@@ -149,11 +154,12 @@ def test_fused_distillation_matches_the_reference(monkeypatch, dtype, temperatur
     wide_t[1, 5, :140] = float("-inf")  # a teacher row whose first block has no finite logit
     wide_t[0, 7, 200:] = float("-inf")  # and one with -inf at the end
     wide_s[1, 9, 250:] = -1e4  # a student far below
-    student = wide_s[..., :300].to(dtype).requires_grad_()
-    teacher = wide_t[..., :300].to(dtype)
+    student = wide_s[..., :300].to(DEVICE, dtype).requires_grad_()
+    teacher = wide_t[..., :300].to(DEVICE, dtype)
     labels = torch.randint(0, 300, (2, 23))
     labels[1, 10:14] = IGNORE_INDEX
-    weights = torch.rand(2, 23) + 0.5
+    labels = labels.to(DEVICE)
+    weights = (torch.rand(2, 23) + 0.5).to(DEVICE)
     got = kd_sum_triton(student, teacher, labels, weights, temperature, IGNORE_INDEX)
     (g_got,) = torch.autograd.grad(got * 1.3, student)
     want = kd_sum_reference(student, teacher, labels, weights, temperature, IGNORE_INDEX)
@@ -170,11 +176,13 @@ def test_fused_distillation_in_the_training_loss(monkeypatch):
     pytest.importorskip("triton")
     from t2r.kernels.tuning import TUNING
 
-    logits, teacher, labels, weights = _inputs(B=3, T=40, V=70)
+    logits, teacher, labels, weights = (x.to(DEVICE) for x in _inputs(B=3, T=40, V=70))
+    logits = logits.detach().requires_grad_()
     want = kd_loss_sum(logits, teacher, labels, 2.0, weights, chunk=16)
     (g_want,) = torch.autograd.grad(want, logits)
     monkeypatch.setattr(TUNING, "fused_ce", True)
-    monkeypatch.setattr(TUNING, "impl", "triton")
+    if DEVICE == "cpu":
+        monkeypatch.setattr(TUNING, "impl", "triton")
     got = kd_loss_sum(logits, teacher, labels, 2.0, weights, chunk=16)
     (g_got,) = torch.autograd.grad(got, logits)
     assert _rel(got, want) < 1e-6 and _rel(g_got, g_want) < 1e-2

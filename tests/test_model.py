@@ -183,10 +183,12 @@ def test_a_training_step_on_the_kernels_waits_for_the_device_nowhere(monkeypatch
             self.count += func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero)
             return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(TUNING, "impl", "triton")  # the kernels (Triton's interpreter on the CPU)
-    ids = torch.randint(3, 101, (2, 70))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        monkeypatch.setattr(TUNING, "impl", "triton")  # the kernels (Triton's interpreter on the CPU)
+    ids = torch.randint(3, 101, (2, 70), device=device)
     wide = dict(hidden_size=96)  # heads of 16, the kernels' smallest
-    model = tiny_gsa_model("llama", num_slots=16, teacher_overrides=wide).train()
+    model = tiny_gsa_model("llama", num_slots=16, teacher_overrides=wide).train().to(device)
     seen = []
     hook = model.model.layers[0].register_forward_pre_hook(
         lambda _m, _a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True
@@ -197,7 +199,8 @@ def test_a_training_step_on_the_kernels_waits_for_the_device_nowhere(monkeypatch
     hook.remove()
     assert reads.count == 0
     assert seen[0] is not None and seen[0].numel() == 0  # the empty prepared mask
-    kept = tiny_gsa_model("llama", num_slots=16, teacher_overrides=wide, gsa_full_attention_layers=[1]).train()
+    kept = tiny_gsa_model("llama", num_slots=16, teacher_overrides=wide, gsa_full_attention_layers=[1])
+    kept = kept.train().to(device)
     kept.load_state_dict(model.state_dict(), strict=False)
     seen.clear()
     hook = kept.model.layers[1].register_forward_pre_hook(

@@ -30,8 +30,9 @@ fusions)
       --context 32768 --batch 1 --batch 16 --no-teacher --json "$OUT/hybrid_fusions_$on.json" 2>&1 | grep "^GSA" | sed "s/^/[on=$on] /"
   done ;;
 train)
+  K="gradients or prologue or opt_in or launches or model_forward or profiled or merged_reverse or graphed"
   python -m pytest -q -p no:cacheprovider tests/test_fusions.py tests/test_gsa_triton.py tests/test_bench.py \
-    -k "gradients or prologue or opt_in or launches or model_forward or profiled or merged_reverse or graphed" -rf \
+    tests/test_losses.py tests/test_model.py -k "$K or fused or waits_for_the_device" -rf \
     2>&1 | tee "$OUT/pytest_gpu_train_fusions.log" | tail -5
   # Eager and graphed steps (--graphs: each step one CUDA graph replay, the teacher's too), turn by turn.
   python -m t2r.cli bench train --shape smollm2-135m --seq 4096 --seq 16384 --batch 1 --steps 10 --graphs \
