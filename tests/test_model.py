@@ -187,7 +187,7 @@ def test_a_training_step_on_the_kernels_waits_for_the_device_nowhere(monkeypatch
     if device == "cpu":
         monkeypatch.setattr(TUNING, "impl", "triton")  # the kernels (Triton's interpreter on the CPU)
     ids = torch.randint(3, 101, (2, 70), device=device)
-    wide = dict(hidden_size=96)  # heads of 16, the kernels' smallest
+    wide = dict(hidden_size=96, num_hidden_layers=2)  # heads of 16, the kernels' smallest
     model = tiny_gsa_model("llama", num_slots=16, teacher_overrides=wide).train().to(device)
     seen = []
     hook = model.model.layers[0].register_forward_pre_hook(
