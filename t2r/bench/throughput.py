@@ -163,6 +163,9 @@ def train_throughput(
             row |= profile_steps(step, profile)
         except RuntimeError as err:  # the profiler's own failure: keep the timings measured above
             row["profile_error"] = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+    if graphs:  # the replays leave the graph's gradients on the parameters: the next row starts from none
+        torch.cuda.synchronize()
+        zero_grad()
     return row
 
 
