@@ -125,6 +125,8 @@ def main() -> None:
                         for (name, file, types, consts, warps, stages), n in recorded})  # fmt: skip
     rows = compile_launches(launches)
     print(f"{args.shape}, {args.batch} x {args.seq}, {args.layers} layer(s), sm_90 offline; tuning: {args.tuning}")
+    # Each distinct launch is one compile on a fresh machine: what the first step's cold start pays for.
+    print(f"{len(rows)} distinct programs, {sum(r['launches'] for r in rows)} launches per step")
     for row in rows:
         blocks = " ".join(f"{k}={v}" for k, v in row["constexprs"].items())
         print(f"{row['kernel']:28s} x{row['launches']:<3d} warps {row['warps']} stages {row['stages']}: "
