@@ -323,13 +323,17 @@ def bench_kernels(
         list[str] | None,
         typer.Option(help="layer shapes (repeat): issue (32 heads of 128, no GQA; default), smollm2-135m, mistral-7b"),
     ] = None,
+    loss: Annotated[
+        bool, typer.Option(help="time the training loss: the chunked PyTorch cross-entropy vs the fused kernels")
+    ] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
     record: Annotated[Path | None, typer.Option(help=RECORD_HELP)] = None,
 ) -> None:
     """GSA kernels vs FLA chunk_gsa (if installed) vs SDPA flash attention, fwd and fwd+bwd; the decode step
-    vs FLA's fused recurrent step and KV-cache attention at 32k; with each one's ratio to the memory floor."""
+    vs FLA's fused recurrent step and KV-cache attention at 32k; the training loss, chunked vs fused; with each
+    one's ratio to the memory floor."""
     from t2r.bench import kernels
-    from t2r.bench.kernels import LAYERS, TRAIN_SHAPES, run_kernel_bench
+    from t2r.bench.kernels import LAYERS, LOSS_SHAPES, TRAIN_SHAPES, run_kernel_bench
     from t2r.bench.throughput import check_outputs, print_table, write_outputs
 
     check_outputs(json_out, record)
@@ -340,8 +344,9 @@ def bench_kernels(
         raise T2RError(f"--layer {unknown[0]}: expected one of {', '.join(LAYERS)}")
     shapes = [tuple(int(x) for x in s.lower().split("x")) for s in shape] if shape else None
     result = run_kernel_bench(
-        (shapes or TRAIN_SHAPES) if train else [], fla, decode_batch or [1, 16, 64], layer or ["issue"]
-    )
+        (shapes or TRAIN_SHAPES) if train else [], fla, decode_batch or [1, 16, 64], layer or ["issue"],
+        LOSS_SHAPES if loss else [],
+    )  # fmt: skip
     bandwidth = result["copy_bandwidth_TBps"]
     notes = [
         f"{result['device']}, copy bandwidth {bandwidth} TB/s (read + write), FLA: {result['fla']}",
@@ -354,9 +359,12 @@ def bench_kernels(
     print_table(result["train"])
     print()
     print_table(result["decode"])
+    if result["loss"]:
+        print()
+        print_table(result["loss"])
     errors = {k: result[k] for k in ("rel_error_vs_reference", "rel_error_vs_reference_16k")}
-    tables = [table for table in (result["train"], result["decode"]) if table]
-    rows = [errors, *result["train"], *result["decode"]]
+    tables = [table for table in (result["train"], result["decode"], result["loss"]) if table]
+    rows = [errors, *result["train"], *result["decode"], *result["loss"]]
     write_outputs(rows, json_out, record, _command(), tables, notes, device=kernels.DEVICE)
 
 

@@ -156,20 +156,22 @@ def test_bench_kernels_times_the_decode_step_at_the_batch_sizes_asked(monkeypatc
 
     calls = []
 
-    def run(shapes, fla, batches, layers):
-        calls.append((shapes, fla, list(batches), list(layers)))
+    def run(shapes, fla, batches, layers, losses):
+        calls.append((shapes, fla, list(batches), list(layers), list(losses)))
         return {"device": "dev", "rel_error_vs_reference": {}, "rel_error_vs_reference_16k": {}, "fla": fla,
                 "copy_bandwidth_TBps": 1.0, "train": [{"B": 1, "T": 8}] if shapes else [],
-                "decode": [{"B": b, "ours_step_ms": 0.01} for b in batches]}  # fmt: skip
+                "decode": [{"B": b, "ours_step_ms": 0.01} for b in batches],
+                "loss": [{"tokens": n, "vocab": v} for n, v in losses]}  # fmt: skip
 
     monkeypatch.setattr(t2r.bench.kernels, "run_kernel_bench", run)
     monkeypatch.setattr("t2r.bench.throughput.device_name", lambda device: "dev")
     assert run_cli(["bench", "kernels", "--no-fla"], capsys)[0] == 0
     record = tmp_path / "r.md"
-    args = ["bench", "kernels", "--no-train", "--decode-batch", "4", "--decode-batch", "8", "--record", str(record)]
+    args = ["bench", "kernels", "--no-train", "--decode-batch", "4", "--decode-batch", "8", "--no-loss", "--record",
+            str(record)]  # fmt: skip
     assert run_cli(args, capsys)[0] == 0
-    assert calls[0][1:] == (False, [1, 16, 64], ["issue"]) and calls[0][0]
-    assert calls[1] == ([], True, [4, 8], ["issue"])
+    assert calls[0][1:] == (False, [1, 16, 64], ["issue"], t2r.bench.kernels.LOSS_SHAPES) and calls[0][0]
+    assert calls[1] == ([], True, [4, 8], ["issue"], [])
     assert run_cli(["bench", "kernels", "--layer", "smollm2-135m", "--layer", "mistral-7b"], capsys)[0] == 0
     assert calls[2][3] == ["smollm2-135m", "mistral-7b"]  # real models' GQA shapes
     code, err = run_cli(["bench", "kernels", "--layer", "gpt2"], capsys)
@@ -403,23 +405,30 @@ def test_bench_train_rounds_from_the_command_line(tiny_converted, tmp_path, caps
 
 def test_bench_kernels_runs_every_row_on_the_cpu_at_a_tiny_layer(monkeypatch, tmp_path, capsys):
     """The whole `t2r bench kernels` run (correctness checks, training rows with and without kept buffers, decode
-    rows at two batch sizes, ratios, tables, JSON) on the CPU through Triton's interpreter, so that a broken row
-    fails here rather than on a GPU call (a positional mix-up in the decode rows once cost one)."""
+    rows at two batch sizes, the loss chunked and fused, ratios, tables, JSON) on the CPU through Triton's
+    interpreter, so that a broken row fails here rather than on a GPU call (a positional mix-up in the decode rows
+    once cost one)."""
     import json
 
     import t2r.bench.kernels as kernels
+    from t2r.kernels.cross_entropy import cross_entropy_sum_triton
 
     monkeypatch.setattr(kernels, "DEVICE", "cpu")
     monkeypatch.setitem(kernels.LAYERS, "tiny", (4, 2, 16, 16))
     small = dict(H=4, Hkv=2, K=16, V=16, M=16)
     monkeypatch.setattr(kernels, "CHECKS", {"rel_error_vs_reference": dict(B=1, T=70, **small),
                                             "rel_error_vs_reference_16k": dict(B=1, T=130, **small)})  # fmt: skip
+    monkeypatch.setattr(kernels, "LOSS_SHAPES", [(40, 300)])
+    fused = []
+    monkeypatch.setattr("t2r.kernels.dispatch.cross_entropy_sum_triton",
+                        lambda *a, f=cross_entropy_sum_triton: fused.append(1) or f(*a))  # fmt: skip
     out = tmp_path / "k.json"
     args = ["bench", "kernels", "--no-fla", "--layer", "tiny", "--shape", "1x96", "--decode-batch", "1",
             "--decode-batch", "3", "--json", str(out)]  # fmt: skip
     code, err = run_cli(args, capsys)
     assert code == 0, err
-    errors, train, *decode = json.loads(out.read_text())["rows"]
+    errors, train, *rest = json.loads(out.read_text())["rows"]
+    decode, (loss,) = rest[:2], rest[2:]
     assert set(errors) == set(kernels.CHECKS)
     for check in errors.values():
         assert set(check) == {"o", "hk", "hv", "dq", "dk", "dv", "ds", "dg", "dhk0", "dhv0"}
@@ -432,3 +441,7 @@ def test_bench_kernels_runs_every_row_on_the_cpu_at_a_tiny_layer(monkeypatch, tm
     for row in decode:
         assert row["layer"] == "tiny" and row["H"] == 4 and "fla_step_ms" not in row
         assert row["ours_step_ms"] > 0 and row["kv_cache_32k_ms"] > 0 and row["state_floor_ms"] > 0
+    # the loss, chunked against fused (which ran: the Triton kernels, not the reference again)
+    assert (loss["tokens"], loss["vocab"]) == (40, 300) and fused
+    assert float(loss["rel_err_loss"]) < 1e-5 and float(loss["rel_err_grad"]) < 1e-2
+    assert loss["chunked_fwdbwd_ms"] > 0 and loss["fused_fwdbwd_ms"] > 0 and loss["floor_ms"] > 0

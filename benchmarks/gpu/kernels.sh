@@ -52,7 +52,7 @@ variants)
     --json "$OUT/bench_train_variants.json" 2>&1 | tee "$OUT/bench_train_variants.log" | tail -14 ;;
 gqa)
   # Real models' GQA layer shapes (SmolLM2: 9 heads over 3 KV heads of 64; Mistral-7B: 32 over 8 of 128), which the
-  # default issue shape (no GQA) never timed.
+  # default issue shape (no GQA) never timed; and the training loss, chunked against fused (T2R_GSA_FUSED_CE).
   python -m t2r.cli bench kernels --layer smollm2-135m --layer mistral-7b --shape 1x4096 --shape 1x16384 \
     --decode-batch 16 --json "$OUT/bench_kernels_gqa.json" 2>&1 | tee "$OUT/bench_kernels_gqa.log" | tail -12 ;;
 gqa-ab)
@@ -65,7 +65,7 @@ scan)
   python -m pytest -q -p no:cacheprovider tests/test_gsa_triton.py -k "two_level or scan_block" -rf 2>&1 | tail -2
   for cfg in ${SCAN:-"1 64" "0 64" "4 64" "8 64" "16 64" "1 16"}; do  # parts 0: automatic
     set -- $cfg
-    T2R_GSA_SCAN_PARTS=$1 T2R_GSA_STATE_BLOCK=$2 python -m t2r.cli bench kernels --no-fla --layer smollm2-135m \
+    T2R_GSA_SCAN_PARTS=$1 T2R_GSA_STATE_BLOCK=$2 python -m t2r.cli bench kernels --no-fla --no-loss --layer smollm2-135m \
       --layer mistral-7b --shape 1x4096 --shape 1x16384 --json "$OUT/scan_$1_$2.json" 2>&1 | sed "s/^/[parts $1 rows $2] /" |
       grep -v "^\[.*\] *$"
   done ;;
@@ -73,7 +73,7 @@ sweep)
   IFS=';' read -ra CFGS <<< "${SWEEP:-64 16 tf32 2;64 16 half 2;128 32 half 2;64 16 half 1;64 32 half 2}"
   for cfg in "${CFGS[@]}"; do
     set -- $cfg
-    T2R_GSA_SEGMENT=$1 T2R_GSA_SUBCHUNK=$2 T2R_GSA_DOT=$3 T2R_GSA_STAGES=$4 python -m t2r.cli bench kernels --no-fla \
+    T2R_GSA_SEGMENT=$1 T2R_GSA_SUBCHUNK=$2 T2R_GSA_DOT=$3 T2R_GSA_STAGES=$4 python -m t2r.cli bench kernels --no-fla --no-loss \
       --shape 8x2048 --shape 1x16384 --json "$OUT/sweep_$1_$2_$3_$4.json" 2>&1 | sed "s/^/[$1 $2 $3 $4] /" | grep -v "^\[.*\] *$"
   done ;;
 profile)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 TRAIN_SHAPES = [(8, 2048), (2, 8192), (1, 16384), (1, 32768)]
+# (tokens, vocabulary) of the loss rows: SmolLM2's vocabulary at 16k tokens, Llama-3's at 8k
+LOSS_SHAPES = [(16384, 49152), (8192, 128256)]
 # name -> (query heads, KV heads, head dim (K = V), slots)
 LAYERS = {"issue": (32, 32, 128, 64), "smollm2-135m": (9, 3, 64, 64), "mistral-7b": (32, 8, 128, 64)}
 
@@ -256,7 +258,65 @@ def check_against_reference(B=2, T=700, H=8, Hkv=4, K=128, V=128, M=64, dtype=to
     return {k: f"{v:.1e}" for k, v in errors.items()}
 
 
-def run_kernel_bench(shapes=TRAIN_SHAPES, fla: bool = True, decode_batches=(1, 16, 64), layers=("issue",)) -> dict:
+def _peak_reset() -> None:
+    if _on_gpu():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gb_above(base: int) -> float:
+    """Device memory at its peak since the last reset, beyond ``base`` bytes; NaN off the GPU."""
+    return (torch.cuda.max_memory_allocated() - base) / 2**30 if _on_gpu() else float("nan")
+
+
+def loss_rows(shapes=LOSS_SHAPES, dtype=torch.bfloat16, bandwidth=None) -> list[dict]:
+    """The training loss (next-token cross-entropy, forward and backward) over one row of ``tokens`` logits: the
+    chunked PyTorch loss (t2r.train.losses, the default) against the fused kernels (T2R_GSA_FUSED_CE=1), with
+    their relative differences (the timings are only worth reading if these are small) and the memory each takes
+    beyond its logits and their gradient."""
+    rows = []
+    for N, V in shapes:
+        rows.append(_loss_row(N, V, dtype, bandwidth))
+        if _on_gpu():
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _loss_row(N: int, V: int, dtype: torch.dtype, bandwidth: float | None) -> dict:
+    from t2r.kernels.tuning import tuned
+    from t2r.train.losses import ce_loss_sum
+
+    logits = torch.randn(1, N, V, device=DEVICE, dtype=dtype).requires_grad_()
+    labels = torch.randint(0, V, (1, N), device=DEVICE)
+
+    def run() -> torch.Tensor:
+        logits.grad = None
+        loss = ce_loss_sum(logits, labels)
+        loss.backward()
+        return loss
+
+    row: dict = {"tokens": N, "vocab": V}
+    results = []
+    for name, fused in (("chunked", False), ("fused", True)):
+        with tuned(fused_ce=fused, **({} if _on_gpu() else {"impl": "triton"})):  # CPU: the interpreter
+            results.append((run().detach(), logits.grad.clone()))
+            held = torch.cuda.memory_allocated() if _on_gpu() else 0
+            _peak_reset()
+            run()
+            row[f"{name}_extra_gb"] = round(_peak_gb_above(held), 3)
+            row[f"{name}_fwdbwd_ms"] = _bench(run)
+    row["rel_err_loss"] = f"{rel_err(results[1][0], results[0][0]):.1e}"
+    row["rel_err_grad"] = f"{rel_err(results[1][1], results[0][1]):.1e}"
+    row["chunked/fused"] = round(row["chunked_fwdbwd_ms"] / row["fused_fwdbwd_ms"], 2)
+    if bandwidth:  # the logits read forward and backward, their gradient written once
+        row["floor_ms"] = 3 * logits.numel() * logits.element_size() / bandwidth * 1e3
+        row["fused/floor"] = round(row["fused_fwdbwd_ms"] / row["floor_ms"], 2)
+    return row
+
+
+def run_kernel_bench(
+    shapes=TRAIN_SHAPES, fla: bool = True, decode_batches=(1, 16, 64), layers=("issue",), losses=LOSS_SHAPES
+) -> dict:
     if _on_gpu() and not torch.cuda.is_available():
         from t2r.errors import T2RError
 
@@ -274,4 +334,5 @@ def run_kernel_bench(shapes=TRAIN_SHAPES, fla: bool = True, decode_batches=(1, 1
             for B in decode_batches
             for row in decode_rows(B, layer, bandwidth=bandwidth, fla=fla)
         ],
+        "loss": loss_rows(losses, bandwidth=bandwidth),
     }
