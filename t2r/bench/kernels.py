@@ -258,17 +258,6 @@ def check_against_reference(B=2, T=700, H=8, Hkv=4, K=128, V=128, M=64, dtype=to
     return {k: f"{v:.1e}" for k, v in errors.items()}
 
 
-def _peak_reset() -> None:
-    if _on_gpu():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gb_above(base: int) -> float:
-    """Device memory at its peak since the last reset, beyond ``base`` bytes; NaN off the GPU."""
-    return (torch.cuda.max_memory_allocated() - base) / 2**30 if _on_gpu() else float("nan")
-
-
 def loss_rows(shapes=LOSS_SHAPES, dtype=torch.bfloat16, bandwidth=None) -> list[dict]:
     """The training loss (next-token cross-entropy, forward and backward) over one row of ``tokens`` logits: the
     chunked PyTorch loss (t2r.train.losses, the default) against the fused kernels (T2R_GSA_FUSED_CE=1), with
@@ -283,6 +272,7 @@ def loss_rows(shapes=LOSS_SHAPES, dtype=torch.bfloat16, bandwidth=None) -> list[
 
 
 def _loss_row(N: int, V: int, dtype: torch.dtype, bandwidth: float | None) -> dict:
+    from t2r.bench.throughput import _peak_gb, _peak_reset
     from t2r.kernels.tuning import tuned
     from t2r.train.losses import ce_loss_sum
 
@@ -303,7 +293,7 @@ def _loss_row(N: int, V: int, dtype: torch.dtype, bandwidth: float | None) -> di
             held = torch.cuda.memory_allocated() if _on_gpu() else 0
             _peak_reset()
             run()
-            row[f"{name}_extra_gb"] = round(_peak_gb_above(held), 3)
+            row[f"{name}_extra_gb"] = round(_peak_gb() - held / 2**30, 3)  # NaN off the GPU
             row[f"{name}_fwdbwd_ms"] = _bench(run)
     row["rel_err_loss"] = f"{rel_err(results[1][0], results[0][0]):.1e}"
     row["rel_err_grad"] = f"{rel_err(results[1][1], results[0][1]):.1e}"
