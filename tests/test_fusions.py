@@ -363,18 +363,21 @@ def test_rotary_reference_is_transformers_and_dispatch_takes_it_under_autograd(m
     [(torch.float32, True, "long", True), (torch.float32, False, None, False), (torch.bfloat16, True, "bool", False)],
 )  # fmt: skip
 def test_fused_window_step_matches_its_reference(dtype, sink, mask, per_token):
-    """The window's attention over its real slots, the sink and the new token (a padding one too), the mix (per head
-    or per token) and the window shifted in place, on carried windows that are views of longer tensors (as a
-    prefill leaves them) and 37 slots (not a multiple of the kernel's blocks); GQA groups of 3."""
-    B, H, Hkv, D, P = 3, 6, 2, 16, 37
-    longer = [torch.randn(B, P + 5, Hkv, D, device=DEVICE).to(dtype) for _ in range(2)]
-    past = (longer[0][:, 5:], longer[1][:, 5:], torch.ones(B, P, dtype=torch.bool, device=DEVICE))
-    past[2][1, :20] = False  # a left-padded row
+    """The window's attention over its ring's real slots (the sink's too) and the new token (a padding one too), the
+    mix (per head or per token), and the ring updated in place: the new token over each row's oldest slot, the head
+    moved on. Rings that are views of longer tensors, 1 + 37 slots (the kernel's slot parts: one full tile, one
+    partial), heads at the first, a middle and the last slot, a row whose first part holds no valid slot (without a
+    sink: the part's softmax is empty); GQA groups of 3."""
+    B, H, Hkv, D, W = 3, 6, 2, 16, 37
+    longer = [torch.randn(B, W + 6, Hkv, D, device=DEVICE).to(dtype) for _ in range(2)]
+    valid = torch.ones(B, W + 1, dtype=torch.bool, device=DEVICE)
+    valid[:, 0] = sink
+    valid[1, 1:34] = False  # a left-padded row
+    past = (longer[0][:, 5:], longer[1][:, 5:], valid, torch.tensor([1, 20, W], device=DEVICE))
     q = torch.randn(B, 1, H, D, device=DEVICE).to(dtype)
     k, v = (torch.randn(B, 1, Hkv, D, device=DEVICE).to(dtype) for _ in range(2))
     o = torch.randn(B, 1, H, D, device=DEVICE).to(dtype)
     mix = torch.randn(B, 1, H, device=DEVICE) if per_token else torch.randn(H, device=DEVICE)
-    sk = (torch.randn(Hkv, D, device=DEVICE).to(dtype), torch.randn(Hkv, D, device=DEVICE).to(dtype)) if sink else None
     keep = None
     if mask is not None:
         full = torch.ones(B, 9, dtype=getattr(torch, mask), device=DEVICE)
@@ -382,13 +385,27 @@ def test_fused_window_step_matches_its_reference(dtype, sink, mask, per_token):
         keep = full[:, -1:]
     ref_past = tuple(x.clone() for x in past)
     before = longer[0][:, :5].clone()
-    want = window_decode_reference(q, k, v, ref_past, keep, sk, 0.25, o, mix)
-    got = window_decode_triton(q, k, v, past, keep, sk, 0.25, o, mix)
+    want = window_decode_reference(q, k, v, ref_past, keep, 0.25, o, mix)
+    got = window_decode_triton(q, k, v, past, keep, 0.25, o, mix)
     assert got.dtype == want.dtype and rel_err(got, want) <= (1e-5 if dtype == torch.float32 else 8e-3)
-    for a, b in zip(past, ref_past, strict=True):  # the shift moves values: bit for bit
+    for a, b in zip(past, ref_past, strict=True):  # the ring's update moves values: bit for bit
         assert torch.equal(a, b)
+    assert past[3].tolist() == [2, 21, 1]
     assert torch.equal(longer[0][:, :5], before)  # slots before the view: untouched
-    assert past[2][2, -1].item() is (mask is None) and torch.equal(past[0][:, -1], k[:, 0])
+    assert past[2][2, W].item() is (mask is None) and torch.equal(past[0][2, W], k[2, 0])
+
+
+def test_window_parts_fill_the_device_in_whole_tiles():
+    """Slot parts per (row, KV head): two programs per multiprocessor where the ring has the tiles for it; tiles
+    small enough for a group's products not to spill."""
+    from t2r.kernels.window import slot_block, window_parts
+
+    assert window_parts(3, 513, 132) == 17  # one sequence of SmolLM2's 3 KV heads, W = 512: every tile its own
+    assert window_parts(48, 513, 132) == 6  # 16 sequences
+    assert window_parts(1024, 513, 132) == 1
+    assert window_parts(3, 32, 132) == 1
+    assert window_parts(8, 513, 132, 16) == 33  # one sequence of Mistral-7B's 8 KV heads
+    assert slot_block(4, 64) == 32 and slot_block(4, 128) == 16 and slot_block(1, 128) == 32 and slot_block(8, 256) == 8
 
 
 def test_window_step_dispatch_is_off_by_default_and_falls_back_where_the_kernel_cannot_go(monkeypatch):
@@ -405,14 +422,15 @@ def test_window_step_dispatch_is_off_by_default_and_falls_back_where_the_kernel_
 
     def step(requires_grad=False):
         past = (torch.randn(B, P, Hkv, D, device=DEVICE), torch.randn(B, P, Hkv, D, device=DEVICE),
-                torch.ones(B, P, dtype=torch.bool, device=DEVICE))  # fmt: skip
+                torch.ones(B, P, dtype=torch.bool, device=DEVICE),
+                torch.ones(B, dtype=torch.long, device=DEVICE))  # fmt: skip
         q = torch.randn(B, 1, H, D, device=DEVICE, requires_grad=requires_grad)
         k, v, o = (
             torch.randn(B, 1, Hkv, D, device=DEVICE),
             torch.randn(B, 1, Hkv, D, device=DEVICE),
             torch.randn_like(q),
         )
-        return window_decode_(q, k, v, past, None, None, 0.25, o, torch.zeros(H, device=DEVICE))
+        return window_decode_(q, k, v, past, None, 0.25, o, torch.zeros(H, device=DEVICE))
 
     with torch.no_grad():
         step()

@@ -424,7 +424,7 @@ def test_a_decoding_step_launches_few_kernels_per_layer(monkeypatch, window, mlp
     """A small model's decoding step is bound by its launches (docs/benchmarks.md): per GSA layer, 3 fused norms,
     8 projections, 1 fused GSA step, the MLP's silu and product (one launch with T2R_GSA_FUSED_MLP) and 2 residual
     adds: 16, or 15; the hybrid, with the fused RoPE and window step (T2R_GSA_FUSED_ROPE / _WINDOW) and the fused
-    MLP, 18 with the copy of the window's valid flags (31 with the window in PyTorch, 40 with RoPE too). Counted
+    MLP, 18, of which the window's two (its slot parts, then their merge; 30 with the window in PyTorch). Counted
     per layer as the difference between 4- and 2-layer models."""
     from conftest import tiny_gsa_model
 

@@ -374,9 +374,31 @@ def test_hybrid_decode_matches_full_forward_across_the_window(variant):
     for cut in (5, 16, 40):
         inc, cache = prefill_then_decode(model, ids, cut)
         assert rel_err(inc, full) <= 1e-4, cut
-    window_bytes = cache.layers[0].window[0].numel() * 4 * 2 + cache.layers[0].window[2].numel()
-    assert cache.layers[0].window[0].shape == (2, 15, 2, 8)
+    ring_k, _, ring_valid, head = cache.layers[0].window
+    window_bytes = ring_k.numel() * 4 * 2 + ring_valid.numel() + head.numel() * 8
+    assert ring_k.shape == (2, 17, 2, 8)  # the sink's slot and the last 16 tokens
+    assert head.tolist() == [1 + (70 - 40) % 16] * 2  # the last prefill (40 tokens) left it at 1
     assert cache.layers[0].nbytes() == window_bytes + sum(x.numel() * 4 for x in cache.layers[0].state)
+
+
+@torch.no_grad()
+@HYBRIDS
+def test_a_chunk_after_decoding_steps_reads_the_ring_in_order(variant):
+    """A multi-token forward on a cache whose ring the decoding steps have turned (its head past slot 1), as the next
+    turn of a conversation is prefilled: the window sees the carried tokens in their order, then decoding goes on."""
+    model = _hybrid(window=16, gsa_use_rope=True, **variant)
+    ids = torch.randint(3, 101, (2, 60))
+    full = model(ids, use_cache=False).logits
+    out = model(ids[:, :20], use_cache=True)
+    cache, logits = output_cache(out), [out.logits]
+    step = lambda a, b: logits.append(model(ids[:, a:b], cache=cache, use_cache=True).logits)  # noqa: E731
+    for t in range(20, 27):
+        step(t, t + 1)
+    assert cache.layers[0].window[3].tolist() == [8, 8]
+    step(27, 45)
+    for t in range(45, 60):
+        step(t, t + 1)
+    assert rel_err(torch.cat(logits, dim=1), full) <= 1e-4
 
 
 @torch.no_grad()
@@ -440,20 +462,29 @@ def test_window_sink_is_a_first_token_seen_from_everywhere():
 
 @pytest.mark.parametrize("sink", [False, True])
 def test_window_decoding_step_is_attention_over_the_carried_window(sink):
-    """One new token on top of a carried window (decoding's path, without the block loop; the model's hybrid decoding
-    tests check it against the parallel forward): masked softmax attention over the sink, the window's real slots and
-    itself (a padding query too), and the window shifted by one."""
-    from t2r.kernels.reference import window_step_attention
+    """One new token on top of a carried ring (decoding's path, without the block loop; the model's hybrid decoding
+    tests check it against the parallel forward): masked softmax attention over the sink, the last W - 1 tokens'
+    real slots and itself (a padding query too); the ring then holds the last W tokens, the new one over the
+    oldest, whatever slot each row's head was at."""
+    from t2r.kernels.reference import window_in_order, window_ring, window_step_attention
 
     B, H, Hkv, D, W = 3, 4, 2, 8, 6
-    past = (torch.randn(B, W - 1, Hkv, D), torch.randn(B, W - 1, Hkv, D), torch.ones(B, W - 1, dtype=torch.bool))
-    past[2][1, :3] = False  # a left-padded row
+    tokens = (torch.randn(B, W + 3, Hkv, D), torch.randn(B, W + 3, Hkv, D), torch.ones(B, W + 3, dtype=torch.bool))
+    tokens[2][1, : W + 1] = False  # a left-padded row
+    sk = (torch.randn(Hkv, D), torch.randn(Hkv, D)) if sink else None
+    ring = window_ring(*(x[:, :W] for x in tokens), W, sk)  # head 1: in order
+    for t in range(W, W + 3):  # move each row's head on (the steps' outputs are checked below, from here)
+        window_step_attention(torch.randn(B, 1, H, D), tokens[0][:, t : t + 1], tokens[1][:, t : t + 1], 0.3,
+                              tokens[2][:, t : t + 1], ring)  # fmt: skip
+    assert ring[3].tolist() == [4] * B
+    in_order = window_in_order(ring)
+    for got, want in zip(in_order, (x[:, 3:] for x in tokens), strict=True):
+        assert torch.equal(got, want)
     q, k, v = torch.randn(B, 1, H, D), torch.randn(B, 1, Hkv, D), torch.randn(B, 1, Hkv, D)
     valid = torch.tensor([[True], [True], [False]])
-    sk = (torch.randn(Hkv, D), torch.randn(Hkv, D)) if sink else None
-    out, new = window_step_attention(q, k, v, 0.3, valid, past, sk)
-    keys, values = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)
-    allowed = torch.cat([past[2], torch.ones(B, 1, dtype=torch.bool)], 1)
+    out = window_step_attention(q, k, v, 0.3, valid, ring)
+    keys, values = torch.cat([in_order[0][:, 1:], k], 1), torch.cat([in_order[1][:, 1:], v], 1)
+    allowed = torch.cat([in_order[2][:, 1:], torch.ones(B, 1, dtype=torch.bool)], 1)
     if sink:
         keys = torch.cat([sk[0].expand(B, 1, Hkv, D), keys], 1)
         values = torch.cat([sk[1].expand(B, 1, Hkv, D), values], 1)
@@ -462,10 +493,11 @@ def test_window_decoding_step_is_attention_over_the_carried_window(sink):
     weights = scores.masked_fill(~allowed[:, None, None], float("-inf")).softmax(-1)
     expected = torch.einsum("bhtj,bjhd->bthd", weights, values.repeat_interleave(H // Hkv, 2))
     assert rel_err(out, expected) <= 1e-5
-    assert torch.equal(new[0], torch.cat([past[0], k], 1)[:, 1:]) and torch.equal(
-        new[1], torch.cat([past[1], v], 1)[:, 1:]
-    )
-    assert torch.equal(new[2], torch.cat([past[2], valid], 1)[:, 1:])
+    after = window_in_order(ring)
+    assert torch.equal(after[0], torch.cat([in_order[0][:, 1:], k], 1))
+    assert torch.equal(after[1], torch.cat([in_order[1][:, 1:], v], 1))
+    assert torch.equal(after[2], torch.cat([in_order[2][:, 1:], valid], 1))
+    assert torch.equal(ring[2][:, 0], torch.full((B,), sink)) and ring[3].tolist() == [5] * B
 
 
 def test_inference_model_carries_no_training_machinery(tmp_path):

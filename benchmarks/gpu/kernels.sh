@@ -2,14 +2,15 @@
 # GPU session for the Triton kernels: correctness against the oracle (pytest, compiled kernels), a sweep of the
 # tunables at two shapes (our kernels only), then `t2r bench kernels` (with FLA when its wheels are in /tmp/site).
 # `fusions`: the inference fusions (tests; graphs and the fused paths against the reference with the RoPE and
-# window-step kernels on; the hybrid's decoding with them off and on), the check behind turning those on by default.
+# window-step kernels on; the hybrid's decoding with them off and on), the check behind turning those on by default;
+# `hybrid-e2e`: the hybrid's generate() with them on, against the teacher at 32k.
 # `train`: the training fusions' and graphed steps' GPU tests, then whole steps against the teacher, eager and
 # as CUDA graphs (`--graphs`), each row with its GPU busy time; `fusions-ab`: the fusions off and on in one run,
 # the check behind turning them on by default. `variants`: the same steps with kernel tunables changed (the scans
 # in parts, smaller scan blocks).
 # `gqa`: the kernels at real models' GQA shapes; `gqa-ab`: an A/B there against another revision's kernels (AB_OLD).
 # `scan`: the forward scans in parts and in smaller row blocks, kernels alone.
-# Usage: benchmarks/gpu/kernels.sh [tests] [fusions] [train] [fusions-ab] [variants] [gqa] [gqa-ab] [scan] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
+# Usage: benchmarks/gpu/kernels.sh [tests] [fusions] [hybrid-e2e] [train] [fusions-ab] [variants] [gqa] [gqa-ab] [scan] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
 set -uo pipefail
 source benchmarks/gpu/env.sh  # carried wheels (FLA for the comparison) in /root/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -29,6 +30,12 @@ fusions)
     T2R_GSA_FUSED_ROPE=$on T2R_GSA_FUSED_WINDOW=$on python -m t2r.cli bench generate --shape smollm2-135m --window 512 \
       --context 32768 --batch 1 --batch 16 --no-teacher --json "$OUT/hybrid_fusions_$on.json" 2>&1 | grep "^GSA" | sed "s/^/[on=$on] /"
   done ;;
+hybrid-e2e)
+  # The hybrid's generate() against the teacher's best at 32k (issue 29's >= 10x), the inference fusions on: the
+  # ring window's two launches (twenty-first session) in place of PyTorch's scatters, mask and SDPA.
+  T2R_GSA_FUSED_ROPE=1 T2R_GSA_FUSED_WINDOW=1 timeout 420 python -m t2r.cli bench generate --shape smollm2-135m \
+    --window 512 --end-to-end --compile-step --context 32768 --batch 1 --batch 16 \
+    --json "$OUT/bench_generate_e2e_hybrid_fused.json" 2>&1 | tee "$OUT/bench_generate_e2e_hybrid_fused.log" | tail -12 ;;
 train)
   K="gradients or prologue or opt_in or launches or model_forward or profiled or merged_reverse or graphed"
   python -m pytest -q -p no:cacheprovider tests/test_fusions.py tests/test_gsa_triton.py tests/test_bench.py \

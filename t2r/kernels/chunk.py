@@ -70,7 +70,7 @@ from .chunk_jit import (
     _state_parts_kernel,
     _state_scan_kernel,
 )
-from .layout import cdiv
+from .layout import cdiv, multiprocessors
 from .memo import LastTensorMemo
 from .reference import State, check_inputs
 from .tuning import PREC_GROUPS, TUNING, empty, half_groups
@@ -198,13 +198,6 @@ def auto_scan_parts(programs: int, longest: int, sms: int) -> int:
     return parts
 
 
-@functools.lru_cache(maxsize=8)
-def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # the interpreter (CPU tests): an H100's / H200's count
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _segment_cumsum(g: torch.Tensor, plan: _Plan) -> torch.Tensor:
     b = empty(*g.shape, dtype=torch.float32, device=g.device)
     if plan.NS:
@@ -226,7 +219,7 @@ def _state_scan(xk, yk, xv, yv, b, init, plan, prec, Hkv: int, M: int, store_out
     P = TUNING.scan_parts
     if P == 0:
         programs = (K + V) // BD * plan.N * Hkv * (M // BM)
-        P = auto_scan_parts(programs, plan.longest, _multiprocessors(xk.device))
+        P = auto_scan_parts(programs, plan.longest, multiprocessors(xk.device))
     if P > 1 and plan.NS:  # in two levels: P parts per sequence in parallel, then their carries
         parts = (empty(plan.N * Hkv, P, K, M, **f32), empty(plan.N * Hkv, P, V, M, **f32))
         dec = empty(plan.N * Hkv, P, M, **f32)

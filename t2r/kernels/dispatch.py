@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .reference import (
     State,
+    Window,
     cross_entropy_sum_reference,
     gsa_chunk,
     gsa_decode_reference,
@@ -169,20 +170,20 @@ def window_decode_(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    past: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    past: Window,
     keep: torch.Tensor | None,
-    sink: tuple[torch.Tensor, torch.Tensor] | None,
     scale: float,
     o: torch.Tensor,
     mix_logits: torch.Tensor,
 ) -> torch.Tensor:
-    """A hybrid layer's decoding step past its GSA output ``o``: window attention, mix, and the window updated in
-    place (:func:`reference.window_decode_reference`). One Triton launch where :func:`_fused_inference` holds,
-    ``TUNING.fused_window`` is on (T2R_GSA_FUSED_WINDOW=1) and the head dim is a power of two."""
+    """A hybrid layer's decoding step past its GSA output ``o``: window attention, mix, and the ring ``past``
+    updated in place (:func:`reference.window_decode_reference`). Two Triton launches where
+    :func:`_fused_inference` holds, ``TUNING.fused_window`` is on (T2R_GSA_FUSED_WINDOW=1) and the head dim is a
+    power of two."""
     D = q.shape[-1]
     if TUNING.fused_window and D & (D - 1) == 0 and _fused_inference(q, k, v, o, mix_logits):
-        return window_decode_triton(q, k, v, past, keep, sink, scale, o, mix_logits)
-    return window_decode_reference(q, k, v, past, keep, sink, scale, o, mix_logits)
+        return window_decode_triton(q, k, v, past, keep, scale, o, mix_logits)
+    return window_decode_reference(q, k, v, past, keep, scale, o, mix_logits)
 
 
 def fused_cross_entropy(logits: torch.Tensor) -> bool:

@@ -4,6 +4,8 @@ longer rows), and block sizes."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -26,6 +28,15 @@ def next_pow2(n: int) -> int:
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for a >= 0, b > 0; plain Python, as :func:`next_pow2`."""
     return -(-a // b)
+
+
+@functools.lru_cache(maxsize=8)
+def multiprocessors(device: torch.device) -> int:
+    """The device's multiprocessor count, which grids are sized against; 132 (an H100's / H200's) off the GPU,
+    where Triton's interpreter runs the kernels (CPU tests)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def row_warps(block: int, most: int = 16) -> int:

@@ -288,39 +288,71 @@ def rotary_reference(
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-Window = tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor
-]  # a hybrid layer's keys [B, W-1, Hkv, D], values, valid [B, W-1]
+# A hybrid layer's decoding window, kept as a ring: keys [B, 1 + W, Hkv, D], values, valid [B, 1 + W] (real
+# tokens) and head [B] (int64: the slot the next token overwrites, its row's oldest, in 1..W). Slot 0 holds the
+# sink, valid where the layer has one; slots 1..W the last W tokens in ring order. Softmax attention does not care
+# about the order, so a decoding step writes one slot where a window in order would move all W.
+Window = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def window_ring(
+    k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, window: int,
+    sink: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Window:  # fmt: skip
+    """The ring (:data:`Window`) of the last ``window`` of the tokens k / v [B, T, Hkv, D] (``valid`` [B, T]), oldest
+    first (head 1); rows with fewer tokens start with invalid slots. ``sink``: (key, value [Hkv, D]) for slot 0."""
+    B, T, Hkv, D = k.shape
+    n = min(T, window)
+    ring_k, ring_v = k.new_zeros(B, 1 + window, Hkv, D), v.new_zeros(B, 1 + window, Hkv, v.shape[-1])
+    ring_valid = torch.zeros(B, 1 + window, dtype=torch.bool, device=k.device)
+    if n:
+        ring_k[:, 1 + window - n :] = k[:, T - n :]
+        ring_v[:, 1 + window - n :] = v[:, T - n :]
+        ring_valid[:, 1 + window - n :] = valid[:, T - n :]
+    if sink is not None:
+        ring_k[:, 0], ring_v[:, 0] = sink[0].to(k.dtype), sink[1].to(v.dtype)
+        ring_valid[:, 0] = True
+    return ring_k, ring_v, ring_valid, torch.ones(B, dtype=torch.long, device=k.device)
+
+
+def window_in_order(window: Window) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A ring's W tokens in order, oldest first: keys [B, W, Hkv, D], values, valid [B, W] (the sink left out)."""
+    ring_k, ring_v, ring_valid, head = window
+    W = ring_k.shape[1] - 1
+    at = 1 + (head[:, None] - 1 + torch.arange(W, device=head.device)) % W  # [B, W]
+    take = at[:, :, None, None]
+    return (
+        ring_k.gather(1, take.expand(-1, -1, *ring_k.shape[2:])),
+        ring_v.gather(1, take.expand(-1, -1, *ring_v.shape[2:])),
+        ring_valid.gather(1, at),
+    )
 
 
 def window_step_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, valid: torch.Tensor, past: Window,
-    sink: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, Window]:  # fmt: skip
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, valid: torch.Tensor, past: Window
+) -> torch.Tensor:
     """One new token per row (q [B, 1, H, D], k / v [B, 1, Hkv, D], ``valid`` [B, 1]) of a hybrid layer's sliding
-    window: softmax attention over the carried window (exactly the ``window - 1`` previous slots, all in reach;
-    those whose ``past`` valid flag is off masked), the ``sink`` (key, value [Hkv, D]) and itself (a padding query
-    too, so that it stays finite). Returns the output and the window shifted by one token."""
+    window, the ring ``past`` updated in place: the token overwrites its row's oldest slot (``window`` tokens back,
+    so out of its reach), then attends over the ring's valid slots (the sink's included) and itself (a padding
+    query too, so that it stays finite). Returns the attention's output."""
     B, _, H, _ = q.shape
     Hkv = k.shape[2]
-    past_k, past_v, past_valid = past
-    keys, values = [past_k, k], [past_v, v]
-    if sink is not None:
-        keys.insert(0, sink[0].to(k.dtype).expand(B, 1, Hkv, -1))
-        values.insert(0, sink[1].to(v.dtype).expand(B, 1, Hkv, -1))
-    k_all, v_all = torch.cat(keys, dim=1), torch.cat(values, dim=1)
-    mask = F.pad(past_valid, (int(sink is not None), 1), value=True)  # the sink and the query itself always count
+    ring_k, ring_v, ring_valid, head = past
+    W = ring_k.shape[1] - 1
+    ring_k.scatter_(1, head.view(B, 1, 1, 1).expand(B, 1, Hkv, ring_k.shape[-1]), k.to(ring_k.dtype))
+    ring_v.scatter_(1, head.view(B, 1, 1, 1).expand(B, 1, Hkv, ring_v.shape[-1]), v.to(ring_v.dtype))
+    ring_valid.scatter_(1, head[:, None], valid.bool())
+    seen = ring_valid.scatter(1, head[:, None], True)
     o = F.scaled_dot_product_attention(
         q.transpose(1, 2),
-        k_all.transpose(1, 2),
-        v_all.transpose(1, 2),
-        attn_mask=mask[:, None, None],
+        ring_k.transpose(1, 2),
+        ring_v.transpose(1, 2),
+        attn_mask=seen[:, None, None],
         scale=scale,
         enable_gqa=Hkv != H,
     )
-    keep = past_k.shape[1]
-    valid_all = torch.cat([past_valid, valid.bool()], dim=1)
-    return o.transpose(1, 2), (k_all[:, -keep:].detach(), v_all[:, -keep:].detach(), valid_all[:, -keep:])
+    head.copy_(head % W + 1)
+    return o.transpose(1, 2)
 
 
 def mix_window(o: torch.Tensor, o_win: torch.Tensor, mix_logits: torch.Tensor) -> torch.Tensor:
@@ -331,17 +363,14 @@ def mix_window(o: torch.Tensor, o_win: torch.Tensor, mix_logits: torch.Tensor) -
 
 
 def window_decode_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: Window, keep: torch.Tensor | None,
-    sink: tuple[torch.Tensor, torch.Tensor] | None, scale: float, o: torch.Tensor, mix_logits: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: Window, keep: torch.Tensor | None, scale: float,
+    o: torch.Tensor, mix_logits: torch.Tensor,
 ) -> torch.Tensor:  # fmt: skip
     """A hybrid layer's decoding step past its GSA output ``o`` [B, 1, H, D]: the window's attention
-    (:func:`window_step_attention`; ``keep`` [B, 1] marks real tokens), its mix with ``o``, and the window
-    updated in place (the fused window kernel's contract)."""
+    (:func:`window_step_attention`, which updates the ring ``past`` in place; ``keep`` [B, 1] marks real tokens)
+    and its mix with ``o`` (the fused window kernel's contract)."""
     valid = torch.ones(q.shape[0], 1, dtype=torch.bool, device=q.device) if keep is None else keep.bool()
-    o_win, new = window_step_attention(q, k, v, scale, valid, past, sink)
-    for old, x in zip(past, new, strict=True):
-        old.copy_(x)
-    return mix_window(o, o_win, mix_logits)
+    return mix_window(o, window_step_attention(q, k, v, scale, valid, past), mix_logits)
 
 
 def cross_entropy_sum_reference(

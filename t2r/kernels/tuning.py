@@ -65,7 +65,7 @@ class Tuning:
     # RoPE of q and k in one launch outside autograd (kernels/rotary.py). Off until it has run on a GPU: tested
     # against the reference in Triton's interpreter and compiled for sm_90 on the CPU only (2026-12-04).
     fused_rope: bool = field(default_factory=lambda: _env("FUSED_ROPE", "0") == "1")
-    # A hybrid layer's window attention, mix and window shift in one decoding launch (kernels/window.py); off for
+    # A hybrid layer's window attention, mix and ring update in two decoding launches (kernels/window.py); off for
     # the same reason.
     fused_window: bool = field(default_factory=lambda: _env("FUSED_WINDOW", "0") == "1")
     # Training fusions (TRAINING_FUSIONS), on since an H200 timed them (2026-12-05, SmolLM2-135M, 1 x 4k / 1 x 16k:

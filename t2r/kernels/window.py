@@ -1,8 +1,12 @@
-"""A hybrid layer's decoding step past its GSA output, in one launch (inference): softmax attention of the new
-token over the carried window, the sink and itself, the per-head mix with GSA's output, and the window shifted by
-one token in place. PyTorch takes a dozen launches for it (concatenations, mask, SDPA, copies, mix); this takes two
-(the kernel, and the copy of the shifted valid flags that its programs share). Reference:
-:func:`reference.window_decode_reference`."""
+"""A hybrid layer's decoding step past its GSA output, in two launches (inference): softmax attention of the new
+token over its ring of carried tokens (the sink in slot 0) and itself, the per-head mix with GSA's output, and the
+new token written over its row's oldest slot. PyTorch takes about a dozen launches for it (scatters, mask, SDPA,
+the head's move, mix). Reference: :func:`reference.window_decode_reference`.
+
+The ring's slots are split between programs, flash-decoding style, so that one sequence's three KV heads still
+fill the device: ``_window_part_kernel`` reduces each slot range to a partial softmax (running max, denominator,
+weighted values), and ``_window_merge_kernel`` merges them with the new token's own term, mixes, and writes. The
+ring is only read by the first launch and only written by the second, so no program waits on another."""
 
 from __future__ import annotations
 
@@ -14,20 +18,77 @@ try:  # a try block, so that transformers' trust_remote_code import check does n
 except ImportError as err:
     raise ImportError("the GSA Triton kernels need triton (pip install 't2r[cuda]')") from err
 
-from .layout import next_pow2
+from .layout import cdiv, multiprocessors, next_pow2
 from .reference import Window
 
 
+def slot_block(group: int, head_dim: int) -> int:
+    """Slots per loaded tile: 32, fewer where a tile's products ([group, slots, head_dim] in fp32 over 4 warps) would
+    spill (Mistral-7B's 4 query heads of 128 per KV head: 104 bytes per thread at 32, none at 16; sm_90)."""
+    return min(32, max(8, 8192 // (group * head_dim)))
+
+
 @triton.jit
-def _window_step_kernel(
-    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pvalid_ptr, keep_ptr, sk_ptr, sv_ptr, o_ptr, mix_ptr, out_ptr, nvalid_ptr,
-    scale, P, stride_kb, stride_kt, stride_vb, stride_vt, stride_valid, keep_stride, mix_stride,
+def _window_part_kernel(
+    q_ptr, pk_ptr, pv_ptr, pvalid_ptr, head_ptr, m_ptr, den_ptr, acc_ptr, slot_ptr,
+    scale, S, CH, stride_kb, stride_kt, stride_vb, stride_vt, stride_valid,
     H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, BW: tl.constexpr,
-    HAS_SINK: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):  # fmt: skip
-    """Program (row n, KV head h): its query heads' online softmax over the sink, the P carried slots (blocks of
-    BW) and the new token; the mix; then the shift of its head's slots. The row's valid flags, which every KV
-    head's program reads, are shifted into ``nvalid`` (by h = 0), not in place."""
+    """Program (row n, KV head h, part p): its query heads' softmax over the ring's slots [p CH, (p + 1) CH), the
+    valid ones other than the new token's (its old contents are ``window`` tokens back, out of reach). A part with
+    none leaves max -inf, denominator and values 0."""
+    G: tl.constexpr = H // Hkv
+    i_nh = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    parts = tl.num_programs(1)
+    n = i_nh // Hkv
+    h = i_nh % Hkv
+    rg = tl.arange(0, GP)
+    rd = tl.arange(0, D)
+    in_group = rg < G
+    q = tl.load(q_ptr + (n * H + h * G + rg)[:, None] * D + rd[None, :], mask=in_group[:, None], other=0.0)
+    q = q.to(tl.float32)
+    at = tl.load(head_ptr + n)
+    if part == 0:
+        tl.store(slot_ptr + i_nh, at)  # for the merge, whose programs of row n must not race on the head's move
+    m = tl.full([GP], float("-inf"), tl.float32)
+    den = tl.zeros([GP], dtype=tl.float32)
+    acc = tl.zeros([GP, D], dtype=tl.float32)
+    kbase = pk_ptr + n * stride_kb + h * D
+    vbase = pv_ptr + n * stride_vb + h * D
+    lo = part * CH
+    hi = tl.minimum(lo + CH, S)
+    for t0 in range(lo, hi, BW):
+        rt = t0 + tl.arange(0, BW)
+        inside = rt < hi
+        real = (tl.load(pvalid_ptr + n * stride_valid + rt, mask=inside, other=0) != 0) & (rt != at) & inside
+        kb = tl.load(kbase + rt[:, None] * stride_kt + rd[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        s = tl.sum(q[:, None, :] * kb[None, :, :], axis=2) * scale  # [GP, BW]
+        s = tl.where(real[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: keep every term 0, not NaN
+        a = tl.exp(m - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        vb = tl.load(vbase + rt[:, None] * stride_vt + rd[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        acc = acc * a[:, None] + tl.sum(p[:, :, None] * vb[None, :, :], axis=1)
+        den = den * a + tl.sum(p, axis=1)
+        m = m_new
+    at_part = (i_nh * parts + part) * GP + rg
+    tl.store(m_ptr + at_part, m)
+    tl.store(den_ptr + at_part, den)
+    tl.store(acc_ptr + at_part[:, None] * D + rd[None, :], acc)
+
+
+@triton.jit
+def _window_merge_kernel(
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pvalid_ptr, head_ptr, keep_ptr, m_ptr, den_ptr, acc_ptr, slot_ptr, o_ptr,
+    mix_ptr, out_ptr,
+    scale, W, PARTS, stride_kb, stride_kt, stride_vb, stride_vt, stride_valid, keep_stride, mix_stride,
+    H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, HAS_KEEP: tl.constexpr,
+):  # fmt: skip
+    """Program (row n, KV head h): the new token's term (always in: a padding query sees itself) merged with the
+    parts', the mix, the output; then the new token written into its head's slot, and (h = 0) the row's valid flag
+    and head moved on."""
     G: tl.constexpr = H // Hkv
     i_nh = tl.program_id(0).to(tl.int64)
     n = i_nh // Hkv
@@ -39,91 +100,77 @@ def _window_step_kernel(
     q = tl.load(q_ptr + heads[:, None] * D + rd[None, :], mask=in_group[:, None], other=0.0).to(tl.float32)
     k_new = tl.load(k_ptr + i_nh * D + rd)
     v_new = tl.load(v_ptr + i_nh * D + rd)
-    # the new token: always in (a padding query sees itself)
     m = tl.sum(q * k_new.to(tl.float32)[None, :], axis=1) * scale
     den = tl.full([GP], 1.0, tl.float32)
     acc = tl.zeros([GP, D], dtype=tl.float32) + v_new.to(tl.float32)[None, :]
-    if HAS_SINK:
-        sk = tl.load(sk_ptr + h * D + rd).to(tl.float32)
-        sv = tl.load(sv_ptr + h * D + rd).to(tl.float32)
-        s_sink = tl.sum(q * sk[None, :], axis=1) * scale
-        m_sink = tl.maximum(m, s_sink)
-        a_sink, p_sink = tl.exp(m - m_sink), tl.exp(s_sink - m_sink)
-        acc = acc * a_sink[:, None] + p_sink[:, None] * sv[None, :]
-        den = den * a_sink + p_sink
-        m = m_sink
-    kbase = pk_ptr + n * stride_kb + h * D
-    vbase = pv_ptr + n * stride_vb + h * D
-    for t0 in range(0, P, BW):
-        rt = t0 + tl.arange(0, BW)
-        inside = rt < P
-        real = tl.load(pvalid_ptr + n * stride_valid + rt, mask=inside, other=0) != 0
-        kb = tl.load(kbase + rt[:, None] * stride_kt + rd[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
-        s = tl.sum(q[:, None, :] * kb[None, :, :], axis=2) * scale  # [GP, BW]
-        s = tl.where(real[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
+    for part in range(0, PARTS):
+        at_part = (i_nh * PARTS + part) * GP + rg
+        pm = tl.load(m_ptr + at_part)
+        m_new = tl.maximum(m, pm)  # m is finite (the new token's), so m_new is
         a = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        vb = tl.load(vbase + rt[:, None] * stride_vt + rd[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
-        acc = acc * a[:, None] + tl.sum(p[:, :, None] * vb[None, :, :], axis=1)
-        den = den * a + tl.sum(p, axis=1)
+        b = tl.exp(pm - m_new)
+        acc = acc * a[:, None] + b[:, None] * tl.load(acc_ptr + at_part[:, None] * D + rd[None, :])
+        den = den * a + b * tl.load(den_ptr + at_part)
         m = m_new
     o_win = acc / den[:, None]
     o = tl.load(o_ptr + heads[:, None] * D + rd[None, :], mask=in_group[:, None], other=0.0).to(tl.float32)
     w = tl.sigmoid(tl.load(mix_ptr + n * mix_stride + h * G + rg, mask=in_group, other=0.0).to(tl.float32))
     out = o + w[:, None] * (o_win - o)
     tl.store(out_ptr + heads[:, None] * D + rd[None, :], out.to(out_ptr.dtype.element_ty), mask=in_group[:, None])
-    # The shift: slot t takes slot t + 1, the last slot the new token. Every slot of this head was read above, by
-    # this program only; a block's loads and its stores, which overwrite the slot before it, are ordered by a
-    # barrier on either side.
-    is_real = True
-    if HAS_KEEP:
-        is_real = tl.load(keep_ptr + n * keep_stride) != 0
-    for t0 in range(0, P, BW):
-        rt = t0 + tl.arange(0, BW)
-        inside = rt < P
-        src = rt + 1
-        old = src < P
-        k_old = tl.load(kbase + src[:, None] * stride_kt + rd[None, :], mask=old[:, None], other=0.0)
-        v_old = tl.load(vbase + src[:, None] * stride_vt + rd[None, :], mask=old[:, None], other=0.0)
-        flags = tl.load(pvalid_ptr + n * stride_valid + src, mask=old, other=0)
-        tl.debug_barrier()
-        tl.store(kbase + rt[:, None] * stride_kt + rd[None, :], tl.where(old[:, None], k_old, k_new[None, :]),
-                 mask=inside[:, None])  # fmt: skip
-        tl.store(vbase + rt[:, None] * stride_vt + rd[None, :], tl.where(old[:, None], v_old, v_new[None, :]),
-                 mask=inside[:, None])  # fmt: skip
-        if h == 0:
-            tl.store(nvalid_ptr + n * P + rt, tl.where(old, flags != 0, is_real), mask=inside)
-        tl.debug_barrier()
+    at = tl.load(slot_ptr + i_nh)
+    tl.store(pk_ptr + n * stride_kb + at * stride_kt + h * D + rd, k_new.to(pk_ptr.dtype.element_ty))
+    tl.store(pv_ptr + n * stride_vb + at * stride_vt + h * D + rd, v_new.to(pv_ptr.dtype.element_ty))
+    if h == 0:
+        is_real = True
+        if HAS_KEEP:
+            is_real = tl.load(keep_ptr + n * keep_stride) != 0
+        tl.store(pvalid_ptr + n * stride_valid + at, is_real)
+        tl.store(head_ptr + n, at % W + 1)
+
+
+def window_parts(rows: int, slots: int, sms: int, block: int = 32) -> int:
+    """Programs per (row, KV head): enough for two per multiprocessor, at least one tile of ``block`` slots each."""
+    return max(1, min(cdiv(slots, block), cdiv(2 * sms, rows)))
 
 
 def window_decode_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: Window, keep: torch.Tensor | None,
-    sink: tuple[torch.Tensor, torch.Tensor] | None, scale: float, o: torch.Tensor, mix_logits: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: Window, keep: torch.Tensor | None, scale: float,
+    o: torch.Tensor, mix_logits: torch.Tensor,
 ) -> torch.Tensor:  # fmt: skip
-    """The contract of :func:`reference.window_decode_reference`: q [B, 1, H, D], k / v [B, 1, Hkv, D], ``past``
-    updated in place (its last two dims contiguous), ``keep`` [B, 1] or None, ``o`` [B, 1, H, D], ``mix_logits``
-    [H] or [B, 1, H]."""
+    """The contract of :func:`reference.window_decode_reference`: q [B, 1, H, D], k / v [B, 1, Hkv, D], the ring
+    ``past`` updated in place (its last two dims contiguous), ``keep`` [B, 1] or None, ``o`` [B, 1, H, D],
+    ``mix_logits`` [H] or [B, 1, H]."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
-    past_k, past_v, past_valid = past
-    P = past_k.shape[1]
-    if T != 1 or P < 1 or past_valid.dtype != torch.bool:
-        raise ValueError("the fused window step takes one token per row on top of a carried window (bool flags)")
-    if past_k.stride()[2:] != (D, 1) or past_v.stride()[2:] != (D, 1) or past_valid.stride(1) != 1:
-        raise ValueError("the fused window step needs the window's heads and dims contiguous")
+    ring_k, ring_v, ring_valid, head = past
+    S = ring_k.shape[1]
+    if T != 1 or S < 2 or ring_valid.dtype != torch.bool or head.dtype != torch.long:
+        raise ValueError("the fused window step takes one token per row on top of a carried ring (bool flags)")
+    if ring_k.stride()[2:] != (D, 1) or ring_v.stride()[2:] != (D, 1) or ring_valid.stride(1) != 1:
+        raise ValueError("the fused window step needs the ring's heads and dims contiguous")
+    if head.stride(0) != 1:
+        raise ValueError("the fused window step needs the ring's heads contiguous")
     q, k, v, o = (x.contiguous() for x in (q, k, v, o))
     mix = mix_logits.float().contiguous()
-    sk, sv = (k, v) if sink is None else (sink[0].to(k.dtype).contiguous(), sink[1].to(v.dtype).contiguous())
     keep_col = None if keep is None else keep[:, -1]
-    out, new_valid = torch.empty_like(o), torch.empty_like(past_valid, memory_format=torch.contiguous_format)
-    _window_step_kernel[(B * Hkv,)](
-        q, k, v, past_k, past_v, past_valid, q if keep_col is None else keep_col, sk, sv, o, mix, out, new_valid,
-        float(scale), P,
-        past_k.stride(0), past_k.stride(1), past_v.stride(0), past_v.stride(1), past_valid.stride(0),
-        0 if keep_col is None else keep_col.stride(0), H if mix.dim() > 1 else 0, H=H, Hkv=Hkv, D=D,
-        GP=next_pow2(H // Hkv), BW=32, HAS_SINK=sink is not None, HAS_KEEP=keep_col is not None,
-        num_warps=4,
+    GP = next_pow2(H // Hkv)
+    block = slot_block(GP, D)
+    parts = window_parts(B * Hkv, S, multiprocessors(q.device), block)
+    chunk = cdiv(cdiv(S, parts), block) * block
+    parts = cdiv(S, chunk)
+    part_m = torch.empty(B * Hkv * parts * GP, device=q.device, dtype=torch.float32)
+    part_den = torch.empty_like(part_m)
+    part_acc = torch.empty(B * Hkv * parts * GP * D, device=q.device, dtype=torch.float32)
+    slot = torch.empty(B * Hkv, device=q.device, dtype=torch.long)
+    strides = (ring_k.stride(0), ring_k.stride(1), ring_v.stride(0), ring_v.stride(1), ring_valid.stride(0))
+    _window_part_kernel[(B * Hkv, parts)](
+        q, ring_k, ring_v, ring_valid, head, part_m, part_den, part_acc, slot, float(scale), S, chunk, *strides,
+        H=H, Hkv=Hkv, D=D, GP=GP, BW=block, num_warps=4,
     )  # fmt: skip
-    past_valid.copy_(new_valid)
+    out = torch.empty_like(o)
+    _window_merge_kernel[(B * Hkv,)](
+        q, k, v, ring_k, ring_v, ring_valid, head, q if keep_col is None else keep_col, part_m, part_den, part_acc,
+        slot, o, mix, out, float(scale), S - 1, parts, *strides, 0 if keep_col is None else keep_col.stride(0),
+        H if mix.dim() > 1 else 0, H=H, Hkv=Hkv, D=D, GP=GP, HAS_KEEP=keep_col is not None, num_warps=4,
+    )  # fmt: skip
     return out

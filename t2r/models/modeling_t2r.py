@@ -151,13 +151,13 @@ class GSAAttention(nn.Module):
         window = None
         if self.window:
             past = layer_cache.window if layer_cache is not None else None
-            sink = self.window_sink(k_rot) if self.window_sink is not None else None
             mix = self.window_mix(hidden_states)
             o = o.view(B, T, self.num_heads, -1)
-            if past is not None and T == 1 and docs is None and self.window > 1:  # decoding: the window in place
-                o = window_decode_(q_rot, k_rot, v, past, keep, sink, self.window_scaling, o, mix)
+            if past is not None and T == 1 and docs is None:  # decoding: one slot of the ring written in place
+                o = window_decode_(q_rot, k_rot, v, past, keep, self.window_scaling, o, mix)
                 window = past
-            else:
+            else:  # the ring, when one is made, keeps the sink in its slot 0 for decoding
+                sink = self.window_sink(k_rot) if self.window_sink is not None else None
                 doc = None if docs is None else docs.numbers
                 valid = None if keep is None else keep.bool()
                 o_win, window = sliding_window_attention(
@@ -171,6 +171,7 @@ class GSAAttention(nn.Module):
                     past,
                     sink=sink,
                     masks=kwargs.get("gsa_window_masks"),
+                    carry=layer_cache is not None,
                 )
                 if past is not None:  # the window stays in its buffers, where a captured decoding step reads it
                     for old, new in zip(past, window, strict=True):

@@ -1,8 +1,8 @@
 """Sliding-window softmax attention for the hybrid GSA layers, with a fixed-size decoding window.
 
 Training/prefill processes queries in blocks, each against only the keys its window can reach, so memory is
-O(T x (block + window)), not O(T^2). Decoding keeps the last ``window - 1`` keys/values (and which of them are
-real tokens) per layer: constant memory, whatever the context length.
+O(T x (block + window)), not O(T^2). Decoding keeps the last ``window`` keys/values (and which of them are real
+tokens) per layer in a ring (:data:`t2r.kernels.reference.Window`): constant memory, whatever the context length.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from t2r.kernels.reference import Window
+from t2r.kernels.reference import Window, window_in_order, window_ring
 
 
 def sliding_window_attention(
@@ -25,24 +25,26 @@ def sliding_window_attention(
     block: int = 1024,
     sink: tuple[torch.Tensor, torch.Tensor] | None = None,
     masks: dict | None = None,
-) -> tuple[torch.Tensor, Window]:
+    carry: bool = False,
+) -> tuple[torch.Tensor, Window | None]:
     """Causal softmax attention of each token over itself and the previous ``window - 1`` tokens.
 
     q [B, T, H, D]; k, v [B, T, Hkv, D]; ``valid`` [B, T] marks real (non-padding) tokens; ``doc`` [B, T]
-    numbers packed documents (attention never crosses them); ``past`` is the window carried from earlier
-    calls (its tokens continue each row's first document); ``sink`` (key, value [Hkv, D]) is a virtual token
-    every query also sees. ``masks``: where the block masks of a forward's layers are kept (the model passes one
+    numbers packed documents (attention never crosses them); ``past`` is the ring carried from earlier calls
+    (its tokens continue each row's first document); ``sink`` (key, value [Hkv, D]) is a virtual token every query
+    also sees. ``masks``: where the block masks of a forward's layers are kept (the model passes one
     per forward: its layers share positions, padding and documents), so the first layer builds them, about ten
     launches per block, and the others reuse them; not used with a carried window or under torch.compile.
-    Returns the output and the new window.
+    Returns the output and, with ``carry`` (a forward with a cache), the new ring (the sink in its slot 0).
     """
     B, T, H, _ = q.shape
     Hkv = k.shape[2]
     device = q.device
     valid = torch.ones(B, T, dtype=torch.bool, device=device) if valid is None else valid.bool()
     if past is not None:
-        k_all, v_all = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
-        valid_all = torch.cat([past[2], valid], dim=1)
+        past_k, past_v, past_valid = window_in_order(past)
+        k_all, v_all = torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
+        valid_all = torch.cat([past_valid, valid], dim=1)
     else:
         k_all, v_all, valid_all = k, v, valid
     P = k_all.shape[1] - T
@@ -75,17 +77,8 @@ def sliding_window_attention(
             enable_gqa=Hkv != H,
         )
         outs.append(o.transpose(1, 2))
-    keep = window - 1
-    if k_all.shape[1] < keep:  # left-pad to the fixed window size with invalid slots
-        pad = keep - k_all.shape[1]
-        k_all, v_all = F.pad(k_all, (0, 0, 0, 0, pad, 0)), F.pad(v_all, (0, 0, 0, 0, pad, 0))
-        valid_all = F.pad(valid_all, (pad, 0), value=False)
-    new = (
-        (k_all[:, -keep:].detach(), v_all[:, -keep:].detach(), valid_all[:, -keep:])
-        if keep
-        else (k_all[:, :0], v_all[:, :0], valid_all[:, :0])
-    )
-    return torch.cat(outs, dim=1), new
+    ring = window_ring(k_all.detach(), v_all.detach(), valid_all, window, sink) if carry else None
+    return torch.cat(outs, dim=1), ring
 
 
 def _block_mask(P, s, e, lo, hi, window, valid_all, doc_all, doc, sink: bool) -> torch.Tensor:
