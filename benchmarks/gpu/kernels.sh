@@ -10,7 +10,8 @@
 # in parts, smaller scan blocks).
 # `gqa`: the kernels at real models' GQA shapes; `gqa-ab`: an A/B there against another revision's kernels (AB_OLD).
 # `scan`: the forward scans in parts and in smaller row blocks, kernels alone.
-# Usage: benchmarks/gpu/kernels.sh [tests] [fusions] [hybrid-e2e] [train] [fusions-ab] [variants] [gqa] [gqa-ab] [scan] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
+# `new`: the GPU tests of everything built since the last GPU run (the first call of a session).
+# Usage: benchmarks/gpu/kernels.sh [new] [tests] [fusions] [hybrid-e2e] [train] [fusions-ab] [variants] [gqa] [gqa-ab] [scan] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
 set -uo pipefail
 source benchmarks/gpu/env.sh  # carried wheels (FLA for the comparison) in /root/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -21,6 +22,15 @@ tests)
   # TESTS_K="EXPR": only the tests pytest's -k selects (the whole set no longer fits one call on a fresh machine).
   python -m pytest -q -p no:cacheprovider tests/test_gsa_triton.py tests/test_gsa_reference.py ${TESTS_K:+-k "$TESTS_K"} -rf \
     2>&1 | tee "$OUT/pytest_gpu${TESTS_K:+_part}.log" | tail -15 ;;
+new)
+  # First call of a GPU session after CPU-only ones: the GPU tests of what was built without a GPU (the scans in
+  # parts, the fused losses, the graphed and sync-free training steps, the ring window), then the hybrid's graphs
+  # and fused paths against the reference. Each part under its own timeout, its summary on stdout.
+  timeout 330 python -m pytest -q -p no:cacheprovider tests/test_gsa_triton.py tests/test_losses.py tests/test_bench.py \
+    tests/test_model.py tests/test_fusions.py -k "two_level or scan_block or fused or loss or graphed or waits_for or \
+    window or ring or hybrid" -rf 2>&1 | tee "$OUT/pytest_gpu_new.log" | tail -8
+  T2R_GSA_FUSED_ROPE=1 T2R_GSA_FUSED_WINDOW=1 timeout 200 python benchmarks/gpu/decode_graphs_check.py --no-compiled \
+    --no-times --json "$OUT/fusions_check.json" 2>&1 | grep -E '"model"|rel_err|identical|failures|PASS|FAIL' ;;
 fusions)
   python -m pytest -q -p no:cacheprovider tests/test_fusions.py tests/test_gsa_triton.py \
     -k "fusions or fused or launches or model_forward or decode" -rf 2>&1 | tee "$OUT/pytest_gpu_fusions.log" | tail -5
