@@ -29,6 +29,18 @@ def slot_block(group: int, head_dim: int) -> int:
 
 
 @triton.jit
+def _group_queries(q_ptr, i_nh, H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, GP: tl.constexpr):
+    """Program (row n, KV head h)'s query heads: q [GP, D] in fp32 (0 past the group), their rows of q / o / out,
+    and which of the GP lanes are heads."""
+    G: tl.constexpr = H // Hkv
+    rg = tl.arange(0, GP)
+    heads = (i_nh // Hkv) * H + (i_nh % Hkv) * G + rg
+    in_group = rg < G
+    q = tl.load(q_ptr + heads[:, None] * D + tl.arange(0, D)[None, :], mask=in_group[:, None], other=0.0)
+    return q.to(tl.float32), heads, in_group
+
+
+@triton.jit
 def _window_part_kernel(
     q_ptr, pk_ptr, pv_ptr, pvalid_ptr, head_ptr, m_ptr, den_ptr, acc_ptr, slot_ptr,
     scale, S, CH, stride_kb, stride_kt, stride_vb, stride_vt, stride_valid,
@@ -37,7 +49,6 @@ def _window_part_kernel(
     """Program (row n, KV head h, part p): its query heads' softmax over the ring's slots [p CH, (p + 1) CH), the
     valid ones other than the new token's (its old contents are ``window`` tokens back, out of reach). A part with
     none leaves max -inf, denominator and values 0."""
-    G: tl.constexpr = H // Hkv
     i_nh = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     parts = tl.num_programs(1)
@@ -45,9 +56,7 @@ def _window_part_kernel(
     h = i_nh % Hkv
     rg = tl.arange(0, GP)
     rd = tl.arange(0, D)
-    in_group = rg < G
-    q = tl.load(q_ptr + (n * H + h * G + rg)[:, None] * D + rd[None, :], mask=in_group[:, None], other=0.0)
-    q = q.to(tl.float32)
+    q, _, _ = _group_queries(q_ptr, i_nh, H, Hkv, D, GP)
     at = tl.load(head_ptr + n)
     if part == 0:
         tl.store(slot_ptr + i_nh, at)  # for the merge, whose programs of row n must not race on the head's move
@@ -95,9 +104,7 @@ def _window_merge_kernel(
     h = i_nh % Hkv
     rg = tl.arange(0, GP)
     rd = tl.arange(0, D)
-    heads = n * H + h * G + rg  # rows of q, o and out
-    in_group = rg < G
-    q = tl.load(q_ptr + heads[:, None] * D + rd[None, :], mask=in_group[:, None], other=0.0).to(tl.float32)
+    q, heads, in_group = _group_queries(q_ptr, i_nh, H, Hkv, D, GP)
     k_new = tl.load(k_ptr + i_nh * D + rd)
     v_new = tl.load(v_ptr + i_nh * D + rd)
     m = tl.sum(q * k_new.to(tl.float32)[None, :], axis=1) * scale
