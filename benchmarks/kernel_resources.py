@@ -76,11 +76,17 @@ def resources(fn, warps: int, stages: int, **overrides) -> str:
     return resources_of(fn, {n: t for n, t in sig.items() if t != "constexpr"}, consts, warps, stages)
 
 
-def resources_of(fn, types: dict[str, str], consts: dict, warps: int, stages: int) -> str:
-    """``fn`` compiled for sm_90 with these argument types and constexpr values: its cuobjdump resource line."""
+def compile_sm90(fn, types: dict[str, str], consts: dict, warps: int, stages: int):
+    """``fn`` compiled for sm_90 with these argument types and constexpr values (Triton's cache applies)."""
     sig = {name: types.get(name, "constexpr") for name in fn.arg_names}
-    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps, "num_stages": stages})  # fmt: skip
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps, "num_stages": stages})  # fmt: skip
+
+
+def resources_of(fn, types: dict[str, str], consts: dict, warps: int, stages: int, compiled=None) -> str:
+    """``fn`` compiled for sm_90 with these argument types and constexpr values (or ``compiled``, that compile):
+    its cuobjdump resource line."""
+    compiled = compiled or compile_sm90(fn, types, consts, warps, stages)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])

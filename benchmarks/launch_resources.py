@@ -8,6 +8,10 @@ backward on the CPU under bf16 autocast with Triton's interpreter, every launch 
 seconds even at 16k tokens). Each distinct launch (kernel, argument types, constexprs, warps, stages) is then
 compiled for sm_90 and reported with how often the step launches it. A kernel with STACK > 0 spills.
 
+Each compile is timed, in an empty Triton cache: their sum is what a fresh machine's first step spends compiling
+our kernels (on this machine's CPU; a GPU host compiles the same programs). That is most of the cold start, and
+it grows with every kernel variant a default turns on.
+
 Usage: python benchmarks/launch_resources.py [--shape smollm2-135m] [--seq 16384] [--batch 1] [--layers 1]
        [--tuning NAME=VALUE ...] [--json PATH]
 """
@@ -20,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -81,20 +86,27 @@ def record_step(shape: str, seq: int, batch: int, layers: int) -> Counter:
 
 
 def compile_launches(launches: Counter) -> list[dict]:
-    """Each distinct launch compiled for sm_90: its registers, stack (spills) and shared memory."""
-    from kernel_resources import load_kernels, resources_of
+    """Each distinct launch compiled for sm_90 (timed, in an empty Triton cache): its registers, stack (spills) and
+    shared memory."""
+    from kernel_resources import compile_sm90, load_kernels, resources_of
 
     modules: dict[str, object] = {}
     rows = []
-    for (name, path, types, consts, warps, stages), count in sorted(launches.items(), key=lambda x: x[0][0]):
-        module = modules.setdefault(path, load_kernels(path))
-        try:
-            report = resources_of(getattr(module, name), dict(types), dict(consts), warps, stages)
-        except Exception as err:  # one that does not build here: say so, go on with the others
-            report = f"not compiled here: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:80]}"
-        shown = {n: v for n, v in consts if isinstance(v, int) and not isinstance(v, bool)}
-        rows.append({"kernel": name, "launches": count, "warps": warps, "stages": stages, "resources": report,
-                     "constexprs": shown})  # fmt: skip
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        for (name, path, types, consts, warps, stages), count in sorted(launches.items(), key=lambda x: x[0][0]):
+            module = modules.setdefault(path, load_kernels(path))
+            fn, seconds = getattr(module, name), None
+            try:
+                began = time.perf_counter()
+                compiled = compile_sm90(fn, dict(types), dict(consts), warps, stages)
+                seconds = round(time.perf_counter() - began, 2)
+                report = resources_of(fn, dict(types), dict(consts), warps, stages, compiled)
+            except Exception as err:  # one that does not build here: say so, go on with the others
+                report = f"not compiled here: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:80]}"
+            shown = {n: v for n, v in consts if isinstance(v, int) and not isinstance(v, bool)}
+            rows.append({"kernel": name, "launches": count, "warps": warps, "stages": stages, "resources": report,
+                         "compile_s": seconds, "constexprs": shown})  # fmt: skip
     return rows
 
 
@@ -126,11 +138,13 @@ def main() -> None:
     rows = compile_launches(launches)
     print(f"{args.shape}, {args.batch} x {args.seq}, {args.layers} layer(s), sm_90 offline; tuning: {args.tuning}")
     # Each distinct launch is one compile on a fresh machine: what the first step's cold start pays for.
-    print(f"{len(rows)} distinct programs, {sum(r['launches'] for r in rows)} launches per step")
+    total = sum(r["compile_s"] or 0.0 for r in rows)
+    print(f"{len(rows)} distinct programs, {sum(r['launches'] for r in rows)} launches per step, "
+          f"{total:.1f} s of compiling on this CPU")  # fmt: skip
     for row in rows:
         blocks = " ".join(f"{k}={v}" for k, v in row["constexprs"].items())
         print(f"{row['kernel']:28s} x{row['launches']:<3d} warps {row['warps']} stages {row['stages']}: "
-              f"{row['resources']}  [{blocks}]")  # fmt: skip
+              f"{row['resources']}  {row['compile_s']} s  [{blocks}]")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
