@@ -358,7 +358,8 @@ def test_dispatch(monkeypatch):
 @pytest.mark.parametrize("gsa", [{}, dict(gsa_window=8, gsa_use_rope=True)], ids=["gsa", "hybrid-rope"])
 def test_model_forward_backward_and_decode_through_kernels(monkeypatch, gsa):
     """A tiny converted model gives the same loss, gradients and decoded logits with the kernels (GSA, fused decode
-    step, norms, RoPE) as with the reference (head dim 16, 16 slots: shapes the kernels accept)."""
+    step, norms, RoPE, the hybrid's window step) as with the reference (head dim 16, 16 slots: shapes the kernels
+    accept)."""
     from conftest import tiny_gsa_model
 
     overrides = dict(hidden_size=64, head_dim=16, num_attention_heads=4)
@@ -375,10 +376,10 @@ def test_model_forward_backward_and_decode_through_kernels(monkeypatch, gsa):
         out = model(input_ids=ids, labels=ids, use_cache=False)
         out.loss.backward()
         grads = [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
-        with torch.no_grad():
-            prefill = model(input_ids=ids[:, :30], use_cache=True)
-            step = model(input_ids=ids[:, 30:31], cache=output_cache(prefill), use_cache=True)
-        return out.loss.detach(), grads, step.logits
+        with torch.no_grad():  # ten steps: the hybrid's ring of 8 turns past its end
+            cache = output_cache(model(input_ids=ids[:, :30], use_cache=True))
+            steps = [model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(30, 40)]
+        return out.loss.detach(), grads, torch.cat(steps, dim=1)
 
     loss_ref, grads_ref, step_ref = run("reference")
     loss, grads, step = run("triton")
