@@ -221,10 +221,12 @@ def test_bench_generate_times_both_models_and_states_the_ratio(tiny_converted, t
         out, log = tmp_path / f"rows{len(extra)}.json", tmp_path / f"log{len(extra)}.md"
         args = ["bench", "generate", str(tiny_converted), "--device", "cpu", "--context", "12", "--context", "20",
                 "--batch", "2", "--new-tokens", "8", "--json", str(out), "--record", str(log), *extra]  # fmt: skip
-        code, _ = run_cli(args, capsys)
+        code, err = run_cli(args, capsys)
         assert code == 0
         rows = json.loads(out.read_text())["rows"]
         assert {r["model"] for r in rows} == labels
+        progress = [json.loads(line) for line in err if line.startswith("{")]  # each row on stderr when measured
+        assert [(r["model"], r["context"]) for r in progress] == [(r["model"], r["context"]) for r in rows]
         assert {(r["batch"], r["context"]) for r in rows} == {(2, 12), (2, 20)}
         assert all(r["tokens_per_s"] > 0 and r["ms_per_token"] > 0 for r in rows)
         assert all(r["first_call_s"] >= 0 for r in rows) if extra else all("first_call_s" not in r for r in rows), rows
@@ -395,9 +397,13 @@ def test_bench_train_rounds_take_turns_and_report_each_rows_median(tiny_converte
 def test_bench_train_rounds_from_the_command_line(tiny_converted, tmp_path, capsys):
     out = tmp_path / "rows.json"
     args = ["bench", "train", str(tiny_converted), "--device", "cpu", "--seq", "16", "--batch", "1", "--steps", "1"]
-    code, _ = run_cli([*args, "--rounds", "2", "--json", str(out)], capsys)
+    code, err = run_cli([*args, "--rounds", "2", "--json", str(out)], capsys)
     rows = json.loads(out.read_text())["rows"]
     assert code == 0 and [(r["model"], r["rounds"]) for r in rows] == [("GSA (full)", 2), ("teacher SDPA (full)", 2)]
+    # Each round's row reached stderr as it was measured (a run cut by a time limit keeps them).
+    progress = [json.loads(line) for line in err if line.startswith("{")]
+    assert [r["model"] for r in progress] == ["GSA (full)", "teacher SDPA (full)"] * 2
+    assert all(r["step_s"] > 0 for r in progress)
     assert all(r["spread"] >= 0 and r["host_ms"] > 0 for r in rows)
     code, err = run_cli([*args, "--rounds", "0"], capsys)
     assert code == 2 and any("--rounds" in line for line in err)  # refused before anything is built

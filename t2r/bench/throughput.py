@@ -8,7 +8,9 @@ tensors without copying them, so only the attention differs. Results print as a 
 from __future__ import annotations
 
 import contextlib
+import json
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -333,8 +335,6 @@ def write_outputs(
 ) -> None:
     """The rows as JSON (``out``); the run as a markdown section (``record``): notes, then tables (default: rows);
     both name the device the benchmark ran on (``device``, as passed to it)."""
-    import json
-
     from t2r.fsutil import atomic_write_text
 
     device = device_name(device)
@@ -418,8 +418,10 @@ def run_train_bench(
                 """Rows labelled "NAME (HOW[, graphs])", one per mode."""
                 profiled = profile if last else 0
                 return [
-                    train_throughput(
-                        m, batch, seq, steps, label=f"{name} ({how}{mode})", profile=profiled, graphs=graphed
+                    _progress(
+                        train_throughput(
+                            m, batch, seq, steps, label=f"{name} ({how}{mode})", profile=profiled, graphs=graphed
+                        )
                     )
                     for mode, graphed in modes
                 ]
@@ -448,6 +450,13 @@ def run_train_bench(
                 model.zero_grad(set_to_none=True)
         rows += median_rounds(timed) if rounds > 1 else timed
     return teacher_ratios(rows)
+
+
+def _progress(row: dict) -> dict:
+    """A row on stderr as soon as it is measured (one JSON line): a run cut short by a time limit keeps the rows
+    it finished, and a long one shows where it is."""
+    print(json.dumps({k: v for k, v in row.items() if not isinstance(v, (dict, list))}), file=sys.stderr, flush=True)
+    return row
 
 
 def median_rounds(rows: list[dict]) -> list[dict]:
@@ -534,9 +543,9 @@ def run_generate_bench(
                     modes = {GSA_GRAPHS: _decode_graphs(model, True), **modes}
                 if graphs and compile_step:
                     modes = {GSA_COMPILED: _decode_graphs(model, True, "inductor"), **modes}
-                rows += _with_floor(decode_throughput(model, batch, context, modes, new_tokens), model)
+                rows += map(_progress, _with_floor(decode_throughput(model, batch, context, modes, new_tokens), model))
                 if teacher:
-                    rows += _teacher_decode(model, batch, context, new_tokens, graphs)
+                    rows += map(_progress, _teacher_decode(model, batch, context, new_tokens, graphs))
     return rows
 
 
@@ -568,7 +577,9 @@ def run_end_to_end(
         for context in contexts:
             for label, compile in modes.items():
                 with _decode_graphs(model, model.decode_graphs.enabled, compile):
-                    rows += _with_floor([generate_throughput(model, batch, context, new_tokens, label)], model)
+                    rows += [
+                        _progress(*_with_floor([generate_throughput(model, batch, context, new_tokens, label)], model))
+                    ]
             if teacher_model is None:
                 continue
             for label, kwargs in ((TEACHER_DEFAULT, {}), (TEACHER_STATIC, {"cache_implementation": "static"})):
@@ -577,7 +588,7 @@ def run_end_to_end(
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     row = {"model": label, "batch": batch, "context": context, "tokens_per_s": "OOM"}
-                rows += _with_floor([row], teacher_model)
+                rows += [_progress(*_with_floor([row], teacher_model))]
     return rows
 
 
