@@ -224,7 +224,7 @@ def _state_scan(xk, yk, xv, yv, b, init, plan, prec, Hkv: int, M: int, store_out
         parts = (empty(plan.N * Hkv, P, K, M, **f32), empty(plan.N * Hkv, P, V, M, **f32))
         dec = empty(plan.N * Hkv, P, M, **f32)
         grid = ((K + V) // BD, plan.N * Hkv * P, M // BM)
-        common = dict(Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BD=BD, BM=BM, PARTS=P)
+        common = dict(Hkv=Hkv, K=K, V=V, M=M, BS=plan.seg, BD=BD, BM=BM, parts=P)
         _state_parts_kernel[grid](xk, yk, xv, yv, b, *bufs, *parts, dec, plan.cu, plan.segoff, **common, H=H,
                                   REVERSE=reverse, PREC=prec, num_warps=4, num_stages=stages)  # fmt: skip
         _state_carry_kernel[grid](b, *(init if init is not None else bufs), *bufs, *parts, dec, *outs, plan.cu,

@@ -189,52 +189,52 @@ def _state_fwd_block(
 
 
 @triton.jit
-def _scan_part(cu_ptr, segoff_ptr, Hkv: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, PARTS: tl.constexpr):
-    """A two-level scan program's slot columns, part p of PARTS, (sequence x KV head) index, KV head, first token,
+def _scan_part(cu_ptr, segoff_ptr, Hkv: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, parts):
+    """A two-level scan program's slot columns, part p of ``parts``, (sequence x KV head) index, KV head, first token,
     end, first segment of the sequence, and its part's segments [first, last) of the sequence's."""
     m0 = tl.program_id(2) * BM
-    p = tl.program_id(1) % PARTS
-    i_nh = tl.program_id(1) // PARTS
+    p = tl.program_id(1) % parts
+    i_nh = tl.program_id(1) // parts
     n = i_nh // Hkv
     bos = tl.load(cu_ptr + n).to(tl.int64)
     eos = tl.load(cu_ptr + n + 1).to(tl.int64)
     seg0 = tl.load(segoff_ptr + n).to(tl.int64)
     nseg = tl.cdiv(eos - bos, BS)
-    length = tl.cdiv(nseg, PARTS)
+    length = tl.cdiv(nseg, parts)
     first = tl.minimum(p * length, nseg)
     return m0, p, i_nh, i_nh % Hkv, bos, eos, seg0, first, tl.minimum(first + length, nseg)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["parts"])  # one program for every part count
 def _state_parts_kernel(
     xk_ptr, yk_ptr, xv_ptr, yv_ptr, b_ptr, bk_ptr, bv_ptr, partk_ptr, partv_ptr, dec_ptr, cu_ptr, segoff_ptr,
     H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BS: tl.constexpr,
-    BD: tl.constexpr, BM: tl.constexpr, PARTS: tl.constexpr, REVERSE: tl.constexpr, PREC: tl.constexpr,
+    BD: tl.constexpr, BM: tl.constexpr, parts, REVERSE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """First level of the two-level scans (``TUNING.scan_parts``): each of a sequence's PARTS parts scanned from a
+    """First level of the two-level scans (``TUNING.scan_parts``): each of a sequence's ``parts`` parts scanned from a
     zero state, in parallel (programs below K / BD: the keys memory, the rest: the values memory). Forward: x, y =
     k, s and v, s; REVERSE, the memories' gradients from a zero gradient at the part's end: x, y = q, dz and do, p."""
     pid = tl.program_id(0)
     if pid < K // BD:
         _state_part_block(xk_ptr, yk_ptr, b_ptr, bk_ptr, partk_ptr, dec_ptr, cu_ptr, segoff_ptr, pid * BD, True,
-                          H, Hkv, K, M, BS, BD, BM, PARTS, REVERSE, PREC)  # fmt: skip
+                          H, Hkv, K, M, BS, BD, BM, parts, REVERSE, PREC)  # fmt: skip
     else:
         _state_part_block(xv_ptr, yv_ptr, b_ptr, bv_ptr, partv_ptr, dec_ptr, cu_ptr, segoff_ptr, (pid - K // BD) * BD,
-                          False, H, Hkv, V, M, BS, BD, BM, PARTS, REVERSE, PREC)  # fmt: skip
+                          False, H, Hkv, V, M, BS, BD, BM, parts, REVERSE, PREC)  # fmt: skip
 
 
 @triton.jit
 def _state_part_block(
     x_ptr, y_ptr, b_ptr, buf_ptr, part_ptr, dec_ptr, cu_ptr, segoff_ptr, d0, STORE_DEC: tl.constexpr,
     H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
-    BM: tl.constexpr, PARTS: tl.constexpr, REVERSE: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, parts, REVERSE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """A [BD, BM] block of one memory (or its gradient, REVERSE) over one part: each segment's state at its start
     (the gradient at its end) relative to the part's, into buf (completed by ``_state_carry_kernel``), the part's
-    own end state (gradient at its start) into part [N * Hkv, PARTS, D, M] and, from the keys' first row block,
-    its total log decay into dec [N * Hkv, PARTS, M]."""
+    own end state (gradient at its start) into part [N * Hkv, parts, D, M] and, from the keys' first row block,
+    its total log decay into dec [N * Hkv, parts, M]."""
     G: tl.constexpr = H // Hkv
-    m0, p, i_nh, h, bos, eos, seg0, first, last = _scan_part(cu_ptr, segoff_ptr, Hkv, BS, BM, PARTS)
+    m0, p, i_nh, h, bos, eos, seg0, first, last = _scan_part(cu_ptr, segoff_ptr, Hkv, BS, BM, parts)
     internal = _state_ptrs(d0 * M + m0, BD, BM, M, 1)
     state = tl.zeros([BD, BM], dtype=tl.float32)
     dec = tl.zeros([BM], dtype=tl.float32)
@@ -257,27 +257,27 @@ def _state_part_block(
             y = _load_cols(y_ptr, t, valid, Hkv, h, M, m0, BM)
             state += _mm(tl.trans(x), y * tl.exp(b_last[None, :] - b), PREC)
         dec += b_last
-    tl.store(part_ptr + (i_nh * PARTS + p) * D * M + internal, state)
+    tl.store(part_ptr + (i_nh * parts + p) * D * M + internal, state)
     if STORE_DEC:  # noqa: SIM102  (a constexpr, then a runtime test: kept apart for Triton)
         if d0 == 0:
-            tl.store(dec_ptr + (i_nh * PARTS + p) * M + m0 + tl.arange(0, BM), dec)
+            tl.store(dec_ptr + (i_nh * parts + p) * M + m0 + tl.arange(0, BM), dec)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["parts"])
 def _state_carry_kernel(
     b_ptr, ik_ptr, iv_ptr, bk_ptr, bv_ptr, partk_ptr, partv_ptr, dec_ptr, ok_ptr, ov_ptr, cu_ptr, segoff_ptr,
     Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
-    BM: tl.constexpr, PARTS: tl.constexpr, HAS_INIT: tl.constexpr, STORE_OUT: tl.constexpr, REVERSE: tl.constexpr,
+    BM: tl.constexpr, parts, HAS_INIT: tl.constexpr, STORE_OUT: tl.constexpr, REVERSE: tl.constexpr,
 ):  # fmt: skip
     """Second level of the two-level scans (forward, or REVERSE: the gradients), both memories in one launch like
     the first."""
     pid = tl.program_id(0)
     if pid < K // BD:
         _state_carry_block(b_ptr, ik_ptr, bk_ptr, partk_ptr, dec_ptr, ok_ptr, cu_ptr, segoff_ptr, M, 1, pid * BD,
-                           Hkv, K, M, BS, BD, BM, PARTS, HAS_INIT, STORE_OUT, REVERSE)  # fmt: skip
+                           Hkv, K, M, BS, BD, BM, parts, HAS_INIT, STORE_OUT, REVERSE)  # fmt: skip
     else:
         _state_carry_block(b_ptr, iv_ptr, bv_ptr, partv_ptr, dec_ptr, ov_ptr, cu_ptr, segoff_ptr, 1, V,
-                           (pid - K // BD) * BD, Hkv, V, M, BS, BD, BM, PARTS, HAS_INIT, STORE_OUT,
+                           (pid - K // BD) * BD, Hkv, V, M, BS, BD, BM, parts, HAS_INIT, STORE_OUT,
                            REVERSE)  # fmt: skip
 
 
@@ -285,15 +285,15 @@ def _state_carry_kernel(
 def _state_carry_block(
     b_ptr, init_ptr, hbuf_ptr, part_ptr, dec_ptr, out_ptr, cu_ptr, segoff_ptr, stride_pd, stride_pm, d0,
     Hkv: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
-    PARTS: tl.constexpr, HAS_INIT: tl.constexpr, STORE_OUT: tl.constexpr, REVERSE: tl.constexpr,
+    parts, HAS_INIT: tl.constexpr, STORE_OUT: tl.constexpr, REVERSE: tl.constexpr,
 ):  # fmt: skip
     """A part's carry added to each of its segments' states times the decay between them. Forward: the carry is
     the state at the part's start (the initial state through the earlier parts' end states and decays), the
     decay that since the part's start, and the last part also stores the final state. REVERSE: the carry is the
     gradient at the part's end (the final state's through the later parts), the decay that of the part's later
     segments, and the first part stores the initial state's gradient. The decay is per slot, so this is
-    elementwise; PARTS is small. Public layout: (stride_pd, stride_pm)."""
-    m0, p, i_nh, h, bos, eos, seg0, first, last = _scan_part(cu_ptr, segoff_ptr, Hkv, BS, BM, PARTS)
+    elementwise; parts is small. Public layout: (stride_pd, stride_pm)."""
+    m0, p, i_nh, h, bos, eos, seg0, first, last = _scan_part(cu_ptr, segoff_ptr, Hkv, BS, BM, parts)
     public = _state_ptrs(i_nh.to(tl.int64) * D * M + d0 * stride_pd + m0 * stride_pm, BD, BM, stride_pd, stride_pm)
     internal = _state_ptrs(d0 * M + m0, BD, BM, M, 1)
     rm = m0 + tl.arange(0, BM)
@@ -301,11 +301,11 @@ def _state_carry_block(
         carry = tl.load(init_ptr + public).to(tl.float32)
     else:
         carry = tl.zeros([BD, BM], dtype=tl.float32)
-    others = PARTS - 1 - p if REVERSE else p
+    others = parts - 1 - p if REVERSE else p
     for j in range(others):
-        q = PARTS - 1 - j if REVERSE else j
-        decay = tl.exp(tl.load(dec_ptr + (i_nh * PARTS + q) * M + rm))
-        carry = carry * decay[None, :] + tl.load(part_ptr + (i_nh * PARTS + q) * D * M + internal)
+        q = parts - 1 - j if REVERSE else j
+        decay = tl.exp(tl.load(dec_ptr + (i_nh * parts + q) * M + rm))
+        carry = carry * decay[None, :] + tl.load(part_ptr + (i_nh * parts + q) * D * M + internal)
     cum = tl.zeros([BM], dtype=tl.float32)
     for j in range(last - first):
         i = last - 1 - j if REVERSE else first + j
@@ -314,9 +314,9 @@ def _state_carry_block(
         seg_end = tl.minimum(bos + i * BS + BS, eos)
         cum += tl.load(b_ptr + ((seg_end - 1) * Hkv + h) * M + rm)
     if STORE_OUT:  # noqa: SIM102  (a constexpr, then a runtime test: kept apart for Triton)
-        if p == (0 if REVERSE else PARTS - 1):
-            decay = tl.exp(tl.load(dec_ptr + (i_nh * PARTS + p) * M + rm))
-            own = tl.load(part_ptr + (i_nh * PARTS + p) * D * M + internal)
+        if p == (0 if REVERSE else parts - 1):
+            decay = tl.exp(tl.load(dec_ptr + (i_nh * parts + p) * M + rm))
+            own = tl.load(part_ptr + (i_nh * parts + p) * D * M + internal)
             tl.store(out_ptr + public, carry * decay[None, :] + own)
 
 
