@@ -60,7 +60,7 @@ def oracle(inputs, h0, **kw):
 def compare(out, ref, tol):
     values = list(out[:3]) + list(out[3])
     expected = list(ref[:3]) + list(ref[3])
-    errors = {n: rel_err(a.cpu(), b) for n, a, b in zip(NAMES, values, expected, strict=False)}
+    errors = {n: rel_err(a.cpu(), b.cpu()) for n, a, b in zip(NAMES, values, expected, strict=False)}
     bad = {n: e for n, e in errors.items() if not e <= tol}  # `not <=` also catches NaN
     assert not bad, f"relative errors over {tol}: {bad} (all: {errors})"
 
