@@ -126,6 +126,8 @@ class _Plan:
             cu = cu_seqlens.detach().to("cpu", torch.int64)
             lens = cu[1:] - cu[:-1]
         nseg = (lens + seg - 1) // seg
+        # Segments of the longest sequence (the scans' parts): a dense batch's from its shape, reading no tensor.
+        self.longest = int(nseg.max()) if cu_seqlens is not None and len(nseg) else (T + seg - 1) // seg
         segoff = torch.cumsum(nseg, 0) - nseg
         seq = torch.repeat_interleave(torch.arange(len(lens)), nseg)
         start = cu[seq] + (torch.arange(len(seq)) - segoff[seq]) * seg
@@ -136,11 +138,6 @@ class _Plan:
         self.segoff = segoff.to(device, torch.int32)
         self.segs = torch.stack([seq, start], 1).to(device, torch.int32).contiguous()
         self._nseg, self._segoff, self._device = nseg, segoff, device
-
-    @functools.cached_property
-    def longest(self) -> int:
-        """Segments of the longest sequence (host data: no device read)."""
-        return int(self._nseg.max()) if len(self._nseg) else 0
 
     @functools.cached_property
     def last_segments(self) -> tuple[torch.Tensor, torch.Tensor]:
