@@ -366,6 +366,40 @@ def test_a_graphed_training_step_updates_the_weights_as_the_eager_one_does():
     assert moved[1].norm() > 0 and rel_err(*moved) <= 5e-2
 
 
+def test_a_captured_teachers_attention_stays_causal_without_a_mask(monkeypatch):
+    """Under capture transformers cannot read tensors back: it assumes packed rows, and 5.17 also refuses SDPA's
+    causal skip, so the teacher's captured step built a [T, T] mask (2x slower, 2x the memory at 16k on an H200).
+    Capture is simulated here by transformers' own tracing test; inside ``dense_rows`` the teacher's SDPA calls
+    get no mask (is_causal), outside it they get one, and a padded batch keeps its mask either way."""
+    from transformers import LlamaConfig, LlamaForCausalLM, masking_utils
+
+    from t2r.bench.graphed import dense_rows
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recorded(*args, attn_mask=None, **kwargs):
+        masks.append(attn_mask is not None)
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
+    monkeypatch.setattr(masking_utils, "is_tracing", lambda *args, **kwargs: True)
+    ids = torch.randint(0, 64, (2, 12))
+    padded = torch.ones_like(ids)
+    padded[0, :3] = 0
+    with torch.no_grad():  # no cache, as in training
+        model(input_ids=ids, use_cache=False)
+        with dense_rows():
+            model(input_ids=ids, use_cache=False)
+            model(input_ids=ids, attention_mask=padded, use_cache=False)
+        model(input_ids=ids, use_cache=False)
+    assert masks == [True, False, True, True]
+    assert masking_utils.is_tracing() is True and "causal_skip" not in repr(masking_utils._ignore_causal_mask_sdpa)
+
+
 def test_bench_train_rounds_take_turns_and_report_each_rows_median(tiny_converted, monkeypatch):
     """--rounds 3: student and teacher alternate (a drifting host slows all rows alike), each row reports its
     median round with the rounds' spread, and only the last round is profiled."""
