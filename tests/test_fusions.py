@@ -408,8 +408,9 @@ def test_window_parts_fill_the_device_in_whole_tiles():
     assert slot_block(4, 64) == 32 and slot_block(4, 128) == 16 and slot_block(1, 128) == 32 and slot_block(8, 256) == 8
 
 
-def test_window_step_dispatch_is_off_by_default_and_falls_back_where_the_kernel_cannot_go(monkeypatch):
-    """The fused window step runs only when asked for (it has not run on a GPU yet), and never for gradients."""
+def test_window_step_dispatch_can_be_turned_off_and_falls_back_where_the_kernel_cannot_go(monkeypatch):
+    """The fused window step runs by default where it can (T2R_GSA_FUSED_WINDOW=0 turns it off), never for
+    gradients."""
     from t2r.kernels.dispatch import window_decode_
 
     calls = []
@@ -432,6 +433,7 @@ def test_window_step_dispatch_is_off_by_default_and_falls_back_where_the_kernel_
         )
         return window_decode_(q, k, v, past, None, 0.25, o, torch.zeros(H, device=DEVICE))
 
+    monkeypatch.setattr(TUNING, "fused_window", False)
     with torch.no_grad():
         step()
     assert not calls

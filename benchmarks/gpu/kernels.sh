@@ -59,14 +59,12 @@ fusions-ab)
     --rounds 3 --json "$OUT/bench_train_fusions.json" 2>&1 | tee "$OUT/bench_train_fusions.log" | tail -8 ;;
 variants)
   # Kernel tunables in whole steps, each beside the teacher (a call of its own: every variant compiles its kernels).
-  # The memories' scans were 43 of the GSA op's 64 ms per step at 16k (H200, 2026-12-05): 24 programs at SmolLM2's
-  # 3 KV heads. The scans in parts give them PARTS times as many (scan_parts=0, automatic: 16 parts at 16k, 8 at
-  # 4k); smaller row blocks (state_block=32) twice as many. fused_ce: the loss in one launch each way (the chunked
-  # loss's softmax and casts were about 20 of the 131 ms at 16k).
+  # The defaults since 2026-12-05 (H200: GPU time per 16k step 128.6 -> 66.5 ms, docs/benchmarks.md): the scans in
+  # parts (scan_parts=0, automatic) and the fused loss (fused_ce=1); the rows here switch each off again, and try
+  # smaller scan row blocks (state_block=32).
   python -m t2r.cli bench train --shape smollm2-135m --seq 4096 --seq 16384 --batch 1 --steps 10 --profile 3 --rounds 2 \
-    --tuning scan_parts=0 --tuning scan_parts=8 --tuning state_block=32 --tuning fused_ce=1 \
-    --tuning scan_parts=0,fused_ce=1 \
-    --json "$OUT/bench_train_variants.json" 2>&1 | tee "$OUT/bench_train_variants.log" | tail -14 ;;
+    --tuning scan_parts=1 --tuning fused_ce=0 --tuning scan_parts=1,fused_ce=0 --tuning state_block=32 \
+    --json "$OUT/bench_train_variants.json" 2>&1 | tee "$OUT/bench_train_variants.log" | grep -E '^\{|^GSA|^teacher' ;;
 gqa)
   # Real models' GQA layer shapes (SmolLM2: 9 heads over 3 KV heads of 64; Mistral-7B: 32 over 8 of 128), which the
   # default issue shape (no GQA) never timed; and the training loss, chunked against fused (T2R_GSA_FUSED_CE).

@@ -260,7 +260,7 @@ def check_against_reference(B=2, T=700, H=8, Hkv=4, K=128, V=128, M=64, dtype=to
 
 def loss_rows(shapes=LOSS_SHAPES, dtype=torch.bfloat16, bandwidth=None) -> list[dict]:
     """The training loss (next-token cross-entropy, forward and backward) over one row of ``tokens`` logits: the
-    chunked PyTorch loss (t2r.train.losses, the default) against the fused kernels (T2R_GSA_FUSED_CE=1), with
+    chunked PyTorch loss (t2r.train.losses, T2R_GSA_FUSED_CE=0) against the fused kernels (the default), with
     their relative differences (the timings are only worth reading if these are small) and the memory each takes
     beyond its logits and their gradient."""
     rows = []

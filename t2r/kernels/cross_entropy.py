@@ -1,4 +1,4 @@
-"""Next-token cross-entropy over a vocabulary in one launch each way (``TUNING.fused_ce``; off until timed).
+"""Next-token cross-entropy over a vocabulary in one launch each way (``TUNING.fused_ce``, on by default).
 
 The chunked PyTorch loss (t2r.train.losses) casts each chunk of logits to fp32, takes its log-softmax, and under
 autograd recomputes both in the backward: at SmolLM2-135M's 49k vocabulary and 16k tokens those were about 20 of

@@ -152,7 +152,8 @@ def gsa_prologue(
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding of q [B, T, H, D] and k [B, T, Hkv, D]: one Triton launch where :func:`_fused_inference`
-    holds and ``TUNING.fused_rope`` is on (T2R_GSA_FUSED_ROPE=1), the reference's ten otherwise."""
+    holds and ``TUNING.fused_rope`` is on (the default; T2R_GSA_FUSED_ROPE=0 turns it off), the reference's ten
+    otherwise."""
     if TUNING.fused_rope and _fused_inference(q, k, cos, sin):
         return rotary_triton(q, k, cos, sin)
     return rotary_reference(q, k, cos, sin)
@@ -178,8 +179,8 @@ def window_decode_(
 ) -> torch.Tensor:
     """A hybrid layer's decoding step past its GSA output ``o``: window attention, mix, and the ring ``past``
     updated in place (:func:`reference.window_decode_reference`). Two Triton launches where
-    :func:`_fused_inference` holds, ``TUNING.fused_window`` is on (T2R_GSA_FUSED_WINDOW=1) and the head dim is a
-    power of two."""
+    :func:`_fused_inference` holds, ``TUNING.fused_window`` is on (the default; T2R_GSA_FUSED_WINDOW=0 turns it off) and
+    the head dim is a power of two."""
     D = q.shape[-1]
     if TUNING.fused_window and D & (D - 1) == 0 and _fused_inference(q, k, v, o, mix_logits):
         return window_decode_triton(q, k, v, past, keep, scale, o, mix_logits)
@@ -187,9 +188,9 @@ def window_decode_(
 
 
 def fused_cross_entropy(logits: torch.Tensor) -> bool:
-    """Whether :func:`cross_entropy_sum` and :func:`kd_sum` take the Triton kernels: ``TUNING.fused_ce``
-    (T2R_GSA_FUSED_CE=1) and :func:`_fusable`. Then the caller need not split the rows into chunks, nor select the
-    labelled ones: nothing vocabulary-sized is made."""
+    """Whether :func:`cross_entropy_sum` and :func:`kd_sum` take the Triton kernels: ``TUNING.fused_ce`` (the
+    default; T2R_GSA_FUSED_CE=0 turns it off) and :func:`_fusable`. Then the caller need not split the rows into
+    chunks, nor select the labelled ones: nothing vocabulary-sized is made."""
     return TUNING.fused_ce and _fusable(logits)
 
 

@@ -44,10 +44,11 @@ class Tuning:
     state_block: int = field(default_factory=lambda: int(_env("STATE_BLOCK", "64")))  # memory rows per scan program
     stages: int = field(default_factory=lambda: int(_env("STAGES", "2")))
     # The memories' scans (forward and reverse) in two levels: each sequence's segments in this many parts scanned
-    # in parallel, then each part's carry added (1: one walk per sequence; 0: chosen per call by
-    # chunk.auto_scan_parts). For few sequences x KV heads, whose walks fill few SMs (24 programs at SmolLM2's 3 KV
-    # heads: 43 of the op's 64 ms per step at 16k, H200); untimed, so off.
-    scan_parts: int = field(default_factory=lambda: int(_env("SCAN_PARTS", "1")))
+    # in parallel, then each part's carry added (1: one walk per sequence; 0, the default: chosen per call by
+    # chunk.auto_scan_parts). For few sequences x KV heads, whose walks fill few SMs: at SmolLM2-135M's 3 KV heads
+    # and 1 x 16k the GSA op's GPU time per training step fell from 63.7 to 28.2 ms (H200, 2026-12-05;
+    # docs/benchmarks.md). Many sequences or heads keep one walk (auto_scan_parts gives 1).
+    scan_parts: int = field(default_factory=lambda: int(_env("SCAN_PARTS", "0")))
     warps: int = field(default_factory=lambda: int(_env("WARPS", "0")))  # 0: by tile size
     # Decoding: warps per (sequence, KV head) program, and the rows / columns one step streams the memories in
     # (0: the all-at-once kernel).
@@ -62,12 +63,12 @@ class Tuning:
     # the kernels get faster, whole training steps do not (docs/benchmarks.md).
     save_states: bool = field(default_factory=lambda: _env("SAVE_STATES", "0") == "1")
     save_probs: bool = field(default_factory=lambda: _env("SAVE_PROBS", "0") == "1")
-    # RoPE of q and k in one launch outside autograd (kernels/rotary.py). Off until it has run on a GPU: tested
-    # against the reference in Triton's interpreter and compiled for sm_90 on the CPU only (2026-12-04).
-    fused_rope: bool = field(default_factory=lambda: _env("FUSED_ROPE", "0") == "1")
-    # A hybrid layer's window attention, mix and ring update in two decoding launches (kernels/window.py); off for
-    # the same reason.
-    fused_window: bool = field(default_factory=lambda: _env("FUSED_WINDOW", "0") == "1")
+    # RoPE of q and k in one launch outside autograd (kernels/rotary.py), and a hybrid layer's window attention,
+    # mix and ring update in two decoding launches (kernels/window.py). On since they ran on an H200 (2026-12-05):
+    # their tests and the captured decoding against the reference passed there, and the W = 512 hybrid's step at
+    # batch 16 and 32k took 3.01 ms against 4.04 ms in PyTorch (docs/benchmarks.md).
+    fused_rope: bool = field(default_factory=lambda: _env("FUSED_ROPE", "1") == "1")
+    fused_window: bool = field(default_factory=lambda: _env("FUSED_WINDOW", "1") == "1")
     # Training fusions (TRAINING_FUSIONS), on since an H200 timed them (2026-12-05, SmolLM2-135M, 1 x 4k / 1 x 16k:
     # 0.160 -> 0.152 s and 0.194 -> 0.153 s per step, peak 6.72 -> 5.53 GB and 21.3 -> 16.3 GB; docs/benchmarks.md):
     # RMSNorm's forward and backward in Triton under autograd (kernels/norm.py);
@@ -78,9 +79,11 @@ class Tuning:
     fused_mlp: bool = field(default_factory=lambda: _env("FUSED_MLP", "1") == "1")
     # a GSA layer's q/k/v/gate projections and an MLP's gate/up as one GEMM each way (models/projections.py).
     merged_projections: bool = field(default_factory=lambda: _env("MERGED_PROJECTIONS", "1") == "1")
-    # Next-token cross-entropy in one launch each way, with nothing vocabulary-sized kept (kernels/cross_entropy.py),
-    # instead of the chunked fp32 log-softmax, recomputed in the backward; off until timed on a GPU.
-    fused_ce: bool = field(default_factory=lambda: _env("FUSED_CE", "0") == "1")
+    # Next-token cross-entropy (and distillation's KL) in one launch each way, with nothing vocabulary-sized kept
+    # (kernels/cross_entropy.py), instead of the chunked fp32 log-softmax, recomputed in the backward. On since an
+    # H200 timed it (2026-12-05, SmolLM2-135M at 1 x 16k: the step's elementwise GPU time 36.1 -> 8.0 ms, peak
+    # 16.1 -> 14.5 GB; docs/benchmarks.md).
+    fused_ce: bool = field(default_factory=lambda: _env("FUSED_CE", "1") == "1")
     # The backward's two reverse walks (one per memory) in one launch: a launch fewer per layer, twice the programs;
     # off until timed on a GPU (spills about as much offline, benchmarks/kernel_resources.py).
     merged_rev: bool = field(default_factory=lambda: _env("MERGED_REV", "0") == "1")
