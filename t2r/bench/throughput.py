@@ -577,9 +577,8 @@ def run_end_to_end(
         for context in contexts:
             for label, compile in modes.items():
                 with _decode_graphs(model, model.decode_graphs.enabled, compile):
-                    rows += [
-                        _progress(*_with_floor([generate_throughput(model, batch, context, new_tokens, label)], model))
-                    ]
+                    row = generate_throughput(model, batch, context, new_tokens, label)
+                    rows += map(_progress, _with_floor([row], model))
             if teacher_model is None:
                 continue
             for label, kwargs in ((TEACHER_DEFAULT, {}), (TEACHER_STATIC, {"cache_implementation": "static"})):
@@ -588,7 +587,7 @@ def run_end_to_end(
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     row = {"model": label, "batch": batch, "context": context, "tokens_per_s": "OOM"}
-                rows += [_progress(*_with_floor([row], teacher_model))]
+                rows += map(_progress, _with_floor([row], teacher_model))
     return rows
 
 
