@@ -176,6 +176,29 @@ def test_a_compiled_step_matches_eager_decoding():
     assert rel_err(compiled, eager) < 1e-6
 
 
+def test_a_compiled_hybrid_step_takes_the_fused_window(monkeypatch):
+    """With the kernels on (Triton's interpreter here), the compiled step's window runs as the fused custom op, not
+    as the PyTorch ring Inductor would trace, and decodes as the eager model does (the ring wraps twice)."""
+    pytest.importorskip("triton")
+    from t2r.kernels import window
+    from t2r.kernels.tuning import TUNING
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(TUNING, "impl", "triton")
+    model = tiny_gsa_model("mistral", **VARIANTS["hybrid"])
+    assert model.config.head_dim & (model.config.head_dim - 1) == 0  # a head dim the fused step takes
+    prompt = torch.randint(3, 100, (2, 6))
+    eager, _ = _decode(model, prompt, 9)
+    calls = []
+    kernel = window.window_decode_triton
+    monkeypatch.setattr(window, "window_decode_triton", lambda *a: calls.append(1) or kernel(*a))
+    model.decode_graphs = DecodeGraphs(enabled=True, emulate=True, compile="aot_eager")
+    compiled, _ = _decode(model, prompt, 9)
+    assert len(model.decode_graphs.steps) == 1 and not model.decode_graphs.failed
+    assert calls  # the op's body: only a compiled graph goes through it
+    assert rel_err(compiled, eager) < 1e-5
+
+
 def test_inference_mode_and_no_grad_take_turns():
     model = _graphed(tiny_gsa_model("mistral"))
     prompt = torch.randint(3, 100, (1, 5))

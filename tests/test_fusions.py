@@ -455,3 +455,55 @@ def test_host_block_sizes_are_tritons():
         assert next_pow2(n) == triton.next_power_of_2(n), n
         for b in (1, 16, 64, 1000):
             assert cdiv(n, b) == triton.cdiv(n, b), (n, b)
+
+
+def _window_step_inputs(B=2, H=4, Hkv=2, D=16, P=7):
+    torch.manual_seed(3)
+    valid = torch.ones(B, P, dtype=torch.bool, device=DEVICE)
+    valid[1, 1:4] = False
+    past = (torch.randn(B, P, Hkv, D, device=DEVICE), torch.randn(B, P, Hkv, D, device=DEVICE), valid,
+            torch.tensor([2, P - 1], device=DEVICE))  # fmt: skip
+    q, o = (torch.randn(B, 1, H, D, device=DEVICE) for _ in range(2))
+    k, v = (torch.randn(B, 1, Hkv, D, device=DEVICE) for _ in range(2))
+    return q, k, v, o, past, torch.randn(H, device=DEVICE)
+
+
+def test_the_window_step_op_passes_torch_opcheck(monkeypatch):
+    """Schema (the ring's four tensors declared as written), and the fake implementation against the real one."""
+    from t2r.kernels.window import window_decode_op
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(TUNING, "impl", "triton")
+    q, k, v, o, past, mix = _window_step_inputs()
+    keep = torch.ones(2, 1, dtype=torch.long, device=DEVICE)
+    torch.library.opcheck(window_decode_op, (q, k, v, *past, keep, 0.25, o, mix))
+
+
+def test_a_compiled_window_step_keeps_the_fused_kernels_in_its_graph(monkeypatch):
+    """Under torch.compile (the compiled decoding step) the fused step runs as the custom op, inside one graph
+    (fullgraph: no break), with the reference's output and ring."""
+    import torch._dynamo
+
+    from t2r.kernels import dispatch
+    from t2r.kernels import window as window_module
+    from t2r.kernels.dispatch import window_decode_
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(TUNING, "impl", "triton")
+    calls = []
+    for module, how in ((window_module, "op"), (dispatch, "direct")):
+        monkeypatch.setattr(
+            module, "window_decode_triton", lambda *a, how=how: calls.append(how) or window_decode_triton(*a)
+        )
+    q, k, v, o, past, mix = _window_step_inputs()
+    ref_past = tuple(x.clone() for x in past)
+    want = window_decode_reference(q, k, v, ref_past, None, 0.25, o, mix)
+    torch._dynamo.reset()
+    step = torch.compile(window_decode_, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        got = step(q, k, v, past, None, 0.25, o, mix)
+    torch._dynamo.reset()
+    assert calls == ["op"]  # traced: through the custom op, not the eager call
+    assert rel_err(got, want) <= 1e-5
+    for a, b in zip(past, ref_past, strict=True):
+        assert torch.equal(a, b)

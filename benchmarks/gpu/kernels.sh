@@ -24,10 +24,12 @@ tests)
     2>&1 | tee "$OUT/pytest_gpu${TESTS_K:+_part}.log" | tail -15 ;;
 new)
   # First call of a GPU session after CPU-only ones: the GPU tests of what was built without a GPU (the scans in
-  # parts, the fused losses, the graphed and sync-free training steps, the ring window), then the hybrid's graphs
-  # and fused paths against the reference. Each part under its own timeout, its summary on stdout.
+  # parts, the fused losses, the graphed and sync-free training steps, the ring window and its custom op in the
+  # compiled decoding step), then the hybrid's graphs and fused paths against the reference. Each part under its
+  # own timeout, its summary on stdout.
   timeout 330 python -m pytest -q -p no:cacheprovider tests/test_gsa_triton.py tests/test_losses.py tests/test_bench.py \
-    tests/test_model.py tests/test_fusions.py -k "two_level or fused or graphed or waits_for or window or hybrid" -rf \
+    tests/test_model.py tests/test_fusions.py tests/test_decode_graphs.py \
+    -k "two_level or fused or graphed or waits_for or window or hybrid" -rf \
     2>&1 | tee "$OUT/pytest_gpu_new.log" | tail -8
   T2R_GSA_FUSED_ROPE=1 T2R_GSA_FUSED_WINDOW=1 timeout 200 python benchmarks/gpu/decode_graphs_check.py --no-compiled \
     --no-times --json "$OUT/fusions_check.json" 2>&1 | grep -E '"model"|rel_err|identical|failures|PASS|FAIL' ;;

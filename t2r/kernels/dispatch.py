@@ -36,7 +36,7 @@ try:
     from .prologue import gsa_prologue_triton
     from .rotary import rotary_triton
     from .swiglu import swiglu_triton
-    from .window import window_decode_triton
+    from .window import window_decode_op, window_decode_triton
 except ImportError:  # no triton: CPU-only install
     gsa_chunk_triton = None
 
@@ -113,19 +113,26 @@ def gsa_decode_fused_(
     return F.silu(gsa_decode_(*gsa_prologue(q, k, v, f, feature_map, normalizer, keep), scale, state))
 
 
-def _fusable(*tensors: torch.Tensor) -> bool:
-    """Whether a Triton fusion may run: triton and CUDA tensors (or TUNING.impl == "triton"), and no torch.compile
-    trace (which differentiates and fuses the PyTorch form itself)."""
-    if gsa_chunk_triton is None or TUNING.impl == "reference" or torch.compiler.is_compiling():
+def _triton_takes(*tensors: torch.Tensor) -> bool:
+    """Whether the Triton kernels may run: triton and CUDA tensors (or TUNING.impl == "triton")."""
+    if gsa_chunk_triton is None or TUNING.impl == "reference":
         return False
     return tensors[0].is_cuda or TUNING.impl == "triton"
 
 
+def _fusable(*tensors: torch.Tensor) -> bool:
+    """Whether a Triton fusion may run: :func:`_triton_takes`, and no torch.compile trace (which differentiates and
+    fuses the PyTorch form itself)."""
+    return not torch.compiler.is_compiling() and _triton_takes(*tensors)
+
+
+def _no_gradient(*tensors: torch.Tensor) -> bool:
+    return not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
+
+
 def _fused_inference(*tensors: torch.Tensor) -> bool:
     """Whether an elementwise fusion without a backward applies: :func:`_fusable`, and nothing to differentiate."""
-    if not _fusable(*tensors):
-        return False
-    return not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
+    return _fusable(*tensors) and _no_gradient(*tensors)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -178,11 +185,15 @@ def window_decode_(
     mix_logits: torch.Tensor,
 ) -> torch.Tensor:
     """A hybrid layer's decoding step past its GSA output ``o``: window attention, mix, and the ring ``past``
-    updated in place (:func:`reference.window_decode_reference`). Two Triton launches where
-    :func:`_fused_inference` holds, ``TUNING.fused_window`` is on (the default; T2R_GSA_FUSED_WINDOW=0 turns it off) and
-    the head dim is a power of two."""
+    updated in place (:func:`reference.window_decode_reference`). Two Triton launches where the kernels take the
+    tensors (:func:`_triton_takes`), nothing is differentiated, ``TUNING.fused_window`` is on (the default;
+    T2R_GSA_FUSED_WINDOW=0 turns it off) and the head dim is a power of two; under torch.compile (the compiled
+    decoding step) as a custom op, so that the graph keeps them."""
     D = q.shape[-1]
-    if TUNING.fused_window and D & (D - 1) == 0 and _fused_inference(q, k, v, o, mix_logits):
+    tensors = (q, k, v, o, mix_logits)
+    if TUNING.fused_window and D & (D - 1) == 0 and _triton_takes(*tensors) and _no_gradient(*tensors):
+        if torch.compiler.is_compiling():
+            return window_decode_op(q, k, v, *past, keep, scale, o, mix_logits)
         return window_decode_triton(q, k, v, past, keep, scale, o, mix_logits)
     return window_decode_reference(q, k, v, past, keep, scale, o, mix_logits)
 

@@ -10,6 +10,8 @@ ring is only read by the first launch and only written by the second, so no prog
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 try:  # a try block, so that transformers' trust_remote_code import check does not demand triton on CPU machines
@@ -181,3 +183,28 @@ def window_decode_triton(
         H if mix.dim() > 1 else 0, H=H, Hkv=Hkv, D=D, GP=GP, HAS_KEEP=keep_col is not None, num_warps=4,
     )  # fmt: skip
     return out
+
+
+def _window_decode_impl(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
+    ring_valid: torch.Tensor, head: torch.Tensor, keep: torch.Tensor | None, scale: float, o: torch.Tensor,
+    mix_logits: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    return window_decode_triton(q, k, v, (ring_k, ring_v, ring_valid, head), keep, scale, o, mix_logits)
+
+
+# The step as a custom op that writes its ring, for torch.compile graphs (the compiled decoding step): Inductor
+# keeps the two launches inside the graph and fuses the ops around them, where it would otherwise trace the
+# PyTorch ring (about a dozen ops). Safe in CUDA graphs: everything it reads and writes is a device buffer. The
+# namespace is the module's, as for the GSA op (t2r.kernels.chunk).
+_NS = re.sub(r"\W", "_", __name__)
+window_decode_op = torch.library.custom_op(
+    f"{_NS}::window_decode",
+    _window_decode_impl,
+    mutates_args=("ring_k", "ring_v", "ring_valid", "head"),
+)
+
+
+@window_decode_op.register_fake
+def _(q, k, v, ring_k, ring_v, ring_valid, head, keep, scale, o, mix_logits):
+    return o.new_empty(o.shape)
