@@ -220,7 +220,7 @@ def test_bench_generate_times_both_models_and_states_the_ratio(tiny_converted, t
     ):
         out, log = tmp_path / f"rows{len(extra)}.json", tmp_path / f"log{len(extra)}.md"
         args = ["bench", "generate", str(tiny_converted), "--device", "cpu", "--context", "12", "--context", "20",
-                "--batch", "2", "--new-tokens", "8", "--json", str(out), "--record", str(log), *extra]  # fmt: skip
+                "--batch", "2", "--new-tokens", "16", "--json", str(out), "--record", str(log), *extra]  # fmt: skip
         code, err = run_cli(args, capsys)
         assert code == 0
         rows = json.loads(out.read_text())["rows"]

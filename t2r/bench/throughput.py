@@ -264,7 +264,10 @@ def generate_throughput(
 
     first = run(new_tokens)
     _peak_reset()
-    seconds = min(run(new_tokens) for _ in range(repeats)) - min(run(1) for _ in range(repeats))
+    for _ in range(3):  # a busy host can hide a short decoding in the calls' noise: measure again
+        seconds = min(run(new_tokens) for _ in range(repeats)) - min(run(1) for _ in range(repeats))
+        if seconds > 0:
+            break
     if seconds <= 0:  # the decoding drowned in the calls' noise: no number beats a wrong one
         from t2r.errors import T2RError
 
