@@ -4,6 +4,7 @@
 # `fusions`: the inference fusions (tests; graphs and the fused paths against the reference with the RoPE and
 # window-step kernels on; the hybrid's decoding with them off and on), the check behind turning those on by default;
 # `hybrid-e2e`: the hybrid's generate() with them on, against the teacher at 32k.
+# `finetune-graphs`: `t2r finetune` with and without its graphed micro-batch step (recipe graphs: true).
 # `train`: the training fusions' and graphed steps' GPU tests, then whole steps against the teacher, eager and
 # as CUDA graphs (`--graphs`), each row with its GPU busy time; `fusions-ab`: the fusions off and on in one run,
 # the check behind turning them on by default. `variants`: the same steps with kernel tunables changed (the scans
@@ -11,7 +12,7 @@
 # `gqa`: the kernels at real models' GQA shapes; `gqa-ab`: an A/B there against another revision's kernels (AB_OLD).
 # `scan`: the forward scans in parts and in smaller row blocks, kernels alone.
 # `new`: the GPU tests of everything built since the last GPU run (the first call of a session).
-# Usage: benchmarks/gpu/kernels.sh [new] [tests] [fusions] [hybrid-e2e] [train] [fusions-ab] [variants] [gqa] [gqa-ab] [scan] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
+# Usage: benchmarks/gpu/kernels.sh [new] [tests] [fusions] [hybrid-e2e] [finetune-graphs] [train] [fusions-ab] [variants] [gqa] [gqa-ab] [scan] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
 set -uo pipefail
 source benchmarks/gpu/env.sh  # carried wheels (FLA for the comparison) in /root/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -48,6 +49,19 @@ hybrid-e2e)
   T2R_GSA_FUSED_ROPE=1 T2R_GSA_FUSED_WINDOW=1 timeout 420 python -m t2r.cli bench generate --shape smollm2-135m \
     --window 512 --end-to-end --compile-step --context 32768 --batch 1 --batch 16 \
     --json "$OUT/bench_generate_e2e_hybrid_fused.json" 2>&1 | tee "$OUT/bench_generate_e2e_hybrid_fused.log" | tail -12 ;;
+finetune-graphs)
+  # t2r finetune's graphed micro-batch step (recipe graphs: true) against eager steps: SmolLM2 (after
+  # `ONLY=kproj prepare.sh`), one LoRA stage of cross-entropy on the pydoc corpus, 1 x 4096, 30 steps each; the
+  # tests first (on a GPU the graphs are real captures), then each run's last logged tokens/s and its graphs line.
+  timeout 200 python -m pytest -q -p no:cacheprovider tests/test_graphed_step.py -rf 2>&1 | tail -4
+  for graphs in false true; do
+    timeout 250 t2r finetune /root/stage/conv-kproj /tmp/ft-graphs-$graphs --data /root/stage/data/pydoc.txt \
+      --set seq_len=4096 --set micro_batch_size=1 --set eval_every=0 --set checkpoint_every=0 --set calibrate_rows=0 \
+      --set "stages=[{name: lm, train: lora, steps: 30, lr: 1.0e-4, loss: {ce: 1.0}}]" --set graphs=$graphs \
+      > "$OUT/finetune_graphs_$graphs.log" 2>&1
+    grep -E '"type": "(graphs|train)"' /tmp/ft-graphs-$graphs/log.jsonl | tail -2 | sed "s/^/[graphs=$graphs] /"
+    cp /tmp/ft-graphs-$graphs/log.jsonl "$OUT/finetune_graphs_${graphs}_log.jsonl" 2>/dev/null
+  done ;;
 train)
   K="gradients or prologue or opt_in or launches or model_forward or profiled or merged_reverse or graphed"
   python -m pytest -q -p no:cacheprovider tests/test_fusions.py tests/test_gsa_triton.py tests/test_bench.py \

@@ -50,6 +50,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .chunk_jit import (
     PREC_BF16,
@@ -115,28 +116,42 @@ def _precision(dtype: torch.dtype, dot: str, dot_fp16: bool, allow_tf32: bool) -
     return MappingProxyType(dict.fromkeys(("in", *PREC_GROUPS), full))
 
 
+def _segments(cu: torch.Tensor, seg: int, capacity: int | None = None) -> tuple[torch.Tensor, ...]:
+    """(segments per sequence, each sequence's first segment, the segments' (sequence, first token) [NS, 2]) of
+    the sequence bounds ``cu`` [N + 1] (host, int64). ``capacity``: the list padded to that many segments with empty
+    ones: the last sequence's, which must be empty, starting at the end (their programs read nothing, write
+    nothing)."""
+    lens = cu[1:] - cu[:-1]
+    nseg = (lens + seg - 1) // seg
+    segoff = torch.cumsum(nseg, 0) - nseg
+    seq = torch.repeat_interleave(torch.arange(len(lens)), nseg)
+    start = cu[seq] + (torch.arange(len(seq)) - segoff[seq]) * seg
+    segs = torch.stack([seq, start], 1)
+    if capacity is not None:
+        if len(seq) > capacity or lens[-1] != 0:
+            raise ValueError(f"{len(seq)} segments for a capacity of {capacity}, last sequence {int(lens[-1])} long")
+        pad = torch.tensor([[len(lens) - 1, int(cu[-1])]]).expand(capacity - len(seq), 2)
+        segs = torch.cat([segs, pad])
+    return nseg, segoff, segs
+
+
 class _Plan:
     """Packed layout of a call: sequence bounds and the segments (sequence id, first token) of every sequence."""
 
     def __init__(self, B: int, T: int, cu_seqlens: torch.Tensor | None, device: torch.device, seg: int):
         if cu_seqlens is None:
-            lens = torch.full((B,), T, dtype=torch.int64)
             cu = torch.arange(B + 1, dtype=torch.int64) * T
         else:
             cu = cu_seqlens.detach().to("cpu", torch.int64)
-            lens = cu[1:] - cu[:-1]
-        nseg = (lens + seg - 1) // seg
+        nseg, segoff, segs = _segments(cu, seg)
         # Segments of the longest sequence (the scans' parts): a dense batch's from its shape, reading no tensor.
         self.longest = int(nseg.max()) if cu_seqlens is not None and len(nseg) else (T + seg - 1) // seg
-        segoff = torch.cumsum(nseg, 0) - nseg
-        seq = torch.repeat_interleave(torch.arange(len(lens)), nseg)
-        start = cu[seq] + (torch.arange(len(seq)) - segoff[seq]) * seg
-        self.N = len(lens)
-        self.NS = len(seq)
+        self.N = len(nseg)
+        self.NS = len(segs)
         self.seg = seg
         self.cu = cu.to(device, torch.int32)
         self.segoff = segoff.to(device, torch.int32)
-        self.segs = torch.stack([seq, start], 1).to(device, torch.int32).contiguous()
+        self.segs = segs.to(device, torch.int32).contiguous()
         self._nseg, self._segoff, self._device = nseg, segoff, device
 
     @functools.cached_property
@@ -145,6 +160,45 @@ class _Plan:
         them, so that plain calls copy nothing more to the device."""
         seqs = (self._nseg > 0).nonzero().flatten()
         return seqs.to(self._device), (self._segoff + self._nseg - 1)[seqs].to(self._device)
+
+
+class StaticPlan(_Plan):
+    """A packed layout of fixed capacity in fixed device buffers, refilled from the host before each call: what a
+    CUDA graph of a training step needs, since its kernels keep the grids and buffers of their capture. Up to
+    ``sequences - 1`` documents over ``rows`` x ``length`` tokens (the last sequence stays empty: the padding's),
+    in ``segments`` = enough segments for any such layout. Calls whose ``cu_seqlens`` is :attr:`bounds` take this
+    plan without reading it back (:func:`_plan`)."""
+
+    def __init__(self, rows: int, length: int, sequences: int, device: torch.device, seg: int):
+        self.N, self.seg = sequences, seg
+        self.NS = cdiv(rows * length, seg) + sequences  # each document wastes less than one segment
+        self.longest = cdiv(length, seg)  # documents do not cross rows
+        self.total = rows * length
+        self.bounds = torch.full((sequences + 1,), self.total, dtype=torch.int64, device=device)
+        self.cu = torch.empty(sequences + 1, dtype=torch.int32, device=device)
+        self.segoff = torch.empty(sequences, dtype=torch.int32, device=device)
+        self.segs = torch.empty(self.NS, 2, dtype=torch.int32, device=device)
+        self._device = device
+        _STATIC_PLANS[self.bounds] = self
+
+    def fill(self, cu: torch.Tensor) -> None:
+        """Take the documents' bounds ``cu`` (host, int64, from 0 to rows x length): padded with empty sequences,
+        copied into the buffers (asynchronously from pinned memory on a GPU)."""
+        if len(cu) > self.N or int(cu[0]) != 0 or int(cu[-1]) != self.total:
+            raise ValueError(
+                f"{len(cu) - 1} documents over {int(cu[-1])} tokens do not fit {self.N - 1} over {self.total}"
+            )
+        cu = torch.cat([cu, cu.new_full((self.N + 1 - len(cu),), self.total)])
+        nseg, segoff, segs = _segments(cu, self.seg, self.NS)
+        self._nseg, self._segoff = nseg, segoff
+        self.__dict__.pop("last_segments", None)
+        pinned = self._device.type == "cuda"
+        for buffer, host in ((self.bounds, cu), (self.cu, cu), (self.segoff, segoff), (self.segs, segs)):
+            host = host.to(buffer.dtype)
+            buffer.copy_(host.pin_memory() if pinned else host, non_blocking=pinned)
+
+
+_STATIC_PLANS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 # A plan's copies to the device wait for the device (pageable memory), and reading cu_seqlens back does too; the
@@ -160,6 +214,9 @@ _packed_plan = LastTensorMemo(lambda cu_seqlens, device, seg: _Plan(1, 0, cu_seq
 def _plan(B: int, T: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> _Plan:
     if cu_seqlens is None:
         return _dense_plan(B, T, device, TUNING.segment)
+    static = _STATIC_PLANS.get(cu_seqlens)
+    if static is not None and static.seg == TUNING.segment:
+        return static
     return _packed_plan(cu_seqlens, device, TUNING.segment)
 
 

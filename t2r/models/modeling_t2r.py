@@ -52,19 +52,22 @@ class DocumentRows(NamedTuple):
     numbers: torch.Tensor  # [B, T] each token's document within its row (0, 1, ...): the hybrid window's bounds
 
 
-def document_rows(position_ids: torch.Tensor | None, batch: int, length: int) -> DocumentRows | None:
-    """The packed documents in a batch, or None when every row is one sequence. Computed once per model forward
-    (it waits for the device) and handed to every layer.
+def document_rows(
+    position_ids: torch.Tensor | None, batch: int, length: int, always: bool = False
+) -> DocumentRows | None:
+    """The packed documents in a batch, or None when every row is one sequence (unless ``always``). Computed once
+    per model forward (it waits for the device) and handed to every layer; a caller that planned the layout
+    already (the graphed training step, on the host) passes it as ``gsa_documents``.
 
     Same rule as transformers' packed-sequence masks: a document starts wherever the position id does not
     continue the previous one (+1), and at the start of every row.
     """
-    if position_ids is None or length < 2:
+    if position_ids is None or (length < 2 and not always):
         return None
     pos = position_ids.expand(batch, length)
     starts = torch.ones_like(pos, dtype=torch.bool)
     starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    if not bool(starts[:, 1:].any()):
+    if not always and not bool(starts[:, 1:].any()):
         return None
     begin = starts.reshape(-1).nonzero().squeeze(-1)
     cu_seqlens = torch.cat([begin, begin.new_tensor([batch * length])])
@@ -330,7 +333,7 @@ class T2RModelMixin:
             # and in training the look at the position ids for packed rows, which waits for the device (and
             # under CUDA-graph capture, where it cannot wait, builds a [T, T] mask no layer reads).
             attention_mask = torch.ones(rows.shape[0], 1, 0, 0, dtype=torch.bool, device=rows.device)
-        if rows is not None:  # one look at the positions for all layers (it waits for the device)
+        if rows is not None and "gsa_documents" not in kwargs:  # one look at the positions for all layers (a wait)
             kwargs["gsa_documents"] = document_rows(position_ids, rows.shape[0], rows.shape[1])
         if self.config.gsa_window:  # the hybrid layers' window masks, built by the first and shared by the rest
             kwargs["gsa_window_masks"] = {}

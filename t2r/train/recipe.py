@@ -70,6 +70,9 @@ class Recipe:
     # torch.compile each decoder layer (t2r.train.compiled): fuses the small ops around the GSA kernels; the first
     # steps and every new sequence length pay the compilation. Attention-transfer stages stay eager.
     compile: bool = option(False, "torch.compile each decoder layer")
+    # Each micro-batch's forward and backward replayed as a CUDA graph (t2r.train.graphed_step): the host's launch
+    # time goes, which bounds small models' steps. One GPU, stages whose only loss is cross-entropy; others eager.
+    graphs: bool = option(False, "replay each micro-batch's forward and backward as a CUDA graph")
     max_grad_norm: float = option(1.0, "gradient clipping", above=0, max=1e6)
     calibrate_rows: int = option(16, "rows used to calibrate the GSA output norms before training (0 = off)", min=0)
     log_every: int = option(1, "steps between log lines", min=1)

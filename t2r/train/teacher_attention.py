@@ -51,7 +51,6 @@ def attach_softmax_twins(model: nn.Module) -> nn.Module:
             raise RuntimeError(f"the teacher attention has parameters the GSA layer does not share: {stray}")
         twin.train(gsa.training)
         _TWINS[gsa] = twin
-        gsa.reads_causal_mask = True  # the twin, called from the layer's hooks, takes the layer's mask
     return model
 
 
@@ -145,12 +144,19 @@ class _TeacherForced(torch.autograd.Function):
 
 @contextlib.contextmanager
 def _hooks(model: nn.Module, make_hook) -> Iterator[None]:
-    handles = [gsa.register_forward_hook(make_hook(gsa), with_kwargs=True) for gsa in gsa_modules(model)]
+    """Hooks that call each layer's twin, which takes the layer's causal mask: the model builds it meanwhile
+    (otherwise it builds none, and a packed batch's forward reads nothing back: the graphed training step)."""
+    layers = gsa_modules(model)
+    handles = [gsa.register_forward_hook(make_hook(gsa), with_kwargs=True) for gsa in layers]
+    for gsa in layers:
+        gsa.reads_causal_mask = True
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+        for gsa in layers:
+            gsa.reads_causal_mask = False
 
 
 @contextlib.contextmanager

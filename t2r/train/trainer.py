@@ -47,6 +47,7 @@ from t2r.train.distributed import (
     unwrap,
     wrap_model,
 )
+from t2r.train.graphed_step import GraphedStudentStep
 from t2r.train.losses import ce_loss_sum, kd_loss_sum, transfer_loss_sum
 from t2r.train.recall import add_recall_rows
 from t2r.train.recipe import Recipe, Stage, load_recipe, recipe_from_dict, recipe_to_dict
@@ -55,6 +56,9 @@ from t2r.train.run_record import LOG_FILE, RUN_FILE, STAGES_DIR, RunRecord, Stag
 from t2r.train.run_record import teacher_weights_changed as changed_teacher
 from t2r.train.teacher_attention import attach_softmax_twins, calibrate_output_norms, gsa_modules
 from t2r.train.trainable import check_module_lr, configure_trainable, param_groups
+
+# Graphed steps off a GPU: the tests' emulation (t2r.train.graphed_step), never a user's run.
+EMULATE_GRAPHS = False
 
 
 def _autocast(recipe: Recipe, device: torch.device):
@@ -90,6 +94,7 @@ class Trainer:
         self.sampler = RowSampler(len(train_rows), recipe.seed)
         self.checkpoints = Checkpointer(out, info, recipe.keep_checkpoints)
         self.reporter = Reporter(out, recipe.report_to, info.is_main, config=run.recipe)
+        self.graphed: GraphedStudentStep | None = None  # the stage's graphed micro-batch step (recipe ``graphs``)
 
     def log(self, **entry) -> None:
         self.reporter.log(**entry)
@@ -162,6 +167,7 @@ class Trainer:
         model.train()
         wrapped = wrap_model(model, info, recipe.distributed, side_losses=stage.loss.get("transfer", 0) > 0)
         params = [p for p in wrapped.parameters() if p.requires_grad]
+        self.graphed = self._graphed_step(wrapped, stage, idx)
         opt = torch.optim.AdamW(param_groups(wrapped, stage), lr=stage.lr, betas=tuple(stage.betas))
         sched = _scheduler(opt, stage)
         latest = self.checkpoints.latest(idx)
@@ -200,7 +206,7 @@ class Trainer:
                 )
             lr = sched.get_last_lr()[0]
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=self.graphed is None)  # a graphed step adds to the gradients it captured
             sched.step()
             step_tokens = rows_per_step * recipe.seq_len
             state.stage_step += 1
@@ -276,6 +282,27 @@ class Trainer:
         self.commit()
         model.train()
 
+    def _graphed_step(self, wrapped, stage: Stage, idx: int) -> GraphedStudentStep | None:
+        """The stage's graphed micro-batch step where the recipe asks for one and the stage allows it (logged)."""
+        recipe, info = self.recipe, self.info
+        if not recipe.graphs:
+            return None
+        why = None
+        if info.device.type != "cuda" and not EMULATE_GRAPHS:
+            why = "CUDA graphs need a GPU"
+        elif info.enabled:
+            why = "one process only (not under torchrun)"
+        elif recipe.compile:
+            why = "not with compile"
+        elif set(k for k, v in stage.loss.items() if v > 0) != {"ce"}:
+            why = "cross-entropy stages only (transfer and KD run eagerly)"
+        if info.is_main:
+            self.log(type="graphs", stage=stage.name, stage_index=idx, on=why is None, **({"why": why} if why else {}))
+        if why is not None:
+            return None
+        emulate = info.device.type != "cuda"
+        return GraphedStudentStep(wrapped, stage.loss["ce"], recipe.precision, info.device, emulate=emulate)
+
     def _train_step(self, wrapped, rows: list[int], stage: Stage, teacher: Teacher | None) -> dict:
         """Forward/backward over this rank's micro-batches of the global batch; returns global loss means."""
         recipe, info = self.recipe, self.info
@@ -290,7 +317,12 @@ class Trainer:
             for a in range(recipe.grad_accum)
         ]
         for a, mrows in enumerate(my_micro):
-            batch = self._to_device(self.train_rows.batch(mrows))
+            host = self.train_rows.batch(mrows)
+            share = None if self.graphed is None else self._graphed_share(host, labels_global, stage)
+            if share is not None:
+                sums["ce"] += share
+                continue
+            batch = self._to_device(host)
             for j, kind in enumerate(passes):
                 sync = a == len(my_micro) - 1 and j == len(passes) - 1
                 with gradient_sync(wrapped, sync), _autocast(recipe, info.device):
@@ -319,6 +351,18 @@ class Trainer:
         out = {k: all_reduce_sum(v, info).item() for k, v in sums.items()}
         out["loss"] = sum(w[k] * v for k, v in out.items())
         return out
+
+    def _graphed_share(self, batch: dict, labels_global: int, stage: Stage) -> torch.Tensor | None:
+        """The graphed step's share of the loss, or None where its graph cannot be captured: graphs are then off for
+        the rest of the stage (logged), and the micro-batch runs eagerly."""
+        try:
+            return self.graphed(batch, labels_global)
+        except Exception as err:  # whatever failed the capture, the eager step is the fallback
+            self.graphed = None
+            if self.info.is_main:
+                why = f"capture failed: {str(err).splitlines()[0][:200] if str(err) else type(err).__name__}"
+                self.log(type="graphs", stage=stage.name, on=False, why=why)
+            return None
 
     def _finish_stage(self, idx: int, wrapped) -> None:
         """State 3 -> 4: the output, then the record (the commit), then the stage's checkpoints go."""
