@@ -196,6 +196,25 @@ def test_a_step_that_cannot_be_graphed_runs_eagerly_and_says_why(
     assert _close(losses, eager_losses)
 
 
+def test_graphs_say_which_stages_they_cannot_take(monkeypatch):
+    import t2r.train.trainer as trainer
+    from t2r.train.distributed import DistInfo
+    from t2r.train.recipe import Stage, recipe_from_dict
+
+    gpu, cpu = DistInfo(device=torch.device("cuda")), DistInfo()
+    recipe = recipe_from_dict({"graphs": True})
+    ce, kd = Stage(loss={"ce": 1.0}), Stage(loss={"ce": 1.0, "kd": 0.5})
+    assert trainer.graphs_refusal(recipe, ce, gpu) is None
+    assert trainer.graphs_refusal(recipe, ce, cpu) == "CUDA graphs need a GPU"
+    monkeypatch.setattr(trainer, "EMULATE_GRAPHS", True)
+    assert trainer.graphs_refusal(recipe, ce, cpu) is None
+    assert trainer.graphs_refusal(recipe, kd, gpu) == "cross-entropy stages only (transfer and KD run eagerly)"
+    assert trainer.graphs_refusal(recipe, Stage(loss={"ce": 1.0, "kd": 0.0}), gpu) is None
+    assert trainer.graphs_refusal(recipe, ce, DistInfo(world=2, device=gpu.device)).startswith("one process")
+    for key, why in (("compile", "not with compile"), ("gradient_checkpointing", "not with gradient checkpointing")):
+        assert trainer.graphs_refusal(recipe_from_dict({"graphs": True, key: True}), ce, gpu) == why
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs them")
 def test_graphs_are_off_where_no_gpu_runs_them(kernel_model, corpus_files, tmp_path):
     _, said = _finetune(kernel_model, corpus_files, tmp_path / "run", "graphs=true", "stages.0.steps=1")

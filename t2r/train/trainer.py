@@ -61,6 +61,21 @@ from t2r.train.trainable import check_module_lr, configure_trainable, param_grou
 EMULATE_GRAPHS = False
 
 
+def graphs_refusal(recipe: Recipe, stage: Stage, info: DistInfo) -> str | None:
+    """Why a stage's micro-batches cannot run as CUDA graphs (t2r.train.graphed_step), or None."""
+    if info.device.type != "cuda" and not EMULATE_GRAPHS:
+        return "CUDA graphs need a GPU"
+    if info.enabled:
+        return "one process only (not under torchrun)"
+    if recipe.compile:
+        return "not with compile"
+    if recipe.gradient_checkpointing:  # its recomputation saves and restores the RNG state: not under capture
+        return "not with gradient checkpointing"
+    if {k for k, v in stage.loss.items() if v > 0} != {"ce"}:
+        return "cross-entropy stages only (transfer and KD run eagerly)"
+    return None
+
+
 def _autocast(recipe: Recipe, device: torch.device):
     if recipe.precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -287,15 +302,7 @@ class Trainer:
         recipe, info = self.recipe, self.info
         if not recipe.graphs:
             return None
-        why = None
-        if info.device.type != "cuda" and not EMULATE_GRAPHS:
-            why = "CUDA graphs need a GPU"
-        elif info.enabled:
-            why = "one process only (not under torchrun)"
-        elif recipe.compile:
-            why = "not with compile"
-        elif set(k for k, v in stage.loss.items() if v > 0) != {"ce"}:
-            why = "cross-entropy stages only (transfer and KD run eagerly)"
+        why = graphs_refusal(recipe, stage, info)
         if info.is_main:
             self.log(type="graphs", stage=stage.name, stage_index=idx, on=why is None, **({"why": why} if why else {}))
         if why is not None:
