@@ -3,6 +3,7 @@ packing are exact, and checkpoints round-trip (also through trust_remote_code wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import textwrap
 import warnings
@@ -131,36 +132,57 @@ def test_padding_does_not_write_into_state():
         assert rel_err(lb.state[0], la.state[0]) <= 1e-6 and rel_err(lb.state[1], la.state[1]) <= 1e-6
 
 
+@contextlib.contextmanager
+def _layer_masks(model):
+    """The masks the decoder layers get, in call order."""
+    seen = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+        for layer in model.model.layers
+    ]
+    try:
+        yield seen
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @pytest.mark.parametrize(
     "gsa", [dict(), dict(gsa_window=8), dict(gsa_full_attention_layers=[1]), dict(twins=True)], ids=str
 )
 @torch.no_grad()
 def test_no_context_sized_mask_is_built_when_no_layer_reads_it(arch, gsa):
     """With a cache (prefill in chunks, decoding) the layers of an all-GSA model get an empty prepared mask, not
-    transformers' [T, context] one, so peak memory does not grow with the context; a softmax layer, or a training
-    twin that reads the layer's mask (calibration runs with a cache), still gets it."""
-    from t2r.train.teacher_attention import attach_softmax_twins
+    transformers' [T, context] one, so peak memory does not grow with the context; a softmax layer still gets it,
+    and so does a training twin while a hook calls it (calibration). Twins merely attached read nothing: a training
+    forward then builds no mask (nor looks at packed position ids, which a graphed step could not)."""
+    from t2r.train.teacher_attention import TransferCollector, attach_softmax_twins, calibration
 
     gsa = dict(gsa)
     twins = gsa.pop("twins", False)
     model = tiny_gsa_model(arch, **gsa)
     if twins:
         attach_softmax_twins(model)
-    seen = []
-    hooks = [
-        layer.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
-        for layer in model.model.layers
-    ]
     ids = torch.randint(3, 101, (2, 40))
-    out = model(ids[:, :24], use_cache=True)
-    second = model(ids[:, 24:], cache=output_cache(out), use_cache=True)
-    for h in hooks:
-        h.remove()
+    with _layer_masks(model) as seen:
+        out = model(ids[:, :24], use_cache=True)
+        second = model(ids[:, 24:], cache=output_cache(out), use_cache=True)
     masks = seen[len(model.model.layers) :]  # the second chunk, which has a past
-    if gsa.get("gsa_full_attention_layers") or twins:
+    if gsa.get("gsa_full_attention_layers"):
         assert all(m is not None and m.numel() > 0 for m in masks)
     else:
         assert all(m is not None and m.numel() == 0 for m in masks)
+    if twins:
+        for hooked in (True, False):
+            with (
+                calibration(model, TransferCollector()) if hooked else contextlib.nullcontext(),
+                _layer_masks(model) as seen,
+            ):
+                model(ids, use_cache=False)
+            prepared_empty = [
+                m is not None and m.numel() == 0 for m in seen
+            ]  # the model's "no mask", else transformers'
+            assert not any(prepared_empty) if hooked else all(prepared_empty)  # mask made while the hooks call twins
     full = model(ids, use_cache=False).logits
     assert rel_err(second.logits, full[:, 24:]) <= 1e-4
 
