@@ -166,8 +166,8 @@ class StaticPlan(_Plan):
     """A packed layout of fixed capacity in fixed device buffers, refilled from the host before each call: what a
     CUDA graph of a training step needs, since its kernels keep the grids and buffers of their capture. Up to
     ``sequences - 1`` documents over ``rows`` x ``length`` tokens (the last sequence stays empty: the padding's),
-    in ``segments`` = enough segments for any such layout. Calls whose ``cu_seqlens`` is :attr:`bounds` take this
-    plan without reading it back (:func:`_plan`)."""
+    in as many segments as any such layout can need. Calls whose ``cu_seqlens`` is :attr:`bounds` take this plan
+    without reading it back (:func:`_plan`)."""
 
     def __init__(self, rows: int, length: int, sequences: int, device: torch.device, seg: int):
         self.N, self.seg = sequences, seg

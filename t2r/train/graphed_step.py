@@ -39,6 +39,10 @@ HOST_READS = {
 }  # fmt: skip
 
 
+class CaptureFailed(RuntimeError):
+    """A graph could not be captured (the step's gradients are as they were): run the micro-batch eagerly."""
+
+
 class NoHostReads(TorchDispatchMode):
     """Fails any op of :data:`HOST_READS`, as a CUDA graph capture would (there with an opaque error)."""
 
@@ -100,7 +104,7 @@ class GraphedStudentStep:
 
     def __call__(self, batch: dict[str, torch.Tensor], labels_global: int) -> torch.Tensor:
         """The micro-batch's ``ce`` share of the step's loss mean (a device scalar); its gradients are added to the
-        parameters'. ``batch`` is on the host."""
+        parameters'. ``batch`` is on the host. :class:`CaptureFailed` where its graph cannot be captured."""
         rows, length = batch["input_ids"].shape
         layout = document_rows(batch["position_ids"], rows, length, always=True)
         documents = len(layout.cu_seqlens) - 1
@@ -143,8 +147,11 @@ class GraphedStudentStep:
         def step() -> None:
             self._forward_backward(inputs, docs, denominator, ce)
 
-        with self._grads_kept():
-            replay = self._emulated(step) if self.emulate else self._cuda_graph(step)
+        try:
+            with self._grads_kept():
+                replay = self._emulated(step) if self.emulate else self._cuda_graph(step)
+        except Exception as err:  # what stops a capture is anything the step did under it
+            raise CaptureFailed(str(err).splitlines()[0][:200] if str(err) else type(err).__name__) from err
         graph = self.graphs[key] = _Captured(inputs, docs, denominator, ce, replay)
         return graph
 

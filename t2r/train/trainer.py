@@ -47,7 +47,7 @@ from t2r.train.distributed import (
     unwrap,
     wrap_model,
 )
-from t2r.train.graphed_step import GraphedStudentStep
+from t2r.train.graphed_step import CaptureFailed, GraphedStudentStep
 from t2r.train.losses import ce_loss_sum, kd_loss_sum, transfer_loss_sum
 from t2r.train.recall import add_recall_rows
 from t2r.train.recipe import Recipe, Stage, load_recipe, recipe_from_dict, recipe_to_dict
@@ -364,11 +364,10 @@ class Trainer:
         the rest of the stage (logged), and the micro-batch runs eagerly."""
         try:
             return self.graphed(batch, labels_global)
-        except Exception as err:  # whatever failed the capture, the eager step is the fallback
+        except CaptureFailed as err:
             self.graphed = None
             if self.info.is_main:
-                why = f"capture failed: {str(err).splitlines()[0][:200] if str(err) else type(err).__name__}"
-                self.log(type="graphs", stage=stage.name, on=False, why=why)
+                self.log(type="graphs", stage=stage.name, on=False, why=f"capture failed: {err}")
             return None
 
     def _finish_stage(self, idx: int, wrapped) -> None:
