@@ -25,15 +25,19 @@ tests)
     2>&1 | tee "$OUT/pytest_gpu${TESTS_K:+_part}.log" | tail -15 ;;
 new)
   # First call of a GPU session after CPU-only ones: the GPU tests of what was built without a GPU (the scans in
-  # parts, the fused losses, the graphed and sync-free training steps, the ring window and its custom op in the
-  # compiled decoding step), then the hybrid's graphs and fused paths against the reference. Each part under its
-  # own timeout, its summary on stdout.
-  timeout 330 python -m pytest -q -p no:cacheprovider tests/test_gsa_triton.py tests/test_losses.py tests/test_bench.py \
+  # parts, the fused losses, the graphed and sync-free training steps with real captures, the ring window and its
+  # custom op in the compiled decoding step), and the hybrid's graphs and fused paths against the reference. The
+  # three are checks, not timings, so they run side by side (Triton compiles on 16 cores); each under its own
+  # timeout, its summary on stdout.
+  timeout 480 python -m pytest -q -p no:cacheprovider tests/test_gsa_triton.py tests/test_losses.py tests/test_bench.py \
     tests/test_model.py tests/test_fusions.py tests/test_decode_graphs.py \
-    -k "two_level or fused or graphed or waits_for or window or hybrid" -rf \
-    2>&1 | tee "$OUT/pytest_gpu_new.log" | tail -8
-  T2R_GSA_FUSED_ROPE=1 T2R_GSA_FUSED_WINDOW=1 timeout 200 python benchmarks/gpu/decode_graphs_check.py --no-compiled \
-    --no-times --json "$OUT/fusions_check.json" 2>&1 | grep -E '"model"|rel_err|identical|failures|PASS|FAIL' ;;
+    -k "two_level or fused or graphed or waits_for or window or hybrid" -rf > "$OUT/pytest_gpu_new.log" 2>&1 &
+  timeout 480 python -m pytest -q -p no:cacheprovider tests/test_graphed_step.py -rf > "$OUT/pytest_gpu_graphed.log" 2>&1 &
+  T2R_GSA_FUSED_ROPE=1 T2R_GSA_FUSED_WINDOW=1 timeout 480 python benchmarks/gpu/decode_graphs_check.py --no-compiled \
+    --no-times --json "$OUT/fusions_check.json" > "$OUT/fusions_check.log" 2>&1 &
+  wait
+  tail -8 "$OUT/pytest_gpu_new.log"; tail -6 "$OUT/pytest_gpu_graphed.log"
+  grep -E '"model"|rel_err|identical|failures|PASS|FAIL' "$OUT/fusions_check.log" ;;
 fusions)
   python -m pytest -q -p no:cacheprovider tests/test_fusions.py tests/test_gsa_triton.py \
     -k "fusions or fused or launches or model_forward or decode" -rf 2>&1 | tee "$OUT/pytest_gpu_fusions.log" | tail -5
@@ -50,17 +54,18 @@ hybrid-e2e)
     --window 512 --end-to-end --compile-step --context 32768 --batch 1 --batch 16 \
     --json "$OUT/bench_generate_e2e_hybrid_fused.json" 2>&1 | tee "$OUT/bench_generate_e2e_hybrid_fused.log" | tail -12 ;;
 finetune-graphs)
-  # t2r finetune's graphed micro-batch step (recipe graphs: true) against eager steps: SmolLM2 (after
-  # `ONLY=kproj prepare.sh`), one LoRA stage of cross-entropy on the pydoc corpus, 1 x 4096, 30 steps each; the
-  # tests first (on a GPU the graphs are real captures), then each run's last logged tokens/s and its graphs line.
-  timeout 200 python -m pytest -q -p no:cacheprovider tests/test_graphed_step.py -rf 2>&1 | tail -4
-  for graphs in false true; do
-    timeout 250 t2r finetune /root/stage/conv-kproj /tmp/ft-graphs-$graphs --data /root/stage/data/pydoc.txt \
+  # t2r finetune's graphed micro-batch step (recipe graphs: true) against eager steps, and the all-softmax control's
+  # eager steps (the teacher's layers; after `ONLY="kproj teacher" prepare.sh`): one LoRA stage of cross-entropy on
+  # the pydoc corpus, 1 x 4096, 60 steps, logged every 20; each run's last tokens/s (steps 41-60) and graphs line.
+  # Timings: one run at a time. The GPU tests of the graphed step run in `new`.
+  for run in kproj:false kproj:true teacher:false; do
+    conv=${run%%:*}; graphs=${run##*:}; dir=/tmp/ft-$conv-graphs-$graphs
+    timeout 170 t2r finetune /root/stage/conv-$conv $dir --data /root/stage/data/pydoc.txt \
       --set seq_len=4096 --set micro_batch_size=1 --set eval_every=0 --set checkpoint_every=0 --set calibrate_rows=0 \
-      --set "stages=[{name: lm, train: lora, steps: 30, lr: 1.0e-4, loss: {ce: 1.0}}]" --set graphs=$graphs \
-      > "$OUT/finetune_graphs_$graphs.log" 2>&1
-    grep -E '"type": "(graphs|train)"' /tmp/ft-graphs-$graphs/log.jsonl | tail -2 | sed "s/^/[graphs=$graphs] /"
-    cp /tmp/ft-graphs-$graphs/log.jsonl "$OUT/finetune_graphs_${graphs}_log.jsonl" 2>/dev/null
+      --set log_every=20 --set "stages=[{name: lm, train: lora, steps: 60, lr: 1.0e-4, loss: {ce: 1.0}}]" \
+      --set graphs=$graphs > "$OUT/finetune_${conv}_graphs_$graphs.log" 2>&1 || echo "[$run] rc $?"
+    grep -E '"type": "(graphs|train)"' $dir/log.jsonl | tail -2 | sed "s/^/[$run] /"
+    cp $dir/log.jsonl "$OUT/finetune_${conv}_graphs_${graphs}_log.jsonl" 2>/dev/null
   done ;;
 train)
   K="gradients or prologue or opt_in or launches or model_forward or profiled or merged_reverse or graphed"
