@@ -12,7 +12,7 @@ import contextlib
 import inspect
 from collections.abc import Callable, Iterator
 
-import torch
+from t2r.cuda_graphs import capture_after_warmup
 
 
 @contextlib.contextmanager
@@ -60,15 +60,7 @@ def captured_step(
 
     Gradients are set to None before the capture, so the captured backward writes them afresh in the graph's
     memory on every replay rather than adding to them."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            forward_backward()
-            zero_grad()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
     zero_grad()
-    with dense_rows(), torch.cuda.graph(graph):
-        forward_backward()
+    with dense_rows():  # the warm-up takes the path the capture will
+        graph, _ = capture_after_warmup(forward_backward, warmup, between=zero_grad)
     return graph.replay

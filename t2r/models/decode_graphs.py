@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from t2r.cuda_graphs import capture_after_warmup
+
 from .cache_t2r import GSACache, GSAStateLayer
 from .hf_compat import CACHE_ARG
 
@@ -223,18 +225,9 @@ class DecodeGraphs:
             step.logits = call()
             step.graph = call
             return
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # first calls compile kernels and settle the allocator
-            for _ in range(2):
-                call()
-        torch.cuda.current_stream(device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            step.logits = call()
-        step.graph = graph
+        step.graph, step.logits = capture_after_warmup(call, 2, device, self._pool)
 
     def _replay(self, step: _Step) -> None:
         if not self.emulate:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from t2r.cuda_graphs import capture_after_warmup
 from t2r.kernels.chunk import StaticPlan
 from t2r.kernels.layout import next_pow2
 from t2r.kernels.tuning import TUNING
@@ -183,16 +184,8 @@ class GraphedStudentStep:
         return replay
 
     def _cuda_graph(self, step: Callable[[], None]) -> Callable[[], None]:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
         grads = [p.grad for p in self.params]
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            step()
+        graph, _ = capture_after_warmup(step, self.warmup, self.device, self.pool)
         if any(p.grad is not g for p, g in zip(self.params, grads, strict=True)):
             raise RuntimeError("the captured backward replaced a gradient tensor: replays would not add to it")
         return graph.replay
