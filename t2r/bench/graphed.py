@@ -12,7 +12,7 @@ import contextlib
 import inspect
 from collections.abc import Callable, Iterator
 
-from t2r.cuda_graphs import capture_after_warmup
+from t2r.models.cuda_graphs import capture_after_warmup
 
 
 @contextlib.contextmanager

@@ -29,9 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from t2r.cuda_graphs import capture_after_warmup
-
 from .cache_t2r import GSACache, GSAStateLayer
+from .cuda_graphs import capture_after_warmup
 from .hf_compat import CACHE_ARG
 
 ENABLED_BY_DEFAULT = os.environ.get("T2R_CUDA_GRAPHS", "1") != "0"

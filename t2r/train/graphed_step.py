@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from t2r.cuda_graphs import capture_after_warmup
 from t2r.kernels.chunk import StaticPlan
 from t2r.kernels.layout import next_pow2
 from t2r.kernels.tuning import TUNING
+from t2r.models.cuda_graphs import capture_after_warmup
 from t2r.models.modeling_t2r import DocumentRows, document_rows
 from t2r.train.losses import ce_loss_sum
 
