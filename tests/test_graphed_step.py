@@ -11,7 +11,6 @@ import json
 import pytest
 import torch
 from conftest import make_inputs, rel_err
-from test_finetune import train_losses
 
 from t2r.kernels.tuning import TUNING
 from t2r.train.trainer import finetune
@@ -126,16 +125,28 @@ def _finetune(kernel_model, corpus_files, out, *overrides):
     run = finetune(str(model), out, corpus_files, str(recipe), list(overrides), progress=False)
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     said = [{k: e[k] for k in ("stage", "on", "why") if k in e} for e in log if e["type"] == "graphs"]
-    return train_losses(run), said
+    losses = {(e["step"], k): e[k] for e in log if e["type"] == "train" for k in ("loss", "ce", "kd") if k in e}
+    return losses, said
+
+
+KD = "stages.1.loss.kd=0.5"  # distillation from the shared teacher (the student's softmax twins, adapters off)
 
 
 @pytest.fixture(scope="module")
-def eager_losses(kernel_model, corpus_files, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        if DEVICE == "cpu":
-            mp.setattr(TUNING, "impl", "triton")
-        losses, said = _finetune(kernel_model, corpus_files, tmp_path_factory.mktemp("eager") / "run")
-    assert losses and not said
+def eager_runs(kernel_model, corpus_files, tmp_path_factory):
+    """Each loss set's eager losses, run once."""
+    runs = {}
+
+    def losses(*overrides: str) -> dict:
+        if overrides not in runs:
+            with pytest.MonkeyPatch.context() as mp:
+                if DEVICE == "cpu":
+                    mp.setattr(TUNING, "impl", "triton")
+                got, said = _finetune(kernel_model, corpus_files, tmp_path_factory.mktemp("eager") / "run", *overrides)
+            assert got and not said
+            runs[overrides] = got
+        return runs[overrides]
+
     return losses
 
 
@@ -143,12 +154,14 @@ def _close(got: dict, want: dict) -> bool:
     return got.keys() == want.keys() and max(abs(got[k] - want[k]) / abs(want[k]) for k in want) <= 1e-5
 
 
+@pytest.mark.parametrize("losses", [(), (KD,)], ids=["ce", "ce+kd"])
 def test_graphed_micro_batches_train_as_eager_ones(
-    kernels, kernel_model, corpus_files, eager_losses, tmp_path, monkeypatch
+    kernels, kernel_model, corpus_files, eager_runs, tmp_path, monkeypatch, losses
 ):
-    """A LoRA stage of cross-entropy (2 micro-batches per step, packed rows of several documents) with graphs:
-    the same losses as eager steps, the graphs captured once per document capacity and replayed under
-    NoHostReads; the transfer stage before it says why it runs eagerly."""
+    """A LoRA stage of cross-entropy, and of cross-entropy with distillation (2 micro-batches per step, packed
+    rows of several documents) with graphs: the same losses as eager steps, the graphs captured once per document
+    capacity and replayed under NoHostReads (the teacher's packed mask built on the device, as transformers does
+    under a capture); the transfer stage before it says why it runs eagerly."""
     import t2r.train.graphed_step as graphed
     import t2r.train.trainer as trainer
 
@@ -160,18 +173,20 @@ def test_graphed_micro_batches_train_as_eager_ones(
         graphed.GraphedStudentStep, "_capture", lambda self, key, *a: captures.append(key) or capture(self, key, *a)
     )
     monkeypatch.setattr(graphed.GraphedStudentStep, "__call__", lambda self, *a: calls.append(1) or call(self, *a))
-    losses, said = _finetune(kernel_model, corpus_files, tmp_path / "run", "graphs=true")
+    got, said = _finetune(kernel_model, corpus_files, tmp_path / "run", "graphs=true", *losses)
     assert said == [  # and no capture failed (off a GPU: no replay read the host)
-        {"stage": "transfer", "on": False, "why": "cross-entropy stages only (transfer and KD run eagerly)"},
+        {"stage": "transfer", "on": False, "why": "not with attention transfer (its hooks run eagerly)"},
         {"stage": "lm", "on": True},
     ]
     assert captures and len(set(captures)) == len(captures)  # one capture per capacity
     assert len(calls) == 2 * 2  # every micro-batch of the stage
-    assert _close(losses, eager_losses)
+    want = eager_runs(*losses)
+    assert {name for _, name in want} == ({"loss", "ce", "kd"} if losses else {"loss", "ce"})
+    assert _close(got, want)
 
 
 def test_a_step_that_cannot_be_graphed_runs_eagerly_and_says_why(
-    kernels, kernel_model, corpus_files, eager_losses, tmp_path, monkeypatch
+    kernels, kernel_model, corpus_files, eager_runs, tmp_path, monkeypatch
 ):
     """A capture that fails after its warm-up calls turns graphs off for the stage; the micro-batch runs eagerly,
     with the gradients the warm-up calls added put back."""
@@ -193,7 +208,7 @@ def test_a_step_that_cannot_be_graphed_runs_eagerly_and_says_why(
     losses, said = _finetune(kernel_model, corpus_files, tmp_path / "run", "graphs=true")
     assert [e["on"] for e in said if e["stage"] == "lm"] == [True, False]
     assert said[-1]["why"] == "capture failed: operation not permitted when stream is capturing"
-    assert _close(losses, eager_losses)
+    assert _close(losses, eager_runs())
 
 
 def test_graphs_say_which_stages_they_cannot_take(monkeypatch):
@@ -208,8 +223,14 @@ def test_graphs_say_which_stages_they_cannot_take(monkeypatch):
     assert trainer.graphs_refusal(recipe, ce, cpu) == "CUDA graphs need a GPU"
     monkeypatch.setattr(trainer, "EMULATE_GRAPHS", True)
     assert trainer.graphs_refusal(recipe, ce, cpu) is None
-    assert trainer.graphs_refusal(recipe, kd, gpu) == "cross-entropy stages only (transfer and KD run eagerly)"
-    assert trainer.graphs_refusal(recipe, Stage(loss={"ce": 1.0, "kd": 0.0}), gpu) is None
+    assert trainer.graphs_refusal(recipe, kd, gpu) is None
+    transfer = Stage(loss={"transfer": 1.0})
+    assert trainer.graphs_refusal(recipe, transfer, gpu) == "not with attention transfer (its hooks run eagerly)"
+    assert trainer.graphs_refusal(recipe, Stage(loss={"ce": 1.0, "transfer": 0.0}), gpu) is None
+    elsewhere = recipe_from_dict({"graphs": True, "teacher_device": "cuda:1"})
+    assert trainer.graphs_refusal(elsewhere, kd, gpu) == "not with the KD teacher on another device (teacher_device)"
+    assert trainer.graphs_refusal(elsewhere, ce, gpu) is None
+    assert trainer.graphs_refusal(recipe_from_dict({"graphs": True, "teacher_device": "cuda"}), kd, gpu) is None
     assert trainer.graphs_refusal(recipe, ce, DistInfo(world=2, device=gpu.device)).startswith("one process")
     for key, why in (("compile", "not with compile"), ("gradient_checkpointing", "not with gradient checkpointing")):
         assert trainer.graphs_refusal(recipe_from_dict({"graphs": True, key: True}), ce, gpu) == why

@@ -333,7 +333,8 @@ class T2RModelMixin:
             # and in training the look at the position ids for packed rows, which waits for the device (and
             # under CUDA-graph capture, where it cannot wait, builds a [T, T] mask no layer reads).
             attention_mask = torch.ones(rows.shape[0], 1, 0, 0, dtype=torch.bool, device=rows.device)
-        if rows is not None and "gsa_documents" not in kwargs:  # one look at the positions for all layers (a wait)
+        runs_gsa = any(isinstance(layer.self_attn, GSAAttention) for layer in self.model.layers)
+        if rows is not None and runs_gsa and "gsa_documents" not in kwargs:  # one look at the positions (a wait)
             kwargs["gsa_documents"] = document_rows(position_ids, rows.shape[0], rows.shape[1])
         if self.config.gsa_window:  # the hybrid layers' window masks, built by the first and shared by the rest
             kwargs["gsa_window_masks"] = {}

@@ -9,6 +9,8 @@ documents, kept while the stage runs.
 
 The step writes only fixed buffers: the loss sums it returns, and the parameters' gradients, which it adds to (so
 micro-batches accumulate, and the optimizer, clipping and the finite-loss check stay outside, as in eager steps).
+A distillation loss runs the teacher's forward inside the same graph: transformers builds the teacher's packed
+mask from the position ids on the device when a stream is capturing (its look at them on the host is skipped).
 On the CPU, ``emulate`` runs the same machinery, each "replay" a call under :class:`NoHostReads`: a step that read
 a tensor back, or sized an output by its values, fails there as its capture would on a GPU.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,7 +31,10 @@ from t2r.kernels.layout import next_pow2
 from t2r.kernels.tuning import TUNING
 from t2r.models.cuda_graphs import capture_after_warmup
 from t2r.models.modeling_t2r import DocumentRows, document_rows
-from t2r.train.losses import ce_loss_sum
+from t2r.train.losses import ce_loss_sum, kd_loss_sum
+
+if TYPE_CHECKING:
+    from t2r.train.distill import Teacher
 
 MAX_GRAPHS = 6  # document capacities kept per stage (each graph holds its own buffers; activations share a pool)
 MIN_DOCUMENTS = 8
@@ -52,6 +58,20 @@ class NoHostReads(TorchDispatchMode):
         if name in HOST_READS and not (name == "repeat_interleave" and (kwargs or {}).get("output_size")):
             raise RuntimeError(f"aten.{name} reads a tensor on the host inside a graphed step")
         return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _transformers_sees_a_capture() -> Iterator[None]:
+    """What transformers' masks do while a stream is capturing (the teacher's, under KD): they skip their looks at
+    tensors on the host (is this batch packed? is any of it padded?) and build the mask on the device."""
+    from transformers import masking_utils
+
+    tracing = masking_utils.is_tracing
+    masking_utils.is_tracing = lambda *args, **kwargs: True
+    try:
+        yield
+    finally:
+        masking_utils.is_tracing = tracing
 
 
 class StaticDocuments:
@@ -87,25 +107,38 @@ class _Captured:
     inputs: dict[str, torch.Tensor]
     docs: StaticDocuments
     denominator: torch.Tensor
-    ce: torch.Tensor
+    sums: dict[str, torch.Tensor]
     replay: Callable[[], None]
 
 
 class GraphedStudentStep:
-    """Forward and backward of the student's cross-entropy on one micro-batch (:meth:`__call__`), replayed from a
-    CUDA graph per document capacity; ``ce`` is the stage's loss weight. The parameters that train must keep their
-    gradient tensors between steps (zero them, do not set them to None)."""
+    """Forward and backward of the student's losses on one micro-batch (:meth:`__call__`), replayed from a CUDA
+    graph per document capacity. ``weights`` are the stage's loss weights (``ce``, and ``kd`` with ``teacher``).
+    The parameters that train must keep their gradient tensors between steps (zero them, do not set them to
+    None)."""
 
-    def __init__(self, model: nn.Module, ce: float, precision: str, device: torch.device, emulate: bool = False):
-        self.model, self.weight, self.device, self.emulate = model, ce, device, emulate
+    def __init__(
+        self,
+        model: nn.Module,
+        weights: dict[str, float],
+        precision: str,
+        device: torch.device,
+        teacher: Teacher | None = None,
+        temperature: float = 1.0,
+        emulate: bool = False,
+    ):
+        if set(weights) - {"ce", "kd"} or ("kd" in weights) != (teacher is not None):
+            raise ValueError(f"a graphed step takes ce and kd (with a teacher), not {sorted(weights)}")
+        self.model, self.weights, self.device, self.emulate = model, weights, device, emulate
+        self.teacher, self.temperature = teacher, temperature
         self.bf16, self.warmup = precision == "bf16", 1 if emulate else WARMUP
         self.graphs: dict[tuple, _Captured] = {}
         self.pool = None if emulate else torch.cuda.graph_pool_handle()
         self.params = [p for p in model.parameters() if p.requires_grad]
 
-    def __call__(self, batch: dict[str, torch.Tensor], labels_global: int) -> torch.Tensor:
-        """The micro-batch's ``ce`` share of the step's loss mean (a device scalar); its gradients are added to the
-        parameters'. ``batch`` is on the host. :class:`CaptureFailed` where its graph cannot be captured."""
+    def __call__(self, batch: dict[str, torch.Tensor], labels_global: int) -> dict[str, torch.Tensor]:
+        """The micro-batch's share of each loss's mean over the step (device scalars); its gradients are added to
+        the parameters'. ``batch`` is on the host. :class:`CaptureFailed` where its graph cannot be captured."""
         rows, length = batch["input_ids"].shape
         layout = document_rows(batch["position_ids"], rows, length, always=True)
         documents = len(layout.cu_seqlens) - 1
@@ -116,14 +149,15 @@ class GraphedStudentStep:
         graph.docs.fill(layout)
         graph.denominator.fill_(labels_global)
         graph.replay()
-        return graph.ce
+        return graph.sums
 
-    def _forward_backward(self, inputs: dict, docs: StaticDocuments, denominator: torch.Tensor, ce: torch.Tensor):
+    def _forward_backward(self, inputs: dict, docs: StaticDocuments, denominator: torch.Tensor, sums: dict) -> None:
         autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
             if self.bf16
             else contextlib.nullcontext()
         )  # under capture the autocast cache's casts would outlive their use in the graph's pool
+        labels, label_weights = inputs["labels"], inputs.get("label_weights")
         with autocast:
             logits = self.model(
                 input_ids=inputs["input_ids"],
@@ -131,9 +165,15 @@ class GraphedStudentStep:
                 use_cache=False,
                 gsa_documents=docs.rows,
             ).logits
-            total = ce_loss_sum(logits, inputs["labels"], inputs.get("label_weights"))
-        ce.copy_(total.detach().double() / denominator)
-        (self.weight * total / denominator).backward()
+            totals = {}
+            if "ce" in self.weights:
+                totals["ce"] = ce_loss_sum(logits, labels, label_weights)
+            if self.teacher is not None:
+                teacher_logits = self.teacher.logits(self.model, inputs)
+                totals["kd"] = kd_loss_sum(logits, teacher_logits, labels, self.temperature, label_weights)
+        for name, total in totals.items():
+            sums[name].copy_(total.detach().double() / denominator)
+        (sum(self.weights[name] * total for name, total in totals.items()) / denominator).backward()
 
     def _capture(self, key: tuple, batch: dict, layout: DocumentRows, labels_global: int) -> _Captured:
         if len(self.graphs) >= MAX_GRAPHS:
@@ -143,17 +183,17 @@ class GraphedStudentStep:
         docs = StaticDocuments(rows, length, capacity, self.device)
         docs.fill(layout)
         denominator = torch.full((), float(labels_global), device=self.device)
-        ce = torch.zeros((), dtype=torch.float64, device=self.device)
+        sums = {name: torch.zeros((), dtype=torch.float64, device=self.device) for name in self.weights}
 
         def step() -> None:
-            self._forward_backward(inputs, docs, denominator, ce)
+            self._forward_backward(inputs, docs, denominator, sums)
 
         try:
             with self._grads_kept():
                 replay = self._emulated(step) if self.emulate else self._cuda_graph(step)
         except Exception as err:  # what stops a capture is anything the step did under it
             raise CaptureFailed(str(err).splitlines()[0][:200] if str(err) else type(err).__name__) from err
-        graph = self.graphs[key] = _Captured(inputs, docs, denominator, ce, replay)
+        graph = self.graphs[key] = _Captured(inputs, docs, denominator, sums, replay)
         return graph
 
     @contextlib.contextmanager
@@ -172,7 +212,7 @@ class GraphedStudentStep:
 
     def _emulated(self, step: Callable[[], None]) -> Callable[[], None]:
         def replay() -> None:
-            with NoHostReads():
+            with NoHostReads(), _transformers_sees_a_capture():
                 step()
 
         for _ in range(self.warmup):

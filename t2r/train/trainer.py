@@ -71,8 +71,11 @@ def graphs_refusal(recipe: Recipe, stage: Stage, info: DistInfo) -> str | None:
         return "not with compile"
     if recipe.gradient_checkpointing:  # its recomputation saves and restores the RNG state: not under capture
         return "not with gradient checkpointing"
-    if {k for k, v in stage.loss.items() if v > 0} != {"ce"}:
-        return "cross-entropy stages only (transfer and KD run eagerly)"
+    if stage.loss.get("transfer", 0) > 0:
+        return "not with attention transfer (its hooks run eagerly)"
+    teacher_elsewhere = recipe.teacher_device and torch.device(recipe.teacher_device) != info.device
+    if stage.loss.get("kd", 0) > 0 and teacher_elsewhere:
+        return "not with the KD teacher on another device (teacher_device)"
     return None
 
 
@@ -182,7 +185,7 @@ class Trainer:
         model.train()
         wrapped = wrap_model(model, info, recipe.distributed, side_losses=stage.loss.get("transfer", 0) > 0)
         params = [p for p in wrapped.parameters() if p.requires_grad]
-        self.graphed = self._graphed_step(wrapped, stage, idx)
+        self.graphed = self._graphed_step(wrapped, stage, idx, teacher)
         opt = torch.optim.AdamW(param_groups(wrapped, stage), lr=stage.lr, betas=tuple(stage.betas))
         sched = _scheduler(opt, stage)
         latest = self.checkpoints.latest(idx)
@@ -297,7 +300,7 @@ class Trainer:
         self.commit()
         model.train()
 
-    def _graphed_step(self, wrapped, stage: Stage, idx: int) -> GraphedStudentStep | None:
+    def _graphed_step(self, wrapped, stage: Stage, idx: int, teacher: Teacher | None) -> GraphedStudentStep | None:
         """The stage's graphed micro-batch step where the recipe asks for one and the stage allows it (logged)."""
         recipe, info = self.recipe, self.info
         if not recipe.graphs:
@@ -307,8 +310,16 @@ class Trainer:
             self.log(type="graphs", stage=stage.name, stage_index=idx, on=why is None, **({"why": why} if why else {}))
         if why is not None:
             return None
-        emulate = info.device.type != "cuda"
-        return GraphedStudentStep(wrapped, stage.loss["ce"], recipe.precision, info.device, emulate=emulate)
+        weights = {k: v for k, v in stage.loss.items() if k in ("ce", "kd") and v > 0}
+        return GraphedStudentStep(
+            wrapped,
+            weights,
+            recipe.precision,
+            info.device,
+            teacher=teacher if "kd" in weights else None,
+            temperature=stage.kd_temperature,
+            emulate=info.device.type != "cuda",
+        )
 
     def _train_step(self, wrapped, rows: list[int], stage: Stage, teacher: Teacher | None) -> dict:
         """Forward/backward over this rank's micro-batches of the global batch; returns global loss means."""
@@ -327,7 +338,8 @@ class Trainer:
             host = self.train_rows.batch(mrows)
             share = None if self.graphed is None else self._graphed_share(host, labels_global, stage)
             if share is not None:
-                sums["ce"] += share
+                for name, value in share.items():
+                    sums[name] += value
                 continue
             batch = self._to_device(host)
             for j, kind in enumerate(passes):
@@ -359,7 +371,7 @@ class Trainer:
         out["loss"] = sum(w[k] * v for k, v in out.items())
         return out
 
-    def _graphed_share(self, batch: dict, labels_global: int, stage: Stage) -> torch.Tensor | None:
+    def _graphed_share(self, batch: dict, labels_global: int, stage: Stage) -> dict[str, torch.Tensor] | None:
         """The graphed step's share of the loss, or None where its graph cannot be captured: graphs are then off for
         the rest of the stage (logged), and the micro-batch runs eagerly."""
         try:
