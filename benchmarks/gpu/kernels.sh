@@ -62,17 +62,19 @@ decode-profile)
   done ;;
 finetune-graphs)
   # t2r finetune's graphed micro-batch step (recipe graphs: true) against eager steps, and the all-softmax control's
-  # eager steps (the teacher's layers; after `ONLY="kproj teacher" prepare.sh`): one LoRA stage of cross-entropy on
-  # the pydoc corpus, 1 x 4096, 60 steps, logged every 20; each run's last tokens/s (steps 41-60) and graphs line.
-  # Timings: one run at a time. The GPU tests of the graphed step run in `new`.
-  for run in kproj:false kproj:true teacher:false; do
-    conv=${run%%:*}; graphs=${run##*:}; dir=/tmp/ft-$conv-graphs-$graphs
-    timeout 170 t2r finetune /root/stage/conv-$conv $dir --data /root/stage/data/pydoc.txt \
+  # eager steps (the teacher's layers; after `ONLY="kproj teacher" prepare.sh`): one LoRA stage on the pydoc
+  # corpus, 1 x 4096, 60 steps, logged every 20; cross-entropy, then cross-entropy with distillation (the teacher's
+  # forward inside the graph). Each run's last tokens/s (steps 41-60) and graphs line. One run at a time. RUNS
+  # picks (conversion:loss:graphs). The GPU tests of the graphed step run in `new`.
+  for run in ${RUNS:-kproj:ce:false kproj:ce:true teacher:ce:false kproj:kd:false kproj:kd:true}; do
+    IFS=: read -r conv loss graphs <<< "$run"; dir=/tmp/ft-$conv-$loss-graphs-$graphs
+    weights="{ce: 1.0}"; [ "$loss" = kd ] && weights="{ce: 1.0, kd: 1.0}"
+    timeout 150 t2r finetune /root/stage/conv-$conv $dir --data /root/stage/data/pydoc.txt \
       --set seq_len=4096 --set micro_batch_size=1 --set eval_every=0 --set checkpoint_every=0 --set calibrate_rows=0 \
-      --set log_every=20 --set "stages=[{name: lm, train: lora, steps: 60, lr: 1.0e-4, loss: {ce: 1.0}}]" \
-      --set graphs=$graphs > "$OUT/finetune_${conv}_graphs_$graphs.log" 2>&1 || echo "[$run] rc $?"
+      --set log_every=20 --set "stages=[{name: lm, train: lora, steps: 60, lr: 1.0e-4, loss: $weights}]" \
+      --set graphs=$graphs > "$OUT/finetune_${conv}_${loss}_graphs_$graphs.log" 2>&1 || echo "[$run] rc $?"
     grep -E '"type": "(graphs|train)"' $dir/log.jsonl | tail -2 | sed "s/^/[$run] /"
-    cp $dir/log.jsonl "$OUT/finetune_${conv}_graphs_${graphs}_log.jsonl" 2>/dev/null
+    cp $dir/log.jsonl "$OUT/finetune_${conv}_${loss}_graphs_${graphs}_log.jsonl" 2>/dev/null
   done ;;
 train)
   K="gradients or prologue or opt_in or launches or model_forward or profiled or merged_reverse or graphed"
