@@ -183,11 +183,12 @@ def test_a_compiled_hybrid_step_takes_the_fused_window(monkeypatch):
     from t2r.kernels import window
     from t2r.kernels.tuning import TUNING
 
-    if not torch.cuda.is_available():
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU the kernels take CUDA tensors only
+    if device == "cpu":
         monkeypatch.setattr(TUNING, "impl", "triton")
-    model = tiny_gsa_model("mistral", **VARIANTS["hybrid"])
+    model = tiny_gsa_model("mistral", **VARIANTS["hybrid"]).to(device)
     assert model.config.head_dim & (model.config.head_dim - 1) == 0  # a head dim the fused step takes
-    prompt = torch.randint(3, 100, (2, 6))
+    prompt = torch.randint(3, 100, (2, 6), device=device)
     eager, _ = _decode(model, prompt, 9)
     calls = []
     kernel = window.window_decode_triton

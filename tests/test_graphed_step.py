@@ -154,12 +154,13 @@ def _close(got: dict, want: dict) -> bool:
     return got.keys() == want.keys() and max(abs(got[k] - want[k]) / abs(want[k]) for k in want) <= 1e-5
 
 
-@pytest.mark.parametrize("losses", [(), (KD,)], ids=["ce", "ce+kd"])
+@pytest.mark.parametrize("losses", [(), (KD,), (KD, "stages.1.train=full")], ids=["ce", "ce+kd", "full+kd"])
 def test_graphed_micro_batches_train_as_eager_ones(
     kernels, kernel_model, corpus_files, eager_runs, tmp_path, monkeypatch, losses
 ):
-    """A LoRA stage of cross-entropy, and of cross-entropy with distillation (2 micro-batches per step, packed
-    rows of several documents) with graphs: the same losses as eager steps, the graphs captured once per document
+    """A LoRA stage of cross-entropy, and of cross-entropy with distillation from the shared teacher, and a full
+    finetune distilling from a separate teacher (2 micro-batches per step, packed rows of several documents) with
+    graphs: the same losses as eager steps, the graphs captured once per document
     capacity and replayed under NoHostReads (the teacher's packed mask built on the device, as transformers does
     under a capture); the transfer stage before it says why it runs eagerly."""
     import t2r.train.graphed_step as graphed

@@ -69,7 +69,7 @@ finetune-graphs)
   for run in ${RUNS:-kproj:ce:false kproj:ce:true teacher:ce:false kproj:kd:false kproj:kd:true}; do
     IFS=: read -r conv loss graphs <<< "$run"; dir=/tmp/ft-$conv-$loss-graphs-$graphs
     weights="{ce: 1.0}"; [ "$loss" = kd ] && weights="{ce: 1.0, kd: 1.0}"
-    timeout 150 t2r finetune /root/stage/conv-$conv $dir --data /root/stage/data/pydoc.txt \
+    timeout 150 python3 -m t2r.cli finetune /root/stage/conv-$conv $dir --data /root/stage/data/pydoc.txt \
       --set seq_len=4096 --set micro_batch_size=1 --set eval_every=0 --set checkpoint_every=0 --set calibrate_rows=0 \
       --set log_every=20 --set "stages=[{name: lm, train: lora, steps: 60, lr: 1.0e-4, loss: $weights}]" \
       --set graphs=$graphs > "$OUT/finetune_${conv}_${loss}_graphs_$graphs.log" 2>&1 || echo "[$run] rc $?"
