@@ -23,3 +23,15 @@ def resolve_device(device: str | None) -> str:
         if dev.index is not None and dev.index >= count:
             raise T2RError(f"--device {device}: this machine has {count} CUDA device(s)")
     return device
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one: ``cuda`` without an index is the current GPU, so ``cuda`` and ``cuda:0`` agree
+    on a one-GPU process."""
+
+    def index(dev: torch.device) -> int | None:
+        if dev.type != "cuda" or dev.index is not None:
+            return dev.index
+        return torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+    return a.type == b.type and index(a) == index(b)

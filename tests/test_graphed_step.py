@@ -231,7 +231,9 @@ def test_graphs_say_which_stages_they_cannot_take(monkeypatch):
     elsewhere = recipe_from_dict({"graphs": True, "teacher_device": "cuda:1"})
     assert trainer.graphs_refusal(elsewhere, kd, gpu) == "not with the KD teacher on another device (teacher_device)"
     assert trainer.graphs_refusal(elsewhere, ce, gpu) is None
-    assert trainer.graphs_refusal(recipe_from_dict({"graphs": True, "teacher_device": "cuda"}), kd, gpu) is None
+    for teacher_device, on in (("cuda", gpu), ("cuda", DistInfo(device=torch.device("cuda:0"))), ("cuda:0", gpu)):
+        same = recipe_from_dict({"graphs": True, "teacher_device": teacher_device})
+        assert trainer.graphs_refusal(same, kd, on) is None
     assert trainer.graphs_refusal(recipe, ce, DistInfo(world=2, device=gpu.device)).startswith("one process")
     for key, why in (("compile", "not with compile"), ("gradient_checkpointing", "not with gradient checkpointing")):
         assert trainer.graphs_refusal(recipe_from_dict({"graphs": True, key: True}), ce, gpu) == why

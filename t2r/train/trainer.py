@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from t2r import __version__
+from t2r.devices import same_device
 from t2r.errors import T2RError
 from t2r.fsutil import atomic_path, sweep_stale_temps
 from t2r.models.loading import check_converted_dir, load_converted
@@ -73,7 +74,7 @@ def graphs_refusal(recipe: Recipe, stage: Stage, info: DistInfo) -> str | None:
         return "not with gradient checkpointing"
     if stage.loss.get("transfer", 0) > 0:
         return "not with attention transfer (its hooks run eagerly)"
-    teacher_elsewhere = recipe.teacher_device and torch.device(recipe.teacher_device) != info.device
+    teacher_elsewhere = recipe.teacher_device and not same_device(torch.device(recipe.teacher_device), info.device)
     if stage.loss.get("kd", 0) > 0 and teacher_elsewhere:
         return "not with the KD teacher on another device (teacher_device)"
     return None
