@@ -359,16 +359,19 @@ def test_rotary_reference_is_transformers_and_dispatch_takes_it_under_autograd(m
 
 
 @pytest.mark.parametrize(
-    ("dtype", "sink", "mask", "per_token"),
-    [(torch.float32, True, "long", True), (torch.float32, False, None, False), (torch.bfloat16, True, "bool", False)],
+    ("dtype", "sink", "mask", "per_token", "D"),
+    [(torch.float32, True, "long", True, 16), (torch.float32, False, None, False, 16),
+     (torch.bfloat16, True, "bool", False, 16), (torch.bfloat16, False, None, True, 8),
+     (torch.float32, True, "bool", False, 64)],
 )  # fmt: skip
-def test_fused_window_step_matches_its_reference(dtype, sink, mask, per_token):
+def test_fused_window_step_matches_its_reference(dtype, sink, mask, per_token, D):
     """The window's attention over its ring's real slots (the sink's too) and the new token (a padding one too), the
     mix (per head or per token), and the ring updated in place: the new token over each row's oldest slot, the head
     moved on. Rings that are views of longer tensors, 1 + 37 slots (the kernel's slot parts: one full tile, one
     partial), heads at the first, a middle and the last slot, a row whose first part holds no valid slot (without a
-    sink: the part's softmax is empty); GQA groups of 3."""
-    B, H, Hkv, D, W = 3, 6, 2, 16, 37
+    sink: the part's softmax is empty); GQA groups of 3; head dims below the kernel's least tile (8: padded) and
+    above it."""
+    B, H, Hkv, W = 3, 6, 2, 37
     longer = [torch.randn(B, W + 6, Hkv, D, device=DEVICE).to(dtype) for _ in range(2)]
     valid = torch.ones(B, W + 1, dtype=torch.bool, device=DEVICE)
     valid[:, 0] = sink
@@ -398,14 +401,13 @@ def test_fused_window_step_matches_its_reference(dtype, sink, mask, per_token):
 def test_window_parts_fill_the_device_in_whole_tiles():
     """Slot parts per (row, KV head): two programs per multiprocessor where the ring has the tiles for it; tiles
     small enough for a group's products not to spill."""
-    from t2r.kernels.window import slot_block, window_parts
+    from t2r.kernels.window import window_parts
 
     assert window_parts(3, 513, 132) == 17  # one sequence of SmolLM2's 3 KV heads, W = 512: every tile its own
     assert window_parts(48, 513, 132) == 6  # 16 sequences
     assert window_parts(1024, 513, 132) == 1
     assert window_parts(3, 32, 132) == 1
     assert window_parts(8, 513, 132, 16) == 33  # one sequence of Mistral-7B's 8 KV heads
-    assert slot_block(4, 64) == 32 and slot_block(4, 128) == 16 and slot_block(1, 128) == 32 and slot_block(8, 256) == 8
 
 
 def test_window_step_dispatch_can_be_turned_off_and_falls_back_where_the_kernel_cannot_go(monkeypatch):

@@ -20,14 +20,14 @@ try:  # a try block, so that transformers' trust_remote_code import check does n
 except ImportError as err:
     raise ImportError("the GSA Triton kernels need triton (pip install 't2r[cuda]')") from err
 
+from .chunk import INTERPRETED
+from .chunk_jit import PREC_BF16, PREC_BF16_EMULATED, PREC_FP16, PREC_FP16_EMULATED, PREC_IEEE, _mm
 from .layout import cdiv, multiprocessors, next_pow2
 from .reference import Window
 
-
-def slot_block(group: int, head_dim: int) -> int:
-    """Slots per loaded tile: 32, fewer where a tile's products ([group, slots, head_dim] in fp32 over 4 warps) would
-    spill (Mistral-7B's 4 query heads of 128 per KV head: 104 bytes per thread at 32, none at 16; sm_90)."""
-    return min(32, max(8, 8192 // (group * head_dim)))
+# Slots per loaded tile and warps per program of the part kernel (benchmarks/gpu/window_tiles.py sweeps them).
+WINDOW_BLOCK = 32
+WINDOW_WARPS = 4
 
 
 @triton.jit
@@ -46,25 +46,31 @@ def _group_queries(q_ptr, i_nh, H: tl.constexpr, Hkv: tl.constexpr, D: tl.conste
 def _window_part_kernel(
     q_ptr, pk_ptr, pv_ptr, pvalid_ptr, head_ptr, m_ptr, den_ptr, acc_ptr, slot_ptr,
     scale, S, CH, stride_kb, stride_kt, stride_vb, stride_vt, stride_valid,
-    H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, BW: tl.constexpr,
+    H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr, QP: tl.constexpr,
+    BW: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Program (row n, KV head h, part p): its query heads' softmax over the ring's slots [p CH, (p + 1) CH), the
     valid ones other than the new token's (its old contents are ``window`` tokens back, out of reach). A part with
-    none leaves max -inf, denominator and values 0."""
+    none leaves max -inf, denominator and values 0. Both products are tl.dot (queries padded to QP rows, the head
+    dim to DP: 16 each, its least); [group, slots, dims] broadcast products took 23 us a layer at SmolLM2's 16 rows
+    (H100 profile, 2026-12-05), about 12x the time to read the ring."""
     i_nh = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     parts = tl.num_programs(1)
     n = i_nh // Hkv
     h = i_nh % Hkv
-    rg = tl.arange(0, GP)
-    rd = tl.arange(0, D)
-    q, _, _ = _group_queries(q_ptr, i_nh, H, Hkv, D, GP)
+    G: tl.constexpr = H // Hkv
+    rq = tl.arange(0, QP)
+    rd = tl.arange(0, DP)
+    dims = rd < D
+    heads = (i_nh // Hkv) * H + (i_nh % Hkv) * G + rq
+    q = tl.load(q_ptr + heads[:, None] * D + rd[None, :], mask=(rq < G)[:, None] & dims[None, :], other=0.0)
     at = tl.load(head_ptr + n)
     if part == 0:
         tl.store(slot_ptr + i_nh, at)  # for the merge, whose programs of row n must not race on the head's move
-    m = tl.full([GP], float("-inf"), tl.float32)
-    den = tl.zeros([GP], dtype=tl.float32)
-    acc = tl.zeros([GP, D], dtype=tl.float32)
+    m = tl.full([QP], float("-inf"), tl.float32)
+    den = tl.zeros([QP], dtype=tl.float32)
+    acc = tl.zeros([QP, DP], dtype=tl.float32)
     kbase = pk_ptr + n * stride_kb + h * D
     vbase = pv_ptr + n * stride_vb + h * D
     lo = part * CH
@@ -73,21 +79,22 @@ def _window_part_kernel(
         rt = t0 + tl.arange(0, BW)
         inside = rt < hi
         real = (tl.load(pvalid_ptr + n * stride_valid + rt, mask=inside, other=0) != 0) & (rt != at) & inside
-        kb = tl.load(kbase + rt[:, None] * stride_kt + rd[None, :], mask=real[:, None], other=0.0).to(tl.float32)
-        s = tl.sum(q[:, None, :] * kb[None, :, :], axis=2) * scale  # [GP, BW]
+        kb = tl.load(kbase + rt[:, None] * stride_kt + rd[None, :], mask=real[:, None] & dims[None, :], other=0.0)
+        vb = tl.load(vbase + rt[:, None] * stride_vt + rd[None, :], mask=real[:, None] & dims[None, :], other=0.0)
+        s = _mm(q, tl.trans(kb), PREC) * scale  # [QP, BW]
         s = tl.where(real[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: keep every term 0, not NaN
         a = tl.exp(m - m_safe)
         p = tl.exp(s - m_safe[:, None])
-        vb = tl.load(vbase + rt[:, None] * stride_vt + rd[None, :], mask=real[:, None], other=0.0).to(tl.float32)
-        acc = acc * a[:, None] + tl.sum(p[:, :, None] * vb[None, :, :], axis=1)
+        acc = acc * a[:, None] + _mm(p, vb, PREC)
         den = den * a + tl.sum(p, axis=1)
         m = m_new
-    at_part = (i_nh * parts + part) * GP + rg
-    tl.store(m_ptr + at_part, m)
-    tl.store(den_ptr + at_part, den)
-    tl.store(acc_ptr + at_part[:, None] * D + rd[None, :], acc)
+    at_part = (i_nh * parts + part) * GP + rq
+    first = rq < GP
+    tl.store(m_ptr + at_part, m, mask=first)
+    tl.store(den_ptr + at_part, den, mask=first)
+    tl.store(acc_ptr + at_part[:, None] * D + rd[None, :], acc, mask=first[:, None] & dims[None, :])
 
 
 @triton.jit
@@ -137,6 +144,16 @@ def _window_merge_kernel(
         tl.store(head_ptr + n, at % W + 1)
 
 
+def _dot_precision(dtype: torch.dtype) -> int:
+    """The part kernel's operands: the ring's half precision (p rounded to it, as flash attention does), fp32
+    rings exactly (not tf32); emulated under the CPU interpreter, whose half-precision dots are wrong."""
+    if dtype == torch.bfloat16:
+        return PREC_BF16_EMULATED if INTERPRETED else PREC_BF16
+    if dtype == torch.float16:
+        return PREC_FP16_EMULATED if INTERPRETED else PREC_FP16
+    return PREC_IEEE
+
+
 def window_parts(rows: int, slots: int, sms: int, block: int = 32) -> int:
     """Programs per (row, KV head): enough for two per multiprocessor, at least one tile of ``block`` slots each."""
     return max(1, min(cdiv(slots, block), cdiv(2 * sms, rows)))
@@ -163,7 +180,7 @@ def window_decode_triton(
     mix = mix_logits.float().contiguous()
     keep_col = None if keep is None else keep[:, -1]
     GP = next_pow2(H // Hkv)
-    block = slot_block(GP, D)
+    block = WINDOW_BLOCK
     parts = window_parts(B * Hkv, S, multiprocessors(q.device), block)
     chunk = cdiv(cdiv(S, parts), block) * block
     parts = cdiv(S, chunk)
@@ -174,7 +191,8 @@ def window_decode_triton(
     strides = (ring_k.stride(0), ring_k.stride(1), ring_v.stride(0), ring_v.stride(1), ring_valid.stride(0))
     _window_part_kernel[(B * Hkv, parts)](
         q, ring_k, ring_v, ring_valid, head, part_m, part_den, part_acc, slot, float(scale), S, chunk, *strides,
-        H=H, Hkv=Hkv, D=D, GP=GP, BW=block, num_warps=4,
+        H=H, Hkv=Hkv, D=D, DP=max(16, D), GP=GP, QP=max(16, GP), BW=block, num_warps=WINDOW_WARPS,
+        PREC=_dot_precision(ring_k.dtype),
     )  # fmt: skip
     out = torch.empty_like(o)
     _window_merge_kernel[(B * Hkv,)](
