@@ -360,17 +360,17 @@ def test_rotary_reference_is_transformers_and_dispatch_takes_it_under_autograd(m
 
 @pytest.mark.parametrize(
     ("dtype", "sink", "mask", "per_token", "D"),
-    [(torch.float32, True, "long", True, 16), (torch.float32, False, None, False, 16),
-     (torch.bfloat16, True, "bool", False, 16), (torch.bfloat16, False, None, True, 8),
-     (torch.float32, True, "bool", False, 64)],
+    [(torch.float32, True, "long", "logits", 16), (torch.float32, False, None, None, 16),
+     (torch.bfloat16, True, "bool", "read", 16), (torch.bfloat16, False, None, "logits", 8),
+     (torch.float32, True, "bool", "read", 64)],
 )  # fmt: skip
 def test_fused_window_step_matches_its_reference(dtype, sink, mask, per_token, D):
-    """The window's attention over its ring's real slots (the sink's too) and the new token (a padding one too), the
-    mix (per head or per token), and the ring updated in place: the new token over each row's oldest slot, the head
-    moved on. Rings that are views of longer tensors, 1 + 37 slots (the kernel's slot parts: one full tile, one
-    partial), heads at the first, a middle and the last slot, a row whose first part holds no valid slot (without a
-    sink: the part's softmax is empty); GQA groups of 3; head dims below the kernel's least tile (8: padded) and
-    above it."""
+    """The window's attention over its ring's real slots (the sink's too) and the new token (a padding one too), the mix
+    (per head, per token, or per head plus the router's read of the hidden state), and the ring updated in place: the
+    new token over each row's oldest slot, the head moved on. Rings that are views of longer tensors, 1 + 37 slots (the
+    kernel's slot parts: one full tile, one partial), heads at the first, a middle and the last slot, a row whose first
+    part holds no valid slot (without a sink: the part's softmax is empty); GQA groups of 3; head dims below the
+    kernel's least tile (8: padded) and above it."""
     B, H, Hkv, W = 3, 6, 2, 37
     longer = [torch.randn(B, W + 6, Hkv, D, device=DEVICE).to(dtype) for _ in range(2)]
     valid = torch.ones(B, W + 1, dtype=torch.bool, device=DEVICE)
@@ -380,7 +380,10 @@ def test_fused_window_step_matches_its_reference(dtype, sink, mask, per_token, D
     q = torch.randn(B, 1, H, D, device=DEVICE).to(dtype)
     k, v = (torch.randn(B, 1, Hkv, D, device=DEVICE).to(dtype) for _ in range(2))
     o = torch.randn(B, 1, H, D, device=DEVICE).to(dtype)
-    mix = torch.randn(B, 1, H, device=DEVICE) if per_token else torch.randn(H, device=DEVICE)
+    mix = torch.randn(B, 1, H, device=DEVICE) if per_token == "logits" else torch.randn(H, device=DEVICE).to(dtype)
+    read = ()  # the router's read of the hidden state, made by the kernel: C = 200 spans two of its column blocks
+    if per_token == "read":
+        read = (torch.randn(H, 200, device=DEVICE).to(dtype) / 10, torch.randn(B, 1, 200, device=DEVICE).to(dtype))
     keep = None
     if mask is not None:
         full = torch.ones(B, 9, dtype=getattr(torch, mask), device=DEVICE)
@@ -388,8 +391,8 @@ def test_fused_window_step_matches_its_reference(dtype, sink, mask, per_token, D
         keep = full[:, -1:]
     ref_past = tuple(x.clone() for x in past)
     before = longer[0][:, :5].clone()
-    want = window_decode_reference(q, k, v, ref_past, keep, 0.25, o, mix)
-    got = window_decode_triton(q, k, v, past, keep, 0.25, o, mix)
+    want = window_decode_reference(q, k, v, ref_past, keep, 0.25, o, mix, *read)
+    got = window_decode_triton(q, k, v, past, keep, 0.25, o, mix, *read)
     assert got.dtype == want.dtype and rel_err(got, want) <= (1e-5 if dtype == torch.float32 else 8e-3)
     for a, b in zip(past, ref_past, strict=True):  # the ring's update moves values: bit for bit
         assert torch.equal(a, b)
@@ -470,6 +473,11 @@ def _window_step_inputs(B=2, H=4, Hkv=2, D=16, P=7):
     return q, k, v, o, past, torch.randn(H, device=DEVICE)
 
 
+def _router_read(B=2, H=4, C=24):
+    """A hybrid router's weight [H, C] and the hidden states [B, 1, C] it reads."""
+    return torch.randn(H, C, device=DEVICE) / 4, torch.randn(B, 1, C, device=DEVICE)
+
+
 def test_the_window_step_op_passes_torch_opcheck(monkeypatch):
     """Schema (the ring's four tensors declared as written), and the fake implementation against the real one."""
     from t2r.kernels.window import window_decode_op
@@ -478,7 +486,9 @@ def test_the_window_step_op_passes_torch_opcheck(monkeypatch):
         monkeypatch.setattr(TUNING, "impl", "triton")
     q, k, v, o, past, mix = _window_step_inputs()
     keep = torch.ones(2, 1, dtype=torch.long, device=DEVICE)
-    torch.library.opcheck(window_decode_op, (q, k, v, *past, keep, 0.25, o, mix))
+    for read in ((None, None), _router_read()):
+        ring = tuple(x.clone() for x in past)
+        torch.library.opcheck(window_decode_op, (q, k, v, *ring, keep, 0.25, o, mix, *read))
 
 
 def test_a_compiled_window_step_keeps_the_fused_kernels_in_its_graph(monkeypatch):
@@ -498,12 +508,13 @@ def test_a_compiled_window_step_keeps_the_fused_kernels_in_its_graph(monkeypatch
             module, "window_decode_triton", lambda *a, how=how: calls.append(how) or window_decode_triton(*a)
         )
     q, k, v, o, past, mix = _window_step_inputs()
+    read = _router_read()
     ref_past = tuple(x.clone() for x in past)
-    want = window_decode_reference(q, k, v, ref_past, None, 0.25, o, mix)
+    want = window_decode_reference(q, k, v, ref_past, None, 0.25, o, mix, *read)
     torch._dynamo.reset()
     step = torch.compile(window_decode_, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
-        got = step(q, k, v, past, None, 0.25, o, mix)
+        got = step(q, k, v, past, None, 0.25, o, mix, *read)
     torch._dynamo.reset()
     assert calls == ["op"]  # traced: through the custom op, not the eager call
     assert rel_err(got, want) <= 1e-5

@@ -347,6 +347,29 @@ def _hybrid(arch="mistral", window=16, **kw):
     return model
 
 
+@torch.no_grad()
+def test_window_mix_hands_its_router_to_the_fused_step_only_as_a_plain_linear_map():
+    """Decoding passes the per-token router's weight to the fused window step (its kernel makes the read); a router
+    that is not a plain linear map (wrapped by peft, hooked, biased) gives its logits instead. Either way the
+    reference step's logits are the module's."""
+    import torch.nn.functional as F
+
+    from t2r.models.modeling_t2r import WindowMix
+
+    mix = WindowMix(4, 0.5, 8)
+    mix.proj.weight.normal_()
+    hidden = torch.randn(2, 1, 8)
+    logits, proj, read_of = mix.terms(hidden)
+    assert logits is mix.weight and proj is mix.proj.weight and read_of is hidden
+    assert torch.allclose(logits.float() + F.linear(read_of, proj), mix(hidden), rtol=1e-6, atol=1e-6)
+    mix.proj.register_forward_hook(lambda module, args, out: out * 2)
+    assert torch.equal(mix.terms(hidden)[0], mix(hidden)) and mix.terms(hidden)[1:] == (None, None)
+    biased = WindowMix(4, 0.5, 8)
+    biased.proj = torch.nn.Linear(8, 4)
+    assert biased.terms(hidden)[1] is None
+    assert WindowMix(4, 0.5).terms(hidden)[1] is None  # per head only: nothing to read
+
+
 HYBRIDS = pytest.mark.parametrize(
     "variant",
     [{}, {"gsa_window_mix_per_token": True}, {"gsa_window_sink": True}],

@@ -183,6 +183,8 @@ def window_decode_(
     scale: float,
     o: torch.Tensor,
     mix_logits: torch.Tensor,
+    mix_proj: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A hybrid layer's decoding step past its GSA output ``o``: window attention, mix, and the ring ``past``
     updated in place (:func:`reference.window_decode_reference`). Two Triton launches where the kernels take the
@@ -190,12 +192,12 @@ def window_decode_(
     T2R_GSA_FUSED_WINDOW=0 turns it off) and the head dim is a power of two; under torch.compile (the compiled
     decoding step) as a custom op, so that the graph keeps them."""
     D = q.shape[-1]
-    tensors = (q, k, v, o, mix_logits)
+    tensors = tuple(x for x in (q, k, v, o, mix_logits, mix_proj, hidden) if x is not None)
     if TUNING.fused_window and D & (D - 1) == 0 and _triton_takes(*tensors) and _no_gradient(*tensors):
         if torch.compiler.is_compiling():
-            return window_decode_op(q, k, v, *past, keep, scale, o, mix_logits)
-        return window_decode_triton(q, k, v, past, keep, scale, o, mix_logits)
-    return window_decode_reference(q, k, v, past, keep, scale, o, mix_logits)
+            return window_decode_op(q, k, v, *past, keep, scale, o, mix_logits, mix_proj, hidden)
+        return window_decode_triton(q, k, v, past, keep, scale, o, mix_logits, mix_proj, hidden)
+    return window_decode_reference(q, k, v, past, keep, scale, o, mix_logits, mix_proj, hidden)
 
 
 def fused_cross_entropy(logits: torch.Tensor) -> bool:

@@ -364,13 +364,17 @@ def mix_window(o: torch.Tensor, o_win: torch.Tensor, mix_logits: torch.Tensor) -
 
 def window_decode_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: Window, keep: torch.Tensor | None, scale: float,
-    o: torch.Tensor, mix_logits: torch.Tensor,
+    o: torch.Tensor, mix_logits: torch.Tensor, mix_proj: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """A hybrid layer's decoding step past its GSA output ``o`` [B, 1, H, D]: the window's attention
     (:func:`window_step_attention`, which updates the ring ``past`` in place; ``keep`` [B, 1] marks real tokens)
-    and its mix with ``o`` (the fused window kernel's contract)."""
+    and its mix with ``o`` (the fused window kernel's contract). The mix's logits are ``mix_logits`` ([H] or
+    [B, 1, H]) plus, with ``mix_proj`` [H, C], the linear read of ``hidden`` [B, 1, C] (:class:`WindowMix`'s)."""
     valid = torch.ones(q.shape[0], 1, dtype=torch.bool, device=q.device) if keep is None else keep.bool()
-    return mix_window(o, window_step_attention(q, k, v, scale, valid, past), mix_logits)
+    logits = mix_logits.float()
+    if mix_proj is not None:
+        logits = logits + F.linear(hidden, mix_proj).float()
+    return mix_window(o, window_step_attention(q, k, v, scale, valid, past), logits)
 
 
 def cross_entropy_sum_reference(

@@ -100,13 +100,14 @@ def _window_part_kernel(
 @triton.jit
 def _window_merge_kernel(
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pvalid_ptr, head_ptr, keep_ptr, m_ptr, den_ptr, acc_ptr, slot_ptr, o_ptr,
-    mix_ptr, out_ptr,
-    scale, W, PARTS, stride_kb, stride_kt, stride_vb, stride_vt, stride_valid, keep_stride, mix_stride,
-    H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, HAS_KEEP: tl.constexpr,
+    mix_ptr, proj_ptr, hidden_ptr, out_ptr,
+    scale, W, PARTS, stride_kb, stride_kt, stride_vb, stride_vt, stride_valid, keep_stride, mix_stride, hidden_stride,
+    C, H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, HAS_KEEP: tl.constexpr,
+    HAS_PROJ: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
     """Program (row n, KV head h): the new token's term (always in: a padding query sees itself) merged with the
-    parts', the mix, the output; then the new token written into its head's slot, and (h = 0) the row's valid flag
-    and head moved on."""
+    parts', the mix (with the router's read of the hidden state: no launch of its own), the output; then the new
+    token written into its head's slot, and (h = 0) the row's valid flag and head moved on."""
     G: tl.constexpr = H // Hkv
     i_nh = tl.program_id(0).to(tl.int64)
     n = i_nh // Hkv
@@ -130,7 +131,17 @@ def _window_merge_kernel(
         m = m_new
     o_win = acc / den[:, None]
     o = tl.load(o_ptr + heads[:, None] * D + rd[None, :], mask=in_group[:, None], other=0.0).to(tl.float32)
-    w = tl.sigmoid(tl.load(mix_ptr + n * mix_stride + h * G + rg, mask=in_group, other=0.0).to(tl.float32))
+    logit = tl.load(mix_ptr + n * mix_stride + h * G + rg, mask=in_group, other=0.0).to(tl.float32)
+    if HAS_PROJ:  # the router's read of the token's hidden state, its group's rows of the weight
+        read = tl.zeros([GP], dtype=tl.float32)
+        for c0 in range(0, C, BC):
+            rc = c0 + tl.arange(0, BC)
+            x = tl.load(hidden_ptr + n * hidden_stride + rc, mask=rc < C, other=0.0).to(tl.float32)
+            wp = tl.load(proj_ptr + (h * G + rg)[:, None] * C + rc[None, :], mask=in_group[:, None] & (rc < C)[None, :],
+                         other=0.0)  # fmt: skip
+            read += tl.sum(wp.to(tl.float32) * x[None, :], axis=1)
+        logit += read
+    w = tl.sigmoid(logit)
     out = o + w[:, None] * (o_win - o)
     tl.store(out_ptr + heads[:, None] * D + rd[None, :], out.to(out_ptr.dtype.element_ty), mask=in_group[:, None])
     at = tl.load(slot_ptr + i_nh)
@@ -161,11 +172,11 @@ def window_parts(rows: int, slots: int, sms: int, block: int = 32) -> int:
 
 def window_decode_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: Window, keep: torch.Tensor | None, scale: float,
-    o: torch.Tensor, mix_logits: torch.Tensor,
+    o: torch.Tensor, mix_logits: torch.Tensor, mix_proj: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """The contract of :func:`reference.window_decode_reference`: q [B, 1, H, D], k / v [B, 1, Hkv, D], the ring
     ``past`` updated in place (its last two dims contiguous), ``keep`` [B, 1] or None, ``o`` [B, 1, H, D],
-    ``mix_logits`` [H] or [B, 1, H]."""
+    ``mix_logits`` [H] or [B, 1, H], ``mix_proj`` [H, C] with ``hidden`` [B, 1, C] or None."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     ring_k, ring_v, ring_valid, head = past
@@ -177,7 +188,12 @@ def window_decode_triton(
     if head.stride(0) != 1:
         raise ValueError("the fused window step needs the ring's heads contiguous")
     q, k, v, o = (x.contiguous() for x in (q, k, v, o))
-    mix = mix_logits.float().contiguous()
+    mix = mix_logits.contiguous()
+    proj = hidden_rows = None
+    if mix_proj is not None:
+        proj, hidden_rows = mix_proj.contiguous(), hidden.reshape(B, -1)
+        if hidden_rows.stride(1) != 1:
+            hidden_rows = hidden_rows.contiguous()
     keep_col = None if keep is None else keep[:, -1]
     GP = next_pow2(H // Hkv)
     block = WINDOW_BLOCK
@@ -197,8 +213,10 @@ def window_decode_triton(
     out = torch.empty_like(o)
     _window_merge_kernel[(B * Hkv,)](
         q, k, v, ring_k, ring_v, ring_valid, head, q if keep_col is None else keep_col, part_m, part_den, part_acc,
-        slot, o, mix, out, float(scale), S - 1, parts, *strides, 0 if keep_col is None else keep_col.stride(0),
-        H if mix.dim() > 1 else 0, H=H, Hkv=Hkv, D=D, GP=GP, HAS_KEEP=keep_col is not None, num_warps=4,
+        slot, o, mix, mix if proj is None else proj, mix if hidden_rows is None else hidden_rows, out, float(scale),
+        S - 1, parts, *strides, 0 if keep_col is None else keep_col.stride(0), H if mix.dim() > 1 else 0,
+        0 if hidden_rows is None else hidden_rows.stride(0), 0 if proj is None else proj.shape[1], H=H, Hkv=Hkv, D=D,
+        GP=GP, HAS_KEEP=keep_col is not None, HAS_PROJ=proj is not None, BC=128, num_warps=4,
     )  # fmt: skip
     return out
 
@@ -206,9 +224,10 @@ def window_decode_triton(
 def _window_decode_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
     ring_valid: torch.Tensor, head: torch.Tensor, keep: torch.Tensor | None, scale: float, o: torch.Tensor,
-    mix_logits: torch.Tensor,
+    mix_logits: torch.Tensor, mix_proj: torch.Tensor | None, hidden: torch.Tensor | None,
 ) -> torch.Tensor:  # fmt: skip
-    return window_decode_triton(q, k, v, (ring_k, ring_v, ring_valid, head), keep, scale, o, mix_logits)
+    past = (ring_k, ring_v, ring_valid, head)
+    return window_decode_triton(q, k, v, past, keep, scale, o, mix_logits, mix_proj, hidden)
 
 
 # The step as a custom op that writes its ring, for torch.compile graphs (the compiled decoding step): Inductor
@@ -224,5 +243,5 @@ window_decode_op = torch.library.custom_op(
 
 
 @window_decode_op.register_fake
-def _(q, k, v, ring_k, ring_v, ring_valid, head, keep, scale, o, mix_logits):
+def _(q, k, v, ring_k, ring_v, ring_valid, head, keep, scale, o, mix_logits, mix_proj, hidden):
     return o.new_empty(o.shape)

@@ -154,10 +154,10 @@ class GSAAttention(nn.Module):
         window = None
         if self.window:
             past = layer_cache.window if layer_cache is not None else None
-            mix = self.window_mix(hidden_states)
             o = o.view(B, T, self.num_heads, -1)
             if past is not None and T == 1 and docs is None:  # decoding: one slot of the ring written in place
-                o = window_decode_(q_rot, k_rot, v, past, keep, self.window_scaling, o, mix)
+                mix = self.window_mix.terms(hidden_states)
+                o = window_decode_(q_rot, k_rot, v, past, keep, self.window_scaling, o, *mix)
                 window = past
             else:  # the ring, when one is made, keeps the sink in its slot 0 for decoding
                 sink = self.window_sink(k_rot) if self.window_sink is not None else None
@@ -180,7 +180,7 @@ class GSAAttention(nn.Module):
                     for old, new in zip(past, window, strict=True):
                         old.copy_(new)
                     window = past
-                o = mix_window(o, o_win, mix)
+                o = mix_window(o, o_win, self.window_mix(hidden_states))
             o = o.reshape(B, T, -1)
         if layer_cache is not None:
             layer_cache.update_state(state, T, window)
@@ -236,6 +236,17 @@ class WindowMix(nn.Module):
         if self.proj is None:
             return self.weight.float()
         return self.weight.float() + self.proj(hidden_states).float()
+
+    def terms(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(logits, read's weight, its input), the mix in the fused window step's terms: its kernel makes the
+        per-token read itself where ``proj`` is a plain linear map (not one peft wraps), saving a GEMV and two
+        elementwise launches per layer and token; otherwise the logits are made here."""
+        proj = self.proj
+        if proj is None:
+            return self.weight, None, None
+        if type(proj) is nn.Linear and proj.bias is None and not proj._forward_hooks:
+            return self.weight, proj.weight, hidden_states
+        return self(hidden_states), None, None
 
 
 def _gsa_rows(q, k, v, s, g, scale, state, docs: DocumentRows | None, final: bool):
