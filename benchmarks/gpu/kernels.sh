@@ -12,7 +12,8 @@
 # `gqa`: the kernels at real models' GQA shapes; `gqa-ab`: an A/B there against another revision's kernels (AB_OLD).
 # `scan`: the forward scans in parts and in smaller row blocks, kernels alone.
 # `new`: the GPU tests of everything built since the last GPU run (the first call of a session).
-# Usage: benchmarks/gpu/kernels.sh [new] [tests] [fusions] [hybrid-e2e] [decode-profile] [finetune-graphs] [train] [fusions-ab] [variants] [gqa] [gqa-ab] [scan] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
+# `window`: the hybrid's fused window step alone, its launch geometry swept (benchmarks/gpu/window_tiles.py).
+# Usage: benchmarks/gpu/kernels.sh [new] [tests] [fusions] [hybrid-e2e] [window] [decode-profile] [finetune-graphs] [train] [fusions-ab] [variants] [gqa] [gqa-ab] [scan] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
 set -uo pipefail
 source benchmarks/gpu/env.sh  # carried wheels (FLA for the comparison) in /root/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -53,6 +54,11 @@ hybrid-e2e)
   T2R_GSA_FUSED_ROPE=1 T2R_GSA_FUSED_WINDOW=1 timeout 420 python -m t2r.cli bench generate --shape smollm2-135m \
     --window 512 --end-to-end --compile-step --context 32768 --batch 1 --batch 16 \
     --json "$OUT/bench_generate_e2e_hybrid_fused.json" 2>&1 | tee "$OUT/bench_generate_e2e_hybrid_fused.log" | tail -12 ;;
+window)
+  # The hybrid's fused window step alone (benchmarks/gpu/window_tiles.py): tile, warps and programs per SM swept at
+  # SmolLM2's and Mistral-7B's shapes, B = 1 / 16 / 64, each against the reference and the ring's read floor.
+  timeout 300 python benchmarks/gpu/window_tiles.py --json "$OUT/window_tiles.json" 2>&1 | tee "$OUT/window_tiles.log" \
+    | grep -E '^best|Error' ;;
 decode-profile)
   # Where a captured decoding step's time goes (batch 16, after a 1k prefill; each kernel of a replay, named), the
   # W = 512 hybrid beside all-GSA: what separates the hybrid's step from GSA's, kernel by kernel.
