@@ -13,7 +13,8 @@
 # `scan`: the forward scans in parts and in smaller row blocks, kernels alone.
 # `new`: the GPU tests of everything built since the last GPU run (the first call of a session).
 # `window`: the hybrid's fused window step alone, its launch geometry swept (benchmarks/gpu/window_tiles.py).
-# Usage: benchmarks/gpu/kernels.sh [new] [tests] [fusions] [hybrid-e2e] [window] [decode-profile] [finetune-graphs] [train] [fusions-ab] [variants] [gqa] [gqa-ab] [scan] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
+# `grouped`: the grouped decoding projections against cuBLAS, then in the profiled decoding step.
+# Usage: benchmarks/gpu/kernels.sh [new] [tests] [fusions] [hybrid-e2e] [window] [grouped] [decode-profile] [finetune-graphs] [train] [fusions-ab] [variants] [gqa] [gqa-ab] [scan] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
 set -uo pipefail
 source benchmarks/gpu/env.sh  # carried wheels (FLA for the comparison) in /root/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -59,6 +60,15 @@ window)
   # SmolLM2's and Mistral-7B's shapes, B = 1 / 16 / 64, each against the reference and the ring's read floor.
   timeout 300 python benchmarks/gpu/window_tiles.py --json "$OUT/window_tiles.json" 2>&1 | tee "$OUT/window_tiles.log" \
     | grep -E '^best|Error' ;;
+grouped)
+  # The grouped decoding projections (T2R_GSA_GROUPED_PROJECTIONS, off by default): the kernel swept against cuBLAS
+  # (benchmarks/gpu/grouped_tiles.py), then the captured decoding step profiled with them off and on, GSA and hybrid.
+  timeout 300 python benchmarks/gpu/grouped_tiles.py --json "$OUT/grouped_tiles.json" 2>&1 | tee "$OUT/grouped_tiles.log" \
+    | grep -E '^best|Error'
+  for on in 0 1; do for w in 0 512; do
+    T2R_GSA_GROUPED_PROJECTIONS=$on timeout 150 python benchmarks/decode_profile.py --window $w --batch 16 --no-teacher \
+      --json "$OUT/decode_profile_grouped${on}_w$w.json" 2>&1 | grep -E "gpu_busy|launches|wall" | head -3 | sed "s/^/[grouped=$on W=$w] /"
+  done; done ;;
 decode-profile)
   # Where a captured decoding step's time goes (batch 16, after a 1k prefill; each kernel of a replay, named), the
   # W = 512 hybrid beside all-GSA: what separates the hybrid's step from GSA's, kernel by kernel.

@@ -103,6 +103,16 @@ def precision(dtype: torch.dtype) -> Mapping[str, int]:
     return _precision(dtype, TUNING.dot, TUNING.dot_fp16, torch.backends.cuda.matmul.allow_tf32)
 
 
+def operand_precision(dtype: torch.dtype) -> int:
+    """Products of two tensors in ``dtype`` (the window step's, the grouped projections'): half precisions as they
+    are (emulated under the interpreter, whose half-precision dots are wrong), fp32 exactly (not tf32)."""
+    if dtype == torch.bfloat16:
+        return PREC_BF16_EMULATED if INTERPRETED else PREC_BF16
+    if dtype == torch.float16:
+        return PREC_FP16_EMULATED if INTERPRETED else PREC_FP16
+    return PREC_IEEE
+
+
 @functools.lru_cache(maxsize=32)
 def _precision(dtype: torch.dtype, dot: str, dot_fp16: bool, allow_tf32: bool) -> Mapping[str, int]:
     if dtype in (torch.bfloat16, torch.float16):

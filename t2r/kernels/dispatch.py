@@ -16,6 +16,7 @@ from .reference import (
     State,
     Window,
     cross_entropy_sum_reference,
+    grouped_linear_reference,
     gsa_chunk,
     gsa_decode_reference,
     gsa_prologue_reference,
@@ -32,6 +33,7 @@ try:
     from .chunk import gsa_chunk_triton, supports
     from .cross_entropy import cross_entropy_sum_triton, kd_sum_triton
     from .decode import gsa_decode_fused_triton, gsa_decode_triton
+    from .grouped_linear import MAX_ROWS, MAX_WEIGHTS, grouped_linear_triton
     from .norm import rms_norm_autograd_triton, rms_norm_triton
     from .prologue import gsa_prologue_triton
     from .rotary import rotary_triton
@@ -172,6 +174,21 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if TUNING.fused_mlp and _fusable(gate, up):
         return swiglu_triton(gate, up)
     return swiglu_reference(gate, up)
+
+
+def grouped_linear(
+    x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[torch.Tensor | None, ...]
+) -> tuple[torch.Tensor, ...]:
+    """Linear maps of one input (:func:`reference.grouped_linear_reference`): one Triton launch where
+    ``TUNING.grouped_projections`` is on (T2R_GSA_GROUPED_PROJECTIONS=1), :func:`_fused_inference` holds, there are
+    few rows (decoding) and the weights are contiguous in the input's dtype outside autocast; otherwise a GEMM each."""
+    if TUNING.grouped_projections and _fused_inference(x, *weights) and len(weights) <= MAX_WEIGHTS:
+        K = x.shape[-1]
+        few = K > 0 and x.numel() // K <= MAX_ROWS
+        fits = all(w.dtype == x.dtype and w.is_contiguous() for w in weights)
+        if few and fits and not torch.is_autocast_enabled(x.device.type):
+            return grouped_linear_triton(x, weights, biases)
+    return grouped_linear_reference(x, weights, biases)
 
 
 def window_decode_(

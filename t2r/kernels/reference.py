@@ -269,6 +269,14 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * h.to(x.dtype)
 
 
+def grouped_linear_reference(
+    x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[torch.Tensor | None, ...]
+) -> tuple[torch.Tensor, ...]:
+    """Each linear map (weight [N_i, K], bias [N_i] or None) applied to ``x`` [..., K]: the grouped projection's
+    contract."""
+    return tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
+
+
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """A Llama-family MLP's activation, as transformers computes it: silu(gate) * up."""
     return F.silu(gate) * up

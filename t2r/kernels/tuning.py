@@ -79,6 +79,9 @@ class Tuning:
     fused_mlp: bool = field(default_factory=lambda: _env("FUSED_MLP", "1") == "1")
     # a GSA layer's q/k/v/gate projections and an MLP's gate/up as one GEMM each way (models/projections.py).
     merged_projections: bool = field(default_factory=lambda: _env("MERGED_PROJECTIONS", "1") == "1")
+    # Decoding: the same projections as one Triton launch over the separate weights (kernels/grouped_linear.py),
+    # instead of a cuBLAS launch each; off until timed on a GPU (built on the CPU, 2026-12-05).
+    grouped_projections: bool = field(default_factory=lambda: _env("GROUPED_PROJECTIONS", "0") == "1")
     # Next-token cross-entropy (and distillation's KL) in one launch each way, with nothing vocabulary-sized kept
     # (kernels/cross_entropy.py), instead of the chunked fp32 log-softmax, recomputed in the backward. On since an
     # H200 timed it (2026-12-05, SmolLM2-135M at 1 x 16k: the step's elementwise GPU time 36.1 -> 8.0 ms, peak

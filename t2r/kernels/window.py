@@ -20,8 +20,8 @@ try:  # a try block, so that transformers' trust_remote_code import check does n
 except ImportError as err:
     raise ImportError("the GSA Triton kernels need triton (pip install 't2r[cuda]')") from err
 
-from .chunk import INTERPRETED
-from .chunk_jit import PREC_BF16, PREC_BF16_EMULATED, PREC_FP16, PREC_FP16_EMULATED, PREC_IEEE, _mm
+from .chunk import operand_precision
+from .chunk_jit import _mm
 from .layout import cdiv, multiprocessors, next_pow2
 from .reference import Window
 
@@ -103,7 +103,7 @@ def _window_merge_kernel(
     mix_ptr, proj_ptr, hidden_ptr, out_ptr,
     scale, W, PARTS, stride_kb, stride_kt, stride_vb, stride_vt, stride_valid, keep_stride, mix_stride, hidden_stride,
     C, H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, HAS_KEEP: tl.constexpr,
-    HAS_PROJ: tl.constexpr, BC: tl.constexpr,
+    HAS_PROJ: tl.constexpr, RB: tl.constexpr,
 ):  # fmt: skip
     """Program (row n, KV head h): the new token's term (always in: a padding query sees itself) merged with the
     parts', the mix (with the router's read of the hidden state: no launch of its own), the output; then the new
@@ -134,8 +134,8 @@ def _window_merge_kernel(
     logit = tl.load(mix_ptr + n * mix_stride + h * G + rg, mask=in_group, other=0.0).to(tl.float32)
     if HAS_PROJ:  # the router's read of the token's hidden state, its group's rows of the weight
         read = tl.zeros([GP], dtype=tl.float32)
-        for c0 in range(0, C, BC):
-            rc = c0 + tl.arange(0, BC)
+        for c0 in range(0, C, RB):
+            rc = c0 + tl.arange(0, RB)
             x = tl.load(hidden_ptr + n * hidden_stride + rc, mask=rc < C, other=0.0).to(tl.float32)
             wp = tl.load(proj_ptr + (h * G + rg)[:, None] * C + rc[None, :], mask=in_group[:, None] & (rc < C)[None, :],
                          other=0.0)  # fmt: skip
@@ -153,16 +153,6 @@ def _window_merge_kernel(
             is_real = tl.load(keep_ptr + n * keep_stride) != 0
         tl.store(pvalid_ptr + n * stride_valid + at, is_real)
         tl.store(head_ptr + n, at % W + 1)
-
-
-def _dot_precision(dtype: torch.dtype) -> int:
-    """The part kernel's operands: the ring's half precision (p rounded to it, as flash attention does), fp32
-    rings exactly (not tf32); emulated under the CPU interpreter, whose half-precision dots are wrong."""
-    if dtype == torch.bfloat16:
-        return PREC_BF16_EMULATED if INTERPRETED else PREC_BF16
-    if dtype == torch.float16:
-        return PREC_FP16_EMULATED if INTERPRETED else PREC_FP16
-    return PREC_IEEE
 
 
 def window_parts(rows: int, slots: int, sms: int, block: int = 32) -> int:
@@ -208,7 +198,7 @@ def window_decode_triton(
     _window_part_kernel[(B * Hkv, parts)](
         q, ring_k, ring_v, ring_valid, head, part_m, part_den, part_acc, slot, float(scale), S, chunk, *strides,
         H=H, Hkv=Hkv, D=D, DP=max(16, D), GP=GP, QP=max(16, GP), BW=block, num_warps=WINDOW_WARPS,
-        PREC=_dot_precision(ring_k.dtype),
+        PREC=operand_precision(ring_k.dtype),
     )  # fmt: skip
     out = torch.empty_like(o)
     _window_merge_kernel[(B * Hkv,)](
@@ -216,7 +206,7 @@ def window_decode_triton(
         slot, o, mix, mix if proj is None else proj, mix if hidden_rows is None else hidden_rows, out, float(scale),
         S - 1, parts, *strides, 0 if keep_col is None else keep_col.stride(0), H if mix.dim() > 1 else 0,
         0 if hidden_rows is None else hidden_rows.stride(0), 0 if proj is None else proj.shape[1], H=H, Hkv=Hkv, D=D,
-        GP=GP, HAS_KEEP=keep_col is not None, HAS_PROJ=proj is not None, BC=128, num_warps=4,
+        GP=GP, HAS_KEEP=keep_col is not None, HAS_PROJ=proj is not None, RB=128, num_warps=4,
     )  # fmt: skip
     return out
 

@@ -2,7 +2,8 @@
 q, k, v and slot gates, an MLP's gate and up. Under autograd this saves launches both ways (one GEMM for the
 weights' gradients, one for the input's, and no sums of the input's partial gradients), which bounds a small
 model's training step. The weights stay the modules' own parameters (checkpoints, optimizers and peft see no
-change); they are concatenated at each call, so merging is for training, and decoding keeps the separate GEMMs."""
+change); they are concatenated at each call, so merging is for training. Decoding may take one grouped launch over the
+separate weights instead (``TUNING.grouped_projections``, t2r/kernels/grouped_linear.py)."""
 
 from __future__ import annotations
 
@@ -11,20 +12,25 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as nn_module
 
+from t2r.kernels.dispatch import grouped_linear
 from t2r.kernels.tuning import TUNING
 
 
-def _mergeable(modules: tuple[nn.Module, ...]) -> bool:
+def _plain(modules: tuple[nn.Module, ...]) -> bool:
     """Plain nn.Linear modules (not peft's or a quantised layer) without hooks of their own or global ones (which
-    a merged call would skip), on one device and dtype, with biases on all or none."""
+    a merged or grouped call would skip), on one device and dtype."""
     if getattr(nn_module, "_global_forward_hooks", None) or getattr(nn_module, "_global_forward_pre_hooks", None):
         return False
     for m in modules:
         if type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks:
             return False
     first = modules[0].weight
-    same = all(m.weight.dtype == first.dtype and m.weight.device == first.device for m in modules)
-    return same and len({m.bias is None for m in modules}) == 1
+    return all(m.weight.dtype == first.dtype and m.weight.device == first.device for m in modules)
+
+
+def _mergeable(modules: tuple[nn.Module, ...]) -> bool:
+    """:func:`_plain`, with biases on all or none (one concatenated bias)."""
+    return _plain(modules) and len({m.bias is None for m in modules}) == 1
 
 
 class _MergedLinear(torch.autograd.Function):
@@ -67,9 +73,13 @@ class _MergedLinear(torch.autograd.Function):
 
 def project(x: torch.Tensor, modules: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
     """Each module applied to ``x``: one GEMM over the concatenated weights each way (outputs are views of its
-    result) where :func:`_mergeable` holds, autograd is on and ``TUNING.merged_projections``; else one call each."""
+    result) where :func:`_mergeable` holds, autograd is on and ``TUNING.merged_projections``; without autograd and
+    with ``TUNING.grouped_projections``, the grouped launch over the separate weights (decoding); else one call
+    each."""
     if TUNING.merged_projections and torch.is_grad_enabled() and _mergeable(modules):
         params = [m.weight for m in modules] + [m.bias for m in modules]
         y = _MergedLinear.apply(x, len(modules), *params)
         return y.split([m.out_features for m in modules], dim=-1)
+    if TUNING.grouped_projections and not torch.is_grad_enabled() and _plain(modules):
+        return grouped_linear(x, tuple(m.weight for m in modules), tuple(m.bias for m in modules))
     return tuple(m(x) for m in modules)

@@ -1,0 +1,104 @@
+"""Several linear maps of one input in one launch, without concatenating their weights (``TUNING.grouped_projections``;
+decoding: a GSA layer's q, k, v and slot gates, an MLP's gate and up). A decoding step's GEMMs are a few rows each,
+and cheap to read, yet at SmolLM2-135M's batch 16 they took 0.85 ms of a 1.57 ms step on an H100 (about 240 cuBLAS
+launches, eight a layer: ~3.5 us each; docs/benchmarks.md). Training merges the same maps by concatenating the
+weights at each call (t2r/models/projections.py), which decoding cannot afford: a second copy of the weights, or one
+storage shared by several parameters, which ``save_pretrained`` refuses. Here every program takes a tile of one
+weight's output columns, found from its index, and writes it into one output whose column blocks are the maps'
+outputs.
+
+Reference: :func:`reference.grouped_linear_reference`."""
+
+from __future__ import annotations
+
+import torch
+
+try:  # a try block, so that transformers' trust_remote_code import check does not demand triton on CPU machines
+    import triton
+    import triton.language as tl
+except ImportError as err:
+    raise ImportError("the GSA Triton kernels need triton (pip install 't2r[cuda]')") from err
+
+from .chunk import operand_precision
+from .chunk_jit import _mm
+from .layout import cdiv, flat_rows, next_pow2
+
+MAX_WEIGHTS = 4  # the kernel's weight pointers: a GSA layer's q, k, v and gates
+MAX_ROWS = 64  # at most this many rows (decoding's batch): past it cuBLAS's tiles win
+# Output columns per program, inner-dimension block, warps (benchmarks/gpu/grouped_tiles.py sweeps them).
+GROUPED_BN = 32
+GROUPED_BK = 128
+GROUPED_WARPS = 4
+
+
+@triton.jit
+def _grouped_linear_kernel(
+    x_ptr, w0_ptr, w1_ptr, w2_ptr, w3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr, out_ptr,
+    M, K, stride_x, N0, N1, N2, N3, T0, T1, T2, HB0, HB1, HB2, HB3, NY,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    """Program (column tile t, row block r): tile t is weight i's tile t - (T0 + ... + T(i-1)); its BN output columns
+    of the rows in block r, x @ w_i^T (+ b_i where HB_i) with fp32 accumulation, stored at weight i's column
+    offset in the output."""
+    t = tl.program_id(0)
+    rm = tl.program_id(1) * BM + tl.arange(0, BM)
+    w_ptr, b_ptr, hb, N, tile, col0 = w0_ptr, b0_ptr, HB0, N0, t, N0 * 0
+    # Weights past the last one have no tiles (T = 0), so no program reaches their branch.
+    if t >= T0:
+        w_ptr, b_ptr, hb, N, tile, col0 = w1_ptr, b1_ptr, HB1, N1, t - T0, N0
+    if t >= T0 + T1:
+        w_ptr, b_ptr, hb, N, tile, col0 = w2_ptr, b2_ptr, HB2, N2, t - T0 - T1, N0 + N1
+    if t >= T0 + T1 + T2:
+        w_ptr, b_ptr, hb, N, tile, col0 = w3_ptr, b3_ptr, HB3, N3, t - T0 - T1 - T2, N0 + N1 + N2
+    rn = tile * BN + tl.arange(0, BN)
+    rows, cols = rm < M, rn < N
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        inner = rk < K
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_x + rk[None, :], mask=rows[:, None] & inner[None, :],
+                    other=0.0)  # fmt: skip
+        w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=cols[:, None] & inner[None, :], other=0.0)
+        acc += _mm(x, tl.trans(w), PREC)
+    if hb != 0:
+        acc += tl.load(b_ptr + rn, mask=cols, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rm[:, None].to(tl.int64) * NY + col0 + rn[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rows[:, None] & cols[None, :])
+
+
+def grouped_linear_triton(
+    x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[torch.Tensor | None, ...]
+) -> tuple[torch.Tensor, ...]:
+    """The contract of :func:`reference.grouped_linear_reference` for up to MAX_WEIGHTS contiguous weights [N_i, K]
+    in ``x``'s dtype and at most MAX_ROWS rows of ``x`` [..., K], each with its bias or none (Qwen2's q/k/v have
+    them, the gates not). The outputs are column blocks (views) of one tensor."""
+    if not 1 <= len(weights) <= MAX_WEIGHTS or len(biases) != len(weights):
+        raise ValueError(f"the grouped projection takes 1 to {MAX_WEIGHTS} weights, each with its bias or None")
+    K = x.shape[-1]
+    if any(w.shape[1] != K or not w.is_contiguous() or w.dtype != x.dtype for w in weights):
+        raise ValueError("the grouped projection needs contiguous weights [N, K] in the input's dtype")
+    if any(
+        b is not None and (b.shape != (w.shape[0],) or b.dtype != x.dtype) for w, b in zip(weights, biases, strict=True)
+    ):
+        raise ValueError("the grouped projection needs each bias [N] in the input's dtype")
+    rows, stride = flat_rows(x)
+    M = rows.numel() // K if K else 0
+    if M > MAX_ROWS:
+        raise ValueError(f"the grouped projection takes at most {MAX_ROWS} rows (decoding), got {M}")
+    sizes = [w.shape[0] for w in weights]
+    y = torch.empty(M, sum(sizes), dtype=x.dtype, device=x.device)
+    tiles = [cdiv(n, GROUPED_BN) for n in sizes]
+    if M and sum(tiles):
+        pad = MAX_WEIGHTS - len(weights)
+        w = list(weights) + [weights[0]] * pad
+        b = [bias if bias is not None else x for bias in biases] + [x] * pad
+        flags = [int(bias is not None) for bias in biases] + [0] * pad
+        n = sizes + [0] * pad
+        t = tiles + [0] * pad
+        bm = max(16, next_pow2(M))
+        _grouped_linear_kernel[(sum(tiles), cdiv(M, bm))](
+            rows, *w, *b, y, M, K, stride, *n, *t[:3], *flags, y.shape[1], BM=bm,
+            BN=GROUPED_BN, BK=GROUPED_BK, PREC=operand_precision(x.dtype), num_warps=GROUPED_WARPS,
+        )  # fmt: skip
+    return tuple(y.view(*x.shape[:-1], y.shape[1]).split(sizes, dim=-1))
