@@ -13,7 +13,7 @@ import itertools
 import json
 
 import torch
-from window_tiles import graphed_ms, rel_err
+from sweeps import graphed_ms, rel_err, report
 
 from t2r.bench.kernels import copy_bandwidth
 from t2r.kernels import grouped_linear as grouped_module
@@ -51,12 +51,7 @@ def main() -> None:
                              "cublas_ms": round(cublas_ms, 5), "speedup": round(cublas_ms / ms, 2), "rel_err": err,
                              "floor_ms": round(floor_ms, 5)})  # fmt: skip
             print(json.dumps(rows_out[-1]), flush=True)
-    for shape, M in itertools.product(SHAPES, (1, 16, 64)):
-        best = min((r for r in rows_out if r["shape"] == shape and r["rows"] == M), key=lambda r: r["ms"])
-        print(f"best {shape} rows={M}: {best}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows_out, f, indent=1)
+    report(rows_out, ("shape", "rows"), args.json)
 
 
 if __name__ == "__main__":

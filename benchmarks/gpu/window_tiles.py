@@ -12,6 +12,7 @@ import itertools
 import json
 
 import torch
+from sweeps import graphed_ms, rel_err, report
 
 from t2r.bench.kernels import copy_bandwidth
 from t2r.kernels import window as window_module
@@ -19,7 +20,6 @@ from t2r.kernels.reference import window_decode_reference
 from t2r.kernels.window import window_decode_triton
 
 SHAPES = {"smollm2-135m": (9, 3, 64, 576), "mistral-7b": (32, 8, 128, 4096)}  # heads, KV heads, head dim, hidden
-STEPS = 30
 
 
 def inputs(B: int, H: int, Hkv: int, D: int, C: int, W: int, dtype=torch.bfloat16):
@@ -34,33 +34,6 @@ def inputs(B: int, H: int, Hkv: int, D: int, C: int, W: int, dtype=torch.bfloat1
     mix = (torch.randn(H, device=dev, dtype=dtype), torch.randn(H, C, device=dev, dtype=dtype) / C**0.5,
            torch.randn(B, 1, C, device=dev, dtype=dtype))  # fmt: skip
     return q, k, v, (*ring, valid, head), o, mix
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def graphed_ms(fn) -> float:
-    """Milliseconds per call of ``fn`` replayed from a graph of STEPS calls."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(STEPS):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (20 * STEPS)
 
 
 def main() -> None:
@@ -91,12 +64,7 @@ def main() -> None:
                          "x_floor": round(ms / floor_ms, 2), "torch_ms": round(ref_ms, 5)})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     window_module.window_parts = parts_of
-    for shape, B in itertools.product(SHAPES, (1, 16, 64)):
-        best = min((r for r in rows if r["shape"] == shape and r["batch"] == B), key=lambda r: r["ms"])
-        print(f"best {shape} B={B}: {best}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    report(rows, ("shape", "batch"), args.json)
 
 
 if __name__ == "__main__":
