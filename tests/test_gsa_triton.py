@@ -324,6 +324,55 @@ def test_fused_decode_step_matches_its_reference(feature_map, mask):
         assert torch.equal(state[0][1], h0[0][1]) and torch.equal(state[1][3], h0[1][3])
 
 
+@pytest.mark.parametrize(("raw", "block", "mask"), [(True, 32, "bool"), (True, 16, None), (False, 32, None)])
+def test_split_decode_step_is_the_one_program_step_bit_for_bit(monkeypatch, raw, block, mask):
+    """T2R_GSA_DECODE_SPLIT=on: the keys memory's row blocks, then the values memory's column blocks, as programs of
+    two launches (the one-program kernel not launched at all), with the same output and memories as the one-program
+    step (bit for bit under the interpreter: the partial slot logits are summed in its block order). GQA groups of
+    3, padding rows."""
+    from t2r.kernels import decode
+
+    monkeypatch.setattr(TUNING, "decode_block", block)
+    B, H, Hkv, K, V, M = 5, 6, 2, 64, 32, 32
+    (q, k, v, s, g), h0 = make_inputs(B, 1, H, Hkv, K, V, M, device=DEVICE)
+    f = torch.randn(B, 1, Hkv, M, device=DEVICE) * 4
+    keep = None
+    if mask is not None:
+        keep = torch.ones(B, 1, dtype=torch.bool, device=DEVICE)
+        keep[2] = False
+    results = []
+    for split in ("off", "on"):
+        monkeypatch.setattr(TUNING, "decode_split", split)
+        if split == "on":  # the one-program kernel must not run
+            monkeypatch.setattr(decode, "_decode_step_kernel", None)
+        state = tuple(x.detach().clone() for x in h0)
+        with torch.no_grad():
+            if raw:
+                o = gsa_decode_fused_triton(q, k, v, f, 0.3, state, "swish", 8.0, keep)
+            else:
+                o = gsa_decode_triton(q, k, v, s, g, 0.3, state)
+        results.append((o, *state))
+    # The same bits under the interpreter; compiled code may contract the sums differently
+    assert all(rel_err(a, b) <= (1e-6 if CUDA else 0.0) for a, b in zip(*results, strict=True))
+    if keep is not None:  # a padded row's memories stay as they were
+        assert torch.equal(results[1][1][2], h0[0][2]) and torch.equal(results[1][2][2], h0[1][2])
+
+
+def test_split_decode_step_goes_where_rows_leave_multiprocessors_idle(monkeypatch):
+    from t2r.kernels.decode import split_step
+    from t2r.kernels.tuning import Tuning
+
+    cpu = torch.device("cpu")  # counted as 132 multiprocessors (an H100's) off the GPU
+    monkeypatch.setattr(TUNING, "decode_split", "auto")
+    assert split_step(48, cpu) and not split_step(512, cpu)  # SmolLM2 at batch 16; H = 32 at batch 16
+    monkeypatch.setattr(TUNING, "decode_split", "off")
+    assert not split_step(3, cpu)
+    monkeypatch.setattr(TUNING, "decode_split", "on")
+    assert split_step(4096, cpu)
+    with pytest.raises(ValueError, match="T2R_GSA_DECODE_SPLIT='sometimes': expected on, off or auto"):
+        Tuning(decode_split="sometimes")
+
+
 def test_fused_decode_dispatch_takes_the_reference_for_several_tokens(monkeypatch):
     """Several new tokens (and CPU tensors without T2R_GSA_IMPL=triton) go through the prologue and the unfused
     step: the same contract, the same numbers as the reference."""

@@ -14,7 +14,8 @@
 # `new`: the GPU tests of everything built since the last GPU run (the first call of a session).
 # `window`: the hybrid's fused window step alone, its launch geometry swept (benchmarks/gpu/window_tiles.py).
 # `grouped`: the grouped decoding projections against cuBLAS, then in the profiled decoding step.
-# Usage: benchmarks/gpu/kernels.sh [new] [tests] [fusions] [hybrid-e2e] [window] [grouped] [decode-profile] [finetune-graphs] [train] [fusions-ab] [variants] [gqa] [gqa-ab] [scan] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
+# `decode-split`: the one-token GSA step split over its memories' blocks, off / on / auto, against FLA's.
+# Usage: benchmarks/gpu/kernels.sh [new] [tests] [fusions] [hybrid-e2e] [window] [grouped] [decode-split] [decode-profile] [finetune-graphs] [train] [fusions-ab] [variants] [gqa] [gqa-ab] [scan] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
 set -uo pipefail
 source benchmarks/gpu/env.sh  # carried wheels (FLA for the comparison) in /root/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -69,6 +70,19 @@ grouped)
     T2R_GSA_GROUPED_PROJECTIONS=$on timeout 150 python benchmarks/decode_profile.py --window $w --batch 16 --no-teacher \
       --json "$OUT/decode_profile_grouped${on}_w$w.json" 2>&1 | grep -E "gpu_busy|launches|wall" | head -3 | sed "s/^/[grouped=$on W=$w] /"
   done; done ;;
+decode-split)
+  # The one-token step split over its memories' blocks (T2R_GSA_DECODE_SPLIT, off by default) against the
+  # one-program step and FLA's (when its wheels are carried): the issue's layer and the GQA ones, batch 1 / 16 / 64,
+  # then the profiled decoding step at batch 16 with it off and on.
+  for mode in off on auto; do
+    T2R_GSA_DECODE_SPLIT=$mode timeout 200 python -m t2r.cli bench kernels --no-train --no-loss --layer issue \
+      --layer smollm2-135m --layer mistral-7b --json "$OUT/bench_decode_split_$mode.json" 2>&1 | grep -iE "decode|batch" \
+      | sed "s/^/[split=$mode] /"
+  done
+  for mode in off on; do
+    T2R_GSA_DECODE_SPLIT=$mode timeout 150 python benchmarks/decode_profile.py --window 0 --batch 16 --no-teacher \
+      --json "$OUT/decode_profile_split_$mode.json" 2>&1 | grep -E "gpu_busy|wall" | sed "s/^/[split=$mode] /"
+  done ;;
 decode-profile)
   # Where a captured decoding step's time goes (batch 16, after a 1k prefill; each kernel of a replay, named), the
   # W = 512 hybrid beside all-GSA: what separates the hybrid's step from GSA's, kernel by kernel.

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from .decode_jit import _decode_kernel, _decode_step_kernel
-from .layout import next_pow2
+from .decode_jit import _decode_kernel, _decode_keys_kernel, _decode_step_kernel, _decode_values_kernel
+from .layout import multiprocessors, next_pow2
 from .reference import State
 from .tuning import TUNING, empty
 
@@ -60,14 +60,35 @@ def _check_state(state: State) -> State:
     return state
 
 
+def split_step(rows: int, device: torch.device) -> bool:
+    """Whether a one-token step splits over its memories' blocks (two launches): ``TUNING.decode_split`` is
+    "on", or "auto" and the rows (sequences x KV heads) fill fewer than the device's multiprocessors."""
+    mode = TUNING.decode_split
+    return mode == "on" or (mode == "auto" and rows < multiprocessors(device))
+
+
 def _step(q, k, v, s, g, o, state: State, scale, normalizer: float, keep, raw: bool, feature_map: str) -> None:
     B, _, H, K = q.shape
     Hkv, V, M = k.shape[2], v.shape[3], g.shape[3]
     scale = K**-0.5 if scale is None else float(scale)
     keep_ptr, keep_stride = (q, 0) if keep is None else (keep, keep.stride(0))
+    GP, BK, BV = next_pow2(H // Hkv), min(K, TUNING.decode_block), min(V, TUNING.decode_block)
+    if split_step(B * Hkv, q.device):
+        KB = K // BK
+        part = torch.empty(B * Hkv * KB * GP * M, dtype=torch.float32, device=q.device)
+        common = dict(RAW=raw, HAS_KEEP=keep is not None, num_warps=TUNING.decode_warps)
+        s_ptr = g if s is None else s
+        _decode_keys_kernel[(B * Hkv, KB)](
+            q, k, s_ptr, g, state[0], part, keep_ptr, keep_stride, float(normalizer), H=H, Hkv=Hkv, K=K, M=M, GP=GP,
+            BK=BK, FM=FEATURE_CODES[feature_map], **common,
+        )  # fmt: skip
+        _decode_values_kernel[(B * Hkv, V // BV)](
+            v, s_ptr, g, o, state[1], part, keep_ptr, keep_stride, scale, float(normalizer), KB, H=H, Hkv=Hkv, V=V,
+            M=M, GP=GP, BV=BV, **common,
+        )  # fmt: skip
+        return
     _decode_step_kernel[(B * Hkv,)](
         q, k, v, g if s is None else s, g, o, *state, keep_ptr, keep_stride, scale, float(normalizer),
-        H=H, Hkv=Hkv, K=K, V=V, M=M, GP=next_pow2(H // Hkv),
-        BK=min(K, TUNING.decode_block), BV=min(V, TUNING.decode_block), RAW=raw, FM=FEATURE_CODES[feature_map],
+        H=H, Hkv=Hkv, K=K, V=V, M=M, GP=GP, BK=BK, BV=BV, RAW=raw, FM=FEATURE_CODES[feature_map],
         HAS_KEEP=keep is not None, num_warps=TUNING.decode_warps,
     )  # fmt: skip

@@ -70,6 +70,24 @@ def _one_minus(a, g):
 
 
 @triton.jit
+def _gates(s_ptr, g_ptr, keep_ptr, keep_stride, normalizer, i_nh, Hkv: tl.constexpr, M: tl.constexpr,
+           RAW: tl.constexpr, HAS_KEEP: tl.constexpr):  # fmt: skip
+    """Row i_nh's (alpha, 1 - alpha) over the slots: from the gate logits (``RAW``: log alpha = logsigmoid(f) /
+    normalizer; padding rows, ``keep`` == 0, get alpha 1 and write nothing) or as given (s, log alpha)."""
+    rm = tl.arange(0, M)
+    if RAW:
+        g = _log_gate(tl.load(g_ptr + i_nh * M + rm).to(tl.float32), normalizer)
+        if HAS_KEEP:
+            g = tl.where(tl.load(keep_ptr + (i_nh // Hkv) * keep_stride) != 0, g, 0.0)
+        a = tl.exp(g)
+        s = _one_minus(a, g)
+    else:
+        s = tl.load(s_ptr + i_nh * M + rm).to(tl.float32)
+        a = tl.exp(tl.load(g_ptr + i_nh * M + rm).to(tl.float32))
+    return a, s
+
+
+@triton.jit
 def _decode_step_kernel(
     q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, o_ptr, hk_ptr, hv_ptr, keep_ptr, keep_stride, scale, normalizer,
     H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, GP: tl.constexpr,
@@ -89,15 +107,7 @@ def _decode_step_kernel(
     rm = tl.arange(0, M)
     heads = (i_nh * G + rg)[:, None]  # query heads of this KV head: rows of q and o
     in_group = rg[:, None] < G
-    if RAW:
-        g = _log_gate(tl.load(g_ptr + i_nh * M + rm).to(tl.float32), normalizer)
-        if HAS_KEEP:
-            g = tl.where(tl.load(keep_ptr + (i_nh // Hkv) * keep_stride) != 0, g, 0.0)
-        a = tl.exp(g)
-        s = _one_minus(a, g)
-    else:
-        s = tl.load(s_ptr + i_nh * M + rm).to(tl.float32)
-        a = tl.exp(tl.load(g_ptr + i_nh * M + rm).to(tl.float32))
+    a, s = _gates(s_ptr, g_ptr, keep_ptr, keep_stride, normalizer, i_nh, Hkv, M, RAW, HAS_KEEP)
     logits = tl.zeros([GP, M], dtype=tl.float32)
     # Unrolled by 4: a little faster, the same bits (docs/benchmarks.md, the decode step).
     for k0 in tl.range(0, K, BK, loop_unroll_factor=4):
@@ -123,3 +133,73 @@ def _decode_step_kernel(
         if RAW:
             o = o * tl.sigmoid(o)
         tl.store(o_ptr + heads * V + rv[None, :], o.to(o_ptr.dtype.element_ty), mask=in_group)
+
+
+# The step split over programs (``TUNING.decode_split``): where sequences x KV heads are fewer than the device's
+# multiprocessors (batch 1; SmolLM2's 3 KV heads at batch 16: 48 programs of 132), the one-program-per-row step
+# leaves most of them idle and each walks its memories serially. Here the keys memory's row blocks, then the values
+# memory's column blocks, are programs of their own, in two launches: the first writes each block's partial slot
+# logits, the second sums them (in the block order of the one-program step: the same bits), takes the softmax and
+# produces the output. Each program recomputes the row's gates (M values).
+
+
+@triton.jit
+def _decode_keys_kernel(
+    q_ptr, k_ptr, s_ptr, g_ptr, hk_ptr, part_ptr, keep_ptr, keep_stride, normalizer,
+    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, M: tl.constexpr, GP: tl.constexpr, BK: tl.constexpr,
+    RAW: tl.constexpr, FM: tl.constexpr, HAS_KEEP: tl.constexpr,
+):  # fmt: skip
+    """Program (row i_nh, keys block b): rows [b BK, (b + 1) BK) of the keys memory decayed, written and stored, and
+    every query head's slot logits over them, unscaled, into the workspace."""
+    G: tl.constexpr = H // Hkv
+    i_nh = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    rg = tl.arange(0, GP)
+    rm = tl.arange(0, M)
+    heads = (i_nh * G + rg)[:, None]
+    in_group = rg[:, None] < G
+    a, s = _gates(s_ptr, g_ptr, keep_ptr, keep_stride, normalizer, i_nh, Hkv, M, RAW, HAS_KEEP)
+    rk = blk * BK + tl.arange(0, BK)
+    ptrs = hk_ptr + i_nh * K * M + rk[:, None] * M + rm[None, :]
+    kb = _feature(tl.load(k_ptr + i_nh * K + rk).to(tl.float32), FM)
+    hk = tl.load(ptrs) * a[None, :] + kb[:, None] * s[None, :]
+    tl.store(ptrs, hk)
+    qb = _feature(tl.load(q_ptr + heads * K + rk[None, :], mask=in_group, other=0.0).to(tl.float32), FM)
+    part = tl.sum(qb[:, :, None] * hk[None, :, :], axis=1)  # [GP, M]
+    blocks = tl.num_programs(1)
+    tl.store(part_ptr + ((i_nh * blocks + blk) * GP + rg)[:, None] * M + rm[None, :], part)
+
+
+@triton.jit
+def _decode_values_kernel(
+    v_ptr, s_ptr, g_ptr, o_ptr, hv_ptr, part_ptr, keep_ptr, keep_stride, scale, normalizer, KB,
+    H: tl.constexpr, Hkv: tl.constexpr, V: tl.constexpr, M: tl.constexpr, GP: tl.constexpr, BV: tl.constexpr,
+    RAW: tl.constexpr, HAS_KEEP: tl.constexpr,
+):  # fmt: skip
+    """Program (row i_nh, values block b): the slot softmax from the KB keys blocks' partial logits, then columns
+    [b BV, (b + 1) BV) of the values memory decayed, written and stored, and the output's columns."""
+    G: tl.constexpr = H // Hkv
+    i_nh = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    rg = tl.arange(0, GP)
+    rm = tl.arange(0, M)
+    heads = (i_nh * G + rg)[:, None]
+    in_group = rg[:, None] < G
+    a, s = _gates(s_ptr, g_ptr, keep_ptr, keep_stride, normalizer, i_nh, Hkv, M, RAW, HAS_KEEP)
+    logits = tl.zeros([GP, M], dtype=tl.float32)
+    for b in range(0, KB):
+        logits += tl.load(part_ptr + ((i_nh * KB + b) * GP + rg)[:, None] * M + rm[None, :])
+    logits = scale * logits
+    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    p = e / tl.sum(e, axis=1)[:, None]
+    rv = blk * BV + tl.arange(0, BV)
+    ptrs = hv_ptr + i_nh * M * V + rm[:, None] * V + rv[None, :]
+    vb = tl.load(v_ptr + i_nh * V + rv).to(tl.float32)
+    if RAW:
+        vb = vb * tl.sigmoid(vb)
+    hv = tl.load(ptrs) * a[:, None] + s[:, None] * vb[None, :]
+    tl.store(ptrs, hv)
+    o = tl.sum(p[:, :, None] * hv[None, :, :], axis=1)  # [GP, BV]
+    if RAW:
+        o = o * tl.sigmoid(o)
+    tl.store(o_ptr + heads * V + rv[None, :], o.to(o_ptr.dtype.element_ty), mask=in_group)
