@@ -88,6 +88,51 @@ def _gates(s_ptr, g_ptr, keep_ptr, keep_stride, normalizer, i_nh, Hkv: tl.conste
 
 
 @triton.jit
+def _group(i_nh, H: tl.constexpr, Hkv: tl.constexpr, GP: tl.constexpr):
+    """Row i_nh's query heads (rows of q and o, [GP, 1]) and which of the GP lanes are heads."""
+    G: tl.constexpr = H // Hkv
+    rg = tl.arange(0, GP)
+    return (i_nh * G + rg)[:, None], rg[:, None] < G
+
+
+@triton.jit
+def _keys_block(q_ptr, k_ptr, hk_ptr, i_nh, rk, a, s, heads, in_group, K: tl.constexpr, M: tl.constexpr,
+                FM: tl.constexpr):  # fmt: skip
+    """Rows ``rk`` of row i_nh's keys memory decayed, written and stored; the group's slot logits over them."""
+    rm = tl.arange(0, M)
+    ptrs = hk_ptr + i_nh * K * M + rk[:, None] * M + rm[None, :]
+    kb = _feature(tl.load(k_ptr + i_nh * K + rk).to(tl.float32), FM)
+    hk = tl.load(ptrs) * a[None, :] + kb[:, None] * s[None, :]
+    tl.store(ptrs, hk)
+    qb = _feature(tl.load(q_ptr + heads * K + rk[None, :], mask=in_group, other=0.0).to(tl.float32), FM)
+    return tl.sum(qb[:, :, None] * hk[None, :, :], axis=1)  # [GP, M]
+
+
+@triton.jit
+def _slot_probs(logits, scale):
+    logits = scale * logits
+    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    return e / tl.sum(e, axis=1)[:, None]
+
+
+@triton.jit
+def _values_block(v_ptr, hv_ptr, o_ptr, i_nh, rv, a, s, p, heads, in_group, M: tl.constexpr, V: tl.constexpr,
+                  RAW: tl.constexpr):  # fmt: skip
+    """Columns ``rv`` of row i_nh's values memory decayed, written and stored; the group's output there."""
+    rm = tl.arange(0, M)
+    ptrs = hv_ptr + i_nh * M * V + rm[:, None] * V + rv[None, :]
+    vb = tl.load(v_ptr + i_nh * V + rv).to(tl.float32)
+    if RAW:
+        vb = vb * tl.sigmoid(vb)
+    hv = tl.load(ptrs) * a[:, None] + s[:, None] * vb[None, :]
+    tl.store(ptrs, hv)
+    o = tl.sum(p[:, :, None] * hv[None, :, :], axis=1)  # [GP, BV]
+    if RAW:
+        o = o * tl.sigmoid(o)
+    tl.store(o_ptr + heads * V + rv[None, :], o.to(o_ptr.dtype.element_ty), mask=in_group)
+
+
+@triton.jit
 def _decode_step_kernel(
     q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, o_ptr, hk_ptr, hv_ptr, keep_ptr, keep_stride, scale, normalizer,
     H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, GP: tl.constexpr,
@@ -101,38 +146,16 @@ def _decode_step_kernel(
     ``RAW``: q, k, v are the projections and ``g_ptr`` holds the gate logits f; the layer's elementwise work
     happens here (feature map ``FM``, silu values, log alpha = logsigmoid(f) / normalizer, 1 - alpha, padding
     rows ``keep`` == 0 that neither write nor decay, and silu on the output) instead of in a dozen launches."""
-    G: tl.constexpr = H // Hkv
     i_nh = tl.program_id(0).to(tl.int64)  # = sequence * Hkv + KV head, the token's row in k, v, s, g
-    rg = tl.arange(0, GP)
-    rm = tl.arange(0, M)
-    heads = (i_nh * G + rg)[:, None]  # query heads of this KV head: rows of q and o
-    in_group = rg[:, None] < G
+    heads, in_group = _group(i_nh, H, Hkv, GP)
     a, s = _gates(s_ptr, g_ptr, keep_ptr, keep_stride, normalizer, i_nh, Hkv, M, RAW, HAS_KEEP)
     logits = tl.zeros([GP, M], dtype=tl.float32)
     # Unrolled by 4: a little faster, the same bits (docs/benchmarks.md, the decode step).
     for k0 in tl.range(0, K, BK, loop_unroll_factor=4):
-        rk = k0 + tl.arange(0, BK)
-        ptrs = hk_ptr + i_nh * K * M + rk[:, None] * M + rm[None, :]
-        kb = _feature(tl.load(k_ptr + i_nh * K + rk).to(tl.float32), FM)
-        hk = tl.load(ptrs) * a[None, :] + kb[:, None] * s[None, :]
-        tl.store(ptrs, hk)
-        qb = _feature(tl.load(q_ptr + heads * K + rk[None, :], mask=in_group, other=0.0).to(tl.float32), FM)
-        logits += tl.sum(qb[:, :, None] * hk[None, :, :], axis=1)
-    logits = scale * logits
-    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-    p = e / tl.sum(e, axis=1)[:, None]
+        logits += _keys_block(q_ptr, k_ptr, hk_ptr, i_nh, k0 + tl.arange(0, BK), a, s, heads, in_group, K, M, FM)
+    p = _slot_probs(logits, scale)
     for v0 in tl.range(0, V, BV, loop_unroll_factor=4):
-        rv = v0 + tl.arange(0, BV)
-        ptrs = hv_ptr + i_nh * M * V + rm[:, None] * V + rv[None, :]
-        vb = tl.load(v_ptr + i_nh * V + rv).to(tl.float32)
-        if RAW:
-            vb = vb * tl.sigmoid(vb)
-        hv = tl.load(ptrs) * a[:, None] + s[:, None] * vb[None, :]
-        tl.store(ptrs, hv)
-        o = tl.sum(p[:, :, None] * hv[None, :, :], axis=1)  # [GP, BV]
-        if RAW:
-            o = o * tl.sigmoid(o)
-        tl.store(o_ptr + heads * V + rv[None, :], o.to(o_ptr.dtype.element_ty), mask=in_group)
+        _values_block(v_ptr, hv_ptr, o_ptr, i_nh, v0 + tl.arange(0, BV), a, s, p, heads, in_group, M, V, RAW)
 
 
 # The step split over programs (``TUNING.decode_split``): where sequences x KV heads are fewer than the device's
@@ -144,6 +167,13 @@ def _decode_step_kernel(
 
 
 @triton.jit
+def _parts(part_ptr, i_nh, blk, blocks, GP: tl.constexpr, M: tl.constexpr):
+    """Pointers [GP, M] to row i_nh's partial slot logits from keys block ``blk`` of ``blocks``."""
+    rows = (i_nh * blocks + blk) * GP + tl.arange(0, GP)
+    return part_ptr + rows[:, None] * M + tl.arange(0, M)[None, :]
+
+
+@triton.jit
 def _decode_keys_kernel(
     q_ptr, k_ptr, s_ptr, g_ptr, hk_ptr, part_ptr, keep_ptr, keep_stride, normalizer,
     H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, M: tl.constexpr, GP: tl.constexpr, BK: tl.constexpr,
@@ -151,23 +181,12 @@ def _decode_keys_kernel(
 ):  # fmt: skip
     """Program (row i_nh, keys block b): rows [b BK, (b + 1) BK) of the keys memory decayed, written and stored, and
     every query head's slot logits over them, unscaled, into the workspace."""
-    G: tl.constexpr = H // Hkv
     i_nh = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
-    rg = tl.arange(0, GP)
-    rm = tl.arange(0, M)
-    heads = (i_nh * G + rg)[:, None]
-    in_group = rg[:, None] < G
+    heads, in_group = _group(i_nh, H, Hkv, GP)
     a, s = _gates(s_ptr, g_ptr, keep_ptr, keep_stride, normalizer, i_nh, Hkv, M, RAW, HAS_KEEP)
-    rk = blk * BK + tl.arange(0, BK)
-    ptrs = hk_ptr + i_nh * K * M + rk[:, None] * M + rm[None, :]
-    kb = _feature(tl.load(k_ptr + i_nh * K + rk).to(tl.float32), FM)
-    hk = tl.load(ptrs) * a[None, :] + kb[:, None] * s[None, :]
-    tl.store(ptrs, hk)
-    qb = _feature(tl.load(q_ptr + heads * K + rk[None, :], mask=in_group, other=0.0).to(tl.float32), FM)
-    part = tl.sum(qb[:, :, None] * hk[None, :, :], axis=1)  # [GP, M]
-    blocks = tl.num_programs(1)
-    tl.store(part_ptr + ((i_nh * blocks + blk) * GP + rg)[:, None] * M + rm[None, :], part)
+    part = _keys_block(q_ptr, k_ptr, hk_ptr, i_nh, blk * BK + tl.arange(0, BK), a, s, heads, in_group, K, M, FM)
+    tl.store(_parts(part_ptr, i_nh, blk, tl.num_programs(1), GP, M), part)
 
 
 @triton.jit
@@ -178,28 +197,12 @@ def _decode_values_kernel(
 ):  # fmt: skip
     """Program (row i_nh, values block b): the slot softmax from the KB keys blocks' partial logits, then columns
     [b BV, (b + 1) BV) of the values memory decayed, written and stored, and the output's columns."""
-    G: tl.constexpr = H // Hkv
     i_nh = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
-    rg = tl.arange(0, GP)
-    rm = tl.arange(0, M)
-    heads = (i_nh * G + rg)[:, None]
-    in_group = rg[:, None] < G
+    heads, in_group = _group(i_nh, H, Hkv, GP)
     a, s = _gates(s_ptr, g_ptr, keep_ptr, keep_stride, normalizer, i_nh, Hkv, M, RAW, HAS_KEEP)
     logits = tl.zeros([GP, M], dtype=tl.float32)
     for b in range(0, KB):
-        logits += tl.load(part_ptr + ((i_nh * KB + b) * GP + rg)[:, None] * M + rm[None, :])
-    logits = scale * logits
-    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-    p = e / tl.sum(e, axis=1)[:, None]
-    rv = blk * BV + tl.arange(0, BV)
-    ptrs = hv_ptr + i_nh * M * V + rm[:, None] * V + rv[None, :]
-    vb = tl.load(v_ptr + i_nh * V + rv).to(tl.float32)
-    if RAW:
-        vb = vb * tl.sigmoid(vb)
-    hv = tl.load(ptrs) * a[:, None] + s[:, None] * vb[None, :]
-    tl.store(ptrs, hv)
-    o = tl.sum(p[:, :, None] * hv[None, :, :], axis=1)  # [GP, BV]
-    if RAW:
-        o = o * tl.sigmoid(o)
-    tl.store(o_ptr + heads * V + rv[None, :], o.to(o_ptr.dtype.element_ty), mask=in_group)
+        logits += tl.load(_parts(part_ptr, i_nh, b, KB, GP, M))
+    p = _slot_probs(logits, scale)
+    _values_block(v_ptr, hv_ptr, o_ptr, i_nh, blk * BV + tl.arange(0, BV), a, s, p, heads, in_group, M, V, RAW)
