@@ -362,6 +362,9 @@ def test_window_mix_hands_its_router_to_the_fused_step_only_as_a_plain_linear_ma
     logits, proj, read_of = mix.terms(hidden)
     assert logits is mix.weight and proj is mix.proj.weight and read_of is hidden
     assert torch.allclose(logits.float() + F.linear(read_of, proj), mix(hidden), rtol=1e-6, atol=1e-6)
+    pre = mix.proj.register_forward_pre_hook(lambda module, args: (args[0] * 2,))  # a pre-hook too
+    assert torch.equal(mix.terms(hidden)[0], mix(hidden)) and mix.terms(hidden)[1:] == (None, None)
+    pre.remove()
     mix.proj.register_forward_hook(lambda module, args, out: out * 2)
     assert torch.equal(mix.terms(hidden)[0], mix(hidden)) and mix.terms(hidden)[1:] == (None, None)
     biased = WindowMix(4, 0.5, 8)

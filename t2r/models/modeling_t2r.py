@@ -38,7 +38,7 @@ from .configuration_t2r import T2RLlamaConfig, T2RMistralConfig, T2RQwen2Config,
 from .decode_graphs import DecodeGraphs
 from .fused import fuse_modules
 from .hf_compat import CACHE_ARG, take_cache
-from .projections import project
+from .projections import plain_linears, project
 from .window_attention import sliding_window_attention
 
 
@@ -244,7 +244,7 @@ class WindowMix(nn.Module):
         proj = self.proj
         if proj is None:
             return self.weight, None, None
-        if type(proj) is nn.Linear and proj.bias is None and not proj._forward_hooks:
+        if proj.bias is None and plain_linears((proj,)):
             return self.weight, proj.weight, hidden_states
         return self(hidden_states), None, None
 

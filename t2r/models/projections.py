@@ -16,7 +16,7 @@ from t2r.kernels.dispatch import grouped_linear
 from t2r.kernels.tuning import TUNING
 
 
-def _plain(modules: tuple[nn.Module, ...]) -> bool:
+def plain_linears(modules: tuple[nn.Module, ...]) -> bool:
     """Plain nn.Linear modules (not peft's or a quantised layer) without hooks of their own or global ones (which
     a merged or grouped call would skip), on one device and dtype."""
     if getattr(nn_module, "_global_forward_hooks", None) or getattr(nn_module, "_global_forward_pre_hooks", None):
@@ -29,8 +29,8 @@ def _plain(modules: tuple[nn.Module, ...]) -> bool:
 
 
 def _mergeable(modules: tuple[nn.Module, ...]) -> bool:
-    """:func:`_plain`, with biases on all or none (one concatenated bias)."""
-    return _plain(modules) and len({m.bias is None for m in modules}) == 1
+    """:func:`plain_linears`, with biases on all or none (one concatenated bias)."""
+    return plain_linears(modules) and len({m.bias is None for m in modules}) == 1
 
 
 class _MergedLinear(torch.autograd.Function):
@@ -80,6 +80,6 @@ def project(x: torch.Tensor, modules: tuple[nn.Module, ...]) -> tuple[torch.Tens
         params = [m.weight for m in modules] + [m.bias for m in modules]
         y = _MergedLinear.apply(x, len(modules), *params)
         return y.split([m.out_features for m in modules], dim=-1)
-    if TUNING.grouped_projections and not torch.is_grad_enabled() and _plain(modules):
+    if TUNING.grouped_projections and not torch.is_grad_enabled() and plain_linears(modules):
         return grouped_linear(x, tuple(m.weight for m in modules), tuple(m.bias for m in modules))
     return tuple(m(x) for m in modules)
