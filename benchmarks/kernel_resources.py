@@ -36,7 +36,7 @@ INT_SCALARS = {"T", "stride_pd", "stride_pm", "d0", "keep_stride", "N", "cs_batc
                "stride_kt", "stride_vb", "stride_vt", "stride_valid", "mix_stride", "R", "per_program", "sq", "sk",
                "sv", "sf", "keep_sb", "keep_st", "sg", "su", "V", "stride", "stride_s", "stride_t", "S", "CH", "W",
                "PARTS", "parts", "hidden_stride", "C", "M", "K", "stride_x", "N0", "N1", "N2", "N3", "T0", "T1", "T2",
-               "HB0", "HB1", "HB2", "HB3", "NY", "KB"}  # fmt: skip
+               "HB0", "HB1", "HB2", "HB3", "KB"}  # fmt: skip
 CONSTEXPRS = dict(H=32, Hkv=32, K=128, V=128, M=64, D=128, BS=64, BC=16, BD=64, BM=32, GP=1, BK=32, BV=32, PREC_IN=0,
                   PREC=3, PREC_O=3, EXP_CLAMP=60.0, HAS_INIT=False, STORE_OUT=True, REVERSE=False, MEMORY=0,
                   STORE_LSE=True, RAW=True, FM=1, HAS_KEEP=True, BLOCK=1024, HALF=32, BH=16, BHK=4, BW=32,

@@ -4,8 +4,8 @@ and cheap to read, yet at SmolLM2-135M's batch 16 they took 0.85 ms of a 1.57 ms
 launches, eight a layer: ~3.5 us each; docs/benchmarks.md). Training merges the same maps by concatenating the
 weights at each call (t2r/models/projections.py), which decoding cannot afford: a second copy of the weights, or one
 storage shared by several parameters, which ``save_pretrained`` refuses. Here every program takes a tile of one
-weight's output columns, found from its index, and writes it into one output whose column blocks are the maps'
-outputs.
+weight's output columns, found from its index, and writes it into that map's own contiguous output (consumers
+reshape q/k/v by heads: column views of one output would cost each a copy, as they did at batch 16).
 
 Reference: :func:`reference.grouped_linear_reference`."""
 
@@ -34,13 +34,13 @@ GROUPED_WARPS = 4
 @triton.jit
 def _grouped_linear_kernel(
     x_ptr, w0_ptr, w1_ptr, w2_ptr, w3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr, out_ptr,
-    M, K, stride_x, N0, N1, N2, N3, T0, T1, T2, HB0, HB1, HB2, HB3, NY,
+    M, K, stride_x, N0, N1, N2, N3, T0, T1, T2, HB0, HB1, HB2, HB3,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PREC: tl.constexpr,
 ):  # fmt: skip
     """Program (column tile t, row block r): tile t is weight i's tile t - (T0 + ... + T(i-1)); its BN output columns
-    of the rows in block r, x @ w_i^T (+ b_i where HB_i) with fp32 accumulation, stored at weight i's column
-    offset in the output."""
+    of the rows in block r, x @ w_i^T (+ b_i where HB_i) with fp32 accumulation, stored in weight i's [M, N_i]
+    block of the output buffer (at M * (N_0 + ... + N_(i-1)))."""
     t = tl.program_id(0)
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     w_ptr, b_ptr, hb, N, tile, col0 = w0_ptr, b0_ptr, HB0, N0, t, N0 * 0
@@ -63,7 +63,7 @@ def _grouped_linear_kernel(
         acc += _mm(x, tl.trans(w), PREC)
     if hb != 0:
         acc += tl.load(b_ptr + rn, mask=cols, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rm[:, None].to(tl.int64) * NY + col0 + rn[None, :]
+    out = out_ptr + M.to(tl.int64) * col0 + rm[:, None].to(tl.int64) * N + rn[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rows[:, None] & cols[None, :])
 
 
@@ -72,7 +72,7 @@ def grouped_linear_triton(
 ) -> tuple[torch.Tensor, ...]:
     """The contract of :func:`reference.grouped_linear_reference` for up to MAX_WEIGHTS contiguous weights [N_i, K]
     in ``x``'s dtype and at most MAX_ROWS rows of ``x`` [..., K], each with its bias or none (Qwen2's q/k/v have
-    them, the gates not). The outputs are column blocks (views) of one tensor."""
+    them, the gates not). Each output is contiguous (a block of one buffer)."""
     if not 1 <= len(weights) <= MAX_WEIGHTS or len(biases) != len(weights):
         raise ValueError(f"the grouped projection takes 1 to {MAX_WEIGHTS} weights, each with its bias or None")
     K = x.shape[-1]
@@ -87,7 +87,7 @@ def grouped_linear_triton(
     if M > MAX_ROWS:
         raise ValueError(f"the grouped projection takes at most {MAX_ROWS} rows (decoding), got {M}")
     sizes = [w.shape[0] for w in weights]
-    y = torch.empty(M, sum(sizes), dtype=x.dtype, device=x.device)
+    y = torch.empty(M * sum(sizes), dtype=x.dtype, device=x.device)
     tiles = [cdiv(n, GROUPED_BN) for n in sizes]
     if M and sum(tiles):
         pad = MAX_WEIGHTS - len(weights)
@@ -98,7 +98,7 @@ def grouped_linear_triton(
         t = tiles + [0] * pad
         bm = max(16, next_pow2(M))
         _grouped_linear_kernel[(sum(tiles), cdiv(M, bm))](
-            rows, *w, *b, y, M, K, stride, *n, *t[:3], *flags, y.shape[1], BM=bm,
+            rows, *w, *b, y, M, K, stride, *n, *t[:3], *flags, BM=bm,
             BN=GROUPED_BN, BK=GROUPED_BK, PREC=operand_precision(x.dtype), num_warps=GROUPED_WARPS,
         )  # fmt: skip
-    return tuple(y.view(*x.shape[:-1], y.shape[1]).split(sizes, dim=-1))
+    return tuple(part.view(*x.shape[:-1], n) for part, n in zip(y.split([M * n for n in sizes]), sizes, strict=True))
