@@ -89,8 +89,8 @@ def test_decoding_takes_the_grouped_projection_only_when_asked_and_without_autog
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
 def test_a_model_decodes_the_same_through_the_grouped_projections(arch, monkeypatch):
     """A tiny converted model's prefill and token-by-token decoding with the grouped projections on: the same
-    logits as with them off; each GSA layer's q/k/v/gates and each MLP's gate/up took one launch per forward
-    (Qwen2's q/k/v with biases, its gates without)."""
+    logits as with them off; each GSA layer's q/k/v/gates, its output projection, each MLP's gate/up and its down
+    projection took one launch each per forward (Qwen2's q/k/v with biases, its gates without)."""
     if DEVICE == "cpu":
         monkeypatch.setattr(TUNING, "impl", "triton")
     model = tiny_gsa_model(arch).to(DEVICE)
@@ -113,5 +113,5 @@ def test_a_model_decodes_the_same_through_the_grouped_projections(arch, monkeypa
     monkeypatch.setattr(TUNING, "grouped_projections", True)
     got = decode()
     layers = model.config.num_hidden_layers
-    assert sorted(set(calls)) == [2, 4] and len(calls) == 2 * layers * 5  # prefill and four steps: 2 a layer
+    assert sorted(set(calls)) == [1, 2, 4] and len(calls) == 4 * layers * 5  # prefill and four steps: 4 a layer
     assert rel_err(got, want) <= 1e-5

@@ -26,11 +26,13 @@ class FusedRMSNorm:
 
 class FusedMLP:
     """Mixed in before a Llama-family MLP class with a silu activation: gate and up as one GEMM where
-    :func:`projections.project` merges them, silu(gate) * up in one launch where :func:`dispatch.swiglu` fuses it."""
+    :func:`projections.project` merges them (or one grouped launch when decoding), silu(gate) * up in one launch
+    where :func:`dispatch.swiglu` fuses it, down through :func:`projections.project` too (its grouped launch)."""
 
     def forward(self, x):
         gate, up = project(x, (self.gate_proj, self.up_proj))
-        return self.down_proj(swiglu(gate, up))
+        (out,) = project(swiglu(gate, up), (self.down_proj,))
+        return out
 
 
 def _silu(act: nn.Module | None) -> bool:

@@ -184,7 +184,8 @@ class GSAAttention(nn.Module):
             o = o.reshape(B, T, -1)
         if layer_cache is not None:
             layer_cache.update_state(state, T, window)
-        return self.o_proj(o), None
+        (out,) = project(o, (self.o_proj,))
+        return out, None
 
     def log_forget_gate(self, f: torch.Tensor) -> torch.Tensor:
         """log alpha (fp32) from the slot-gate logits f = f_proj(x); benchmarks/inspect_memory.py reads it."""

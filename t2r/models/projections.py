@@ -74,9 +74,9 @@ class _MergedLinear(torch.autograd.Function):
 def project(x: torch.Tensor, modules: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
     """Each module applied to ``x``: one GEMM over the concatenated weights each way (outputs are views of its
     result) where :func:`_mergeable` holds, autograd is on and ``TUNING.merged_projections``; without autograd and
-    with ``TUNING.grouped_projections``, the grouped launch over the separate weights (decoding); else one call
-    each."""
-    if TUNING.merged_projections and torch.is_grad_enabled() and _mergeable(modules):
+    with ``TUNING.grouped_projections``, the grouped launch over the separate weights (decoding; for one module too,
+    in place of cuBLAS's launch, which costs more at a few rows); else one call each."""
+    if TUNING.merged_projections and len(modules) > 1 and torch.is_grad_enabled() and _mergeable(modules):
         params = [m.weight for m in modules] + [m.bias for m in modules]
         y = _MergedLinear.apply(x, len(modules), *params)
         return y.split([m.out_features for m in modules], dim=-1)
