@@ -158,6 +158,7 @@ def test_merged_projections_match_the_modules(bias, monkeypatch):
     calls do; without autograd, or for a module that is not a plain nn.Linear (peft's layers), one with a hook,
     or biases on some only, each module runs itself."""
     monkeypatch.setattr(TUNING, "merged_projections", True)
+    monkeypatch.setattr(TUNING, "grouped_projections", False)  # without autograd: the modules' own calls, counted
     mods = tuple(nn.Linear(24, n, bias=bias) for n in (16, 8, 8, 12))
     x = torch.randn(2, 5, 24, requires_grad=True)
     calls = []

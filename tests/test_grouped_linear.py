@@ -60,18 +60,21 @@ def test_grouped_projection_says_what_it_cannot_take():
 
 
 def test_decoding_takes_the_grouped_projection_only_when_asked_and_without_autograd(monkeypatch):
-    """Off by default (each module's own GEMM); on: one launch for plain linear maps of a few rows without autograd,
-    the modules' own calls under autograd (training merges there), past MAX_ROWS rows and under autocast."""
+    """On by default; off (T2R_GSA_GROUPED_PROJECTIONS=0): each module's own GEMM; on: one launch for plain linear
+    maps of a few rows without autograd, the modules' own calls under autograd (training merges there), past
+    MAX_ROWS rows and under autocast."""
     if DEVICE == "cpu":
         monkeypatch.setattr(TUNING, "impl", "triton")
     calls = []
     kernel = dispatch.grouped_linear_triton
     monkeypatch.setattr(dispatch, "grouped_linear_triton", lambda *a: calls.append(len(a[1])) or kernel(*a))
+    assert TUNING.grouped_projections  # the default
+    monkeypatch.setattr(TUNING, "grouped_projections", False)
     mods = tuple(nn.Linear(24, n, bias=False).to(DEVICE) for n in (16, 8, 8, 12))
     x = torch.randn(3, 1, 24, device=DEVICE)
     with torch.no_grad():
         project(x, mods)
-        assert not calls  # off by default
+        assert not calls  # off
         monkeypatch.setattr(TUNING, "grouped_projections", True)
         got = project(x, mods)
         assert calls == [4]
@@ -106,6 +109,7 @@ def test_a_model_decodes_the_same_through_the_grouped_projections(arch, monkeypa
             cache = out.past_key_values
         return torch.cat(logits, dim=1)
 
+    monkeypatch.setattr(TUNING, "grouped_projections", False)
     want = decode()
     calls = []
     kernel = dispatch.grouped_linear_triton

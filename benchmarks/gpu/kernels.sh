@@ -62,7 +62,7 @@ window)
   timeout 300 python benchmarks/gpu/window_tiles.py --json "$OUT/window_tiles.json" 2>&1 | tee "$OUT/window_tiles.log" \
     | grep -E '^best|Error' ;;
 grouped)
-  # The grouped decoding projections (T2R_GSA_GROUPED_PROJECTIONS, off by default): the kernel swept against cuBLAS
+  # The grouped decoding projections (T2R_GSA_GROUPED_PROJECTIONS, on by default): the kernel swept against cuBLAS
   # (benchmarks/gpu/grouped_tiles.py), then the captured decoding step profiled with them off and on, GSA and hybrid.
   timeout 300 python benchmarks/gpu/grouped_tiles.py --json "$OUT/grouped_tiles.json" 2>&1 | tee "$OUT/grouped_tiles.log" \
     | grep -E '^best|Error'

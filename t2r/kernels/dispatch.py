@@ -180,8 +180,9 @@ def grouped_linear(
     x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[torch.Tensor | None, ...]
 ) -> tuple[torch.Tensor, ...]:
     """Linear maps of one input (:func:`reference.grouped_linear_reference`): one Triton launch where
-    ``TUNING.grouped_projections`` is on (T2R_GSA_GROUPED_PROJECTIONS=1), :func:`_fused_inference` holds, there are
-    few rows (decoding) and the weights are contiguous in the input's dtype outside autocast; otherwise a GEMM each."""
+    ``TUNING.grouped_projections`` is on (T2R_GSA_GROUPED_PROJECTIONS, on by default), :func:`_fused_inference`
+    holds, there are few rows (decoding) and the weights are contiguous in the input's dtype outside autocast;
+    otherwise a GEMM each."""
     if TUNING.grouped_projections and _fused_inference(x, *weights) and len(weights) <= MAX_WEIGHTS:
         K = x.shape[-1]
         few = K > 0 and x.numel() // K <= MAX_ROWS

@@ -84,8 +84,11 @@ class Tuning:
     # a GSA layer's q/k/v/gate projections and an MLP's gate/up as one GEMM each way (models/projections.py).
     merged_projections: bool = field(default_factory=lambda: _env("MERGED_PROJECTIONS", "1") == "1")
     # Decoding: the same projections as one Triton launch over the separate weights (kernels/grouped_linear.py),
-    # instead of a cuBLAS launch each; off until timed on a GPU (built on the CPU, 2026-12-05).
-    grouped_projections: bool = field(default_factory=lambda: _env("GROUPED_PROJECTIONS", "0") == "1")
+    # the output and down projections as one launch each, instead of cuBLAS's. On since an H100 timed SmolLM2-135M's
+    # captured decoding step with q/k/v/gates and gate/up grouped (2026-12-06; GPU busy per token 1.523 -> 1.188 ms
+    # at batch 1, 1.577 -> 1.472 ms at batch 16; docs/benchmarks.md); the one-weight maps and contiguous outputs
+    # that came after are untimed.
+    grouped_projections: bool = field(default_factory=lambda: _env("GROUPED_PROJECTIONS", "1") == "1")
     # Next-token cross-entropy (and distillation's KL) in one launch each way, with nothing vocabulary-sized kept
     # (kernels/cross_entropy.py), instead of the chunked fp32 log-softmax, recomputed in the backward. On since an
     # H200 timed it (2026-12-05, SmolLM2-135M at 1 x 16k: the step's elementwise GPU time 36.1 -> 8.0 ms, peak
