@@ -61,3 +61,22 @@ def test_a_real_steps_launches_are_recorded_with_the_hosts_settings_and_compiled
     probs = next(row for row in rows if row["kernel"] == "_slot_probs_kernel")
     assert probs["constexprs"]["K"] == 64 and probs["constexprs"]["H"] == 9 and probs["constexprs"]["Hkv"] == 3
     assert probs["constexprs"]["PREC_IN"] == 0  # bf16 products, as on a GPU (the interpreter's would be emulated)
+
+
+def test_the_grouped_projection_compiles_for_one_row():
+    """Triton turns an integer argument equal to 1 into a constexpr: at batch 1 the grouped projection's row count M
+    arrives as a Python int, which a tensor method on it (``M.to``) broke on a GPU though the interpreter ran it."""
+    code = (
+        "import sys; sys.path.insert(0, 'benchmarks')\n"
+        "from kernel_resources import signature, resources_of\n"
+        "from t2r.kernels.grouped_linear import _grouped_linear_kernel as fn\n"
+        "for ones in ((), ('M',), ('M', 'N0', 'K')):\n"
+        "    sig, consts = signature(fn)\n"
+        "    types = {n: t for n, t in sig.items() if t != 'constexpr' and n not in ones}\n"
+        "    consts.update({n: 1 for n in ones}, BM=16, BN=32, BK=128, PREC=0)\n"
+        "    print(ones, resources_of(fn, types, consts, 4, 1))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("REG:") == 3 and "not compiled" not in proc.stdout, proc.stdout

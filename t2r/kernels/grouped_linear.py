@@ -63,7 +63,9 @@ def _grouped_linear_kernel(
         acc += _mm(x, tl.trans(w), PREC)
     if hb != 0:
         acc += tl.load(b_ptr + rn, mask=cols, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + M.to(tl.int64) * col0 + rm[:, None].to(tl.int64) * N + rn[None, :]
+    # int32 offsets: the buffer holds at most MAX_ROWS * sum(N_i) elements. M and N may arrive as constexprs (Triton
+    # specializes an argument equal to 1), so no tensor methods on them.
+    out = out_ptr + col0 * M + rm[:, None] * N + rn[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rows[:, None] & cols[None, :])
 
 
