@@ -59,7 +59,7 @@ def test_grouped_projection_says_what_it_cannot_take():
             grouped_linear_triton(x_in, weights, biases)
 
 
-def test_decoding_takes_the_grouped_projection_only_when_asked_and_without_autograd(monkeypatch):
+def test_decoding_takes_the_grouped_projection_when_on_and_without_autograd(monkeypatch):
     """On by default; off (T2R_GSA_GROUPED_PROJECTIONS=0): each module's own GEMM; on: one launch for plain linear
     maps of a few rows without autograd, the modules' own calls under autograd (training merges there), past
     MAX_ROWS rows and under autocast."""
