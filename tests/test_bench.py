@@ -485,3 +485,36 @@ def test_bench_kernels_runs_every_row_on_the_cpu_at_a_tiny_layer(monkeypatch, tm
     assert (loss["tokens"], loss["vocab"]) == (40, 300) and fused
     assert float(loss["rel_err_loss"]) < 1e-5 and float(loss["rel_err_grad"]) < 1e-2
     assert loss["chunked_fwdbwd_ms"] > 0 and loss["fused_fwdbwd_ms"] > 0 and loss["floor_ms"] > 0
+
+
+def test_decode_ratios_take_gsa_fastest_mode_against_the_fastest_teacher():
+    """Seen on an H200: the hybrid's compiled step (5,441 tokens/s) was slower than its plain captured step (6,690)
+    and the ratio row reported the compiled one. Each cell's ratio is GSA's fastest mode over the fastest teacher,
+    naming the mode; OOM rows are no one's best."""
+    from t2r.bench.throughput import GSA_COMPILED, GSA_EAGER, GSA_GRAPHS, decode_ratios
+
+    def rows(batch, **tokens_per_s):
+        return [{"model": m, "batch": batch, "context": 64, "tokens_per_s": v} for m, v in tokens_per_s.items()]
+
+    cells = rows(1, **{GSA_COMPILED: 500, GSA_GRAPHS: 700, GSA_EAGER: 100, "teacher A": 70, "teacher B": "OOM"})
+    cells += rows(16, **{GSA_COMPILED: 900, GSA_GRAPHS: 800, "teacher A": "OOM"})
+    cells += rows(64, **{GSA_GRAPHS: "OOM", "teacher A": 10})
+    one, sixteen, sixty_four = decode_ratios(cells)
+    assert (one["GSA tokens/s"], one["GSA mode"], one["GSA / best teacher"]) == (700, GSA_GRAPHS, "10.00x")
+    assert one["graphs / eager"] == "7.00x"
+    assert (sixteen["GSA mode"], sixteen["GSA / best teacher"]) == (GSA_COMPILED, "teacher OOM")
+    assert sixty_four["GSA tokens/s"] is None and "GSA / best teacher" not in sixty_four
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="replays CUDA graphs")
+def test_graphed_timing_replays_every_call_in_turn_and_copies_outgrow_l2(monkeypatch):
+    """Each call once to warm up, then the captured sequence (the calls repeated to at least min_calls) replayed once
+    to settle and ``rounds`` times timed: every call's own counter says how often it ran."""
+    from t2r.bench import kernels
+
+    monkeypatch.setattr(kernels, "DEVICE", "cuda")
+    counters = [torch.zeros((), device="cuda") for _ in range(3)]
+    ms = kernels.graphed_ms([lambda c=c: c.add_(1) for c in counters], min_calls=7, rounds=5)
+    assert ms > 0 and [c.item() for c in counters] == [1 + 3 * (1 + 5)] * 3  # 7 calls -> 3 rounds of the 3
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    assert kernels.copies(l2) == 4 and kernels.copies(1, most=10) == 10 and kernels.copies(100 * l2) == 1

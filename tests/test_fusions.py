@@ -346,9 +346,10 @@ def test_rotary_reference_is_transformers_and_dispatch_takes_it_under_autograd(m
     assert all(torch.equal(a, b) for a, b in zip(rotary_reference(q, k, cos, sin), want, strict=True))
     calls = []
     monkeypatch.setattr("t2r.kernels.dispatch.rotary_triton", lambda *a: calls.append(1) or rotary_triton(*a))
+    monkeypatch.setattr(TUNING, "fused_rope", False)  # T2R_GSA_FUSED_ROPE=0 (on by default since it ran on a GPU)
     with torch.no_grad():
         rotary(q, k, cos, sin)
-    assert not calls  # off by default (T2R_GSA_FUSED_ROPE=1) until it has run on a GPU
+    assert not calls
     monkeypatch.setattr(TUNING, "fused_rope", True)
     if DEVICE == "cpu":  # the interpreter; CUDA tensors take the kernel by default
         monkeypatch.setattr(TUNING, "impl", "triton")

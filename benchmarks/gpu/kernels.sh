@@ -73,16 +73,24 @@ grouped)
 decode-split)
   # The one-token step split over its memories' blocks (T2R_GSA_DECODE_SPLIT, off by default) against the
   # one-program step and FLA's (when its wheels are carried): the issue's layer and the GQA ones, batch 1 / 16 / 64,
-  # then the profiled decoding step at batch 16 with it off and on.
+  # each timed as a graph's replay over copies of its inputs; then the profiled decoding step (GSA and the W = 512
+  # hybrid, batch 1 and 16) with it off and on.
   for mode in off on auto; do
     T2R_GSA_DECODE_SPLIT=$mode timeout 200 python -m t2r.cli bench kernels --no-train --no-loss --layer issue \
-      --layer smollm2-135m --layer mistral-7b --json "$OUT/bench_decode_split_$mode.json" 2>&1 | grep -iE "decode|batch" \
-      | sed "s/^/[split=$mode] /"
+      --layer smollm2-135m --layer mistral-7b --json "$OUT/bench_decode_split_$mode.json" > "/tmp/bench_decode_split_$mode.log" 2>&1
+    python - "$OUT/bench_decode_split_$mode.json" $mode <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["rows"]:
+    if "layer" in r:
+        print(f"[split={sys.argv[2]}] {r['layer']:13} B={r['B']:<3} ours {r['ours_step_ms']:.4f} ms  fla {r.get('fla_step_ms', '-')}"
+              f"  fla/ours {r.get('fla/ours', '-')}  ours/floor {r.get('ours/floor', '-')}  ours/copy {r['ours/state_copy']}")
+PY
   done
-  for mode in off on; do
-    T2R_GSA_DECODE_SPLIT=$mode timeout 150 python benchmarks/decode_profile.py --window 0 --batch 16 --no-teacher \
-      --json "$OUT/decode_profile_split_$mode.json" 2>&1 | grep -E "gpu_busy|wall" | sed "s/^/[split=$mode] /"
-  done ;;
+  for mode in off on; do for w in 0 512; do
+    T2R_GSA_DECODE_SPLIT=$mode timeout 150 python benchmarks/decode_profile.py --window $w --batch 1 --batch 16 --no-teacher \
+      --json "$OUT/decode_profile_split_${mode}_w$w.json" 2>&1 | grep -E '"batch"|gpu_busy|wall' | paste - - - \
+      | sed "s/^/[split=$mode W=$w] /"
+  done; done ;;
 decode-profile)
   # Where a captured decoding step's time goes (batch 16, after a 1k prefill; each kernel of a replay, named), the
   # W = 512 hybrid beside all-GSA: what separates the hybrid's step from GSA's, kernel by kernel.

@@ -7,30 +7,14 @@ import json
 
 import torch
 
+from t2r.bench import kernels
+
 STEPS = 30  # calls captured in one graph
 
 
 def graphed_ms(fn) -> float:
-    """Milliseconds per call of ``fn`` replayed from a graph of STEPS calls (no host time)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(STEPS):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (20 * STEPS)
+    """Milliseconds per call of ``fn`` replayed from a graph of STEPS calls (no host time; L2 stays warm)."""
+    return kernels.graphed_ms([fn], min_calls=STEPS)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,46 @@ def _bench(fn, warmup_ms: int = 50, rep_ms: int = 300) -> float:
     from triton.testing import do_bench
 
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def graphed_ms(calls: list[Callable[[], object]], min_calls: int = 32, rounds: int = 20) -> float:
+    """Milliseconds per call, ``calls`` replayed in turn from one CUDA graph (repeated to at least ``min_calls``).
+
+    A decoding step takes a few microseconds on the GPU and tens on the host to launch, so an eager timing measures
+    the host (and its jitter); a replay is what a captured decoding step pays. Where each call holds its own inputs
+    (``copies``), the data they read together outgrows L2, as a model's layers do one after another."""
+    if not _on_gpu():
+        start = time.perf_counter()
+        calls[0]()
+        return (time.perf_counter() - start) * 1e3
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm outside the capture
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    sequence = calls * -(-min_calls // len(calls))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in sequence:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(rounds):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (rounds * len(sequence))
+
+
+def copies(nbytes: int, most: int = 4096) -> int:
+    """How many copies of ``nbytes`` of inputs fill four times the GPU's L2 (one on the CPU)."""
+    if not _on_gpu():
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 50 * 2**20)
+    return max(1, min(most, -(-4 * l2 // max(nbytes, 1))))
 
 
 def copy_bandwidth(nbytes: int = 2**30) -> float:
@@ -81,9 +122,9 @@ def state_floor_ms(state, bandwidth: float) -> float:
 def state_copy_ms(state) -> float:
     """A plain copy of as many bytes as the state (read + written once): what the decode step's traffic costs at
     its own size, where a 1 GiB copy's bandwidth (the floor above) is out of reach."""
-    src = torch.cat([x.flatten() for x in state])
-    dst = torch.empty_like(src)
-    return _bench(lambda: dst.copy_(src))
+    nbytes = 2 * sum(x.numel() * x.element_size() for x in state)
+    pairs = [(src := torch.cat([x.flatten() for x in state]), torch.empty_like(src)) for _ in range(copies(nbytes))]
+    return graphed_ms([lambda src=src, dst=dst: dst.copy_(src) for src, dst in pairs])
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -202,26 +243,30 @@ def _with_ratios(row: dict) -> dict:
 
 def decode_rows(B=16, layer="issue", *, context=32768, dtype=torch.bfloat16, bandwidth=None, fla=True):
     """One decoding step: our fused in-place update vs FLA's fused recurrent inference kernel vs softmax
-    attention of one query over a KV cache of ``context`` tokens (SDPA)."""
+    attention of one query over a KV cache of ``context`` tokens (SDPA). Each is timed as a graph's replay over
+    copies of its inputs (``graphed_ms``), as a captured decoding step runs it."""
     from t2r.kernels.decode import gsa_decode_triton
 
     H, Hkv, K, M = LAYERS[layer]
     fla_step = _fla()[1] if fla else None
-    (q, k, v, s, g), state = decode_inputs(B, H, K, K, M, dtype, Hkv=Hkv)
+    (q, k, v, s, g), state = first = decode_inputs(B, H, K, K, M, dtype, Hkv=Hkv)
+    nbytes = sum(x.numel() * x.element_size() for x in (q, k, v, s, g, *state))
+    sets = [first] + [decode_inputs(B, H, K, K, M, dtype, Hkv=Hkv) for _ in range(copies(nbytes) - 1)]
     scale = K**-0.5
     row = {
         "layer": layer,
         "B": B,
         "H": H,
-        "ours_step_ms": _bench(lambda: gsa_decode_triton(q, k, v, s, g, scale, state)),
+        "ours_step_ms": graphed_ms([lambda x=x, h=h: gsa_decode_triton(*x, scale, h) for x, h in sets]),
     }
     if fla_step is not None:
-        row["fla_step_ms"] = _bench(lambda: fla_step(q, k, v, s, g, state, True, scale))
+        row["fla_step_ms"] = graphed_ms([lambda x=x, h=h: fla_step(*x, h, True, scale) for x, h in sets])
+    del sets
     kv = torch.randn(2, B, Hkv, context, K, device=DEVICE, dtype=dtype)
     qt = q.transpose(1, 2)
     gqa = Hkv != H
-    row[f"kv_cache_{context // 1024}k_ms"] = _bench(
-        lambda: F.scaled_dot_product_attention(qt, kv[0], kv[1], enable_gqa=gqa)
+    row[f"kv_cache_{context // 1024}k_ms"] = graphed_ms(
+        [lambda: F.scaled_dot_product_attention(qt, kv[0], kv[1], enable_gqa=gqa)]
     )
     if bandwidth:
         row["state_floor_ms"] = state_floor_ms(state, bandwidth)

@@ -619,13 +619,15 @@ def decode_ratios(rows: list[dict]) -> list[dict]:
     cells = dict.fromkeys((r["batch"], r["context"]) for r in rows)
     for batch, context in cells:
         cell = {r["model"]: r.get("tokens_per_s") for r in rows if (r["batch"], r["context"]) == (batch, context)}
-        gsa = cell.get(GSA_COMPILED) or cell.get(GSA_GRAPHS) or cell.get(GSA_EAGER)
+        modes = {k: cell[k] for k in (GSA_COMPILED, GSA_GRAPHS, GSA_EAGER) if isinstance(cell.get(k), (int, float))}
+        best = max(modes, key=modes.__getitem__) if modes else None
+        gsa = modes.get(best)
         teachers = [v for k, v in cell.items() if k.startswith("teacher") and isinstance(v, (int, float))]
-        row = {"batch": batch, "context": context, "GSA tokens/s": gsa}
-        if teachers:
+        row = {"batch": batch, "context": context, "GSA tokens/s": gsa, "GSA mode": best}
+        if teachers and gsa:
             row["best teacher tokens/s"] = max(teachers)
             row["GSA / best teacher"] = f"{gsa / max(teachers):.2f}x"
-        elif any(k.startswith("teacher") for k in cell):
+        elif not teachers and any(k.startswith("teacher") for k in cell):
             row["GSA / best teacher"] = "teacher OOM"
         step_mb = {r["model"].startswith("teacher"): r["step_mb"] for r in rows
                    if (r["batch"], r["context"]) == (batch, context) and "step_mb" in r}  # fmt: skip
