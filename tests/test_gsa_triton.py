@@ -358,17 +358,19 @@ def test_split_decode_step_is_the_one_program_step_bit_for_bit(monkeypatch, raw,
         assert torch.equal(results[1][1][2], h0[0][2]) and torch.equal(results[1][2][2], h0[1][2])
 
 
-def test_split_decode_step_goes_where_rows_leave_multiprocessors_idle(monkeypatch):
+def test_split_decode_step_goes_where_rows_leave_multiprocessors_idle_or_serve_query_groups(monkeypatch):
     from t2r.kernels.decode import split_step
     from t2r.kernels.tuning import Tuning
 
     cpu = torch.device("cpu")  # counted as 132 multiprocessors (an H100's) off the GPU
+    assert Tuning().decode_split == "auto"  # where T2R_GSA_DECODE_SPLIT is unset
     monkeypatch.setattr(TUNING, "decode_split", "auto")
-    assert split_step(48, cpu) and not split_step(512, cpu)  # SmolLM2 at batch 16; H = 32 at batch 16
+    assert split_step(32, 1, cpu) and not split_step(512, 1, cpu)  # H = Hkv = 32 at batch 1 and 16
+    assert split_step(192, 3, cpu) and split_step(512, 4, cpu)  # SmolLM2 and Mistral-7B at batch 64
     monkeypatch.setattr(TUNING, "decode_split", "off")
-    assert not split_step(3, cpu)
+    assert not split_step(3, 3, cpu)
     monkeypatch.setattr(TUNING, "decode_split", "on")
-    assert split_step(4096, cpu)
+    assert split_step(4096, 1, cpu)
     with pytest.raises(ValueError, match="T2R_GSA_DECODE_SPLIT='sometimes': expected on, off or auto"):
         Tuning(decode_split="sometimes")
 

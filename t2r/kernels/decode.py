@@ -60,11 +60,14 @@ def _check_state(state: State) -> State:
     return state
 
 
-def split_step(rows: int, device: torch.device) -> bool:
+def split_step(rows: int, group: int, device: torch.device) -> bool:
     """Whether a one-token step splits over its memories' blocks (two launches): ``TUNING.decode_split`` is
-    "on", or "auto" and the rows (sequences x KV heads) fill fewer than the device's multiprocessors."""
+    "on", or "auto" (the default) and either the rows (sequences x KV heads) fill fewer than the device's
+    multiprocessors or each row serves a group of query heads (GQA). Timed as graph replays on an H200
+    (docs/benchmarks.md, 2026-12-06): split, SmolLM2's and Mistral-7B's GQA layers were 1.1-2.1x faster at batch 1,
+    16 and 64; the issue's layer without GQA 1.5x at batch 1 (32 rows) and 2-12% slower at 16 and 64."""
     mode = TUNING.decode_split
-    return mode == "on" or (mode == "auto" and rows < multiprocessors(device))
+    return mode == "on" or (mode == "auto" and (rows < multiprocessors(device) or group > 1))
 
 
 def _step(q, k, v, s, g, o, state: State, scale, normalizer: float, keep, raw: bool, feature_map: str) -> None:
@@ -73,7 +76,7 @@ def _step(q, k, v, s, g, o, state: State, scale, normalizer: float, keep, raw: b
     scale = K**-0.5 if scale is None else float(scale)
     keep_ptr, keep_stride = (q, 0) if keep is None else (keep, keep.stride(0))
     GP, BK, BV = next_pow2(H // Hkv), min(K, TUNING.decode_block), min(V, TUNING.decode_block)
-    if split_step(B * Hkv, q.device):
+    if split_step(B * Hkv, H // Hkv, q.device):
         KB = K // BK
         part = torch.empty(B * Hkv * KB * GP * M, dtype=torch.float32, device=q.device)
         common = dict(RAW=raw, HAS_KEEP=keep is not None, num_warps=TUNING.decode_warps)

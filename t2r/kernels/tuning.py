@@ -55,9 +55,9 @@ class Tuning:
     decode_warps: int = field(default_factory=lambda: int(_env("DECODE_WARPS", "4")))
     decode_block: int = field(default_factory=lambda: int(_env("DECODE_BLOCK", "32")))
     # The one-token step split over its memories' blocks in two launches (kernels/decode_jit.py): "on", "off", or
-    # "auto" (where sequences x KV heads are fewer than the multiprocessors). Off until timed on a GPU (built on
-    # the CPU, 2026-12-05).
-    decode_split: str = field(default_factory=lambda: _env("DECODE_SPLIT", "off"))
+    # "auto" (the default: where sequences x KV heads are fewer than the multiprocessors, or under GQA;
+    # decode.split_step says what the H200 showed).
+    decode_split: str = field(default_factory=lambda: _env("DECODE_SPLIT", "auto"))
     # The forward output: a segment at a time ("blocks", up to 64 slots; products at the segment's full length) or
     # a walk over sub-chunks ("walk"; more slots always walk: at 128 the block kernels spill).
     fwd_blocks: bool = field(default_factory=lambda: _env("FWD", "blocks") == "blocks")
