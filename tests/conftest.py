@@ -13,6 +13,15 @@ import torch
 if not torch.cuda.is_available():  # the Triton kernels run in Triton's CPU interpreter (set before they are defined)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (scripts/test.sh: one worker per core) each worker's torch gets its share of the cores, not
+# all of them: the workers would otherwise fight over every core in their intra-op thread pools. The processes a
+# test starts get the same share (OMP_NUM_THREADS), so that their results match the worker's bit for bit (the
+# thread count changes a CPU matmul's summation order).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+
 
 def _patch_triton_interpreter() -> None:
     """Triton 3.x's interpreter turns scalars into 1-element arrays and loops with ``range(int(array))``, which
