@@ -324,7 +324,9 @@ def test_fused_decode_step_matches_its_reference(feature_map, mask):
         assert torch.equal(state[0][1], h0[0][1]) and torch.equal(state[1][3], h0[1][3])
 
 
-@pytest.mark.parametrize(("raw", "block", "mask"), [(True, 32, "bool"), (True, 16, None), (False, 32, None)])
+@pytest.mark.parametrize(
+    ("raw", "block", "mask"), [(True, 32, "bool"), (True, 16, None), (False, 32, None), (False, 64, None)]
+)
 def test_split_decode_step_is_the_one_program_step_bit_for_bit(monkeypatch, raw, block, mask):
     """T2R_GSA_DECODE_SPLIT=on: the keys memory's row blocks, then the values memory's column blocks, as programs of
     two launches (the one-program kernel not launched at all), with the same output and memories as the one-program

@@ -71,24 +71,27 @@ grouped)
       --json "$OUT/decode_profile_grouped${on}_w$w.json" 2>&1 | grep -E "gpu_busy|launches|wall" | head -3 | sed "s/^/[grouped=$on W=$w] /"
   done; done ;;
 decode-split)
-  # The one-token step split over its memories' blocks (T2R_GSA_DECODE_SPLIT, off by default) against the
+  # The one-token step split over its memories' blocks (T2R_GSA_DECODE_SPLIT, auto by default) against the
   # one-program step and FLA's (when its wheels are carried): the issue's layer and the GQA ones, batch 1 / 16 / 64,
   # each timed as a graph's replay over copies of its inputs; then the profiled decoding step (GSA and the W = 512
   # hybrid, batch 1 and 16) with it off and on.
-  for mode in off on auto; do
-    T2R_GSA_DECODE_SPLIT=$mode timeout 200 python -m t2r.cli bench kernels --no-train --no-loss --layer issue \
-      --layer smollm2-135m --layer mistral-7b --json "$OUT/bench_decode_split_$mode.json" > "/tmp/bench_decode_split_$mode.log" 2>&1
-    python - "$OUT/bench_decode_split_$mode.json" $mode <<'PY'
+  # BLOCKS: the memories' row / column blocks a program streams (T2R_GSA_DECODE_BLOCK; 64 is one block at
+  # SmolLM2's K = V = 64, where FLA's step takes one round of loads each way and ours at 32 two).
+  for blk in ${BLOCKS:-32 64}; do for mode in off on auto; do
+    T2R_GSA_DECODE_BLOCK=$blk T2R_GSA_DECODE_SPLIT=$mode timeout 200 python -m t2r.cli bench kernels --no-train --no-loss \
+      --layer issue --layer smollm2-135m --layer mistral-7b --json "$OUT/bench_decode_split_${mode}_$blk.json" \
+      > "/tmp/bench_decode_split_${mode}_$blk.log" 2>&1 || echo "[block=$blk split=$mode] rc $?"
+    python - "$OUT/bench_decode_split_${mode}_$blk.json" "block=$blk split=$mode" <<'PY'
 import json, sys
 for r in json.load(open(sys.argv[1]))["rows"]:
     if "layer" in r:
-        print(f"[split={sys.argv[2]}] {r['layer']:13} B={r['B']:<3} ours {r['ours_step_ms']:.4f} ms  fla {r.get('fla_step_ms', '-')}"
+        print(f"[{sys.argv[2]}] {r['layer']:13} B={r['B']:<3} ours {r['ours_step_ms']:.4f} ms  fla {r.get('fla_step_ms', '-')}"
               f"  fla/ours {r.get('fla/ours', '-')}  ours/floor {r.get('ours/floor', '-')}  ours/copy {r['ours/state_copy']}")
 PY
-  done
+  done; done
   for mode in off on; do for w in 0 512; do
     T2R_GSA_DECODE_SPLIT=$mode timeout 150 python benchmarks/decode_profile.py --window $w --batch 1 --batch 16 --no-teacher \
-      --json "$OUT/decode_profile_split_${mode}_w$w.json" 2>&1 | grep -E '"batch"|gpu_busy|wall' | paste - - - \
+      --json "/tmp/decode_profile_split_${mode}_w$w.json" 2>&1 | grep -E '"batch"|gpu_busy|wall' | paste - - - \
       | sed "s/^/[split=$mode W=$w] /"
   done; done ;;
 decode-profile)
