@@ -365,7 +365,8 @@ def test_split_decode_step_goes_where_rows_leave_multiprocessors_idle_or_serve_q
     from t2r.kernels.tuning import Tuning
 
     cpu = torch.device("cpu")  # counted as 132 multiprocessors (an H100's) off the GPU
-    assert Tuning().decode_split == "auto"  # where T2R_GSA_DECODE_SPLIT is unset
+    monkeypatch.delenv("T2R_GSA_DECODE_SPLIT", raising=False)
+    assert Tuning().decode_split == "auto"
     monkeypatch.setattr(TUNING, "decode_split", "auto")
     assert split_step(32, 1, cpu) and not split_step(512, 1, cpu)  # H = Hkv = 32 at batch 1 and 16
     assert split_step(192, 3, cpu) and split_step(512, 4, cpu)  # SmolLM2 and Mistral-7B at batch 64
