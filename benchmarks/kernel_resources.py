@@ -30,7 +30,7 @@ HALF_INPUTS = {"q_ptr", "k_ptr", "v_ptr", "s_ptr", "g_ptr", "o_ptr", "do_ptr", "
                "dh_ptr", "dg_ptr", "du_ptr", "w0_ptr", "w1_ptr", "w2_ptr", "w3_ptr", "b0_ptr", "b1_ptr", "b2_ptr",
                "b3_ptr"}  # fmt: skip
 BOOL_POINTERS = {"pvalid_ptr", "nvalid_ptr"}
-INT_POINTERS = {"cu_ptr", "segoff_ptr", "seg_ptr", "keep_ptr", "count_ptr"}  # count: arrival counters
+INT_POINTERS = {"cu_ptr", "segoff_ptr", "seg_ptr", "keep_ptr"}
 LONG_POINTERS = {"y_ptr", "head_ptr", "slot_ptr"}  # labels; the window ring's heads
 INT_SCALARS = {"T", "stride_pd", "stride_pm", "d0", "keep_stride", "N", "cs_batch", "H", "Hkv", "P", "stride_kb",
                "stride_kt", "stride_vb", "stride_vt", "stride_valid", "mix_stride", "R", "per_program", "sq", "sk",

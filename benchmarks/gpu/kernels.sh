@@ -14,8 +14,7 @@
 # `new`: the GPU tests of everything built since the last GPU run (the first call of a session).
 # `window`: the hybrid's fused window step alone, its launch geometry swept (benchmarks/gpu/window_tiles.py).
 # `grouped`: the grouped decoding projections against cuBLAS, then in the profiled decoding step.
-# `decode-split`: the one-token GSA step split over its memories' blocks, off / on (one launch) / two (launches) /
-# auto, against FLA's.
+# `decode-split`: the one-token GSA step split over its memories' blocks, off / on / auto, against FLA's.
 # Usage: benchmarks/gpu/kernels.sh [new] [tests] [fusions] [hybrid-e2e] [window] [grouped] [decode-split] [decode-profile] [finetune-graphs] [train] [fusions-ab] [variants] [gqa] [gqa-ab] [scan] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
 set -uo pipefail
 source benchmarks/gpu/env.sh  # carried wheels (FLA for the comparison) in /root/site
@@ -78,8 +77,7 @@ decode-split)
   # hybrid, batch 1 and 16) with it off and on.
   # BLOCKS: the memories' row / column blocks a program streams (T2R_GSA_DECODE_BLOCK; 64 is one block at
   # SmolLM2's K = V = 64, where FLA's step takes one round of loads each way and ours at 32 two).
-  # MODES: T2R_GSA_DECODE_SPLIT's values to time (on: one launch; two: two launches).
-  for blk in ${BLOCKS:-32 64}; do for mode in ${MODES:-off on two auto}; do
+  for blk in ${BLOCKS:-32 64}; do for mode in off on auto; do
     T2R_GSA_DECODE_BLOCK=$blk T2R_GSA_DECODE_SPLIT=$mode timeout 200 python -m t2r.cli bench kernels --no-train --no-loss \
       --layer issue --layer smollm2-135m --layer mistral-7b --json "$OUT/bench_decode_split_${mode}_$blk.json" \
       > "/tmp/bench_decode_split_${mode}_$blk.log" 2>&1 || echo "[block=$blk split=$mode] rc $?"
@@ -91,7 +89,7 @@ for r in json.load(open(sys.argv[1]))["rows"]:
               f"  fla/ours {r.get('fla/ours', '-')}  ours/floor {r.get('ours/floor', '-')}  ours/copy {r['ours/state_copy']}")
 PY
   done; done
-  for mode in ${PROFILE_MODES-off on two}; do for w in 0 512; do
+  for mode in off on; do for w in 0 512; do
     T2R_GSA_DECODE_SPLIT=$mode timeout 150 python benchmarks/decode_profile.py --window $w --batch 1 --batch 16 --no-teacher \
       --json "/tmp/decode_profile_split_${mode}_w$w.json" 2>&1 | grep -E '"batch"|gpu_busy|wall' | paste - - - \
       | sed "s/^/[split=$mode W=$w] /"

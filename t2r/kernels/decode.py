@@ -6,13 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .decode_jit import (
-    _decode_kernel,
-    _decode_keys_kernel,
-    _decode_shared_kernel,
-    _decode_step_kernel,
-    _decode_values_kernel,
-)
+from .decode_jit import _decode_kernel, _decode_keys_kernel, _decode_step_kernel, _decode_values_kernel
 from .layout import multiprocessors, next_pow2
 from .reference import State
 from .tuning import TUNING, empty
@@ -67,28 +61,13 @@ def _check_state(state: State) -> State:
 
 
 def split_step(rows: int, group: int, device: torch.device) -> bool:
-    """Whether a one-token step splits over its values memory's blocks: ``TUNING.decode_split`` is "on" or "two",
-    or "auto" (the default) and either the rows (sequences x KV heads) fill fewer than the device's
+    """Whether a one-token step splits over its memories' blocks (two launches): ``TUNING.decode_split`` is
+    "on", or "auto" (the default) and either the rows (sequences x KV heads) fill fewer than the device's
     multiprocessors or each row serves a group of query heads (GQA). Timed as graph replays on an H200
     (docs/benchmarks.md, 2026-12-06): split, SmolLM2's and Mistral-7B's GQA layers were 1.1-2.1x faster at batch 1,
     16 and 64; the issue's layer without GQA 1.5x at batch 1 (32 rows) and 2-12% slower at 16 and 64."""
     mode = TUNING.decode_split
-    return mode in ("on", "two") or (mode == "auto" and (rows < multiprocessors(device) or group > 1))
-
-
-# The one-launch split's arrival counters: one int32 per row, zeroed once per device and left zeroed by every step
-# (the row's last program resets its own). A captured graph keeps their address, so the buffer is never replaced;
-# steps with more rows, or a first step inside a capture (when the buffer cannot be zeroed), take the two-launch
-# split. Steps on one device run one at a time: two streams stepping at once would share the counters.
-ARRIVAL_ROWS = 1 << 16
-_ARRIVALS: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrivals(rows: int, device: torch.device) -> torch.Tensor | None:
-    counters = _ARRIVALS.get(device)
-    if counters is None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        counters = _ARRIVALS[device] = torch.zeros(ARRIVAL_ROWS, dtype=torch.int32, device=device)
-    return counters if counters is not None and rows <= counters.numel() else None
+    return mode == "on" or (mode == "auto" and (rows < multiprocessors(device) or group > 1))
 
 
 def _step(q, k, v, s, g, o, state: State, scale, normalizer: float, keep, raw: bool, feature_map: str) -> None:
@@ -97,28 +76,22 @@ def _step(q, k, v, s, g, o, state: State, scale, normalizer: float, keep, raw: b
     scale = K**-0.5 if scale is None else float(scale)
     keep_ptr, keep_stride = (q, 0) if keep is None else (keep, keep.stride(0))
     GP, BK, BV = next_pow2(H // Hkv), min(K, TUNING.decode_block), min(V, TUNING.decode_block)
-    s_ptr = g if s is None else s
-    common = dict(RAW=raw, HAS_KEEP=keep is not None, num_warps=TUNING.decode_warps)
-    if not split_step(B * Hkv, H // Hkv, q.device):
-        _decode_step_kernel[(B * Hkv,)](
-            q, k, v, s_ptr, g, o, *state, keep_ptr, keep_stride, scale, float(normalizer),
-            H=H, Hkv=Hkv, K=K, V=V, M=M, GP=GP, BK=BK, BV=BV, FM=FEATURE_CODES[feature_map], **common,
+    if split_step(B * Hkv, H // Hkv, q.device):
+        KB = K // BK
+        part = torch.empty(B * Hkv * KB * GP * M, dtype=torch.float32, device=q.device)
+        common = dict(RAW=raw, HAS_KEEP=keep is not None, num_warps=TUNING.decode_warps)
+        s_ptr = g if s is None else s
+        _decode_keys_kernel[(B * Hkv, KB)](
+            q, k, s_ptr, g, state[0], part, keep_ptr, keep_stride, float(normalizer), H=H, Hkv=Hkv, K=K, M=M, GP=GP,
+            BK=BK, FM=FEATURE_CODES[feature_map], **common,
+        )  # fmt: skip
+        _decode_values_kernel[(B * Hkv, V // BV)](
+            v, s_ptr, g, o, state[1], part, keep_ptr, keep_stride, scale, float(normalizer), KB, H=H, Hkv=Hkv, V=V,
+            M=M, GP=GP, BV=BV, **common,
         )  # fmt: skip
         return
-    counters = None if TUNING.decode_split == "two" else _arrivals(B * Hkv, q.device)
-    if counters is not None:
-        _decode_shared_kernel[(B * Hkv, V // BV)](
-            q, k, v, s_ptr, g, o, *state, counters, keep_ptr, keep_stride, scale, float(normalizer),
-            H=H, Hkv=Hkv, K=K, V=V, M=M, GP=GP, BK=BK, BV=BV, FM=FEATURE_CODES[feature_map], **common,
-        )  # fmt: skip
-        return
-    KB = K // BK
-    part = torch.empty(B * Hkv * KB * GP * M, dtype=torch.float32, device=q.device)
-    _decode_keys_kernel[(B * Hkv, KB)](
-        q, k, s_ptr, g, state[0], part, keep_ptr, keep_stride, float(normalizer), H=H, Hkv=Hkv, K=K, M=M, GP=GP,
-        BK=BK, FM=FEATURE_CODES[feature_map], **common,
-    )  # fmt: skip
-    _decode_values_kernel[(B * Hkv, V // BV)](
-        v, s_ptr, g, o, state[1], part, keep_ptr, keep_stride, scale, float(normalizer), KB, H=H, Hkv=Hkv, V=V,
-        M=M, GP=GP, BV=BV, **common,
+    _decode_step_kernel[(B * Hkv,)](
+        q, k, v, g if s is None else s, g, o, *state, keep_ptr, keep_stride, scale, float(normalizer),
+        H=H, Hkv=Hkv, K=K, V=V, M=M, GP=GP, BK=BK, BV=BV, RAW=raw, FM=FEATURE_CODES[feature_map],
+        HAS_KEEP=keep is not None, num_warps=TUNING.decode_warps,
     )  # fmt: skip

@@ -96,28 +96,16 @@ def _group(i_nh, H: tl.constexpr, Hkv: tl.constexpr, GP: tl.constexpr):
 
 
 @triton.jit
-def _keys_rows(k_ptr, hk_ptr, i_nh, rk, a, s, K: tl.constexpr, M: tl.constexpr, FM: tl.constexpr):
-    """Rows ``rk`` of row i_nh's keys memory decayed and written (not stored), and their pointers."""
-    rm = tl.arange(0, M)
-    ptrs = hk_ptr + i_nh * K * M + rk[:, None] * M + rm[None, :]
-    kb = _feature(tl.load(k_ptr + i_nh * K + rk).to(tl.float32), FM)
-    return ptrs, tl.load(ptrs) * a[None, :] + kb[:, None] * s[None, :]
-
-
-@triton.jit
-def _group_logits(q_ptr, hk, rk, heads, in_group, K: tl.constexpr, FM: tl.constexpr):
-    """The group's slot logits [GP, M] over keys-memory rows ``rk`` (``hk``), unscaled."""
-    qb = _feature(tl.load(q_ptr + heads * K + rk[None, :], mask=in_group, other=0.0).to(tl.float32), FM)
-    return tl.sum(qb[:, :, None] * hk[None, :, :], axis=1)
-
-
-@triton.jit
 def _keys_block(q_ptr, k_ptr, hk_ptr, i_nh, rk, a, s, heads, in_group, K: tl.constexpr, M: tl.constexpr,
                 FM: tl.constexpr):  # fmt: skip
     """Rows ``rk`` of row i_nh's keys memory decayed, written and stored; the group's slot logits over them."""
-    ptrs, hk = _keys_rows(k_ptr, hk_ptr, i_nh, rk, a, s, K, M, FM)
+    rm = tl.arange(0, M)
+    ptrs = hk_ptr + i_nh * K * M + rk[:, None] * M + rm[None, :]
+    kb = _feature(tl.load(k_ptr + i_nh * K + rk).to(tl.float32), FM)
+    hk = tl.load(ptrs) * a[None, :] + kb[:, None] * s[None, :]
     tl.store(ptrs, hk)
-    return _group_logits(q_ptr, hk, rk, heads, in_group, K, FM)
+    qb = _feature(tl.load(q_ptr + heads * K + rk[None, :], mask=in_group, other=0.0).to(tl.float32), FM)
+    return tl.sum(qb[:, :, None] * hk[None, :, :], axis=1)  # [GP, M]
 
 
 @triton.jit
@@ -128,32 +116,20 @@ def _slot_probs(logits, scale):
 
 
 @triton.jit
-def _values_ptrs(hv_ptr, i_nh, rv, M: tl.constexpr, V: tl.constexpr):
-    """Pointers [M, BV] to columns ``rv`` of row i_nh's values memory."""
-    return hv_ptr + i_nh * M * V + tl.arange(0, M)[:, None] * V + rv[None, :]
-
-
-@triton.jit
-def _values_out(v_ptr, o_ptr, ptrs, hv, i_nh, rv, a, s, p, heads, in_group, V: tl.constexpr, RAW: tl.constexpr):
-    """Columns ``rv`` of row i_nh's values memory (``hv``, as loaded from ``ptrs``) decayed, written and stored; the
-    group's output there."""
+def _values_block(v_ptr, hv_ptr, o_ptr, i_nh, rv, a, s, p, heads, in_group, M: tl.constexpr, V: tl.constexpr,
+                  RAW: tl.constexpr):  # fmt: skip
+    """Columns ``rv`` of row i_nh's values memory decayed, written and stored; the group's output there."""
+    rm = tl.arange(0, M)
+    ptrs = hv_ptr + i_nh * M * V + rm[:, None] * V + rv[None, :]
     vb = tl.load(v_ptr + i_nh * V + rv).to(tl.float32)
     if RAW:
         vb = vb * tl.sigmoid(vb)
-    hv = hv * a[:, None] + s[:, None] * vb[None, :]
+    hv = tl.load(ptrs) * a[:, None] + s[:, None] * vb[None, :]
     tl.store(ptrs, hv)
     o = tl.sum(p[:, :, None] * hv[None, :, :], axis=1)  # [GP, BV]
     if RAW:
         o = o * tl.sigmoid(o)
     tl.store(o_ptr + heads * V + rv[None, :], o.to(o_ptr.dtype.element_ty), mask=in_group)
-
-
-@triton.jit
-def _values_block(v_ptr, hv_ptr, o_ptr, i_nh, rv, a, s, p, heads, in_group, M: tl.constexpr, V: tl.constexpr,
-                  RAW: tl.constexpr):  # fmt: skip
-    """Columns ``rv`` of row i_nh's values memory decayed, written and stored; the group's output there."""
-    ptrs = _values_ptrs(hv_ptr, i_nh, rv, M, V)
-    _values_out(v_ptr, o_ptr, ptrs, tl.load(ptrs), i_nh, rv, a, s, p, heads, in_group, V, RAW)
 
 
 @triton.jit
@@ -230,44 +206,3 @@ def _decode_values_kernel(
         logits += tl.load(_parts(part_ptr, i_nh, b, KB, GP, M))
     p = _slot_probs(logits, scale)
     _values_block(v_ptr, hv_ptr, o_ptr, i_nh, blk * BV + tl.arange(0, BV), a, s, p, heads, in_group, M, V, RAW)
-
-
-# The split step in one launch (``TUNING.decode_split`` "on"): program (row, values block b) reads the whole keys
-# memory of its row, decays and writes it in registers and takes the group's slot softmax from it (the row's
-# programs each recompute that: an L2 hit after the first), then streams its own values block in place. The keys
-# memory cannot be stored by any of them before all have read it: each program takes a ticket from the row's
-# arrival counter after its reads, and the program that arrives last stores the new keys memory (recomputed from the
-# old, bit for bit what the others held) and zeroes the counter for the next step. No program waits on another, so
-# nothing depends on which programs run at the same time. One launch where the two-launch split takes two: at the
-# small shapes a launch costs ~3 us of a graph's replay whatever it does (docs/benchmarks.md).
-
-
-@triton.jit
-def _decode_shared_kernel(
-    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, o_ptr, hk_ptr, hv_ptr, count_ptr, keep_ptr, keep_stride, scale, normalizer,
-    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, GP: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, RAW: tl.constexpr, FM: tl.constexpr, HAS_KEEP: tl.constexpr,
-):  # fmt: skip
-    """Program (row i_nh, values block b): the row's new keys memory and slot softmax, then columns [b BV, (b + 1)
-    BV) of its values memory and of the group's output; the row's last program to arrive stores the keys memory.
-    ``count_ptr``: one int32 per row, zero before the launch and zero again after it."""
-    i_nh = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
-    heads, in_group = _group(i_nh, H, Hkv, GP)
-    a, s = _gates(s_ptr, g_ptr, keep_ptr, keep_stride, normalizer, i_nh, Hkv, M, RAW, HAS_KEEP)
-    rv = blk * BV + tl.arange(0, BV)
-    hv_ptrs = _values_ptrs(hv_ptr, i_nh, rv, M, V)
-    hv = tl.load(hv_ptrs)  # issued first: it waits on nothing
-    logits = tl.zeros([GP, M], dtype=tl.float32)
-    for k0 in tl.range(0, K, BK, loop_unroll_factor=4):  # the one-program step's block order: the same bits
-        rk = k0 + tl.arange(0, BK)
-        _, hk = _keys_rows(k_ptr, hk_ptr, i_nh, rk, a, s, K, M, FM)
-        logits += _group_logits(q_ptr, hk, rk, heads, in_group, K, FM)
-    tl.debug_barrier()  # every thread's reads of the keys memory are done before the ticket is taken
-    ticket = tl.atomic_add(count_ptr + i_nh, 1, sem="acq_rel")
-    _values_out(v_ptr, o_ptr, hv_ptrs, hv, i_nh, rv, a, s, _slot_probs(logits, scale), heads, in_group, V, RAW)
-    if ticket == tl.num_programs(1) - 1:  # the row's other programs have all read the old keys memory
-        for k0 in tl.range(0, K, BK):
-            ptrs, hk = _keys_rows(k_ptr, hk_ptr, i_nh, k0 + tl.arange(0, BK), a, s, K, M, FM)
-            tl.store(ptrs, hk)
-        tl.store(count_ptr + i_nh, 0)

@@ -54,10 +54,9 @@ class Tuning:
     # (0: the all-at-once kernel).
     decode_warps: int = field(default_factory=lambda: int(_env("DECODE_WARPS", "4")))
     decode_block: int = field(default_factory=lambda: int(_env("DECODE_BLOCK", "32")))
-    # The one-token step split over its values memory's blocks (kernels/decode_jit.py): "on" (one launch, the row's
-    # last program to arrive stores the keys memory), "two" (two launches: the keys memory's blocks, then the
-    # values memory's), "off", or "auto" (the default: "on" where sequences x KV heads are fewer than the
-    # multiprocessors, or under GQA; decode.split_step says what the H200 showed).
+    # The one-token step split over its memories' blocks in two launches (kernels/decode_jit.py): "on", "off", or
+    # "auto" (the default: where sequences x KV heads are fewer than the multiprocessors, or under GQA;
+    # decode.split_step says what the H200 showed).
     decode_split: str = field(default_factory=lambda: _env("DECODE_SPLIT", "auto"))
     # The forward output: a segment at a time ("blocks", up to 64 slots; products at the segment's full length) or
     # a walk over sub-chunks ("walk"; more slots always walk: at 128 the block kernels spill).
@@ -110,8 +109,8 @@ class Tuning:
             n = getattr(self, name)
             if n < 16 or n & (n - 1):
                 raise ValueError(f"T2R_GSA_{name.upper()}={n}: expected a power of two >= 16")
-        if self.decode_split not in ("on", "two", "off", "auto"):
-            raise ValueError(f"T2R_GSA_DECODE_SPLIT={self.decode_split!r}: expected on, two, off or auto")
+        if self.decode_split not in ("on", "off", "auto"):
+            raise ValueError(f"T2R_GSA_DECODE_SPLIT={self.decode_split!r}: expected on, off or auto")
         if self.scan_parts < 0:
             raise ValueError(f"T2R_GSA_SCAN_PARTS={self.scan_parts}: expected a count >= 1, or 0 (automatic)")
         if self.segment % self.subchunk:
