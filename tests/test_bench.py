@@ -481,6 +481,7 @@ def test_bench_kernels_runs_every_row_on_the_cpu_at_a_tiny_layer(monkeypatch, tm
     for row in decode:
         assert row["layer"] == "tiny" and row["H"] == 4 and "fla_step_ms" not in row
         assert row["ours_step_ms"] > 0 and row["kv_cache_32k_ms"] > 0 and row["state_floor_ms"] > 0
+        assert row["launch_ms"] > 0
     # the loss, chunked against fused (which ran: the Triton kernels, not the reference again)
     assert (loss["tokens"], loss["vocab"]) == (40, 300) and fused
     assert float(loss["rel_err_loss"]) < 1e-5 and float(loss["rel_err_grad"]) < 1e-2

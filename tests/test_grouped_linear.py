@@ -11,8 +11,8 @@ pytest.importorskip("triton")
 
 from conftest import rel_err, tiny_gsa_model
 
-from t2r.kernels import dispatch
-from t2r.kernels.grouped_linear import MAX_ROWS, grouped_linear_triton
+from t2r.kernels import dispatch, grouped_linear
+from t2r.kernels.grouped_linear import MAX_ROWS, geometry, grouped_linear_triton
 from t2r.kernels.reference import grouped_linear_reference
 from t2r.kernels.tuning import TUNING
 from t2r.models.projections import project
@@ -26,11 +26,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
      (torch.bfloat16, False, (64, 32, 32, 64), (16, 1), 96), (torch.bfloat16, True, (24,), (33,), 130),
      (torch.float16, False, (16, 16, 16), (1, 1), 64)],
 )  # fmt: skip
-def test_grouped_projection_matches_each_linear_map(dtype, bias, sizes, rows, K):
-    """Each output contiguous (a block of one buffer: a column view would cost its consumer a copy), equal to
-    F.linear with its weight: 1 to 4 weights, output sizes that are not whole column tiles (24, 40), inner sizes
-    that are not whole blocks (130, 200), 1 to 33 rows (two row blocks of 16 past 32), biases on all or some
-    (Qwen2's q/k/v and gates), and an input whose rows are a slice of wider ones."""
+@pytest.mark.parametrize("tiles", [None, (32, 128, 4)])
+def test_grouped_projection_matches_each_linear_map(monkeypatch, dtype, bias, sizes, rows, K, tiles):
+    """With the geometry chosen per call (16-column tiles here) and with 32 x 128 tiles: each output contiguous (a
+    block of one buffer: a column view would cost its consumer a copy), equal to F.linear with its weight: 1 to 4
+    weights, output sizes that are not whole column tiles (24, 40), inner sizes that are not whole blocks (130,
+    200), 1 to 33 rows (two row blocks of 16 past 32), biases on all or some (Qwen2's q/k/v and gates), and an input
+    whose rows are a slice of wider ones."""
+    monkeypatch.setattr(grouped_linear, "GROUPED_GEOMETRY", tiles)
     wide = torch.randn(*rows, K + 8, device=DEVICE).to(dtype)
     x = wide[..., 4 : 4 + K]  # rows strided by K + 8
     weights = tuple((torch.randn(n, K, device=DEVICE) / K**0.5).to(dtype) for n in sizes)
@@ -43,6 +46,16 @@ def test_grouped_projection_matches_each_linear_map(dtype, bias, sizes, rows, K)
         assert a.shape == (*rows, n) and a.dtype == dtype and a.is_contiguous()
         assert rel_err(a, b) <= tol
     assert len({a.untyped_storage().data_ptr() for a in got}) == 1  # blocks of one buffer
+
+
+def test_grouped_geometry_takes_narrow_tiles_where_they_fill_one_wave(monkeypatch):
+    cpu = torch.device("cpu")  # counted as 132 multiprocessors
+    assert geometry(576 + 3 * 192, 1, cpu) == (16, 256, 2)  # SmolLM2-135M's q/k/v/gates: 72 programs
+    assert geometry(576, 64, cpu) == (16, 256, 4)  # its output projection at 64 rows
+    assert geometry(2 * 1536, 16, cpu) == (32, 128, 2)  # its gate/up: 192 narrow tiles would take two waves
+    assert geometry(2 * 14336, 64, cpu) == (32, 128, 4)  # Mistral-7B's
+    monkeypatch.setattr(grouped_linear, "GROUPED_GEOMETRY", (64, 64, 8))
+    assert geometry(576, 1, cpu) == (64, 64, 8)
 
 
 def test_grouped_projection_says_what_it_cannot_take():

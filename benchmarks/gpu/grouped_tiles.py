@@ -50,7 +50,7 @@ def main() -> None:
         floor_ms = nbytes / bandwidth * 1e3
         cublas_ms = graphed_ms([lambda w=w: grouped_linear_reference(x, w, biases) for w in sets])  # noqa: B023
         for bn, bk, warps in itertools.product((16, 32, 64), (64, 128, 256), (2, 4, 8)):
-            grouped_module.GROUPED_BN, grouped_module.GROUPED_BK, grouped_module.GROUPED_WARPS = bn, bk, warps
+            grouped_module.GROUPED_GEOMETRY = (bn, bk, warps)
             got = grouped_linear_triton(x, weights, biases)
             err = max(rel_err(a, b) for a, b in zip(got, want, strict=True))
             ms = graphed_ms([lambda w=w: grouped_linear_triton(x, w, biases) for w in sets])  # noqa: B023
@@ -58,6 +58,10 @@ def main() -> None:
                              "cublas_ms": round(cublas_ms, 5), "speedup": round(cublas_ms / ms, 2), "rel_err": err,
                              "floor_ms": round(floor_ms, 5)})  # fmt: skip
             print(json.dumps(rows_out[-1]), flush=True)
+        grouped_module.GROUPED_GEOMETRY = None  # the per-call choice (grouped_linear.geometry) beside the sweep
+        bn, bk, warps = grouped_module.geometry(sum(sizes), M, x.device)
+        ms = graphed_ms([lambda w=w: grouped_linear_triton(x, w, biases) for w in sets])  # noqa: B023
+        print(f"auto shape={shape} rows={M}: BN {bn} BK {bk} warps {warps} {ms:.5f} ms", flush=True)
     report(rows_out, ("shape", "rows"), args.json)
 
 

@@ -65,7 +65,7 @@ grouped)
   # The grouped decoding projections (T2R_GSA_GROUPED_PROJECTIONS, on by default): the kernel swept against cuBLAS
   # (benchmarks/gpu/grouped_tiles.py), then the captured decoding step profiled with them off and on, GSA and hybrid.
   timeout 300 python benchmarks/gpu/grouped_tiles.py --json "$OUT/grouped_tiles.json" 2>&1 | tee "$OUT/grouped_tiles.log" \
-    | grep -E '^best|Error'
+    | grep -E '^(best|auto)|Error'
   for on in 0 1; do for w in 0 512; do
     T2R_GSA_GROUPED_PROJECTIONS=$on timeout 150 python benchmarks/decode_profile.py --window $w --batch 16 --no-teacher \
       --json "$OUT/decode_profile_grouped${on}_w$w.json" 2>&1 | grep -E "gpu_busy|launches|wall" | head -3 | sed "s/^/[grouped=$on W=$w] /"

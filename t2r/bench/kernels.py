@@ -127,6 +127,13 @@ def state_copy_ms(state) -> float:
     return graphed_ms([lambda src=src, dst=dst: dst.copy_(src) for src, dst in pairs])
 
 
+def launch_ms() -> float:
+    """One launch that does next to nothing (a one-element fill), replayed from a graph: what any kernel of a
+    few-microsecond decoding step pays before its own work, ours and FLA's alike."""
+    x = torch.zeros(1, device=DEVICE)
+    return graphed_ms([lambda: x.fill_(0.0)])
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().float(), b.detach().float()
     return float((a - b).norm() / b.norm())
@@ -273,6 +280,7 @@ def decode_rows(B=16, layer="issue", *, context=32768, dtype=torch.bfloat16, ban
         row["ours/floor"] = row["ours_step_ms"] / row["state_floor_ms"]
     row["state_copy_ms"] = state_copy_ms(state)
     row["ours/state_copy"] = row["ours_step_ms"] / row["state_copy_ms"]
+    row["launch_ms"] = launch_ms()
     if "fla_step_ms" in row:
         row["fla/ours"] = row["fla_step_ms"] / row["ours_step_ms"]
     return [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}]

@@ -21,14 +21,25 @@ except ImportError as err:
 
 from .chunk import operand_precision
 from .chunk_jit import _mm
-from .layout import cdiv, flat_rows, next_pow2
+from .layout import cdiv, flat_rows, multiprocessors, next_pow2
 
 MAX_WEIGHTS = 4  # the kernel's weight pointers: a GSA layer's q, k, v and gates
 MAX_ROWS = 64  # at most this many rows (decoding's batch): past it cuBLAS's tiles win
-# Output columns per program, inner-dimension block, warps (benchmarks/gpu/grouped_tiles.py sweeps them).
-GROUPED_BN = 32
-GROUPED_BK = 128
-GROUPED_WARPS = 4
+# (output columns per program, inner-dimension block, warps) for every call, in place of :func:`geometry`'s choice
+# (benchmarks/gpu/grouped_tiles.py sets it to sweep them).
+GROUPED_GEOMETRY: tuple[int, int, int] | None = None
+
+
+def geometry(columns: int, rows: int, device: torch.device) -> tuple[int, int, int]:
+    """(BN, BK, warps) of a grouped call with ``columns`` output columns in all. Narrow tiles with long inner blocks
+    where 16-column tiles still fit one wave of programs, else 32 x 128; two warps up to 16 rows, else four. From
+    the sweep of SmolLM2-135M's and Mistral-7B's maps with cold weights (H100, 2026-12-06, docs/benchmarks.md):
+    1.10x the old fixed 32 x 128 x 4 in the geometric mean of 18 calls, 1.44x at SmolLM2's down projection,
+    nowhere slower, and within 9% of each call's best."""
+    if GROUPED_GEOMETRY is not None:
+        return GROUPED_GEOMETRY
+    warps = 2 if rows <= 16 else 4
+    return (16, 256, warps) if cdiv(columns, 16) <= multiprocessors(device) else (32, 128, warps)
 
 
 @triton.jit
@@ -90,7 +101,8 @@ def grouped_linear_triton(
         raise ValueError(f"the grouped projection takes at most {MAX_ROWS} rows (decoding), got {M}")
     sizes = [w.shape[0] for w in weights]
     y = torch.empty(M * sum(sizes), dtype=x.dtype, device=x.device)
-    tiles = [cdiv(n, GROUPED_BN) for n in sizes]
+    bn, bk, warps = geometry(sum(sizes), M, x.device)
+    tiles = [cdiv(n, bn) for n in sizes]
     if M and sum(tiles):
         pad = MAX_WEIGHTS - len(weights)
         w = list(weights) + [weights[0]] * pad
@@ -101,6 +113,6 @@ def grouped_linear_triton(
         bm = max(16, next_pow2(M))
         _grouped_linear_kernel[(sum(tiles), cdiv(M, bm))](
             rows, *w, *b, y, M, K, stride, *n, *t[:3], *flags, BM=bm,
-            BN=GROUPED_BN, BK=GROUPED_BK, PREC=operand_precision(x.dtype), num_warps=GROUPED_WARPS,
+            BN=bn, BK=bk, PREC=operand_precision(x.dtype), num_warps=warps,
         )  # fmt: skip
     return tuple(part.view(*x.shape[:-1], n) for part, n in zip(y.split([M * n for n in sizes]), sizes, strict=True))
