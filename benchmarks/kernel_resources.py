@@ -28,7 +28,7 @@ HALF_INPUTS = {"q_ptr", "k_ptr", "v_ptr", "s_ptr", "g_ptr", "o_ptr", "do_ptr", "
                "x_ptr", "a_ptr", "dx_ptr", "cos_ptr", "sin_ptr", "qo_ptr", "ko_ptr", "pk_ptr", "pv_ptr", "sk_ptr",
                "sv_ptr", "out_ptr", "f_ptr", "vo_ptr", "dqo_ptr", "dko_ptr", "dvo_ptr", "df_ptr", "h_ptr", "u_ptr",
                "dh_ptr", "dg_ptr", "du_ptr", "w0_ptr", "w1_ptr", "w2_ptr", "w3_ptr", "b0_ptr", "b1_ptr", "b2_ptr",
-               "b3_ptr"}  # fmt: skip
+               "b3_ptr", "nw_ptr", "r_ptr"}  # fmt: skip
 BOOL_POINTERS = {"pvalid_ptr", "nvalid_ptr"}
 INT_POINTERS = {"cu_ptr", "segoff_ptr", "seg_ptr", "keep_ptr"}
 LONG_POINTERS = {"y_ptr", "head_ptr", "slot_ptr"}  # labels; the window ring's heads
@@ -36,13 +36,13 @@ INT_SCALARS = {"T", "stride_pd", "stride_pm", "d0", "keep_stride", "N", "cs_batc
                "stride_kt", "stride_vb", "stride_vt", "stride_valid", "mix_stride", "R", "per_program", "sq", "sk",
                "sv", "sf", "keep_sb", "keep_st", "sg", "su", "V", "stride", "stride_s", "stride_t", "S", "CH", "W",
                "PARTS", "parts", "hidden_stride", "C", "M", "K", "stride_x", "N0", "N1", "N2", "N3", "T0", "T1", "T2",
-               "HB0", "HB1", "HB2", "HB3", "KB"}  # fmt: skip
+               "HB0", "HB1", "HB2", "HB3", "KB", "stride_u", "stride_r"}  # fmt: skip
 CONSTEXPRS = dict(H=32, Hkv=32, K=128, V=128, M=64, D=128, BS=64, BC=16, BD=64, BM=32, GP=1, BK=32, BV=32, PREC_IN=0,
                   PREC=3, PREC_O=3, EXP_CLAMP=60.0, HAS_INIT=False, STORE_OUT=True, REVERSE=False, MEMORY=0,
                   STORE_LSE=True, RAW=True, FM=1, HAS_KEEP=True, BLOCK=1024, HALF=32, BH=16, BHK=4, BW=32,
                   HAS_SINK=True, STORE_RSTD=True, HAS_DW=True, NQ=4096, NK=1024, NV=1024, NF=512,
                   BLOCK_Q=4096, BLOCK_K=1024, BLOCK_V=1024, BLOCK_F=512, PARTS=8, IGNORE=-100, HAS_W=True,
-                  QP=16, DP=128, HAS_PROJ=True, RB=128, BN=32)  # fmt: skip
+                  QP=16, DP=128, HAS_PROJ=True, RB=128, BN=32, NORM=True, GLU=False, RES=True)  # fmt: skip
 # (The decode step as the model launches it: from the projections, with a padding mask; RMSNorm rows of 576;
 # RoPE of SmolLM2's 9 query and 3 key heads of 64; the window step's two kernels: GP 1 with H = Hkv, D 128, the
 # router's read of the hidden state in the merge.)

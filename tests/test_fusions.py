@@ -26,7 +26,7 @@ from t2r.kernels.rotary import rotary_triton
 from t2r.kernels.swiglu import swiglu_triton
 from t2r.kernels.tuning import TUNING
 from t2r.kernels.window import window_decode_triton
-from t2r.models.fused import FusedMLP, FusedRMSNorm, fuse_modules
+from t2r.models.fused import FusedDecoderLayer, FusedMLP, FusedRMSNorm, fuse_modules
 from t2r.models.projections import project
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -279,14 +279,16 @@ def test_reference_is_transformers_rms_norm():
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_converted_models_norms_are_fused_where_nothing_differentiates(arch, monkeypatch):
     """Every norm (layers, final, g_norm, Qwen3's q/k norms) keeps its class (isinstance) and parameters; without
-    autograd it runs the kernel, with it the differentiable reference (the gradients reach the weight)."""
+    autograd it runs the kernel, with it the differentiable reference (the gradients reach the weight). Every MLP
+    and decoder layer gets its fused forward too."""
     model = tiny_gsa_model(arch).to(DEVICE)
     norms = [m for m in model.modules() if isinstance(m, FusedRMSNorm)]
     per_layer = 3 + 2 * (arch == "qwen3")  # input, post-attention, g_norm (+ q/k norms)
     assert len(norms) == per_layer * model.config.num_hidden_layers + 1
     mlps = [m for m in model.modules() if isinstance(m, FusedMLP)]
-    assert len(mlps) == model.config.num_hidden_layers
-    assert fuse_modules(model) == len(norms) + len(mlps)  # idempotent
+    layers = [m for m in model.modules() if isinstance(m, FusedDecoderLayer)]
+    assert len(mlps) == len(layers) == model.config.num_hidden_layers
+    assert fuse_modules(model) == len(norms) + len(mlps) + len(layers)  # idempotent
     first = model.model.layers[0].input_layernorm
     stock = type(first).__mro__[2]
     assert isinstance(first, stock) and stock.__name__.endswith("RMSNorm")

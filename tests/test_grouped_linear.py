@@ -80,7 +80,7 @@ def test_decoding_takes_the_grouped_projection_when_on_and_without_autograd(monk
         monkeypatch.setattr(TUNING, "impl", "triton")
     calls = []
     kernel = dispatch.grouped_linear_triton
-    monkeypatch.setattr(dispatch, "grouped_linear_triton", lambda *a: calls.append(len(a[1])) or kernel(*a))
+    monkeypatch.setattr(dispatch, "grouped_linear_triton", lambda *a, **kw: calls.append(len(a[1])) or kernel(*a, **kw))
     assert TUNING.grouped_projections  # the default
     monkeypatch.setattr(TUNING, "grouped_projections", False)
     mods = tuple(nn.Linear(24, n, bias=False).to(DEVICE) for n in (16, 8, 8, 12))
@@ -101,6 +101,75 @@ def test_decoding_takes_the_grouped_projection_when_on_and_without_autograd(monk
     assert calls == [4]
 
 
+@pytest.mark.parametrize(
+    ("dtype", "rows", "K", "sizes", "bias", "norm", "gate", "residual"),
+    [(torch.float32, (2, 1), 200, (40, 24), True, True, False, False),
+     (torch.float32, (5,), 130, (48,), False, False, True, True),
+     (torch.float32, (33,), 96, (24,), True, True, False, True),
+     (torch.bfloat16, (16, 1), 576, (64, 32, 32, 16), False, True, False, False),
+     (torch.bfloat16, (3,), 160, (72,), False, False, True, True)],
+)  # fmt: skip
+def test_grouped_projection_takes_its_neighbours_in_its_launch(dtype, rows, K, sizes, bias, norm, gate, residual):
+    """The decoding step's neighbours inside the launch (``TUNING.fused_maps``), against the reference's separate
+    calls: the RMSNorm before (its statistics over inner sizes that are not whole blocks, rows that are a slice of
+    wider ones, with biases after), an MLP's silu(gate) * up before its down projection, the residual after."""
+    wide = torch.randn(*rows, K + 8, device=DEVICE).to(dtype) * 3
+    x = wide[..., 4 : 4 + K]
+    weights = tuple((torch.randn(n, K, device=DEVICE) / K**0.5).to(dtype) for n in sizes)
+    biases = tuple(torch.randn(n, device=DEVICE).to(dtype) if bias else None for n in sizes)
+    kw = {
+        "norm": (torch.rand(K, device=DEVICE).to(dtype) + 0.5, 1e-5) if norm else None,
+        "gate": torch.randn(*rows, K, device=DEVICE).to(dtype) * 2 if gate else None,
+        "residual": torch.randn(*rows, sizes[0], device=DEVICE).to(dtype) if residual else None,
+    }
+    got = grouped_linear_triton(x, weights, biases, **kw)
+    want = grouped_linear_reference(x, weights, biases, **kw)
+    plain = grouped_linear_reference(x, weights, biases)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the reference rounds its intermediate rows, the launch not
+    for a, b, c in zip(got, want, plain, strict=True):
+        assert a.shape == b.shape and a.dtype == dtype and a.is_contiguous()
+        assert rel_err(a, b) <= tol and rel_err(b, c) > 0.05  # the neighbours changed the result
+
+
+def test_grouped_projection_says_which_neighbours_it_cannot_take():
+    x = torch.randn(2, 16, device=DEVICE)
+    w = torch.randn(8, 16, device=DEVICE)
+    norm = (torch.ones(16, device=DEVICE), 1e-6)
+    for weights, kw, why in (
+        ((w,), {"norm": norm, "gate": x}, "the norm or the activation's gate before it, not both"),
+        ((w,), {"norm": (torch.ones(8, device=DEVICE), 1e-6)}, "norm weight must be"),
+        ((w,), {"gate": x[:1]}, "gate must have the input's shape"),
+        ((w, w), {"residual": torch.zeros(2, 8, device=DEVICE)}, "adds a residual to one map's output"),
+        ((w,), {"residual": torch.zeros(2, 9, device=DEVICE)}, "adds a residual to one map's output"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            grouped_linear_triton(x, weights, (None,) * len(weights), **kw)
+
+
+def _decode(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a 5-token prefill and four single-token steps on the cache."""
+    out = model(ids[:, :5], use_cache=True)
+    logits, cache = [out.logits], out.past_key_values
+    for t in range(5, 9):
+        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        logits.append(out.logits)
+        cache = out.past_key_values
+    return torch.cat(logits, dim=1)
+
+
+def _count_grouped_calls(monkeypatch) -> list[tuple[int, bool, bool, bool]]:
+    """Each grouped launch from now on: (weights, with a norm, with a gate, with a residual)."""
+    calls = []
+    kernel = dispatch.grouped_linear_triton
+
+    def counted(x, weights, biases, **kw):
+        calls.append((len(weights), *(kw.get(name) is not None for name in ("norm", "gate", "residual"))))
+        return kernel(x, weights, biases, **kw)
+
+    monkeypatch.setattr(dispatch, "grouped_linear_triton", counted)
+    return calls
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
 def test_a_model_decodes_the_same_through_the_grouped_projections(arch, monkeypatch):
@@ -112,23 +181,46 @@ def test_a_model_decodes_the_same_through_the_grouped_projections(arch, monkeypa
     model = tiny_gsa_model(arch).to(DEVICE)
     model.decode_graphs.enabled = False  # replays would not call the kernel's Python function, which this counts
     ids = torch.randint(3, 100, (2, 9), device=DEVICE)
-
-    def decode() -> torch.Tensor:
-        out = model(ids[:, :5], use_cache=True)
-        logits, cache = [out.logits], out.past_key_values
-        for t in range(5, 9):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            logits.append(out.logits)
-            cache = out.past_key_values
-        return torch.cat(logits, dim=1)
-
     monkeypatch.setattr(TUNING, "grouped_projections", False)
-    want = decode()
-    calls = []
-    kernel = dispatch.grouped_linear_triton
-    monkeypatch.setattr(dispatch, "grouped_linear_triton", lambda *a: calls.append(len(a[1])) or kernel(*a))
+    want = _decode(model, ids)
+    calls = _count_grouped_calls(monkeypatch)
     monkeypatch.setattr(TUNING, "grouped_projections", True)
-    got = decode()
+    got = _decode(model, ids)
     layers = model.config.num_hidden_layers
-    assert sorted(set(calls)) == [1, 2, 4] and len(calls) == 4 * layers * 5  # prefill and four steps: 4 a layer
+    assert sorted({n for n, *_ in calls}) == [1, 2, 4] and len(calls) == 4 * layers * 5  # prefill, 4 steps: 4 a layer
+    assert not any(norm or gate or residual for _, norm, gate, residual in calls)  # fused_maps is off by default
+    assert rel_err(got, want) <= 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    ("arch", "gsa"), [("mistral", {}), ("qwen2", dict(gsa_window=4, gsa_full_attention_layers=[1]))], ids=str
+)
+def test_decoding_takes_the_layers_norms_and_residual_adds_into_the_projections(arch, gsa, monkeypatch):
+    """``TUNING.fused_maps``: the same logits as without. Per forward, a GSA layer's three norms (its input's, its
+    output's, its MLP's) went into the q/k/v/gates, output and gate/up launches, the MLP's activation into the
+    down projection's, and both residual adds into the output and down projections'. A hybrid layer applies its
+    input's and output's norms itself (its window reads them); a layer kept as softmax attention runs
+    transformers' own forward, only its MLP's activation fused."""
+    if DEVICE == "cpu":
+        monkeypatch.setattr(TUNING, "impl", "triton")
+    model = tiny_gsa_model(arch, **gsa).to(DEVICE)
+    model.decode_graphs.enabled = False
+    for name, p in model.named_parameters():  # norms that differ from one another (their init is all ones)
+        if "norm" in name:
+            p.uniform_(0.5, 1.5)
+    ids = torch.randint(3, 100, (2, 9), device=DEVICE)
+    want = _decode(model, ids)
+    calls = _count_grouped_calls(monkeypatch)
+    monkeypatch.setattr(TUNING, "fused_maps", True)
+    got = _decode(model, ids)
+    expected = [0, 0, 0]  # (norms, gates, residuals) a forward
+    for i in range(model.config.num_hidden_layers):
+        if not model.config.is_gsa_layer(i):
+            per_layer = (0, 1, 0)
+        else:
+            per_layer = (1, 1, 2) if model.config.gsa_window else (3, 1, 2)
+        expected = [a + b for a, b in zip(expected, per_layer, strict=True)]
+    counted = [sum(call[j] for call in calls) for j in (1, 2, 3)]
+    assert counted == [5 * n for n in expected]
     assert rel_err(got, want) <= 1e-5

@@ -14,8 +14,9 @@
 # `new`: the GPU tests of everything built since the last GPU run (the first call of a session).
 # `window`: the hybrid's fused window step alone, its launch geometry swept (benchmarks/gpu/window_tiles.py).
 # `grouped`: the grouped decoding projections against cuBLAS, then in the profiled decoding step.
+# `fused-maps`: the decoder layer's norms and residual adds in the grouped launches, and their geometry, timed.
 # `decode-split`: the one-token GSA step split over its memories' blocks, off / on / auto, against FLA's.
-# Usage: benchmarks/gpu/kernels.sh [new] [tests] [fusions] [hybrid-e2e] [window] [grouped] [decode-split] [decode-profile] [finetune-graphs] [train] [fusions-ab] [variants] [gqa] [gqa-ab] [scan] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
+# Usage: benchmarks/gpu/kernels.sh [new] [tests] [fusions] [hybrid-e2e] [window] [grouped] [fused-maps] [decode-split] [decode-profile] [finetune-graphs] [train] [fusions-ab] [variants] [gqa] [gqa-ab] [scan] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
 set -uo pipefail
 source benchmarks/gpu/env.sh  # carried wheels (FLA for the comparison) in /root/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -69,6 +70,23 @@ grouped)
   for on in 0 1; do for w in 0 512; do
     T2R_GSA_GROUPED_PROJECTIONS=$on timeout 150 python benchmarks/decode_profile.py --window $w --batch 16 --no-teacher \
       --json "$OUT/decode_profile_grouped${on}_w$w.json" 2>&1 | grep -E "gpu_busy|launches|wall" | head -3 | sed "s/^/[grouped=$on W=$w] /"
+  done; done ;;
+fused-maps)
+  # The decoder layer's neighbours in the grouped launches (T2R_GSA_FUSED_MAPS, off until this) and the grouped
+  # projections' per-call geometry (grouped_linear.geometry): their GPU tests, then the captured step (GSA and the
+  # W = 512 hybrid, batch 1 and 16) with the old fixed geometry, the new one, and the new one with the maps fused.
+  timeout 150 python -m pytest -q -p no:cacheprovider tests/test_grouped_linear.py -rf 2>&1 | tail -3
+  for run in old:0 new:0 new:1; do IFS=: read -r geo maps <<< "$run"; for w in 0 512; do
+    T2R_GSA_FUSED_MAPS=$maps timeout 150 python - "$geo" "$w" "$OUT/decode_profile_${geo}_maps${maps}_w$w.json" <<'PY' \
+      2>&1 | grep -E '"batch"|gpu_busy|launches' | paste - - - | sed "s/^/[geometry=$geo maps=$maps W=$w] /"
+import runpy, sys
+import t2r.kernels.grouped_linear as grouped
+if sys.argv[1] == "old":
+    grouped.GROUPED_GEOMETRY = (32, 128, 4)  # the fixed geometry before 2026-12-06
+sys.argv = ["decode_profile.py", "--window", sys.argv[2], "--batch", "1", "--batch", "16", "--no-teacher",
+            "--json", sys.argv[3]]
+runpy.run_path("benchmarks/decode_profile.py", run_name="__main__")
+PY
   done; done ;;
 decode-split)
   # The one-token step split over its memories' blocks (T2R_GSA_DECODE_SPLIT, auto by default) against the

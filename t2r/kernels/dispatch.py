@@ -176,20 +176,30 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return swiglu_reference(gate, up)
 
 
+def grouped_takes(x: torch.Tensor, weights: tuple[torch.Tensor, ...], *extra: torch.Tensor) -> bool:
+    """Whether :func:`grouped_linear` takes its Triton launch for these tensors (``extra``: the norm's weight, the
+    gate, the residual): ``TUNING.grouped_projections`` on (T2R_GSA_GROUPED_PROJECTIONS, on by default),
+    :func:`_fused_inference`, few rows (decoding), contiguous weights and the rest in the input's dtype, no
+    autocast."""
+    if not (TUNING.grouped_projections and len(weights) <= MAX_WEIGHTS and _fused_inference(x, *weights, *extra)):
+        return False
+    K = x.shape[-1]
+    few = K > 0 and x.numel() // K <= MAX_ROWS
+    fits = all(w.dtype == x.dtype and w.is_contiguous() for w in weights) and all(t.dtype == x.dtype for t in extra)
+    return few and fits and not torch.is_autocast_enabled(x.device.type)
+
+
 def grouped_linear(
-    x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[torch.Tensor | None, ...]
-) -> tuple[torch.Tensor, ...]:
-    """Linear maps of one input (:func:`reference.grouped_linear_reference`): one Triton launch where
-    ``TUNING.grouped_projections`` is on (T2R_GSA_GROUPED_PROJECTIONS, on by default), :func:`_fused_inference`
-    holds, there are few rows (decoding) and the weights are contiguous in the input's dtype outside autocast;
-    otherwise a GEMM each."""
-    if TUNING.grouped_projections and _fused_inference(x, *weights) and len(weights) <= MAX_WEIGHTS:
-        K = x.shape[-1]
-        few = K > 0 and x.numel() // K <= MAX_ROWS
-        fits = all(w.dtype == x.dtype and w.is_contiguous() for w in weights)
-        if few and fits and not torch.is_autocast_enabled(x.device.type):
-            return grouped_linear_triton(x, weights, biases)
-    return grouped_linear_reference(x, weights, biases)
+    x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[torch.Tensor | None, ...], *,
+    norm: tuple[torch.Tensor, float] | None = None, gate: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """Linear maps of one input (:func:`reference.grouped_linear_reference`, with its optional norm, gate and
+    residual): one Triton launch where :func:`grouped_takes`; otherwise a GEMM each."""
+    extra = tuple(t for t in (gate, residual, None if norm is None else norm[0]) if t is not None)
+    if grouped_takes(x, weights, *extra):
+        return grouped_linear_triton(x, weights, biases, norm=norm, gate=gate, residual=residual)
+    return grouped_linear_reference(x, weights, biases, norm=norm, gate=gate, residual=residual)
 
 
 def window_decode_(

@@ -44,14 +44,19 @@ def geometry(columns: int, rows: int, device: torch.device) -> tuple[int, int, i
 
 @triton.jit
 def _grouped_linear_kernel(
-    x_ptr, w0_ptr, w1_ptr, w2_ptr, w3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr, out_ptr,
-    M, K, stride_x, N0, N1, N2, N3, T0, T1, T2, HB0, HB1, HB2, HB3,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    PREC: tl.constexpr,
+    x_ptr, w0_ptr, w1_ptr, w2_ptr, w3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr, out_ptr, nw_ptr, u_ptr, r_ptr, eps,
+    M, K, stride_x, stride_u, stride_r, N0, N1, N2, N3, T0, T1, T2, HB0, HB1, HB2, HB3,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
+    RES: tl.constexpr,
 ):  # fmt: skip
     """Program (column tile t, row block r): tile t is weight i's tile t - (T0 + ... + T(i-1)); its BN output columns
     of the rows in block r, x @ w_i^T (+ b_i where HB_i) with fp32 accumulation, stored in weight i's [M, N_i]
-    block of the output buffer (at M * (N_0 + ... + N_(i-1)))."""
+    block of the output buffer (at M * (N_0 + ... + N_(i-1))).
+
+    The decoding step's neighbours folded in, each a launch saved: ``GLU``, the input is silu(u) * x (an MLP's down
+    projection of its activation, u the gate); ``NORM``, x is RMS-normalised and scaled by ``nw`` (the statistics
+    summed over the same blocks the product reads, the row's 1 / rms applied to the sums at the end: it is a
+    common factor); ``RES``, the residual stream (one weight) is added to the output."""
     t = tl.program_id(0)
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     w_ptr, b_ptr, hb, N, tile, col0 = w0_ptr, b0_ptr, HB0, N0, t, N0 * 0
@@ -65,15 +70,30 @@ def _grouped_linear_kernel(
     rn = tile * BN + tl.arange(0, BN)
     rows, cols = rm < M, rn < N
     acc = tl.zeros([BM, BN], dtype=tl.float32)
+    squares = tl.zeros([BM], dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         inner = rk < K
-        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_x + rk[None, :], mask=rows[:, None] & inner[None, :],
-                    other=0.0)  # fmt: skip
+        here = rows[:, None] & inner[None, :]
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_x + rk[None, :], mask=here, other=0.0)
+        if GLU:
+            u = tl.load(u_ptr + rm[:, None].to(tl.int64) * stride_u + rk[None, :], mask=here, other=0.0)
+            u = u.to(tl.float32)
+            x = (u * tl.sigmoid(u) * x.to(tl.float32)).to(x_ptr.dtype.element_ty)  # the activation's own rounding
+        if NORM:
+            xf = x.to(tl.float32)
+            squares += tl.sum(xf * xf, axis=1)
+            x = xf * tl.load(nw_ptr + rk, mask=inner, other=0.0).to(tl.float32)[None, :]
         w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=cols[:, None] & inner[None, :], other=0.0)
         acc += _mm(x, tl.trans(w), PREC)
+    if NORM:
+        acc *= tl.rsqrt(squares / K + eps)[:, None]
     if hb != 0:
         acc += tl.load(b_ptr + rn, mask=cols, other=0.0).to(tl.float32)[None, :]
+    if RES:
+        r = tl.load(r_ptr + rm[:, None].to(tl.int64) * stride_r + rn[None, :], mask=rows[:, None] & cols[None, :],
+                    other=0.0)  # fmt: skip
+        acc += r.to(tl.float32)
     # int32 offsets: the buffer holds at most MAX_ROWS * sum(N_i) elements. M and N may arrive as constexprs (Triton
     # specializes an argument equal to 1), so no tensor methods on them.
     out = out_ptr + col0 * M + rm[:, None] * N + rn[None, :]
@@ -81,11 +101,14 @@ def _grouped_linear_kernel(
 
 
 def grouped_linear_triton(
-    x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[torch.Tensor | None, ...]
-) -> tuple[torch.Tensor, ...]:
+    x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[torch.Tensor | None, ...], *,
+    norm: tuple[torch.Tensor, float] | None = None, gate: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """The contract of :func:`reference.grouped_linear_reference` for up to MAX_WEIGHTS contiguous weights [N_i, K]
     in ``x``'s dtype and at most MAX_ROWS rows of ``x`` [..., K], each with its bias or none (Qwen2's q/k/v have
-    them, the gates not). Each output is contiguous (a block of one buffer)."""
+    them, the gates not), optionally with the norm before, the activation's gate, or the residual after (tensors in
+    ``x``'s dtype and shape, the norm's weight [K]). Each output is contiguous (a block of one buffer)."""
     if not 1 <= len(weights) <= MAX_WEIGHTS or len(biases) != len(weights):
         raise ValueError(f"the grouped projection takes 1 to {MAX_WEIGHTS} weights, each with its bias or None")
     K = x.shape[-1]
@@ -95,6 +118,7 @@ def grouped_linear_triton(
         b is not None and (b.shape != (w.shape[0],) or b.dtype != x.dtype) for w, b in zip(weights, biases, strict=True)
     ):
         raise ValueError("the grouped projection needs each bias [N] in the input's dtype")
+    _check_neighbours(x, weights, norm, gate, residual)
     rows, stride = flat_rows(x)
     M = rows.numel() // K if K else 0
     if M > MAX_ROWS:
@@ -111,8 +135,25 @@ def grouped_linear_triton(
         n = sizes + [0] * pad
         t = tiles + [0] * pad
         bm = max(16, next_pow2(M))
+        u, stride_u = flat_rows(gate) if gate is not None else (rows, 0)
+        r, stride_r = flat_rows(residual) if residual is not None else (rows, 0)
+        nw, eps = norm if norm is not None else (rows, 0.0)
         _grouped_linear_kernel[(sum(tiles), cdiv(M, bm))](
-            rows, *w, *b, y, M, K, stride, *n, *t[:3], *flags, BM=bm,
-            BN=bn, BK=bk, PREC=operand_precision(x.dtype), num_warps=warps,
+            rows, *w, *b, y, nw, u, r, float(eps), M, K, stride, stride_u, stride_r, *n, *t[:3], *flags, BM=bm,
+            BN=bn, BK=bk, PREC=operand_precision(x.dtype), NORM=norm is not None, GLU=gate is not None,
+            RES=residual is not None, num_warps=warps,
         )  # fmt: skip
     return tuple(part.view(*x.shape[:-1], n) for part, n in zip(y.split([M * n for n in sizes]), sizes, strict=True))
+
+
+def _check_neighbours(x, weights, norm, gate, residual) -> None:
+    if norm is not None and gate is not None:
+        raise ValueError("the grouped projection takes the norm or the activation's gate before it, not both")
+    if norm is not None and (norm[0].shape != (x.shape[-1],) or norm[0].dtype != x.dtype):
+        raise ValueError("the grouped projection's norm weight must be [K] in the input's dtype")
+    if gate is not None and (gate.shape != x.shape or gate.dtype != x.dtype):
+        raise ValueError("the grouped projection's gate must have the input's shape and dtype")
+    if residual is not None and (
+        len(weights) != 1 or residual.shape != (*x.shape[:-1], weights[0].shape[0]) or residual.dtype != x.dtype
+    ):
+        raise ValueError("the grouped projection adds a residual to one map's output, of its shape and dtype")

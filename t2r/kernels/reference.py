@@ -270,11 +270,19 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 def grouped_linear_reference(
-    x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[torch.Tensor | None, ...]
-) -> tuple[torch.Tensor, ...]:
+    x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[torch.Tensor | None, ...], *,
+    norm: tuple[torch.Tensor, float] | None = None, gate: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Each linear map (weight [N_i, K], bias [N_i] or None) applied to ``x`` [..., K]: the grouped projection's
-    contract."""
-    return tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
+    contract. ``norm`` (weight, eps): to the RMS-normalised ``x``; ``gate``: to silu(gate) * x (an MLP's down
+    projection); ``residual``: added to the one map's output."""
+    if gate is not None:
+        x = swiglu_reference(gate, x)
+    if norm is not None:
+        x = rms_norm_reference(x, *norm)
+    out = tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
+    return out if residual is None else (residual + out[0], *out[1:])
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -8,17 +8,21 @@ from __future__ import annotations
 import functools
 import inspect
 
+import torch
 from torch import nn
 from transformers import activations
-from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP, LlamaRMSNorm
 
-from t2r.kernels.dispatch import rms_norm, swiglu
+from t2r.kernels.dispatch import rms_norm
+from t2r.kernels.tuning import TUNING
 
-from .projections import project
+from .projections import plain_rms_norm, project
 
 
 class FusedRMSNorm:
     """Mixed in before a Llama-family RMSNorm class."""
+
+    llama_rms_norm = True  # Llama's math (projections.plain_rms_norm)
 
     def forward(self, hidden_states):
         return rms_norm(hidden_states, self.weight, self.variance_epsilon)
@@ -27,12 +31,44 @@ class FusedRMSNorm:
 class FusedMLP:
     """Mixed in before a Llama-family MLP class with a silu activation: gate and up as one GEMM where
     :func:`projections.project` merges them (or one grouped launch when decoding), silu(gate) * up in one launch
-    where :func:`dispatch.swiglu` fuses it, down through :func:`projections.project` too (its grouped launch)."""
+    where :func:`dispatch.swiglu` fuses it (or inside the down projection's grouped launch: ``TUNING.fused_maps``),
+    down through :func:`projections.project` too."""
 
     def forward(self, x):
-        gate, up = project(x, (self.gate_proj, self.up_proj))
-        (out,) = project(swiglu(gate, up), (self.down_proj,))
+        return self.forward_between(x)
+
+    def forward_between(self, x, norm: nn.Module | None = None, residual=None):
+        """The MLP of ``norm(x)``, plus ``residual``: the decoder layer's neighbours (:class:`FusedDecoderLayer`)."""
+        gate, up = project(x, (self.gate_proj, self.up_proj), norm=norm)
+        (out,) = project(up, (self.down_proj,), gate=gate, residual=residual)
         return out
+
+
+class FusedDecoderLayer:
+    """Mixed in before a Llama-family decoder layer whose attention is GSA: without autograd and with
+    ``TUNING.fused_maps``, its two norms go into the launches of the projections that follow them and its two
+    residual adds into the output and down projections' (models/projections.py): four launches a layer fewer when
+    decoding. Otherwise, and for layers kept as softmax attention, transformers' own forward."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args or not self._fuses_neighbours():
+            return super().forward(hidden_states, *args, **kwargs)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states, input_norm=self.input_layernorm, residual=hidden_states, **kwargs
+        )
+        return self.mlp.forward_between(hidden_states, self.post_attention_layernorm, hidden_states)
+
+    def _fuses_neighbours(self) -> bool:
+        if not TUNING.fused_maps or torch.is_grad_enabled():
+            return False
+        mlp, norms = self.mlp, (self.input_layernorm, self.post_attention_layernorm)
+        hooked = mlp._forward_hooks or mlp._forward_pre_hooks
+        return (
+            getattr(self.self_attn, "takes_neighbours", False)
+            and isinstance(mlp, FusedMLP)
+            and not hooked
+            and all(plain_rms_norm(n) for n in norms)
+        )
 
 
 def _silu(act: nn.Module | None) -> bool:
@@ -59,7 +95,8 @@ def _fused_class(cls: type, mixin: type, stock: type) -> type | None:
 
 
 def fuse_modules(model: nn.Module) -> int:
-    """Give every Llama-family RMSNorm and silu MLP in ``model`` the fused forward; returns how many."""
+    """Give every Llama-family RMSNorm, silu MLP and decoder layer in ``model`` the fused forward; returns how
+    many."""
     count = 0
     for module in model.modules():
         name = type(module).__name__
@@ -67,6 +104,8 @@ def fuse_modules(model: nn.Module) -> int:
             fused = _fused_class(type(module), FusedRMSNorm, LlamaRMSNorm)
         elif name.endswith("MLP") and _silu(getattr(module, "act_fn", None)):
             fused = _fused_class(type(module), FusedMLP, LlamaMLP)
+        elif name.endswith("DecoderLayer"):
+            fused = _fused_class(type(module), FusedDecoderLayer, LlamaDecoderLayer)
         else:
             continue
         if fused is not None:

@@ -84,6 +84,7 @@ class GSAAttention(nn.Module):
     # The layer ignores the causal mask; whatever is attached to its call and reads the mask (a training hook)
     # sets this, so that the model keeps building it.
     reads_causal_mask: bool = False
+    takes_neighbours = True  # forward() takes its decoder layer's input norm and residual (models/fused.py)
 
     def __init__(self, config, layer_idx: int, teacher_attn: nn.Module):
         super().__init__()
@@ -119,11 +120,18 @@ class GSAAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         cache=None,
+        input_norm: nn.Module | None = None,
+        residual: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
+        """``input_norm`` (the decoder layer's norm, not yet applied to ``hidden_states``) and ``residual`` (added to
+        the output): the layer's neighbours, taken into the projections' launches where they can be
+        (``TUNING.fused_maps``, models/fused.py's decoder layer)."""
         cache = take_cache(kwargs, cache)  # transformers < 5.24 passes it as past_key_values
         B, T, _ = hidden_states.shape
-        q, k, v, f = project(hidden_states, (self.q_proj, self.k_proj, self.v_proj, self.f_proj))
+        if input_norm is not None and self.window:  # the window's router reads the normalised input too
+            hidden_states, input_norm = input_norm(hidden_states), None
+        q, k, v, f = project(hidden_states, (self.q_proj, self.k_proj, self.v_proj, self.f_proj), norm=input_norm)
         q = q.view(B, T, self.num_heads, self.head_dim)
         k = k.view(B, T, self.num_kv_heads, self.head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
@@ -150,9 +158,10 @@ class GSAAttention(nn.Module):
             o = F.silu(o)
         else:
             o, state = self._read_and_update_cached(q, k, v, f, keep, layer_cache, docs)
-        o = self.g_norm(o.reshape(B, T, -1))
+        o, norm = o.reshape(B, T, -1), self.g_norm  # the norm goes with the output projection where it can
         window = None
         if self.window:
+            o, norm = self.g_norm(o), None
             past = layer_cache.window if layer_cache is not None else None
             o = o.view(B, T, self.num_heads, -1)
             if past is not None and T == 1 and docs is None:  # decoding: one slot of the ring written in place
@@ -184,7 +193,7 @@ class GSAAttention(nn.Module):
             o = o.reshape(B, T, -1)
         if layer_cache is not None:
             layer_cache.update_state(state, T, window)
-        (out,) = project(o, (self.o_proj,))
+        (out,) = project(o, (self.o_proj,), norm=norm, residual=residual)
         return out, None
 
     def log_forget_gate(self, f: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as nn_module
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from t2r.kernels.dispatch import grouped_linear
+from t2r.kernels.dispatch import grouped_linear, grouped_takes, swiglu
 from t2r.kernels.tuning import TUNING
 
 
@@ -26,6 +27,14 @@ def plain_linears(modules: tuple[nn.Module, ...]) -> bool:
             return False
     first = modules[0].weight
     return all(m.weight.dtype == first.dtype and m.weight.device == first.device for m in modules)
+
+
+def plain_rms_norm(norm: nn.Module) -> bool:
+    """A Llama-family RMSNorm (transformers' forward, or t2r's fused one: models/fused.py) without hooks of its
+    own, whose weight and epsilon a grouped launch may apply in its place."""
+    forward = type(norm).forward
+    llama = forward is LlamaRMSNorm.forward or getattr(type(norm), "llama_rms_norm", False)
+    return llama and not (norm._forward_hooks or norm._forward_pre_hooks)
 
 
 def _mergeable(modules: tuple[nn.Module, ...]) -> bool:
@@ -71,15 +80,40 @@ class _MergedLinear(torch.autograd.Function):
         return dx, None, *dws, *dbs
 
 
-def project(x: torch.Tensor, modules: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
+def project(
+    x: torch.Tensor, modules: tuple[nn.Module, ...], *, norm: nn.Module | None = None, gate: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Each module applied to ``x``: one GEMM over the concatenated weights each way (outputs are views of its
     result) where :func:`_mergeable` holds, autograd is on and ``TUNING.merged_projections``; without autograd and
     with ``TUNING.grouped_projections``, the grouped launch over the separate weights (decoding; for one module too,
-    in place of cuBLAS's launch, which costs more at a few rows); else one call each."""
+    in place of cuBLAS's launch, which costs more at a few rows); else one call each.
+
+    Neighbours: ``x`` through ``norm`` (an RMSNorm module) first, or the input taken as silu(``gate``) * ``x`` (an
+    MLP's down projection); ``residual`` added to the (one) output. With ``TUNING.fused_maps`` they go inside the
+    grouped launch where it runs (:func:`dispatch.grouped_takes`); otherwise each is its own call, the module's or
+    the fused kernel's, as transformers' decoder layer makes them."""
+    if norm is not None or gate is not None or residual is not None:
+        if TUNING.fused_maps and _groupable(modules) and (norm is None or plain_rms_norm(norm)):
+            weights, biases = tuple(m.weight for m in modules), tuple(m.bias for m in modules)
+            extra = [t for t in (gate, residual, None if norm is None else norm.weight) if t is not None]
+            if grouped_takes(x, weights, *extra):
+                nw = None if norm is None else (norm.weight, norm.variance_epsilon)
+                return grouped_linear(x, weights, biases, norm=nw, gate=gate, residual=residual)
+        if gate is not None:
+            x = swiglu(gate, x)
+        if norm is not None:
+            x = norm(x)
+        out = project(x, modules)
+        return out if residual is None else (residual + out[0], *out[1:])
     if TUNING.merged_projections and len(modules) > 1 and torch.is_grad_enabled() and _mergeable(modules):
         params = [m.weight for m in modules] + [m.bias for m in modules]
         y = _MergedLinear.apply(x, len(modules), *params)
         return y.split([m.out_features for m in modules], dim=-1)
-    if TUNING.grouped_projections and not torch.is_grad_enabled() and plain_linears(modules):
+    if _groupable(modules):
         return grouped_linear(x, tuple(m.weight for m in modules), tuple(m.bias for m in modules))
     return tuple(m(x) for m in modules)
+
+
+def _groupable(modules: tuple[nn.Module, ...]) -> bool:
+    return TUNING.grouped_projections and not torch.is_grad_enabled() and plain_linears(modules)
