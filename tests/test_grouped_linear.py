@@ -224,3 +224,23 @@ def test_decoding_takes_the_layers_norms_and_residual_adds_into_the_projections(
     counted = [sum(call[j] for call in calls) for j in (1, 2, 3)]
     assert counted == [5 * n for n in expected]
     assert rel_err(got, want) <= 1e-5
+
+
+def test_decoder_layers_fuse_their_neighbours_only_where_nothing_would_notice(monkeypatch):
+    """Fused maps on, no autograd, a GSA attention: fused; a layer kept as softmax attention, autograd on, the maps
+    off, or a hook on the attention (which would see the residual in its output) or the MLP: transformers'
+    forward."""
+    model = tiny_gsa_model("mistral", gsa_full_attention_layers=[1])
+    gsa_layer, softmax_layer = model.model.layers[0], model.model.layers[1]
+    monkeypatch.setattr(TUNING, "fused_maps", True)
+    with torch.no_grad():
+        assert gsa_layer._fuses_neighbours() and not softmax_layer._fuses_neighbours()
+        for module in (gsa_layer.self_attn, gsa_layer.mlp):
+            handle = module.register_forward_hook(lambda *a: None)
+            assert not gsa_layer._fuses_neighbours()
+            handle.remove()
+        assert gsa_layer._fuses_neighbours()
+        monkeypatch.setattr(TUNING, "fused_maps", False)
+        assert not gsa_layer._fuses_neighbours()
+    monkeypatch.setattr(TUNING, "fused_maps", True)
+    assert not gsa_layer._fuses_neighbours()  # autograd on

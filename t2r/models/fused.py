@@ -59,12 +59,14 @@ class FusedDecoderLayer:
         return self.mlp.forward_between(hidden_states, self.post_attention_layernorm, hidden_states)
 
     def _fuses_neighbours(self) -> bool:
+        """Fused maps on, no autograd, a GSA attention and a fused MLP, Llama's norms, and no hooks on the
+        attention or the MLP (a hook on the attention would see its output with the residual added)."""
         if not TUNING.fused_maps or torch.is_grad_enabled():
             return False
-        mlp, norms = self.mlp, (self.input_layernorm, self.post_attention_layernorm)
-        hooked = mlp._forward_hooks or mlp._forward_pre_hooks
+        attn, mlp, norms = self.self_attn, self.mlp, (self.input_layernorm, self.post_attention_layernorm)
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (attn, mlp))
         return (
-            getattr(self.self_attn, "takes_neighbours", False)
+            getattr(attn, "takes_neighbours", False)
             and isinstance(mlp, FusedMLP)
             and not hooked
             and all(plain_rms_norm(n) for n in norms)
