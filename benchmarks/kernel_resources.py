@@ -42,7 +42,7 @@ CONSTEXPRS = dict(H=32, Hkv=32, K=128, V=128, M=64, D=128, BS=64, BC=16, BD=64, 
                   STORE_LSE=True, RAW=True, FM=1, HAS_KEEP=True, BLOCK=1024, HALF=32, BH=16, BHK=4, BW=32,
                   HAS_SINK=True, STORE_RSTD=True, HAS_DW=True, NQ=4096, NK=1024, NV=1024, NF=512,
                   BLOCK_Q=4096, BLOCK_K=1024, BLOCK_V=1024, BLOCK_F=512, PARTS=8, IGNORE=-100, HAS_W=True,
-                  QP=16, DP=128, HAS_PROJ=True, RB=128, BN=32, NORM=True, GLU=False, RES=True)  # fmt: skip
+                  QP=16, DP=128, HAS_PROJ=True, RB=128, BN=32, NORM=True, GLU=False, RES=True, PDL=True)  # fmt: skip
 # (The decode step as the model launches it: from the projections, with a padding mask; RMSNorm rows of 576;
 # RoPE of SmolLM2's 9 query and 3 key heads of 64; the window step's two kernels: GP 1 with H = Hkv, D 128, the
 # router's read of the hidden state in the merge.)

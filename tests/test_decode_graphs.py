@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import rel_err, tiny_gsa_model
 
+from t2r.kernels.pdl import pdl
+from t2r.kernels.tuning import TUNING
 from t2r.models.decode_graphs import DecodeGraphs
 from t2r.models.hf_compat import CACHE_ARG, output_cache
 
@@ -50,6 +52,31 @@ def test_replayed_steps_match_eager_decoding(variant):
     assert len(model.decode_graphs.steps) == 1  # one capture, then replays
     assert rel_err(graphed, eager) < 1e-6
     assert cache.get_seq_length() == 7 + 9
+
+
+def test_dependent_launches_only_where_a_gpu_has_them(monkeypatch):
+    """T2R_GSA_PDL: off by default; on, only CUDA devices of compute capability 9+ launch so (the interpreter has
+    no such launch)."""
+    assert not TUNING.pdl
+    monkeypatch.setattr(TUNING, "pdl", True)
+    assert not pdl(torch.device("cpu"))
+    if torch.cuda.is_available():
+        assert pdl(torch.device("cuda", torch.cuda.current_device())) == (torch.cuda.get_device_capability()[0] >= 9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures real CUDA graphs of dependent launches")
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_dependent_launches_and_fused_maps_replay_eager_steps(variant, monkeypatch):
+    """T2R_GSA_PDL=1 (each kernel's early reads overlapping the kernel before) and T2R_GSA_FUSED_MAPS=1, in real
+    CUDA graphs: the logits of eager decoding with both off."""
+    model = tiny_gsa_model("mistral", **VARIANTS[variant]).cuda()
+    prompt = torch.randint(3, 100, (2, 7), device="cuda")
+    eager, _ = _decode(model, prompt, 9)
+    monkeypatch.setattr(TUNING, "pdl", True)
+    monkeypatch.setattr(TUNING, "fused_maps", True)
+    graphed, _ = _decode(_graphed(model, emulate=False), prompt, 9)
+    assert len(model.decode_graphs.steps) == 1
+    assert rel_err(graphed, eager) < 1e-5
 
 
 def test_positions_and_padding_reach_the_replayed_step():

@@ -14,7 +14,8 @@
 # `new`: the GPU tests of everything built since the last GPU run (the first call of a session).
 # `window`: the hybrid's fused window step alone, its launch geometry swept (benchmarks/gpu/window_tiles.py).
 # `grouped`: the grouped decoding projections against cuBLAS, then in the profiled decoding step.
-# `fused-maps`: the decoder layer's norms and residual adds in the grouped launches, and their geometry, timed.
+# `fused-maps`: the decoder layer's norms and residual adds in the grouped launches, their geometry, and
+# programmatic dependent launches, timed.
 # `decode-split`: the one-token GSA step split over its memories' blocks, off / on / auto, against FLA's.
 # Usage: benchmarks/gpu/kernels.sh [new] [tests] [fusions] [hybrid-e2e] [window] [grouped] [fused-maps] [decode-split] [decode-profile] [finetune-graphs] [train] [fusions-ab] [variants] [gqa] [gqa-ab] [scan] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
 set -uo pipefail
@@ -72,13 +73,18 @@ grouped)
       --json "$OUT/decode_profile_grouped${on}_w$w.json" 2>&1 | grep -E "gpu_busy|launches|wall" | head -3 | sed "s/^/[grouped=$on W=$w] /"
   done; done ;;
 fused-maps)
-  # The decoder layer's neighbours in the grouped launches (T2R_GSA_FUSED_MAPS, off until this) and the grouped
-  # projections' per-call geometry (grouped_linear.geometry): their GPU tests, then the captured step (GSA and the
-  # W = 512 hybrid, batch 1 and 16) with the old fixed geometry, the new one, and the new one with the maps fused.
-  timeout 150 python -m pytest -q -p no:cacheprovider tests/test_grouped_linear.py -rf 2>&1 | tail -3
-  for run in old:0 new:0 new:1; do IFS=: read -r geo maps <<< "$run"; for w in 0 512; do
-    T2R_GSA_FUSED_MAPS=$maps timeout 150 python - "$geo" "$w" "$OUT/decode_profile_${geo}_maps${maps}_w$w.json" <<'PY' \
-      2>&1 | grep -E '"batch"|gpu_busy|launches' | paste - - - | sed "s/^/[geometry=$geo maps=$maps W=$w] /"
+  # The decoder layer's neighbours in the grouped launches (T2R_GSA_FUSED_MAPS), the grouped projections' per-call
+  # geometry (grouped_linear.geometry) and programmatic dependent launches (T2R_GSA_PDL), all untimed until this:
+  # their GPU tests (the decode kernels' also with PDL on), then the captured step (GSA and the W = 512 hybrid,
+  # batch 1 and 16) with the old fixed geometry, the new one, with the maps fused, and with PDL too.
+  timeout 200 python -m pytest -q -p no:cacheprovider tests/test_grouped_linear.py tests/test_decode_graphs.py \
+    tests/test_fusions.py -k "grouped or dependent or replayed or rotary" -rf 2>&1 | tail -3
+  T2R_GSA_PDL=1 timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gsa_triton.py -k decode -rf 2>&1 | tail -3
+  for run in old:0:0 new:0:0 new:1:0 new:1:1; do IFS=: read -r geo maps dependent <<< "$run"; for w in 0 512; do
+    tag="geometry=$geo maps=$maps pdl=$dependent W=$w"
+    T2R_GSA_FUSED_MAPS=$maps T2R_GSA_PDL=$dependent timeout 150 python - "$geo" "$w" \
+      "$OUT/decode_profile_${geo}_maps${maps}_pdl${dependent}_w$w.json" <<'PY' 2>&1 \
+      | grep -E '"batch"|wall|gpu_busy|launches' | paste - - - - | sed "s/^/[$tag] /"
 import runpy, sys
 import t2r.kernels.grouped_linear as grouped
 if sys.argv[1] == "old":

@@ -8,6 +8,7 @@ import torch
 
 from .decode_jit import _decode_kernel, _decode_keys_kernel, _decode_step_kernel, _decode_values_kernel
 from .layout import multiprocessors, next_pow2
+from .pdl import pdl
 from .reference import State
 from .tuning import TUNING, empty
 
@@ -76,10 +77,12 @@ def _step(q, k, v, s, g, o, state: State, scale, normalizer: float, keep, raw: b
     scale = K**-0.5 if scale is None else float(scale)
     keep_ptr, keep_stride = (q, 0) if keep is None else (keep, keep.stride(0))
     GP, BK, BV = next_pow2(H // Hkv), min(K, TUNING.decode_block), min(V, TUNING.decode_block)
+    dependent = pdl(q.device)
     if split_step(B * Hkv, H // Hkv, q.device):
         KB = K // BK
         part = torch.empty(B * Hkv * KB * GP * M, dtype=torch.float32, device=q.device)
-        common = dict(RAW=raw, HAS_KEEP=keep is not None, num_warps=TUNING.decode_warps)
+        common = dict(RAW=raw, HAS_KEEP=keep is not None, PDL=dependent, num_warps=TUNING.decode_warps,
+                      launch_pdl=dependent)  # fmt: skip
         s_ptr = g if s is None else s
         _decode_keys_kernel[(B * Hkv, KB)](
             q, k, s_ptr, g, state[0], part, keep_ptr, keep_stride, float(normalizer), H=H, Hkv=Hkv, K=K, M=M, GP=GP,
@@ -93,5 +96,5 @@ def _step(q, k, v, s, g, o, state: State, scale, normalizer: float, keep, raw: b
     _decode_step_kernel[(B * Hkv,)](
         q, k, v, g if s is None else s, g, o, *state, keep_ptr, keep_stride, scale, float(normalizer),
         H=H, Hkv=Hkv, K=K, V=V, M=M, GP=GP, BK=BK, BV=BV, RAW=raw, FM=FEATURE_CODES[feature_map],
-        HAS_KEEP=keep is not None, num_warps=TUNING.decode_warps,
+        HAS_KEEP=keep is not None, PDL=dependent, num_warps=TUNING.decode_warps, launch_pdl=dependent,
     )  # fmt: skip

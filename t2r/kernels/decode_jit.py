@@ -8,6 +8,8 @@ try:  # a try block, so that transformers' trust_remote_code import check does n
 except ImportError as err:
     raise ImportError("the GSA Triton kernels need triton (pip install 't2r[cuda]')") from err
 
+from .pdl import _depend
+
 
 @triton.jit
 def _decode_kernel(
@@ -96,16 +98,28 @@ def _group(i_nh, H: tl.constexpr, Hkv: tl.constexpr, GP: tl.constexpr):
 
 
 @triton.jit
-def _keys_block(q_ptr, k_ptr, hk_ptr, i_nh, rk, a, s, heads, in_group, K: tl.constexpr, M: tl.constexpr,
-                FM: tl.constexpr):  # fmt: skip
-    """Rows ``rk`` of row i_nh's keys memory decayed, written and stored; the group's slot logits over them."""
-    rm = tl.arange(0, M)
-    ptrs = hk_ptr + i_nh * K * M + rk[:, None] * M + rm[None, :]
+def _keys_ptrs(hk_ptr, i_nh, rk, K: tl.constexpr, M: tl.constexpr):
+    """Pointers [BK, M] to rows ``rk`` of row i_nh's keys memory."""
+    return hk_ptr + i_nh * K * M + rk[:, None] * M + tl.arange(0, M)[None, :]
+
+
+@triton.jit
+def _keys_update(q_ptr, k_ptr, ptrs, hk, i_nh, rk, a, s, heads, in_group, K: tl.constexpr, FM: tl.constexpr):
+    """Rows ``rk`` of row i_nh's keys memory (``hk``, as loaded from ``ptrs``) decayed, written and stored; the
+    group's slot logits over them."""
     kb = _feature(tl.load(k_ptr + i_nh * K + rk).to(tl.float32), FM)
-    hk = tl.load(ptrs) * a[None, :] + kb[:, None] * s[None, :]
+    hk = hk * a[None, :] + kb[:, None] * s[None, :]
     tl.store(ptrs, hk)
     qb = _feature(tl.load(q_ptr + heads * K + rk[None, :], mask=in_group, other=0.0).to(tl.float32), FM)
     return tl.sum(qb[:, :, None] * hk[None, :, :], axis=1)  # [GP, M]
+
+
+@triton.jit
+def _keys_block(q_ptr, k_ptr, hk_ptr, i_nh, rk, a, s, heads, in_group, K: tl.constexpr, M: tl.constexpr,
+                FM: tl.constexpr):  # fmt: skip
+    """Rows ``rk`` of row i_nh's keys memory decayed, written and stored; the group's slot logits over them."""
+    ptrs = _keys_ptrs(hk_ptr, i_nh, rk, K, M)
+    return _keys_update(q_ptr, k_ptr, ptrs, tl.load(ptrs), i_nh, rk, a, s, heads, in_group, K, FM)
 
 
 @triton.jit
@@ -116,15 +130,19 @@ def _slot_probs(logits, scale):
 
 
 @triton.jit
-def _values_block(v_ptr, hv_ptr, o_ptr, i_nh, rv, a, s, p, heads, in_group, M: tl.constexpr, V: tl.constexpr,
-                  RAW: tl.constexpr):  # fmt: skip
-    """Columns ``rv`` of row i_nh's values memory decayed, written and stored; the group's output there."""
-    rm = tl.arange(0, M)
-    ptrs = hv_ptr + i_nh * M * V + rm[:, None] * V + rv[None, :]
+def _values_ptrs(hv_ptr, i_nh, rv, M: tl.constexpr, V: tl.constexpr):
+    """Pointers [M, BV] to columns ``rv`` of row i_nh's values memory."""
+    return hv_ptr + i_nh * M * V + tl.arange(0, M)[:, None] * V + rv[None, :]
+
+
+@triton.jit
+def _values_update(v_ptr, o_ptr, ptrs, hv, i_nh, rv, a, s, p, heads, in_group, V: tl.constexpr, RAW: tl.constexpr):
+    """Columns ``rv`` of row i_nh's values memory (``hv``, as loaded from ``ptrs``) decayed, written and stored; the
+    group's output there."""
     vb = tl.load(v_ptr + i_nh * V + rv).to(tl.float32)
     if RAW:
         vb = vb * tl.sigmoid(vb)
-    hv = tl.load(ptrs) * a[:, None] + s[:, None] * vb[None, :]
+    hv = hv * a[:, None] + s[:, None] * vb[None, :]
     tl.store(ptrs, hv)
     o = tl.sum(p[:, :, None] * hv[None, :, :], axis=1)  # [GP, BV]
     if RAW:
@@ -133,10 +151,19 @@ def _values_block(v_ptr, hv_ptr, o_ptr, i_nh, rv, a, s, p, heads, in_group, M: t
 
 
 @triton.jit
+def _values_block(v_ptr, hv_ptr, o_ptr, i_nh, rv, a, s, p, heads, in_group, M: tl.constexpr, V: tl.constexpr,
+                  RAW: tl.constexpr):  # fmt: skip
+    """Columns ``rv`` of row i_nh's values memory decayed, written and stored; the group's output there."""
+    ptrs = _values_ptrs(hv_ptr, i_nh, rv, M, V)
+    _values_update(v_ptr, o_ptr, ptrs, tl.load(ptrs), i_nh, rv, a, s, p, heads, in_group, V, RAW)
+
+
+@triton.jit
 def _decode_step_kernel(
     q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, o_ptr, hk_ptr, hv_ptr, keep_ptr, keep_stride, scale, normalizer,
     H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, GP: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, RAW: tl.constexpr, FM: tl.constexpr, HAS_KEEP: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """One token per sequence (decoding proper), the memories streamed through registers in blocks: keys-memory
     rows (decay, write, store, and every query head's slot logits), then value-memory columns (decay, write,
@@ -146,6 +173,7 @@ def _decode_step_kernel(
     ``RAW``: q, k, v are the projections and ``g_ptr`` holds the gate logits f; the layer's elementwise work
     happens here (feature map ``FM``, silu values, log alpha = logsigmoid(f) / normalizer, 1 - alpha, padding
     rows ``keep`` == 0 that neither write nor decay, and silu on the output) instead of in a dozen launches."""
+    _depend(PDL)  # kernels/pdl.py
     i_nh = tl.program_id(0).to(tl.int64)  # = sequence * Hkv + KV head, the token's row in k, v, s, g
     heads, in_group = _group(i_nh, H, Hkv, GP)
     a, s = _gates(s_ptr, g_ptr, keep_ptr, keep_stride, normalizer, i_nh, Hkv, M, RAW, HAS_KEEP)
@@ -177,15 +205,20 @@ def _parts(part_ptr, i_nh, blk, blocks, GP: tl.constexpr, M: tl.constexpr):
 def _decode_keys_kernel(
     q_ptr, k_ptr, s_ptr, g_ptr, hk_ptr, part_ptr, keep_ptr, keep_stride, normalizer,
     H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, M: tl.constexpr, GP: tl.constexpr, BK: tl.constexpr,
-    RAW: tl.constexpr, FM: tl.constexpr, HAS_KEEP: tl.constexpr,
+    RAW: tl.constexpr, FM: tl.constexpr, HAS_KEEP: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (row i_nh, keys block b): rows [b BK, (b + 1) BK) of the keys memory decayed, written and stored, and
-    every query head's slot logits over them, unscaled, into the workspace."""
+    every query head's slot logits over them, unscaled, into the workspace. ``PDL``: the memory block is read
+    before waiting on the kernel before (which does not write it; kernels/pdl.py)."""
     i_nh = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
+    rk = blk * BK + tl.arange(0, BK)
+    ptrs = _keys_ptrs(hk_ptr, i_nh, rk, K, M)
+    hk = tl.load(ptrs)
+    _depend(PDL)
     heads, in_group = _group(i_nh, H, Hkv, GP)
     a, s = _gates(s_ptr, g_ptr, keep_ptr, keep_stride, normalizer, i_nh, Hkv, M, RAW, HAS_KEEP)
-    part = _keys_block(q_ptr, k_ptr, hk_ptr, i_nh, blk * BK + tl.arange(0, BK), a, s, heads, in_group, K, M, FM)
+    part = _keys_update(q_ptr, k_ptr, ptrs, hk, i_nh, rk, a, s, heads, in_group, K, FM)
     tl.store(_parts(part_ptr, i_nh, blk, tl.num_programs(1), GP, M), part)
 
 
@@ -193,16 +226,20 @@ def _decode_keys_kernel(
 def _decode_values_kernel(
     v_ptr, s_ptr, g_ptr, o_ptr, hv_ptr, part_ptr, keep_ptr, keep_stride, scale, normalizer, KB,
     H: tl.constexpr, Hkv: tl.constexpr, V: tl.constexpr, M: tl.constexpr, GP: tl.constexpr, BV: tl.constexpr,
-    RAW: tl.constexpr, HAS_KEEP: tl.constexpr,
+    RAW: tl.constexpr, HAS_KEEP: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (row i_nh, values block b): the slot softmax from the KB keys blocks' partial logits, then columns
-    [b BV, (b + 1) BV) of the values memory decayed, written and stored, and the output's columns."""
+    [b BV, (b + 1) BV) of the values memory decayed, written and stored, and the output's columns. ``PDL``: the
+    memory block is read before waiting on the keys kernel (which does not write it; kernels/pdl.py)."""
     i_nh = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
+    rv = blk * BV + tl.arange(0, BV)
+    ptrs = _values_ptrs(hv_ptr, i_nh, rv, M, V)
+    hv = tl.load(ptrs)
+    _depend(PDL)
     heads, in_group = _group(i_nh, H, Hkv, GP)
     a, s = _gates(s_ptr, g_ptr, keep_ptr, keep_stride, normalizer, i_nh, Hkv, M, RAW, HAS_KEEP)
     logits = tl.zeros([GP, M], dtype=tl.float32)
     for b in range(0, KB):
         logits += tl.load(_parts(part_ptr, i_nh, b, KB, GP, M))
-    p = _slot_probs(logits, scale)
-    _values_block(v_ptr, hv_ptr, o_ptr, i_nh, blk * BV + tl.arange(0, BV), a, s, p, heads, in_group, M, V, RAW)
+    _values_update(v_ptr, o_ptr, ptrs, hv, i_nh, rv, a, s, _slot_probs(logits, scale), heads, in_group, V, RAW)

@@ -22,6 +22,7 @@ except ImportError as err:
 from .chunk import operand_precision
 from .chunk_jit import _mm
 from .layout import cdiv, flat_rows, multiprocessors, next_pow2
+from .pdl import _depend, pdl
 
 MAX_WEIGHTS = 4  # the kernel's weight pointers: a GSA layer's q, k, v and gates
 MAX_ROWS = 64  # at most this many rows (decoding's batch): past it cuBLAS's tiles win
@@ -43,11 +44,31 @@ def geometry(columns: int, rows: int, device: torch.device) -> tuple[int, int, i
 
 
 @triton.jit
+def _block(x_ptr, u_ptr, nw_ptr, w, rm, rk, rows, K, stride_x, stride_u, PREC: tl.constexpr, NORM: tl.constexpr,
+           GLU: tl.constexpr):  # fmt: skip
+    """Inner block ``rk`` of the rows ``rm`` (through the gate / the norm's weight) times the weight block ``w``
+    [BN, BK]: the product [BM, BN] in fp32 and the rows' sums of squares (zeros without ``NORM``)."""
+    inner = rk < K
+    here = rows[:, None] & inner[None, :]
+    x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_x + rk[None, :], mask=here, other=0.0)
+    squares = tl.zeros([rm.shape[0]], dtype=tl.float32)
+    if GLU:
+        u = tl.load(u_ptr + rm[:, None].to(tl.int64) * stride_u + rk[None, :], mask=here, other=0.0)
+        u = u.to(tl.float32)
+        x = (u * tl.sigmoid(u) * x.to(tl.float32)).to(x_ptr.dtype.element_ty)  # the activation's own rounding
+    if NORM:
+        xf = x.to(tl.float32)
+        squares = tl.sum(xf * xf, axis=1)
+        x = xf * tl.load(nw_ptr + rk, mask=inner, other=0.0).to(tl.float32)[None, :]
+    return _mm(x, tl.trans(w), PREC), squares
+
+
+@triton.jit
 def _grouped_linear_kernel(
     x_ptr, w0_ptr, w1_ptr, w2_ptr, w3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr, out_ptr, nw_ptr, u_ptr, r_ptr, eps,
     M, K, stride_x, stride_u, stride_r, N0, N1, N2, N3, T0, T1, T2, HB0, HB1, HB2, HB3,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
-    RES: tl.constexpr,
+    RES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (column tile t, row block r): tile t is weight i's tile t - (T0 + ... + T(i-1)); its BN output columns
     of the rows in block r, x @ w_i^T (+ b_i where HB_i) with fp32 accumulation, stored in weight i's [M, N_i]
@@ -56,7 +77,8 @@ def _grouped_linear_kernel(
     The decoding step's neighbours folded in, each a launch saved: ``GLU``, the input is silu(u) * x (an MLP's down
     projection of its activation, u the gate); ``NORM``, x is RMS-normalised and scaled by ``nw`` (the statistics
     summed over the same blocks the product reads, the row's 1 / rms applied to the sums at the end: it is a
-    common factor); ``RES``, the residual stream (one weight) is added to the output."""
+    common factor); ``RES``, the residual stream (one weight) is added to the output. ``PDL``: the first weight
+    block is read before waiting on the kernel before (kernels/pdl.py)."""
     t = tl.program_id(0)
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     w_ptr, b_ptr, hb, N, tile, col0 = w0_ptr, b0_ptr, HB0, N0, t, N0 * 0
@@ -69,23 +91,19 @@ def _grouped_linear_kernel(
         w_ptr, b_ptr, hb, N, tile, col0 = w3_ptr, b3_ptr, HB3, N3, t - T0 - T1 - T2, N0 + N1 + N2
     rn = tile * BN + tl.arange(0, BN)
     rows, cols = rm < M, rn < N
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    squares = tl.zeros([BM], dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    # The first inner block outside the loop: its weights are read before waiting on the kernel before (PDL), and
+    # the loop's software pipelining cannot lift an input's load above that wait.
+    rk = tl.arange(0, BK)
+    w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=cols[:, None] & (rk < K)[None, :], other=0.0)
+    _depend(PDL)
+    acc, squares = _block(x_ptr, u_ptr, nw_ptr, w, rm, rk, rows, K, stride_x, stride_u, PREC, NORM, GLU)
+    for k0 in range(BK, K, BK):
         rk = k0 + tl.arange(0, BK)
-        inner = rk < K
-        here = rows[:, None] & inner[None, :]
-        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_x + rk[None, :], mask=here, other=0.0)
-        if GLU:
-            u = tl.load(u_ptr + rm[:, None].to(tl.int64) * stride_u + rk[None, :], mask=here, other=0.0)
-            u = u.to(tl.float32)
-            x = (u * tl.sigmoid(u) * x.to(tl.float32)).to(x_ptr.dtype.element_ty)  # the activation's own rounding
-        if NORM:
-            xf = x.to(tl.float32)
-            squares += tl.sum(xf * xf, axis=1)
-            x = xf * tl.load(nw_ptr + rk, mask=inner, other=0.0).to(tl.float32)[None, :]
-        w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=cols[:, None] & inner[None, :], other=0.0)
-        acc += _mm(x, tl.trans(w), PREC)
+        w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=cols[:, None] & (rk < K)[None, :],
+                    other=0.0)  # fmt: skip
+        part, part_squares = _block(x_ptr, u_ptr, nw_ptr, w, rm, rk, rows, K, stride_x, stride_u, PREC, NORM, GLU)
+        acc += part
+        squares += part_squares
     if NORM:
         acc *= tl.rsqrt(squares / K + eps)[:, None]
     if hb != 0:
@@ -138,10 +156,11 @@ def grouped_linear_triton(
         u, stride_u = flat_rows(gate) if gate is not None else (rows, 0)
         r, stride_r = flat_rows(residual) if residual is not None else (rows, 0)
         nw, eps = norm if norm is not None else (rows, 0.0)
+        dependent = pdl(x.device)
         _grouped_linear_kernel[(sum(tiles), cdiv(M, bm))](
             rows, *w, *b, y, nw, u, r, float(eps), M, K, stride, stride_u, stride_r, *n, *t[:3], *flags, BM=bm,
             BN=bn, BK=bk, PREC=operand_precision(x.dtype), NORM=norm is not None, GLU=gate is not None,
-            RES=residual is not None, num_warps=warps,
+            RES=residual is not None, PDL=dependent, num_warps=warps, launch_pdl=dependent,
         )  # fmt: skip
     return tuple(part.view(*x.shape[:-1], n) for part, n in zip(y.split([M * n for n in sizes]), sizes, strict=True))
 

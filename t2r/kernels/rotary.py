@@ -13,6 +13,7 @@ except ImportError as err:
     raise ImportError("the GSA Triton kernels need triton (pip install 't2r[cuda]')") from err
 
 from .layout import next_pow2
+from .pdl import _depend, pdl
 
 
 @triton.jit
@@ -32,9 +33,10 @@ def _rotate_rows(x_ptr, o_ptr, c1, c2, s1, s2, tok, n, N: tl.constexpr, HALF: tl
 @triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, T, cs_batch, H, Hkv,
-    HALF: tl.constexpr, BH: tl.constexpr, BHK: tl.constexpr,
+    HALF: tl.constexpr, BH: tl.constexpr, BHK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One token (row of [B * T]): every query and key head, the token's cos / sin read once."""
+    _depend(PDL)  # everything it reads comes from the step's earlier kernels
     tok = tl.program_id(0).to(tl.int64)
     rd = tl.arange(0, HALF)[None, :]
     cs = (tok // T) * cs_batch + (tok % T) * (2 * HALF) + rd
@@ -60,6 +62,7 @@ def rotary_triton(
     ko = torch.empty(k.shape, dtype=torch.result_type(k, cos), device=k.device)
     if B * T:
         cs_batch = 0 if cos.shape[0] == 1 else T * D  # one table for every row, or one per row
+        dependent = pdl(q.device)
         _rotary_kernel[(B * T,)](q, k, cos, sin, qo, ko, T, cs_batch, H, Hkv, HALF=D // 2, BH=next_pow2(H),
-                                 BHK=next_pow2(Hkv), num_warps=4)  # fmt: skip
+                                 BHK=next_pow2(Hkv), PDL=dependent, num_warps=4, launch_pdl=dependent)  # fmt: skip
     return qo, ko

@@ -92,6 +92,9 @@ class Tuning:
     # Decoding: a grouped projection's neighbours in its launch (the RMSNorm before it, an MLP's silu(gate) * up
     # before its down projection, the residual add after). Each saves a launch a layer; off until timed on a GPU.
     fused_maps: bool = field(default_factory=lambda: _env("FUSED_MAPS", "0") == "1")
+    # Decoding: the grouped projections, RoPE and the GSA step launched as programmatic dependents (kernels/pdl.py,
+    # Hopper+): each starts while the one before it finishes. Off until timed on a GPU.
+    pdl: bool = field(default_factory=lambda: _env("PDL", "0") == "1")
     # Next-token cross-entropy (and distillation's KL) in one launch each way, with nothing vocabulary-sized kept
     # (kernels/cross_entropy.py), instead of the chunked fp32 log-softmax, recomputed in the backward. On since an
     # H200 timed it (2026-12-05, SmolLM2-135M at 1 x 16k: the step's elementwise GPU time 36.1 -> 8.0 ms, peak
