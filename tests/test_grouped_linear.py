@@ -54,6 +54,9 @@ def test_grouped_geometry_takes_narrow_tiles_where_they_fill_one_wave(monkeypatc
     assert geometry(576, 64, cpu) == (16, 256, 4)  # its output projection at 64 rows
     assert geometry(2 * 1536, 16, cpu) == (32, 128, 2)  # its gate/up: 192 narrow tiles would take two waves
     assert geometry(2 * 14336, 64, cpu) == (32, 128, 4)  # Mistral-7B's
+    assert geometry(1536, 1, cpu, glu=True) == (16, 128, 4)  # its activation's two weights a program: no spills
+    assert geometry(14336, 16, cpu, glu=True) == (32, 128, 4)
+    assert geometry(14336, 64, cpu, glu=True) == (16, 64, 4)
     monkeypatch.setattr(grouped_linear, "GROUPED_GEOMETRY", (64, 64, 8))
     assert geometry(576, 1, cpu) == (64, 64, 8)
 
@@ -102,31 +105,37 @@ def test_decoding_takes_the_grouped_projection_when_on_and_without_autograd(monk
 
 
 @pytest.mark.parametrize(
-    ("dtype", "rows", "K", "sizes", "bias", "norm", "gate", "residual"),
+    ("dtype", "rows", "K", "sizes", "bias", "norm", "glu", "residual"),
     [(torch.float32, (2, 1), 200, (40, 24), True, True, False, False),
-     (torch.float32, (5,), 130, (48,), False, False, True, True),
+     (torch.float32, (5,), 130, (48, 48), "some", False, True, False),
      (torch.float32, (33,), 96, (24,), True, True, False, True),
      (torch.bfloat16, (16, 1), 576, (64, 32, 32, 16), False, True, False, False),
-     (torch.bfloat16, (3,), 160, (72,), False, False, True, True)],
+     (torch.bfloat16, (3,), 160, (72, 72), False, True, True, False),
+     (torch.bfloat16, (1,), 300, (40,), False, False, False, True)],
 )  # fmt: skip
-def test_grouped_projection_takes_its_neighbours_in_its_launch(dtype, rows, K, sizes, bias, norm, gate, residual):
+def test_grouped_projection_takes_its_neighbours_in_its_launch(dtype, rows, K, sizes, bias, norm, glu, residual):
     """The decoding step's neighbours inside the launch (``TUNING.fused_maps``), against the reference's separate
     calls: the RMSNorm before (its statistics over inner sizes that are not whole blocks, rows that are a slice of
-    wider ones, with biases after), an MLP's silu(gate) * up before its down projection, the residual after."""
+    wider ones, with biases after), an MLP's silu(gate) * up of its two maps (with the up map's bias alone, and
+    after a norm), the residual after."""
     wide = torch.randn(*rows, K + 8, device=DEVICE).to(dtype) * 3
     x = wide[..., 4 : 4 + K]
     weights = tuple((torch.randn(n, K, device=DEVICE) / K**0.5).to(dtype) for n in sizes)
-    biases = tuple(torch.randn(n, device=DEVICE).to(dtype) if bias else None for n in sizes)
+    biases = tuple(torch.randn(n, device=DEVICE).to(dtype) if bias is True or (bias and i % 2) else None
+                   for i, n in enumerate(sizes))  # fmt: skip
     kw = {
         "norm": (torch.rand(K, device=DEVICE).to(dtype) + 0.5, 1e-5) if norm else None,
-        "gate": torch.randn(*rows, K, device=DEVICE).to(dtype) * 2 if gate else None,
+        "glu": glu,
         "residual": torch.randn(*rows, sizes[0], device=DEVICE).to(dtype) if residual else None,
     }
     got = grouped_linear_triton(x, weights, biases, **kw)
     want = grouped_linear_reference(x, weights, biases, **kw)
     plain = grouped_linear_reference(x, weights, biases)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the reference rounds its intermediate rows, the launch not
-    for a, b, c in zip(got, want, plain, strict=True):
+    assert len(got) == len(want) == (1 if glu else len(sizes))
+    # bf16: the reference rounds its normalised rows, the launch not; the interpreter's bf16 casts truncate (measured:
+    # 1.8% from the fp32 truth at norm + activation, where four roundings meet, against the reference's 0.5%).
+    tol = 1e-5 if dtype == torch.float32 else 3e-2 if glu and DEVICE == "cpu" else 1e-2
+    for a, b, c in zip(got, want, plain, strict=False):
         assert a.shape == b.shape and a.dtype == dtype and a.is_contiguous()
         assert rel_err(a, b) <= tol and rel_err(b, c) > 0.05  # the neighbours changed the result
 
@@ -134,11 +143,10 @@ def test_grouped_projection_takes_its_neighbours_in_its_launch(dtype, rows, K, s
 def test_grouped_projection_says_which_neighbours_it_cannot_take():
     x = torch.randn(2, 16, device=DEVICE)
     w = torch.randn(8, 16, device=DEVICE)
-    norm = (torch.ones(16, device=DEVICE), 1e-6)
     for weights, kw, why in (
-        ((w,), {"norm": norm, "gate": x}, "the norm or the activation's gate before it, not both"),
         ((w,), {"norm": (torch.ones(8, device=DEVICE), 1e-6)}, "norm weight must be"),
-        ((w,), {"gate": x[:1]}, "gate must have the input's shape"),
+        ((w,), {"glu": True}, "activation takes two maps of one shape"),
+        ((w, w[:4]), {"glu": True}, "activation takes two maps of one shape"),
         ((w, w), {"residual": torch.zeros(2, 8, device=DEVICE)}, "adds a residual to one map's output"),
         ((w,), {"residual": torch.zeros(2, 9, device=DEVICE)}, "adds a residual to one map's output"),
     ):
@@ -158,12 +166,12 @@ def _decode(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _count_grouped_calls(monkeypatch) -> list[tuple[int, bool, bool, bool]]:
-    """Each grouped launch from now on: (weights, with a norm, with a gate, with a residual)."""
+    """Each grouped launch from now on: (weights, with a norm, with the activation, with a residual)."""
     calls = []
     kernel = dispatch.grouped_linear_triton
 
     def counted(x, weights, biases, **kw):
-        calls.append((len(weights), *(kw.get(name) is not None for name in ("norm", "gate", "residual"))))
+        calls.append((len(weights), kw.get("norm") is not None, bool(kw.get("glu")), kw.get("residual") is not None))
         return kernel(x, weights, biases, **kw)
 
     monkeypatch.setattr(dispatch, "grouped_linear_triton", counted)
@@ -188,7 +196,7 @@ def test_a_model_decodes_the_same_through_the_grouped_projections(arch, monkeypa
     got = _decode(model, ids)
     layers = model.config.num_hidden_layers
     assert sorted({n for n, *_ in calls}) == [1, 2, 4] and len(calls) == 4 * layers * 5  # prefill, 4 steps: 4 a layer
-    assert not any(norm or gate or residual for _, norm, gate, residual in calls)  # fused_maps is off by default
+    assert not any(norm or glu or residual for _, norm, glu, residual in calls)  # fused_maps is off by default
     assert rel_err(got, want) <= 1e-5
 
 
@@ -199,7 +207,7 @@ def test_a_model_decodes_the_same_through_the_grouped_projections(arch, monkeypa
 def test_decoding_takes_the_layers_norms_and_residual_adds_into_the_projections(arch, gsa, monkeypatch):
     """``TUNING.fused_maps``: the same logits as without. Per forward, a GSA layer's three norms (its input's, its
     output's, its MLP's) went into the q/k/v/gates, output and gate/up launches, the MLP's activation into the
-    down projection's, and both residual adds into the output and down projections'. A hybrid layer applies its
+    gate/up launch, and both residual adds into the output and down projections'. A hybrid layer applies its
     input's and output's norms itself (its window reads them); a layer kept as softmax attention runs
     transformers' own forward, only its MLP's activation fused."""
     if DEVICE == "cpu":
@@ -214,7 +222,7 @@ def test_decoding_takes_the_layers_norms_and_residual_adds_into_the_projections(
     calls = _count_grouped_calls(monkeypatch)
     monkeypatch.setattr(TUNING, "fused_maps", True)
     got = _decode(model, ids)
-    expected = [0, 0, 0]  # (norms, gates, residuals) a forward
+    expected = [0, 0, 0]  # (norms, activations, residuals) a forward
     for i in range(model.config.num_hidden_layers):
         if not model.config.is_gsa_layer(i):
             per_layer = (0, 1, 0)

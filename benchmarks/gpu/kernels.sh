@@ -73,14 +73,15 @@ grouped)
       --json "$OUT/decode_profile_grouped${on}_w$w.json" 2>&1 | grep -E "gpu_busy|launches|wall" | head -3 | sed "s/^/[grouped=$on W=$w] /"
   done; done ;;
 fused-maps)
-  # The decoder layer's neighbours in the grouped launches (T2R_GSA_FUSED_MAPS), the grouped projections' per-call
-  # geometry (grouped_linear.geometry) and programmatic dependent launches (T2R_GSA_PDL), all untimed until this:
-  # their GPU tests (the decode kernels' also with PDL on), then the captured step (GSA and the W = 512 hybrid,
-  # batch 1 and 16) with the old fixed geometry, the new one, with the maps fused, and with PDL too.
+  # The decoder layer's neighbours in the grouped launches (T2R_GSA_FUSED_MAPS) and programmatic dependent launches
+  # (T2R_GSA_PDL): their GPU tests, each fusion alone against its separate launches (grouped_neighbours.py), then
+  # the captured step (GSA and the W = 512 hybrid, batch 1 and 16) with each off and on. RUNS: GEOMETRY:MAPS:PDL
+  # triples (GEOMETRY old: the fixed 32 x 128 x 4 tiles used before 2026-12-06).
   timeout 200 python -m pytest -q -p no:cacheprovider tests/test_grouped_linear.py tests/test_decode_graphs.py \
     tests/test_fusions.py -k "grouped or dependent or replayed or rotary" -rf 2>&1 | tail -3
-  T2R_GSA_PDL=1 timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gsa_triton.py -k decode -rf 2>&1 | tail -3
-  for run in old:0:0 new:0:0 new:1:0 new:1:1; do IFS=: read -r geo maps dependent <<< "$run"; for w in 0 512; do
+  timeout 200 python benchmarks/gpu/grouped_neighbours.py --json "$OUT/grouped_neighbours.json" 2>&1 \
+    | tee "$OUT/grouped_neighbours.log" | grep -E '^best|Error'
+  for run in ${RUNS:-new:0:0 new:0:1 new:1:0 new:1:1}; do IFS=: read -r geo maps dependent <<< "$run"; for w in 0 512; do
     tag="geometry=$geo maps=$maps pdl=$dependent W=$w"
     T2R_GSA_FUSED_MAPS=$maps T2R_GSA_PDL=$dependent timeout 150 python - "$geo" "$w" \
       "$OUT/decode_profile_${geo}_maps${maps}_pdl${dependent}_w$w.json" <<'PY' 2>&1 \

@@ -178,7 +178,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def grouped_takes(x: torch.Tensor, weights: tuple[torch.Tensor, ...], *extra: torch.Tensor) -> bool:
     """Whether :func:`grouped_linear` takes its Triton launch for these tensors (``extra``: the norm's weight, the
-    gate, the residual): ``TUNING.grouped_projections`` on (T2R_GSA_GROUPED_PROJECTIONS, on by default),
+    residual): ``TUNING.grouped_projections`` on (T2R_GSA_GROUPED_PROJECTIONS, on by default),
     :func:`_fused_inference`, few rows (decoding), contiguous weights and the rest in the input's dtype, no
     autocast."""
     if not (TUNING.grouped_projections and len(weights) <= MAX_WEIGHTS and _fused_inference(x, *weights, *extra)):
@@ -191,15 +191,14 @@ def grouped_takes(x: torch.Tensor, weights: tuple[torch.Tensor, ...], *extra: to
 
 def grouped_linear(
     x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[torch.Tensor | None, ...], *,
-    norm: tuple[torch.Tensor, float] | None = None, gate: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, float] | None = None, glu: bool = False, residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
-    """Linear maps of one input (:func:`reference.grouped_linear_reference`, with its optional norm, gate and
+    """Linear maps of one input (:func:`reference.grouped_linear_reference`, with its optional norm, activation and
     residual): one Triton launch where :func:`grouped_takes`; otherwise a GEMM each."""
-    extra = tuple(t for t in (gate, residual, None if norm is None else norm[0]) if t is not None)
+    extra = tuple(t for t in (residual, None if norm is None else norm[0]) if t is not None)
     if grouped_takes(x, weights, *extra):
-        return grouped_linear_triton(x, weights, biases, norm=norm, gate=gate, residual=residual)
-    return grouped_linear_reference(x, weights, biases, norm=norm, gate=gate, residual=residual)
+        return grouped_linear_triton(x, weights, biases, norm=norm, glu=glu, residual=residual)
+    return grouped_linear_reference(x, weights, biases, norm=norm, glu=glu, residual=residual)
 
 
 def window_decode_(

@@ -31,42 +31,48 @@ MAX_ROWS = 64  # at most this many rows (decoding's batch): past it cuBLAS's til
 GROUPED_GEOMETRY: tuple[int, int, int] | None = None
 
 
-def geometry(columns: int, rows: int, device: torch.device) -> tuple[int, int, int]:
+def geometry(columns: int, rows: int, device: torch.device, glu: bool = False) -> tuple[int, int, int]:
     """(BN, BK, warps) of a grouped call with ``columns`` output columns in all. Narrow tiles with long inner blocks
     where 16-column tiles still fit one wave of programs, else 32 x 128; two warps up to 16 rows, else four. From
     the sweep of SmolLM2-135M's and Mistral-7B's maps with cold weights (H100, 2026-12-06, docs/benchmarks.md):
     1.10x the old fixed 32 x 128 x 4 in the geometric mean of 18 calls, 1.44x at SmolLM2's down projection,
-    nowhere slower, and within 9% of each call's best."""
+    nowhere slower, and within 9% of each call's best. ``glu`` (two weights' tiles a program): four warps, inner
+    blocks of at most 128 (64 past 16 rows, with 16-column tiles), where the sm_90 compile spills nothing."""
     if GROUPED_GEOMETRY is not None:
         return GROUPED_GEOMETRY
     warps = 2 if rows <= 16 else 4
-    return (16, 256, warps) if cdiv(columns, 16) <= multiprocessors(device) else (32, 128, warps)
+    bn, bk = (16, 256) if cdiv(columns, 16) <= multiprocessors(device) else (32, 128)
+    if glu:
+        return (bn, 128, 4) if rows <= 16 else (16, 64, 4)
+    return bn, bk, warps
 
 
 @triton.jit
-def _block(x_ptr, u_ptr, nw_ptr, w, rm, rk, rows, K, stride_x, stride_u, PREC: tl.constexpr, NORM: tl.constexpr,
-           GLU: tl.constexpr):  # fmt: skip
-    """Inner block ``rk`` of the rows ``rm`` (through the gate / the norm's weight) times the weight block ``w``
-    [BN, BK]: the product [BM, BN] in fp32 and the rows' sums of squares (zeros without ``NORM``)."""
+def _input(x_ptr, nw_ptr, rm, rk, rows, K, stride_x, NORM: tl.constexpr):
+    """Inner block ``rk`` of the rows ``rm`` (times the norm's weight with ``NORM``), in the input's dtype, and the
+    rows' sums of squares (zeros without ``NORM``)."""
     inner = rk < K
-    here = rows[:, None] & inner[None, :]
-    x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_x + rk[None, :], mask=here, other=0.0)
+    x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_x + rk[None, :], mask=rows[:, None] & inner[None, :],
+                other=0.0)  # fmt: skip
     squares = tl.zeros([rm.shape[0]], dtype=tl.float32)
-    if GLU:
-        u = tl.load(u_ptr + rm[:, None].to(tl.int64) * stride_u + rk[None, :], mask=here, other=0.0)
-        u = u.to(tl.float32)
-        x = (u * tl.sigmoid(u) * x.to(tl.float32)).to(x_ptr.dtype.element_ty)  # the activation's own rounding
     if NORM:
         xf = x.to(tl.float32)
         squares = tl.sum(xf * xf, axis=1)
-        x = xf * tl.load(nw_ptr + rk, mask=inner, other=0.0).to(tl.float32)[None, :]
-    return _mm(x, tl.trans(w), PREC), squares
+        x = (xf * tl.load(nw_ptr + rk, mask=inner, other=0.0).to(tl.float32)[None, :]).to(x_ptr.dtype.element_ty)
+    return x, squares
+
+
+@triton.jit
+def _weights(w_ptr, rn, rk, cols, K):
+    """Block [BN, BK] of a weight [N, K]: the output columns ``rn``, the inner block ``rk``."""
+    return tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=cols[:, None] & (rk < K)[None, :],
+                   other=0.0)  # fmt: skip
 
 
 @triton.jit
 def _grouped_linear_kernel(
-    x_ptr, w0_ptr, w1_ptr, w2_ptr, w3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr, out_ptr, nw_ptr, u_ptr, r_ptr, eps,
-    M, K, stride_x, stride_u, stride_r, N0, N1, N2, N3, T0, T1, T2, HB0, HB1, HB2, HB3,
+    x_ptr, w0_ptr, w1_ptr, w2_ptr, w3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr, out_ptr, nw_ptr, r_ptr, eps,
+    M, K, stride_x, stride_r, N0, N1, N2, N3, T0, T1, T2, HB0, HB1, HB2, HB3,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
     RES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
@@ -74,11 +80,11 @@ def _grouped_linear_kernel(
     of the rows in block r, x @ w_i^T (+ b_i where HB_i) with fp32 accumulation, stored in weight i's [M, N_i]
     block of the output buffer (at M * (N_0 + ... + N_(i-1))).
 
-    The decoding step's neighbours folded in, each a launch saved: ``GLU``, the input is silu(u) * x (an MLP's down
-    projection of its activation, u the gate); ``NORM``, x is RMS-normalised and scaled by ``nw`` (the statistics
-    summed over the same blocks the product reads, the row's 1 / rms applied to the sums at the end: it is a
-    common factor); ``RES``, the residual stream (one weight) is added to the output. ``PDL``: the first weight
-    block is read before waiting on the kernel before (kernels/pdl.py)."""
+    The decoding step's neighbours folded in, each a launch saved: ``NORM``, x is RMS-normalised and scaled by
+    ``nw`` (the statistics summed over the same blocks the product reads, the row's 1 / rms applied to the sums at
+    the end: it is a common factor); ``GLU``, an MLP's gate (weight 0) and up (weight 1) in one program a tile, which
+    stores only silu(gate) * up (T0 tiles, one [M, N0] output); ``RES``, the residual stream (one weight) is added to
+    the output. ``PDL``: the first weight blocks are read before waiting on the kernel before (kernels/pdl.py)."""
     t = tl.program_id(0)
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     w_ptr, b_ptr, hb, N, tile, col0 = w0_ptr, b0_ptr, HB0, N0, t, N0 * 0
@@ -94,20 +100,39 @@ def _grouped_linear_kernel(
     # The first inner block outside the loop: its weights are read before waiting on the kernel before (PDL), and
     # the loop's software pipelining cannot lift an input's load above that wait.
     rk = tl.arange(0, BK)
-    w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=cols[:, None] & (rk < K)[None, :], other=0.0)
+    w = _weights(w_ptr, rn, rk, cols, K)
+    up = tl.zeros([BM, BN], dtype=tl.float32)
+    if GLU:
+        wu = _weights(w1_ptr, rn, rk, cols, K)
     _depend(PDL)
-    acc, squares = _block(x_ptr, u_ptr, nw_ptr, w, rm, rk, rows, K, stride_x, stride_u, PREC, NORM, GLU)
+    x, squares = _input(x_ptr, nw_ptr, rm, rk, rows, K, stride_x, NORM)
+    acc = _mm(x, tl.trans(w), PREC)
+    if GLU:
+        up = _mm(x, tl.trans(wu), PREC)
     for k0 in range(BK, K, BK):
         rk = k0 + tl.arange(0, BK)
-        w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=cols[:, None] & (rk < K)[None, :],
-                    other=0.0)  # fmt: skip
-        part, part_squares = _block(x_ptr, u_ptr, nw_ptr, w, rm, rk, rows, K, stride_x, stride_u, PREC, NORM, GLU)
-        acc += part
+        w = _weights(w_ptr, rn, rk, cols, K)
+        if GLU:
+            wu = _weights(w1_ptr, rn, rk, cols, K)
+        x, part_squares = _input(x_ptr, nw_ptr, rm, rk, rows, K, stride_x, NORM)
+        acc += _mm(x, tl.trans(w), PREC)
+        if GLU:
+            up += _mm(x, tl.trans(wu), PREC)
         squares += part_squares
     if NORM:
-        acc *= tl.rsqrt(squares / K + eps)[:, None]
+        scale = tl.rsqrt(squares / K + eps)[:, None]
+        acc *= scale
+        up *= scale
     if hb != 0:
         acc += tl.load(b_ptr + rn, mask=cols, other=0.0).to(tl.float32)[None, :]
+    if GLU:
+        if HB1 != 0:
+            up += tl.load(b1_ptr + rn, mask=cols, other=0.0).to(tl.float32)[None, :]
+        # The separate calls' roundings: gate and up as stored, silu(gate) rounded before the product
+        # (kernels/swiglu.py).
+        gate = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
+        acc = (gate * tl.sigmoid(gate)).to(out_ptr.dtype.element_ty).to(tl.float32) * up
     if RES:
         r = tl.load(r_ptr + rm[:, None].to(tl.int64) * stride_r + rn[None, :], mask=rows[:, None] & cols[None, :],
                     other=0.0)  # fmt: skip
@@ -120,13 +145,13 @@ def _grouped_linear_kernel(
 
 def grouped_linear_triton(
     x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[torch.Tensor | None, ...], *,
-    norm: tuple[torch.Tensor, float] | None = None, gate: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, float] | None = None, glu: bool = False, residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """The contract of :func:`reference.grouped_linear_reference` for up to MAX_WEIGHTS contiguous weights [N_i, K]
     in ``x``'s dtype and at most MAX_ROWS rows of ``x`` [..., K], each with its bias or none (Qwen2's q/k/v have
-    them, the gates not), optionally with the norm before, the activation's gate, or the residual after (tensors in
-    ``x``'s dtype and shape, the norm's weight [K]). Each output is contiguous (a block of one buffer)."""
+    them, the gates not), optionally with the norm before (its weight [K] in ``x``'s dtype), the activation of
+    two maps' outputs, or the residual after (in the output's dtype and shape). Each output is contiguous (a block
+    of one buffer)."""
     if not 1 <= len(weights) <= MAX_WEIGHTS or len(biases) != len(weights):
         raise ValueError(f"the grouped projection takes 1 to {MAX_WEIGHTS} weights, each with its bias or None")
     K = x.shape[-1]
@@ -136,42 +161,41 @@ def grouped_linear_triton(
         b is not None and (b.shape != (w.shape[0],) or b.dtype != x.dtype) for w, b in zip(weights, biases, strict=True)
     ):
         raise ValueError("the grouped projection needs each bias [N] in the input's dtype")
-    _check_neighbours(x, weights, norm, gate, residual)
+    _check_neighbours(x, weights, norm, glu, residual)
     rows, stride = flat_rows(x)
     M = rows.numel() // K if K else 0
     if M > MAX_ROWS:
         raise ValueError(f"the grouped projection takes at most {MAX_ROWS} rows (decoding), got {M}")
     sizes = [w.shape[0] for w in weights]
-    y = torch.empty(M * sum(sizes), dtype=x.dtype, device=x.device)
-    bn, bk, warps = geometry(sum(sizes), M, x.device)
-    tiles = [cdiv(n, bn) for n in sizes]
+    outputs = sizes[:1] if glu else sizes  # the activation: one output, both weights' columns in each program
+    y = torch.empty(M * sum(outputs), dtype=x.dtype, device=x.device)
+    bn, bk, warps = geometry(sum(outputs), M, x.device, glu)
+    tiles = [cdiv(n, bn) for n in outputs]
     if M and sum(tiles):
         pad = MAX_WEIGHTS - len(weights)
         w = list(weights) + [weights[0]] * pad
         b = [bias if bias is not None else x for bias in biases] + [x] * pad
         flags = [int(bias is not None) for bias in biases] + [0] * pad
         n = sizes + [0] * pad
-        t = tiles + [0] * pad
+        t = tiles + [0] * (MAX_WEIGHTS - len(tiles))
         bm = max(16, next_pow2(M))
-        u, stride_u = flat_rows(gate) if gate is not None else (rows, 0)
         r, stride_r = flat_rows(residual) if residual is not None else (rows, 0)
         nw, eps = norm if norm is not None else (rows, 0.0)
         dependent = pdl(x.device)
         _grouped_linear_kernel[(sum(tiles), cdiv(M, bm))](
-            rows, *w, *b, y, nw, u, r, float(eps), M, K, stride, stride_u, stride_r, *n, *t[:3], *flags, BM=bm,
-            BN=bn, BK=bk, PREC=operand_precision(x.dtype), NORM=norm is not None, GLU=gate is not None,
-            RES=residual is not None, PDL=dependent, num_warps=warps, launch_pdl=dependent,
+            rows, *w, *b, y, nw, r, float(eps), M, K, stride, stride_r, *n, *t[:3], *flags, BM=bm, BN=bn, BK=bk,
+            PREC=operand_precision(x.dtype), NORM=norm is not None, GLU=glu, RES=residual is not None, PDL=dependent,
+            num_warps=warps, launch_pdl=dependent,
         )  # fmt: skip
-    return tuple(part.view(*x.shape[:-1], n) for part, n in zip(y.split([M * n for n in sizes]), sizes, strict=True))
+    parts = y.split([M * n for n in outputs])
+    return tuple(part.view(*x.shape[:-1], n) for part, n in zip(parts, outputs, strict=True))
 
 
-def _check_neighbours(x, weights, norm, gate, residual) -> None:
-    if norm is not None and gate is not None:
-        raise ValueError("the grouped projection takes the norm or the activation's gate before it, not both")
+def _check_neighbours(x, weights, norm, glu, residual) -> None:
     if norm is not None and (norm[0].shape != (x.shape[-1],) or norm[0].dtype != x.dtype):
         raise ValueError("the grouped projection's norm weight must be [K] in the input's dtype")
-    if gate is not None and (gate.shape != x.shape or gate.dtype != x.dtype):
-        raise ValueError("the grouped projection's gate must have the input's shape and dtype")
+    if glu and (len(weights) != 2 or weights[0].shape != weights[1].shape):
+        raise ValueError("the grouped projection's activation takes two maps of one shape: an MLP's gate and up")
     if residual is not None and (
         len(weights) != 1 or residual.shape != (*x.shape[:-1], weights[0].shape[0]) or residual.dtype != x.dtype
     ):

@@ -271,17 +271,16 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 def grouped_linear_reference(
     x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[torch.Tensor | None, ...], *,
-    norm: tuple[torch.Tensor, float] | None = None, gate: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, float] | None = None, glu: bool = False, residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Each linear map (weight [N_i, K], bias [N_i] or None) applied to ``x`` [..., K]: the grouped projection's
-    contract. ``norm`` (weight, eps): to the RMS-normalised ``x``; ``gate``: to silu(gate) * x (an MLP's down
-    projection); ``residual``: added to the one map's output."""
-    if gate is not None:
-        x = swiglu_reference(gate, x)
+    contract. ``norm`` (weight, eps): to the RMS-normalised ``x``; ``glu``: of two maps (an MLP's gate and up),
+    only silu(gate) * up; ``residual``: added to the one map's output."""
     if norm is not None:
         x = rms_norm_reference(x, *norm)
     out = tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
+    if glu:
+        out = (swiglu_reference(*out),)
     return out if residual is None else (residual + out[0], *out[1:])
 
 

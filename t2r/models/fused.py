@@ -31,7 +31,7 @@ class FusedRMSNorm:
 class FusedMLP:
     """Mixed in before a Llama-family MLP class with a silu activation: gate and up as one GEMM where
     :func:`projections.project` merges them (or one grouped launch when decoding), silu(gate) * up in one launch
-    where :func:`dispatch.swiglu` fuses it (or inside the down projection's grouped launch: ``TUNING.fused_maps``),
+    where :func:`dispatch.swiglu` fuses it (or in gate and up's grouped launch: ``TUNING.fused_maps``),
     down through :func:`projections.project` too."""
 
     def forward(self, x):
@@ -39,8 +39,8 @@ class FusedMLP:
 
     def forward_between(self, x, norm: nn.Module | None = None, residual=None):
         """The MLP of ``norm(x)``, plus ``residual``: the decoder layer's neighbours (:class:`FusedDecoderLayer`)."""
-        gate, up = project(x, (self.gate_proj, self.up_proj), norm=norm)
-        (out,) = project(up, (self.down_proj,), gate=gate, residual=residual)
+        (act,) = project(x, (self.gate_proj, self.up_proj), norm=norm, glu=True)
+        (out,) = project(act, (self.down_proj,), residual=residual)
         return out
 
 

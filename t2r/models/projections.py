@@ -81,7 +81,7 @@ class _MergedLinear(torch.autograd.Function):
 
 
 def project(
-    x: torch.Tensor, modules: tuple[nn.Module, ...], *, norm: nn.Module | None = None, gate: torch.Tensor | None = None,
+    x: torch.Tensor, modules: tuple[nn.Module, ...], *, norm: nn.Module | None = None, glu: bool = False,
     residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Each module applied to ``x``: one GEMM over the concatenated weights each way (outputs are views of its
@@ -89,22 +89,20 @@ def project(
     with ``TUNING.grouped_projections``, the grouped launch over the separate weights (decoding; for one module too,
     in place of cuBLAS's launch, which costs more at a few rows); else one call each.
 
-    Neighbours: ``x`` through ``norm`` (an RMSNorm module) first, or the input taken as silu(``gate``) * ``x`` (an
-    MLP's down projection); ``residual`` added to the (one) output. With ``TUNING.fused_maps`` they go inside the
+    Neighbours: ``x`` through ``norm`` (an RMSNorm module) first; ``glu``, of two modules (an MLP's gate and up)
+    only silu(gate) * up; ``residual`` added to the (one) output. With ``TUNING.fused_maps`` they go inside the
     grouped launch where it runs (:func:`dispatch.grouped_takes`); otherwise each is its own call, the module's or
     the fused kernel's, as transformers' decoder layer makes them."""
-    if norm is not None or gate is not None or residual is not None:
+    if norm is not None or glu or residual is not None:
         if TUNING.fused_maps and _groupable(modules) and (norm is None or plain_rms_norm(norm)):
             weights, biases = tuple(m.weight for m in modules), tuple(m.bias for m in modules)
-            extra = [t for t in (gate, residual, None if norm is None else norm.weight) if t is not None]
+            extra = [t for t in (residual, None if norm is None else norm.weight) if t is not None]
             if grouped_takes(x, weights, *extra):
                 nw = None if norm is None else (norm.weight, norm.variance_epsilon)
-                return grouped_linear(x, weights, biases, norm=nw, gate=gate, residual=residual)
-        if gate is not None:
-            x = swiglu(gate, x)
-        if norm is not None:
-            x = norm(x)
-        out = project(x, modules)
+                return grouped_linear(x, weights, biases, norm=nw, glu=glu, residual=residual)
+        out = project(x if norm is None else norm(x), modules)
+        if glu:
+            out = (swiglu(*out),)
         return out if residual is None else (residual + out[0], *out[1:])
     if TUNING.merged_projections and len(modules) > 1 and torch.is_grad_enabled() and _mergeable(modules):
         params = [m.weight for m in modules] + [m.bias for m in modules]
