@@ -64,6 +64,7 @@ def record_step(shape: str, seq: int, batch: int, layers: int) -> Counter:
 
     def record(self, *args, grid, warmup, **kwargs):
         warps, stages = kwargs.pop("num_warps", 4), kwargs.pop("num_stages", 3)
+        kwargs.pop("launch_pdl", None)  # a launch attribute (kernels/pdl.py), not an argument
         signature = inspect.signature(self.fn)
         call = signature.bind(*args, **kwargs)
         call.apply_defaults()

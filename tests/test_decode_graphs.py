@@ -55,22 +55,25 @@ def test_replayed_steps_match_eager_decoding(variant):
 
 
 def test_dependent_launches_only_where_a_gpu_has_them(monkeypatch):
-    """T2R_GSA_PDL: off by default; on, only CUDA devices of compute capability 9+ launch so (the interpreter has
-    no such launch)."""
-    assert not TUNING.pdl
-    monkeypatch.setattr(TUNING, "pdl", True)
+    """T2R_GSA_PDL: on by default, and then only CUDA devices of compute capability 9+ launch so (the interpreter
+    has no such launch); off, none."""
+    assert TUNING.pdl
     assert not pdl(torch.device("cpu"))
     if torch.cuda.is_available():
         assert pdl(torch.device("cuda", torch.cuda.current_device())) == (torch.cuda.get_device_capability()[0] >= 9)
+        monkeypatch.setattr(TUNING, "pdl", False)
+        assert not pdl(torch.device("cuda", torch.cuda.current_device()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures real CUDA graphs of dependent launches")
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_dependent_launches_and_fused_maps_replay_eager_steps(variant, monkeypatch):
-    """T2R_GSA_PDL=1 (each kernel's early reads overlapping the kernel before) and T2R_GSA_FUSED_MAPS=1, in real
-    CUDA graphs: the logits of eager decoding with both off."""
+    """T2R_GSA_PDL (each kernel's early reads overlapping the kernel before) and T2R_GSA_FUSED_MAPS, in real CUDA
+    graphs: the logits of eager decoding with both off."""
     model = tiny_gsa_model("mistral", **VARIANTS[variant]).cuda()
     prompt = torch.randint(3, 100, (2, 7), device="cuda")
+    monkeypatch.setattr(TUNING, "pdl", False)
+    monkeypatch.setattr(TUNING, "fused_maps", False)
     eager, _ = _decode(model, prompt, 9)
     monkeypatch.setattr(TUNING, "pdl", True)
     monkeypatch.setattr(TUNING, "fused_maps", True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 pytest.importorskip("triton")
 
@@ -15,6 +16,7 @@ from t2r.kernels import dispatch, grouped_linear
 from t2r.kernels.grouped_linear import MAX_ROWS, geometry, grouped_linear_triton
 from t2r.kernels.reference import grouped_linear_reference
 from t2r.kernels.tuning import TUNING
+from t2r.models import projections
 from t2r.models.projections import project
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -48,14 +50,16 @@ def test_grouped_projection_matches_each_linear_map(monkeypatch, dtype, bias, si
     assert len({a.untyped_storage().data_ptr() for a in got}) == 1  # blocks of one buffer
 
 
-def test_grouped_geometry_takes_narrow_tiles_where_they_fill_one_wave(monkeypatch):
+def test_grouped_geometry_takes_narrow_tiles_where_wide_ones_would_not_fill_a_wave(monkeypatch):
     cpu = torch.device("cpu")  # counted as 132 multiprocessors
     assert geometry(576 + 3 * 192, 1, cpu) == (16, 256, 2)  # SmolLM2-135M's q/k/v/gates: 72 programs
-    assert geometry(576, 64, cpu) == (16, 256, 4)  # its output projection at 64 rows
-    assert geometry(2 * 1536, 16, cpu) == (32, 128, 2)  # its gate/up: 192 narrow tiles would take two waves
-    assert geometry(2 * 14336, 64, cpu) == (32, 128, 4)  # Mistral-7B's
-    assert geometry(1536, 1, cpu, glu=True) == (16, 128, 4)  # its activation's two weights a program: no spills
-    assert geometry(14336, 16, cpu, glu=True) == (32, 128, 4)
+    assert geometry(2 * 1536, 16, cpu) == (16, 256, 2)  # its gate/up: 96 wide tiles would leave SMs idle
+    assert geometry(4096, 1, cpu) == (16, 256, 2)  # Mistral-7B's down projection: 128 wide tiles
+    assert geometry(4096 + 2 * 1024 + 512, 16, cpu) == (32, 256, 2)  # its q/k/v/gates: 208 wide tiles
+    assert geometry(14336, 1, cpu, glu=True) == (32, 128, 2)  # its activation's two weights a program: no spills
+    assert geometry(1536, 16, cpu, glu=True) == (16, 128, 2)
+    assert geometry(576, 64, cpu) == (16, 256, 4)  # past 16 rows: SmolLM2's output projection
+    assert geometry(2 * 14336, 64, cpu) == (32, 128, 4)  # Mistral-7B's gate/up
     assert geometry(14336, 64, cpu, glu=True) == (16, 64, 4)
     monkeypatch.setattr(grouped_linear, "GROUPED_GEOMETRY", (64, 64, 8))
     assert geometry(576, 1, cpu) == (64, 64, 8)
@@ -189,6 +193,7 @@ def test_a_model_decodes_the_same_through_the_grouped_projections(arch, monkeypa
     model = tiny_gsa_model(arch).to(DEVICE)
     model.decode_graphs.enabled = False  # replays would not call the kernel's Python function, which this counts
     ids = torch.randint(3, 100, (2, 9), device=DEVICE)
+    monkeypatch.setattr(TUNING, "fused_maps", False)
     monkeypatch.setattr(TUNING, "grouped_projections", False)
     want = _decode(model, ids)
     calls = _count_grouped_calls(monkeypatch)
@@ -196,7 +201,7 @@ def test_a_model_decodes_the_same_through_the_grouped_projections(arch, monkeypa
     got = _decode(model, ids)
     layers = model.config.num_hidden_layers
     assert sorted({n for n, *_ in calls}) == [1, 2, 4] and len(calls) == 4 * layers * 5  # prefill, 4 steps: 4 a layer
-    assert not any(norm or glu or residual for _, norm, glu, residual in calls)  # fused_maps is off by default
+    assert not any(norm or glu or residual for _, norm, glu, residual in calls)  # fused maps off
     assert rel_err(got, want) <= 1e-5
 
 
@@ -205,11 +210,11 @@ def test_a_model_decodes_the_same_through_the_grouped_projections(arch, monkeypa
     ("arch", "gsa"), [("mistral", {}), ("qwen2", dict(gsa_window=4, gsa_full_attention_layers=[1]))], ids=str
 )
 def test_decoding_takes_the_layers_norms_and_residual_adds_into_the_projections(arch, gsa, monkeypatch):
-    """``TUNING.fused_maps``: the same logits as without. Per forward, a GSA layer's three norms (its input's, its
-    output's, its MLP's) went into the q/k/v/gates, output and gate/up launches, the MLP's activation into the
-    gate/up launch, and both residual adds into the output and down projections'. A hybrid layer applies its
-    input's and output's norms itself (its window reads them); a layer kept as softmax attention runs
-    transformers' own forward, only its MLP's activation fused."""
+    """``TUNING.fused_maps`` (on by default): the same logits as without. Per forward, a GSA layer's three norms
+    (its input's, its output's, its MLP's) went into the q/k/v/gates, output and gate/up launches, the MLP's
+    activation into the gate/up launch, and both residual adds into the output and down projections'. A hybrid
+    layer applies its input's and output's norms itself (its window reads them); a layer kept as softmax attention
+    runs transformers' own forward, only its MLP's activation fused."""
     if DEVICE == "cpu":
         monkeypatch.setattr(TUNING, "impl", "triton")
     model = tiny_gsa_model(arch, **gsa).to(DEVICE)
@@ -218,6 +223,7 @@ def test_decoding_takes_the_layers_norms_and_residual_adds_into_the_projections(
         if "norm" in name:
             p.uniform_(0.5, 1.5)
     ids = torch.randint(3, 100, (2, 9), device=DEVICE)
+    monkeypatch.setattr(TUNING, "fused_maps", False)
     want = _decode(model, ids)
     calls = _count_grouped_calls(monkeypatch)
     monkeypatch.setattr(TUNING, "fused_maps", True)
@@ -232,6 +238,27 @@ def test_decoding_takes_the_layers_norms_and_residual_adds_into_the_projections(
     counted = [sum(call[j] for call in calls) for j in (1, 2, 3)]
     assert counted == [5 * n for n in expected]
     assert rel_err(got, want) <= 1e-5
+
+
+@torch.no_grad()
+def test_a_wide_inputs_norm_keeps_its_launch_and_the_rest_still_folds(monkeypatch):
+    """Past ``FOLDED_NORM_MAX`` inputs the RMSNorm runs on its own (every program of the grouped launch would
+    recompute it); the MLP's activation still goes into the gate/up launch, and the result is the same."""
+    if DEVICE == "cpu":
+        monkeypatch.setattr(TUNING, "impl", "triton")
+    K = 48
+    norm = LlamaRMSNorm(K, eps=1e-6).to(DEVICE)
+    norm.weight.uniform_(0.5, 1.5)
+    maps = (nn.Linear(K, 32, bias=False).to(DEVICE), nn.Linear(K, 32, bias=False).to(DEVICE))
+    x = torch.randn(3, K, device=DEVICE)
+    want = project(x, maps, norm=norm, glu=True)
+    calls = _count_grouped_calls(monkeypatch)
+    monkeypatch.setattr(TUNING, "fused_maps", True)
+    for widest, folded in ((K, True), (K - 1, False)):
+        monkeypatch.setattr(projections, "FOLDED_NORM_MAX", widest)
+        (got,) = project(x, maps, norm=norm, glu=True)
+        assert calls.pop() == (2, folded, True, False) and not calls
+        assert rel_err(got, want[0]) <= 1e-5
 
 
 def test_decoder_layers_fuse_their_neighbours_only_where_nothing_would_notice(monkeypatch):

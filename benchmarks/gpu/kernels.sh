@@ -17,7 +17,7 @@
 # `fused-maps`: the decoder layer's norms and residual adds in the grouped launches, their geometry, and
 # programmatic dependent launches, timed.
 # `decode-split`: the one-token GSA step split over its memories' blocks, off / on / auto, against FLA's.
-# Usage: benchmarks/gpu/kernels.sh [new] [tests] [fusions] [hybrid-e2e] [window] [grouped] [fused-maps] [decode-split] [decode-profile] [finetune-graphs] [train] [fusions-ab] [variants] [gqa] [gqa-ab] [scan] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
+# Usage: benchmarks/gpu/kernels.sh [new] [tests] [fusions] [hybrid-e2e] [window] [grouped] [fused-maps] [fused-maps-profiles] [decode-split] [decode-profile] [finetune-graphs] [train] [fusions-ab] [variants] [gqa] [gqa-ab] [scan] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
 set -uo pipefail
 source benchmarks/gpu/env.sh  # carried wheels (FLA for the comparison) in /root/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -81,6 +81,8 @@ fused-maps)
     tests/test_fusions.py -k "grouped or dependent or replayed or rotary" -rf 2>&1 | tail -3
   timeout 200 python benchmarks/gpu/grouped_neighbours.py --json "$OUT/grouped_neighbours.json" 2>&1 \
     | tee "$OUT/grouped_neighbours.log" | grep -E '^best|Error'
+  ;&
+fused-maps-profiles)
   for run in ${RUNS:-new:0:0 new:0:1 new:1:0 new:1:1}; do IFS=: read -r geo maps dependent <<< "$run"; for w in 0 512; do
     tag="geometry=$geo maps=$maps pdl=$dependent W=$w"
     T2R_GSA_FUSED_MAPS=$maps T2R_GSA_PDL=$dependent timeout 150 python - "$geo" "$w" \

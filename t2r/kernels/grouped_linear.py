@@ -32,19 +32,22 @@ GROUPED_GEOMETRY: tuple[int, int, int] | None = None
 
 
 def geometry(columns: int, rows: int, device: torch.device, glu: bool = False) -> tuple[int, int, int]:
-    """(BN, BK, warps) of a grouped call with ``columns`` output columns in all. Narrow tiles with long inner blocks
-    where 16-column tiles still fit one wave of programs, else 32 x 128; two warps up to 16 rows, else four. From
-    the sweep of SmolLM2-135M's and Mistral-7B's maps with cold weights (H100, 2026-12-06, docs/benchmarks.md):
-    1.10x the old fixed 32 x 128 x 4 in the geometric mean of 18 calls, 1.44x at SmolLM2's down projection,
-    nowhere slower, and within 9% of each call's best. ``glu`` (two weights' tiles a program): four warps, inner
-    blocks of at most 128 (64 past 16 rows, with 16-column tiles), where the sm_90 compile spills nothing."""
+    """(BN, BK, warps) of a grouped call with ``columns`` output columns in all (``glu``: two weights' tiles a
+    program). From sweeps with cold weights (H100, 2026-12-06, docs/benchmarks.md) of SmolLM2-135M's and
+    Mistral-7B's maps:
+
+    - up to 16 rows, two warps and inner blocks of 256 (128 with ``glu``, where 256 spills), on 16-column tiles
+      where 32-column ones would not fill one wave of programs (Mistral-7B's down projection: 1.27x 32 x 128);
+    - past 16 rows, four warps; 16 x 256 tiles where 16-column ones fit one wave, else 32 x 128 (``glu``: 16 x 64,
+      which the sm_90 compile does not spill; untimed)."""
     if GROUPED_GEOMETRY is not None:
         return GROUPED_GEOMETRY
-    warps = 2 if rows <= 16 else 4
-    bn, bk = (16, 256) if cdiv(columns, 16) <= multiprocessors(device) else (32, 128)
+    sms = multiprocessors(device)
+    if rows <= 16:
+        return (16 if cdiv(columns, 32) < sms else 32), (128 if glu else 256), 2
     if glu:
-        return (bn, 128, 4) if rows <= 16 else (16, 64, 4)
-    return bn, bk, warps
+        return 16, 64, 4
+    return (16, 256, 4) if cdiv(columns, 16) <= sms else (32, 128, 4)
 
 
 @triton.jit

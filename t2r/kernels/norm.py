@@ -18,19 +18,23 @@ except ImportError as err:
     raise ImportError("the GSA Triton kernels need triton (pip install 't2r[cuda]')") from err
 
 from .layout import cdiv, next_pow2, row_warps
+from .pdl import _depend, pdl
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, N, eps, BLOCK: tl.constexpr, STORE_RSTD: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, N, eps, BLOCK: tl.constexpr, STORE_RSTD: tl.constexpr,
+                     PDL: tl.constexpr):  # fmt: skip
     """One row: fp32 mean of squares, the normalised row rounded to the input's dtype, times the weight (in the
-    output's dtype, as ``weight * x.to(input_dtype)`` rounds); with ``STORE_RSTD`` the row's 1 / rms for a backward."""
+    output's dtype, as ``weight * x.to(input_dtype)`` rounds); with ``STORE_RSTD`` the row's 1 / rms for a backward.
+    ``PDL``: the weight is read before waiting on the kernel before (kernels/pdl.py)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     inside = cols < N
+    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    _depend(PDL)
     x = tl.load(x_ptr + row * N + cols, mask=inside, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=0) / N + eps)
     h = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * N + cols, (w * h).to(y_ptr.dtype.element_ty), mask=inside)
     if STORE_RSTD:
         tl.store(rstd_ptr + row, rstd)
@@ -71,8 +75,10 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, rstd: torch.Tens
     if rows.shape[0]:
         block = next_pow2(N)
         stats = out if rstd is None else rstd  # not written without a backward
+        dependent = rstd is None and pdl(x.device)  # decoding's (inference) launches only
         _rms_norm_kernel[(rows.shape[0],)](rows, weight.contiguous(), out, stats, N, float(eps), BLOCK=block,
-                                           STORE_RSTD=rstd is not None, num_warps=row_warps(block))  # fmt: skip
+                                           STORE_RSTD=rstd is not None, PDL=dependent, num_warps=row_warps(block),
+                                           launch_pdl=dependent)  # fmt: skip
     return out
 
 

@@ -23,6 +23,7 @@ except ImportError as err:
 from .chunk import operand_precision
 from .chunk_jit import _mm
 from .layout import cdiv, multiprocessors, next_pow2
+from .pdl import _depend, pdl
 from .reference import Window
 
 # Slots per loaded tile and warps per program of the part kernel (benchmarks/gpu/window_tiles.py sweeps them).
@@ -47,13 +48,15 @@ def _window_part_kernel(
     q_ptr, pk_ptr, pv_ptr, pvalid_ptr, head_ptr, m_ptr, den_ptr, acc_ptr, slot_ptr,
     scale, S, CH, stride_kb, stride_kt, stride_vb, stride_vt, stride_valid,
     H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr, QP: tl.constexpr,
-    BW: tl.constexpr, PREC: tl.constexpr,
+    BW: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (row n, KV head h, part p): its query heads' softmax over the ring's slots [p CH, (p + 1) CH), the
     valid ones other than the new token's (its old contents are ``window`` tokens back, out of reach). A part with
     none leaves max -inf, denominator and values 0. Both products are tl.dot (queries padded to QP rows, the head
     dim to DP: 16 each, its least); [group, slots, dims] broadcast products took 23 us a layer at SmolLM2's 16 rows
-    (H100 profile, 2026-12-05), about 12x the time to read the ring."""
+    (H100 profile, 2026-12-05), about 12x the time to read the ring. ``PDL``: launched as a programmatic dependent
+    (kernels/pdl.py), waiting before its first read."""
+    _depend(PDL)
     i_nh = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     parts = tl.num_programs(1)
@@ -103,11 +106,13 @@ def _window_merge_kernel(
     mix_ptr, proj_ptr, hidden_ptr, out_ptr,
     scale, W, PARTS, stride_kb, stride_kt, stride_vb, stride_vt, stride_valid, keep_stride, mix_stride, hidden_stride,
     C, H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, HAS_KEEP: tl.constexpr,
-    HAS_PROJ: tl.constexpr, RB: tl.constexpr,
+    HAS_PROJ: tl.constexpr, RB: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (row n, KV head h): the new token's term (always in: a padding query sees itself) merged with the
     parts', the mix (with the router's read of the hidden state: no launch of its own), the output; then the new
-    token written into its head's slot, and (h = 0) the row's valid flag and head moved on."""
+    token written into its head's slot, and (h = 0) the row's valid flag and head moved on. ``PDL``: as the part
+    kernel's."""
+    _depend(PDL)
     G: tl.constexpr = H // Hkv
     i_nh = tl.program_id(0).to(tl.int64)
     n = i_nh // Hkv
@@ -195,10 +200,11 @@ def window_decode_triton(
     part_acc = torch.empty(B * Hkv * parts * GP * D, device=q.device, dtype=torch.float32)
     slot = torch.empty(B * Hkv, device=q.device, dtype=torch.long)
     strides = (ring_k.stride(0), ring_k.stride(1), ring_v.stride(0), ring_v.stride(1), ring_valid.stride(0))
+    dependent = pdl(q.device)
     _window_part_kernel[(B * Hkv, parts)](
         q, ring_k, ring_v, ring_valid, head, part_m, part_den, part_acc, slot, float(scale), S, chunk, *strides,
         H=H, Hkv=Hkv, D=D, DP=max(16, D), GP=GP, QP=max(16, GP), BW=block, num_warps=WINDOW_WARPS,
-        PREC=operand_precision(ring_k.dtype),
+        PREC=operand_precision(ring_k.dtype), PDL=dependent, launch_pdl=dependent,
     )  # fmt: skip
     out = torch.empty_like(o)
     _window_merge_kernel[(B * Hkv,)](
@@ -206,7 +212,8 @@ def window_decode_triton(
         slot, o, mix, mix if proj is None else proj, mix if hidden_rows is None else hidden_rows, out, float(scale),
         S - 1, parts, *strides, 0 if keep_col is None else keep_col.stride(0), H if mix.dim() > 1 else 0,
         0 if hidden_rows is None else hidden_rows.stride(0), 0 if proj is None else proj.shape[1], H=H, Hkv=Hkv, D=D,
-        GP=GP, HAS_KEEP=keep_col is not None, HAS_PROJ=proj is not None, RB=128, num_warps=4,
+        GP=GP, HAS_KEEP=keep_col is not None, HAS_PROJ=proj is not None, RB=128, PDL=dependent, num_warps=4,
+        launch_pdl=dependent,
     )  # fmt: skip
     return out
 

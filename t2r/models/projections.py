@@ -80,6 +80,13 @@ class _MergedLinear(torch.autograd.Function):
         return dx, None, *dws, *dbs
 
 
+# The widest input whose RMSNorm folds into the grouped launch. Every program there recomputes the norm over its
+# rows (16, padded) and the whole input: at SmolLM2-135M's 576 that cost less than the norm's own launch (1.04-1.09x
+# the two launches, 1.5x with programmatic dependent launches), at Mistral-7B's 4,096 far more (0.77-0.82x; H100,
+# 2026-12-06, benchmarks/gpu/grouped_neighbours.py).
+FOLDED_NORM_MAX = 2048
+
+
 def project(
     x: torch.Tensor, modules: tuple[nn.Module, ...], *, norm: nn.Module | None = None, glu: bool = False,
     residual: torch.Tensor | None = None,
@@ -91,10 +98,12 @@ def project(
 
     Neighbours: ``x`` through ``norm`` (an RMSNorm module) first; ``glu``, of two modules (an MLP's gate and up)
     only silu(gate) * up; ``residual`` added to the (one) output. With ``TUNING.fused_maps`` they go inside the
-    grouped launch where it runs (:func:`dispatch.grouped_takes`); otherwise each is its own call, the module's or
-    the fused kernel's, as transformers' decoder layer makes them."""
+    grouped launch where it runs (:func:`dispatch.grouped_takes`; the norm up to ``FOLDED_NORM_MAX`` inputs);
+    otherwise each is its own call, the module's or the fused kernel's, as transformers' decoder layer makes them."""
     if norm is not None or glu or residual is not None:
-        if TUNING.fused_maps and _groupable(modules) and (norm is None or plain_rms_norm(norm)):
+        if TUNING.fused_maps and _groupable(modules):
+            if norm is not None and not (plain_rms_norm(norm) and x.shape[-1] <= FOLDED_NORM_MAX):
+                x, norm = norm(x), None  # its own launch; the rest still folds
             weights, biases = tuple(m.weight for m in modules), tuple(m.bias for m in modules)
             extra = [t for t in (residual, None if norm is None else norm.weight) if t is not None]
             if grouped_takes(x, weights, *extra):
