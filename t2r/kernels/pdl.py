@@ -1,6 +1,7 @@
-"""Programmatic dependent launch (Hopper and later; ``TUNING.pdl``, T2R_GSA_PDL=1): a decoding step's kernels
-launched so that each may start while the one before it finishes. A captured decoding step is hundreds of launches
-of a few microseconds, each paying ~1 us of replay before its first load (docs/benchmarks.md, the launch row).
+"""Programmatic dependent launch (Hopper and later; ``TUNING.pdl``, on by default, T2R_GSA_PDL=0 turns it off):
+a decoding step's kernels launched so that each may start while the one before it finishes. A captured decoding
+step is hundreds of launches of a few microseconds, each paying ~1 us of replay before its first load
+(docs/benchmarks.md, the launch row).
 
 A kernel launched this way first reads only what the kernel before it does not write (weights, its own memories),
 then :func:`_depend`: it waits for that kernel to finish (its writes visible), and only then lets the next kernel

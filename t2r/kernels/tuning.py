@@ -89,14 +89,15 @@ class Tuning:
     # at batch 1, 1.577 -> 1.472 ms at batch 16; docs/benchmarks.md); the one-weight maps and contiguous outputs
     # that came after are untimed.
     grouped_projections: bool = field(default_factory=lambda: _env("GROUPED_PROJECTIONS", "1") == "1")
-    # Decoding: a grouped projection's neighbours in its launch (the RMSNorm before it, an MLP's silu(gate) * up of
-    # its gate/up launch, the residual add after). Each saves a launch a layer. On since an H100 timed it
-    # (2026-12-06, SmolLM2-135M's captured step at 1k: GSA 1.186 -> 1.078 ms a token at batch 1, 1.263 -> 1.189 at
-    # 16; with the programmatic dependent launches below, 0.867 and 0.987).
+    # Decoding: a grouped projection's neighbours in its launch (the RMSNorm before it, up to
+    # models/projections.FOLDED_NORM_MAX inputs; an MLP's silu(gate) * up in its gate/up launch; the residual add
+    # after). Each saves a launch a layer. On since an H100 timed it (2026-12-06, SmolLM2-135M's captured step at
+    # 1k: GSA 1.186 -> 1.078 ms a token at batch 1, 1.263 -> 1.189 at 16).
     fused_maps: bool = field(default_factory=lambda: _env("FUSED_MAPS", "1") == "1")
-    # Decoding: the grouped projections, RoPE and the GSA step launched as programmatic dependents (kernels/pdl.py,
-    # Hopper+): each starts while the one before it finishes. On since timed (above; the W = 512 hybrid: 1.549 ->
-    # 1.349 ms at batch 1, 1.697 -> 1.446 at 16, both with the fused maps).
+    # Decoding: every decoding kernel (grouped projections, RMSNorm, RoPE, the GSA step, the window step) launched
+    # as a programmatic dependent (kernels/pdl.py, Hopper+): each starts while the one before it finishes. On since
+    # timed with the fused maps (same H100: GSA 1.139 -> 0.787 ms at batch 1, 1.224 -> 0.905 at 16; the W = 512
+    # hybrid 1.549 -> 1.102 and 1.662 -> 1.247, both switches off against both on).
     pdl: bool = field(default_factory=lambda: _env("PDL", "1") == "1")
     # Next-token cross-entropy (and distillation's KL) in one launch each way, with nothing vocabulary-sized kept
     # (kernels/cross_entropy.py), instead of the chunked fp32 log-softmax, recomputed in the backward. On since an
