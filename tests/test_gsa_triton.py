@@ -474,13 +474,19 @@ class _Launches(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize(("window", "mlp", "bound"), [(0, False, 16), (0, True, 15), (8, True, 18)])
-def test_a_decoding_step_launches_few_kernels_per_layer(monkeypatch, window, mlp, bound):
+@pytest.mark.parametrize(
+    ("window", "mlp", "grouped", "bound"), [(0, False, False, 17), (0, True, False, 16), (8, True, False, 19),
+                                            (0, True, True, 6), (8, True, True, 11)],
+)  # fmt: skip
+def test_a_decoding_step_launches_few_kernels_per_layer(monkeypatch, window, mlp, grouped, bound):
     """A small model's decoding step is bound by its launches (docs/benchmarks.md): per GSA layer, 3 fused norms,
-    8 projections, 1 fused GSA step, the MLP's silu and product (one launch with T2R_GSA_FUSED_MLP) and 2 residual
-    adds: 16, or 15; the hybrid, with the fused RoPE and window step (T2R_GSA_FUSED_ROPE / _WINDOW) and the fused
-    MLP, 18, of which the window's two (its slot parts, then their merge; 30 with the window in PyTorch). Counted
-    per layer as the difference between 4- and 2-layer models."""
+    8 projections, the GSA step (2: split over its memories' blocks, as at 2 rows), the MLP's silu and product (one
+    launch with T2R_GSA_FUSED_MLP) and 2 residual adds: 17, or 16; the hybrid, with the fused RoPE and window step
+    (T2R_GSA_FUSED_ROPE / _WINDOW) and the fused MLP, 19, of which the window's two (its slot parts, then their
+    merge; 30 with the window in PyTorch). With the grouped projections and the fused maps (the defaults), a GSA
+    layer's norms, activation and residual adds go into 4 grouped launches beside the split step's 2: 6; the
+    hybrid's layer adds RoPE, the window's two, and its two norms, which it applies itself: 11. Counted per layer
+    as the difference between 4- and 2-layer models."""
     from conftest import tiny_gsa_model
 
     monkeypatch.setattr(TUNING, "impl", "triton")
@@ -488,6 +494,8 @@ def test_a_decoding_step_launches_few_kernels_per_layer(monkeypatch, window, mlp
     monkeypatch.setattr(TUNING, "fused_rope", True)
     monkeypatch.setattr(TUNING, "fused_window", True)
     monkeypatch.setattr(TUNING, "fused_mlp", mlp)
+    monkeypatch.setattr(TUNING, "grouped_projections", grouped)
+    monkeypatch.setattr(TUNING, "fused_maps", grouped)
     counts = {}
     for layers in (2, 4):
         overrides = dict(num_hidden_layers=layers, hidden_size=64, head_dim=16, num_attention_heads=4)
@@ -500,6 +508,8 @@ def test_a_decoding_step_launches_few_kernels_per_layer(monkeypatch, window, mlp
                 model(input_ids=out.logits[:, -1:].argmax(-1), cache=output_cache(out), use_cache=True)
         counts[layers] = launches.count
     assert (counts[4] - counts[2]) / 2 <= bound, counts
+    if grouped:  # exactly: each fusion that went missing would show
+        assert (counts[4] - counts[2]) / 2 == bound, counts
 
 
 def test_a_training_step_launches_few_kernels_per_layer(monkeypatch):
