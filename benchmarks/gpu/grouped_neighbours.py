@@ -1,13 +1,13 @@
 """The decoder layer's neighbours inside the grouped projections' launch (``TUNING.fused_maps``), one fusion at a
 time: the RMSNorm before the q/k/v/gates and the gate/up maps, the MLP's activation in the gate/up launch, the
 residual after the output and down maps. Each fused call against the same work as separate launches (our RMSNorm and
-SwiGLU kernels, torch's add, the plain grouped launch), at SmolLM2-135M's and Mistral-7B's shapes for 1 and 16
-rows, with and without programmatic dependent launches (``TUNING.pdl``), and the fused calls over a few launch
-geometries. Each fused call is checked against the reference (relative error); all are timed from one CUDA graph
-over copies of the weights that together outgrow L2 (t2r.bench.kernels.graphed_ms), as in grouped_tiles.py. Needs a
-GPU.
+SwiGLU kernels, torch's add, the plain grouped launch), at SmolLM2-135M's and Mistral-7B's shapes for 1 and 16 rows
+(``--rows``), with and without programmatic dependent launches (``TUNING.pdl``), and the fused calls over a few
+launch geometries. Each fused call is checked against the reference (relative error); all are timed from one CUDA
+graph over copies of the weights that together outgrow L2 (t2r.bench.kernels.graphed_ms), as in grouped_tiles.py.
+Needs a GPU.
 
-Usage: python benchmarks/gpu/grouped_neighbours.py [--json out.json]"""
+Usage: python benchmarks/gpu/grouped_neighbours.py [--rows 1 16] [--json out.json]"""
 
 from __future__ import annotations
 
@@ -51,10 +51,11 @@ def separate(x, weights, biases, norm, glu, residual):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 16], help="rows (decoding's batch) of each call")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows_out = []
-    for ((model, fusion), (K, sizes, has_norm, glu, has_res)), M in itertools.product(CALLS.items(), (1, 16)):
+    for ((model, fusion), (K, sizes, has_norm, glu, has_res)), M in itertools.product(CALLS.items(), args.rows):
         dev, dt = "cuda", torch.bfloat16
         x = torch.randn(M, K, device=dev, dtype=dt)
         norm = (torch.rand(K, device=dev, dtype=dt) + 0.5, 1e-5) if has_norm else None
