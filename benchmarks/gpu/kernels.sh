@@ -83,11 +83,13 @@ fused-maps)
     | tee "$OUT/grouped_neighbours.log" | grep -E '^best|Error'
   ;&
 fused-maps-profiles)
-  for run in ${RUNS:-new:0:0 new:0:1 new:1:0 new:1:1}; do IFS=: read -r geo maps dependent <<< "$run"; for w in 0 512; do
-    tag="geometry=$geo maps=$maps pdl=$dependent W=$w"
-    T2R_GSA_FUSED_MAPS=$maps T2R_GSA_PDL=$dependent timeout 150 python - "$geo" "$w" \
-      "$OUT/decode_profile_${geo}_maps${maps}_pdl${dependent}_w$w.json" <<'PY' 2>&1 \
-      | grep -E '"batch"|wall|gpu_busy|launches' | paste - - - - | sed "s/^/[$tag] /"
+  for run in ${RUNS:-new:0:0 new:0:1 new:1:0 new:1:1}; do
+    IFS=: read -r geo maps dependent <<< "$run"
+    for w in 0 512; do
+      tag="geometry=$geo maps=$maps pdl=$dependent W=$w"
+      T2R_GSA_FUSED_MAPS=$maps T2R_GSA_PDL=$dependent timeout 150 python - "$geo" "$w" \
+        "$OUT/decode_profile_${geo}_maps${maps}_pdl${dependent}_w$w.json" <<'PY' 2>&1 \
+        | grep -E '"batch"|wall|gpu_busy|launches' | paste - - - - | sed "s/^/[$tag] /"
 import runpy, sys
 import t2r.kernels.grouped_linear as grouped
 if sys.argv[1] == "old":
@@ -96,7 +98,8 @@ sys.argv = ["decode_profile.py", "--window", sys.argv[2], "--batch", "1", "--bat
             "--json", sys.argv[3]]
 runpy.run_path("benchmarks/decode_profile.py", run_name="__main__")
 PY
-  done; done ;;
+    done
+  done ;;
 decode-split)
   # The one-token step split over its memories' blocks (T2R_GSA_DECODE_SPLIT, auto by default) against the
   # one-program step and FLA's (when its wheels are carried): the issue's layer and the GQA ones, batch 1 / 16 / 64,
