@@ -81,9 +81,9 @@ class _MergedLinear(torch.autograd.Function):
 
 
 # The widest input whose RMSNorm folds into the grouped launch. Every program there recomputes the norm over its
-# rows (16, padded) and the whole input: at SmolLM2-135M's 576 that cost less than the norm's own launch (1.04-1.09x
-# the two launches, 1.5x with programmatic dependent launches), at Mistral-7B's 4,096 far more (0.77-0.82x; H100,
-# 2026-12-06, benchmarks/gpu/grouped_neighbours.py).
+# rows (16, padded) and the whole input: at SmolLM2-135M's 576 that cost about the norm's own launch (0.99-1.06x
+# the two launches), at Mistral-7B's 4,096 far more (0.69-0.73x; H100, 2026-12-06, docs/benchmarks.md,
+# benchmarks/gpu/grouped_neighbours.py).
 FOLDED_NORM_MAX = 2048
 
 
