@@ -276,12 +276,17 @@ def test_kernels_stay_finite_beyond_the_exactness_bound():
     assert all(torch.isfinite(x).all() for x in [*out[:3], *out[3]])
 
 
-@pytest.mark.parametrize(("T", "block"), [(1, 64), (1, 32), (1, 16), (1, 0), (3, 32)])
-def test_decode_kernel_updates_state_in_place(monkeypatch, T, block):
-    """One token: the streaming kernel (memory blocks of 64, 32 or 16 rows / columns) or, block 0, the all-at-once
-    one; several tokens: always the all-at-once one."""
+@pytest.mark.parametrize(
+    ("T", "block", "whole", "G"), [(1, 64, "off", 3), (1, 32, "off", 3), (1, 16, "off", 3), (1, 0, "off", 3),
+                                   (3, 32, "off", 3), (1, 32, "on", 3), (1, 32, "on", 1)],
+)  # fmt: skip
+def test_decode_kernel_updates_state_in_place(monkeypatch, T, block, whole, G):
+    """One token: the streaming kernel (memory blocks of 64, 32 or 16 rows / columns), the one-pass kernel
+    (``whole``, GQA groups of 3 and 1) or, block 0, the all-at-once one; several tokens: always the all-at-once
+    one."""
     monkeypatch.setattr(TUNING, "decode_block", block)
-    H, Hkv, K, V, M = 6, 2, 32, 64, 32
+    monkeypatch.setattr(TUNING, "decode_whole", whole)
+    H, Hkv, K, V, M = 2 * G, 2, 32, 64, 32
     B = 5
     (q, k, v, s, g), h0 = make_inputs(B, T, H, Hkv, K, V, M, device=DEVICE)
     with torch.no_grad():
@@ -295,12 +300,15 @@ def test_decode_kernel_updates_state_in_place(monkeypatch, T, block):
     assert rel_err(state[1].cpu(), hv_ref) <= 1e-5
 
 
+@pytest.mark.parametrize("whole", ["off", "on"])
 @pytest.mark.parametrize(("feature_map", "mask"), [("swish", None), ("relu", "long"), ("identity", "bool")])
-def test_fused_decode_step_matches_its_reference(feature_map, mask):
+def test_fused_decode_step_matches_its_reference(monkeypatch, feature_map, mask, whole):
     """The step that takes the projections (feature maps, gates, padding and the output's silu inside the kernel)
     against its PyTorch reference: output and memories, updated in place. The gate logits span gates that forget
     everything (alpha underflows to 0) to gates that keep almost everything (1 - alpha near 1e-13, where
-    1 - exp(g) would cancel); the padding mask is a column of a longer [B, L] mask, read through its stride."""
+    1 - exp(g) would cancel); the padding mask is a column of a longer [B, L] mask, read through its stride. Both
+    the blocked step and the one-pass one (``whole``)."""
+    monkeypatch.setattr(TUNING, "decode_whole", whole)
     B, H, Hkv, K, V, M = 5, 6, 2, 32, 64, 32
     (q, k, v, _, _), h0 = make_inputs(B, 1, H, Hkv, K, V, M, device=DEVICE)
     f = torch.randn(B, 1, Hkv, M, device=DEVICE) * 4
@@ -335,6 +343,7 @@ def test_split_decode_step_is_the_one_program_step_bit_for_bit(monkeypatch, raw,
     from t2r.kernels import decode
 
     monkeypatch.setattr(TUNING, "decode_block", block)
+    monkeypatch.setattr(TUNING, "decode_whole", "off")
     B, H, Hkv, K, V, M = 5, 6, 2, 64, 32, 32
     (q, k, v, s, g), h0 = make_inputs(B, 1, H, Hkv, K, V, M, device=DEVICE)
     f = torch.randn(B, 1, Hkv, M, device=DEVICE) * 4
@@ -360,6 +369,34 @@ def test_split_decode_step_is_the_one_program_step_bit_for_bit(monkeypatch, raw,
         assert torch.equal(results[1][1][2], h0[0][2]) and torch.equal(results[1][2][2], h0[1][2])
 
 
+@pytest.mark.parametrize("raw", [False, True])
+def test_one_pass_decode_step_is_the_only_launch_where_memories_fit(monkeypatch, raw):
+    """T2R_GSA_DECODE_WHOLE: memories of up to WHOLE_MAX elements take the one-pass kernel, and nothing else runs
+    (the blocked and split kernels unset); larger ones, or "off", never reach it."""
+    from t2r.kernels import decode
+
+    B, H, Hkv, K, V, M = 3, 6, 2, 32, 64, 32
+    (q, k, v, s, g), h0 = make_inputs(B, 1, H, Hkv, K, V, M, device=DEVICE)
+    f = torch.randn(B, 1, Hkv, M, device=DEVICE) * 4
+
+    def step(state):
+        with torch.no_grad():
+            if raw:
+                return gsa_decode_fused_triton(q, k, v, f, 0.3, state, "swish", 8.0)
+            return gsa_decode_triton(q, k, v, s, g, 0.3, state)
+
+    with monkeypatch.context() as m:  # "off": the blocked step, the one-pass kernel unset
+        m.setattr(TUNING, "decode_whole", "off")
+        m.setattr(decode, "_decode_whole_kernel", None)
+        assert not decode.whole_step(K, V, M)
+        expected = step(tuple(x.detach().clone() for x in h0))
+    monkeypatch.setattr(TUNING, "decode_whole", "on")
+    for name in ("_decode_step_kernel", "_decode_keys_kernel", "_decode_values_kernel"):
+        monkeypatch.setattr(decode, name, None)
+    assert rel_err(step(tuple(x.detach().clone() for x in h0)), expected) <= 1e-5
+    assert decode.whole_step(128, 128, 64) and not decode.whole_step(128, 128, 128)
+
+
 def test_split_decode_step_goes_where_rows_leave_multiprocessors_idle_or_serve_query_groups(monkeypatch):
     from t2r.kernels.decode import split_step
     from t2r.kernels.tuning import Tuning
@@ -376,6 +413,8 @@ def test_split_decode_step_goes_where_rows_leave_multiprocessors_idle_or_serve_q
     assert split_step(4096, 1, cpu)
     with pytest.raises(ValueError, match="T2R_GSA_DECODE_SPLIT='sometimes': expected on, off or auto"):
         Tuning(decode_split="sometimes")
+    with pytest.raises(ValueError, match="T2R_GSA_DECODE_WHOLE='sometimes': expected on, off or auto"):
+        Tuning(decode_whole="sometimes")
 
 
 def test_fused_decode_dispatch_takes_the_reference_for_several_tokens(monkeypatch):

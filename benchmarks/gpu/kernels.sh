@@ -17,7 +17,7 @@
 # `fused-maps`: the decoder layer's norms and residual adds in the grouped launches, their geometry, and
 # programmatic dependent launches, timed.
 # `decode-split`: the one-token GSA step split over its memories' blocks, off / on / auto, against FLA's.
-# Usage: benchmarks/gpu/kernels.sh [new] [tests] [fusions] [hybrid-e2e] [window] [grouped] [fused-maps] [fused-maps-profiles] [decode-split] [decode-profile] [finetune-graphs] [train] [fusions-ab] [variants] [gqa] [gqa-ab] [scan] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
+# Usage: benchmarks/gpu/kernels.sh [new] [tests] [fusions] [hybrid-e2e] [window] [grouped] [fused-maps] [fused-maps-profiles] [decode-split] [decode-whole] [decode-profile] [finetune-graphs] [train] [fusions-ab] [variants] [gqa] [gqa-ab] [scan] [sweep] [profile] [bench] [nofla]   (logs under $OUT; TESTS_K: see tests)
 set -uo pipefail
 source benchmarks/gpu/env.sh  # carried wheels (FLA for the comparison) in /root/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -123,6 +123,30 @@ PY
     T2R_GSA_DECODE_SPLIT=$mode timeout 150 python benchmarks/decode_profile.py --window $w --batch 1 --batch 16 --no-teacher \
       --json "/tmp/decode_profile_split_${mode}_w$w.json" 2>&1 | grep -E '"batch"|gpu_busy|wall' | paste - - - \
       | sed "s/^/[split=$mode W=$w] /"
+  done; done ;;
+decode-whole)
+  # The one-token step in one pass, both memories whole in registers (T2R_GSA_DECODE_WHOLE): its GPU tests, then
+  # off / on (and on at 8 warps: WARPS) against FLA's step (carry .whl), the issue's layer and the GQA ones at batch
+  # 1 / 16 / 64 as graph replays; then the captured decoding step (GSA and the W = 512 hybrid, batch 1 and 16).
+  timeout 240 python -m pytest -q -p no:cacheprovider tests/test_gsa_triton.py tests/test_decode_graphs.py \
+    -k "decode or dependent or replayed" -rf 2>&1 | tail -4
+  for run in ${RUNS:-off:4 on:4 on:8}; do
+    IFS=: read -r mode warps <<< "$run"
+    T2R_GSA_DECODE_WHOLE=$mode T2R_GSA_DECODE_WARPS=$warps timeout 200 python -m t2r.cli bench kernels --no-train \
+      --no-loss --layer issue --layer smollm2-135m --layer mistral-7b --json "$OUT/bench_decode_whole_${mode}_$warps.json" \
+      > "/tmp/bench_decode_whole_${mode}_$warps.log" 2>&1 || echo "[whole=$mode warps=$warps] rc $?"
+    python - "$OUT/bench_decode_whole_${mode}_$warps.json" "whole=$mode warps=$warps" <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["rows"]:
+    if "layer" in r:
+        print(f"[{sys.argv[2]}] {r['layer']:13} B={r['B']:<3} ours {r['ours_step_ms']:.4f} ms  fla {r.get('fla_step_ms', '-')}"
+              f"  fla/ours {r.get('fla/ours', '-')}  ours/floor {r.get('ours/floor', '-')}  ours/copy {r['ours/state_copy']}")
+PY
+  done
+  for mode in off on; do for w in 0 512; do
+    T2R_GSA_DECODE_WHOLE=$mode timeout 150 python benchmarks/decode_profile.py --window $w --batch 1 --batch 16 --no-teacher \
+      --json "/tmp/decode_profile_whole_${mode}_w$w.json" 2>&1 | grep -E '"batch"|wall|gpu_busy|launches' | paste - - - - \
+      | sed "s/^/[whole=$mode W=$w] /"
   done; done ;;
 decode-profile)
   # Where a captured decoding step's time goes (batch 16, after a 1k prefill; each kernel of a replay, named), the

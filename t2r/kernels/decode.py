@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import torch
 
-from .decode_jit import _decode_kernel, _decode_keys_kernel, _decode_step_kernel, _decode_values_kernel
+from .decode_jit import (
+    _decode_kernel,
+    _decode_keys_kernel,
+    _decode_step_kernel,
+    _decode_values_kernel,
+    _decode_whole_kernel,
+)
 from .layout import multiprocessors, next_pow2
 from .pdl import pdl
 from .reference import State
@@ -71,6 +77,21 @@ def split_step(rows: int, group: int, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and (rows < multiprocessors(device) or group > 1))
 
 
+# Memory elements (K x M + M x V) a one-pass program holds whole: 64 fp32 registers a thread at 8 warps.
+WHOLE_MAX = 128 * 64 * 2
+
+
+def whole_step(K: int, V: int, M: int) -> bool:
+    """Whether a one-token step runs in one pass with a row's memories whole in registers
+    (``TUNING.decode_whole``): "on" or "auto" where they fit (``WHOLE_MAX``)."""
+    return TUNING.decode_whole != "off" and (K + V) * M <= WHOLE_MAX
+
+
+def _whole_warps(K: int, V: int, M: int) -> int:
+    """``TUNING.decode_warps``, and at least 8 past half of ``WHOLE_MAX`` (4 spill there: benchmarks/kernel_resources.py)."""
+    return TUNING.decode_warps if (K + V) * M <= WHOLE_MAX // 2 else max(8, TUNING.decode_warps)
+
+
 def _step(q, k, v, s, g, o, state: State, scale, normalizer: float, keep, raw: bool, feature_map: str) -> None:
     B, _, H, K = q.shape
     Hkv, V, M = k.shape[2], v.shape[3], g.shape[3]
@@ -78,6 +99,13 @@ def _step(q, k, v, s, g, o, state: State, scale, normalizer: float, keep, raw: b
     keep_ptr, keep_stride = (q, 0) if keep is None else (keep, keep.stride(0))
     GP, BK, BV = next_pow2(H // Hkv), min(K, TUNING.decode_block), min(V, TUNING.decode_block)
     dependent = pdl(q.device)
+    if whole_step(K, V, M):
+        _decode_whole_kernel[(B * Hkv,)](
+            q, k, v, g if s is None else s, g, o, *state, keep_ptr, keep_stride, scale, float(normalizer),
+            H=H, Hkv=Hkv, K=K, V=V, M=M, GP=GP, RAW=raw, FM=FEATURE_CODES[feature_map], HAS_KEEP=keep is not None,
+            PDL=dependent, num_warps=_whole_warps(K, V, M), launch_pdl=dependent,
+        )  # fmt: skip
+        return
     if split_step(B * Hkv, H // Hkv, q.device):
         KB = K // BK
         part = torch.empty(B * Hkv * KB * GP * M, dtype=torch.float32, device=q.device)

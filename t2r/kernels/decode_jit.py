@@ -243,3 +243,53 @@ def _decode_values_kernel(
     for b in range(0, KB):
         logits += tl.load(_parts(part_ptr, i_nh, b, KB, GP, M))
     _values_update(v_ptr, o_ptr, ptrs, hv, i_nh, rv, a, s, _slot_probs(logits, scale), heads, in_group, V, RAW)
+
+
+# The step in one pass (``TUNING.decode_whole``): a row's two memories held whole in registers (small states:
+# SmolLM2's 2 x 64 x 64, Mistral-7B's 2 x 128 x 64), every load issued before any store. The blocked kernels above
+# store a block before the next load, and a load may not pass a store to memory it might alias, so each block, the
+# queries and the values memory cost a round trip to DRAM in turn; here there is one.
+
+
+@triton.jit
+def _decode_whole_kernel(
+    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, o_ptr, hk_ptr, hv_ptr, keep_ptr, keep_stride, scale, normalizer,
+    H: tl.constexpr, Hkv: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, GP: tl.constexpr,
+    RAW: tl.constexpr, FM: tl.constexpr, HAS_KEEP: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """One token of row i_nh (sequence x KV head): both memories loaded whole (before waiting on the kernel before,
+    which does not write them), then the token's inputs; decay and write, every query head's slot softmax and
+    output; then the stores. The same arithmetic as :func:`_decode_step_kernel` (``RAW``, ``FM``, ``HAS_KEEP`` as
+    there), its sums taken whole instead of block by block."""
+    i_nh = tl.program_id(0).to(tl.int64)
+    rk, rv = tl.arange(0, K), tl.arange(0, V)
+    hk_ptrs = _keys_ptrs(hk_ptr, i_nh, rk, K, M)
+    hv_ptrs = _values_ptrs(hv_ptr, i_nh, rv, M, V)
+    hk = tl.load(hk_ptrs)
+    hv = tl.load(hv_ptrs)
+    _depend(PDL)
+    heads, in_group = _group(i_nh, H, Hkv, GP)
+    a, s = _gates(s_ptr, g_ptr, keep_ptr, keep_stride, normalizer, i_nh, Hkv, M, RAW, HAS_KEEP)
+    kb = _feature(tl.load(k_ptr + i_nh * K + rk).to(tl.float32), FM)
+    vb = tl.load(v_ptr + i_nh * V + rv).to(tl.float32)
+    qs = _feature(tl.load(q_ptr + heads * K + rk[None, :], mask=in_group, other=0.0).to(tl.float32), FM)  # [GP, K]
+    if RAW:
+        vb = vb * tl.sigmoid(vb)
+    hk = hk * a[None, :] + kb[:, None] * s[None, :]
+    hv = hv * a[:, None] + s[:, None] * vb[None, :]
+    # One query head at a time: a [GP, K, M] product would not fit the registers beside the memories.
+    lane = tl.arange(0, GP)[:, None]
+    logits = tl.zeros([GP, M], dtype=tl.float32)
+    for gi in tl.static_range(H // Hkv):
+        qg = tl.sum(tl.where(lane == gi, qs, 0.0), axis=0)
+        logits = tl.where(lane == gi, tl.sum(qg[:, None] * hk, axis=0)[None, :], logits)
+    p = _slot_probs(logits, scale)
+    o = tl.zeros([GP, V], dtype=tl.float32)
+    for gi in tl.static_range(H // Hkv):
+        pg = tl.sum(tl.where(lane == gi, p, 0.0), axis=0)
+        o = tl.where(lane == gi, tl.sum(pg[:, None] * hv, axis=0)[None, :], o)
+    if RAW:
+        o = o * tl.sigmoid(o)
+    tl.store(hk_ptrs, hk)
+    tl.store(hv_ptrs, hv)
+    tl.store(o_ptr + heads * V + rv[None, :], o.to(o_ptr.dtype.element_ty), mask=in_group)

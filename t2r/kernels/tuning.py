@@ -58,6 +58,9 @@ class Tuning:
     # "auto" (the default: where sequences x KV heads are fewer than the multiprocessors, or under GQA;
     # decode.split_step says what the H200 showed).
     decode_split: str = field(default_factory=lambda: _env("DECODE_SPLIT", "auto"))
+    # The one-token step in one pass with both memories whole in registers (kernels/decode_jit.py): "on" (where
+    # they fit, decode.WHOLE_MAX), "off", or "auto" (decode.whole_step says where it won).
+    decode_whole: str = field(default_factory=lambda: _env("DECODE_WHOLE", "auto"))
     # The forward output: a segment at a time ("blocks", up to 64 slots; products at the segment's full length) or
     # a walk over sub-chunks ("walk"; more slots always walk: at 128 the block kernels spill).
     fwd_blocks: bool = field(default_factory=lambda: _env("FWD", "blocks") == "blocks")
@@ -119,8 +122,9 @@ class Tuning:
             n = getattr(self, name)
             if n < 16 or n & (n - 1):
                 raise ValueError(f"T2R_GSA_{name.upper()}={n}: expected a power of two >= 16")
-        if self.decode_split not in ("on", "off", "auto"):
-            raise ValueError(f"T2R_GSA_DECODE_SPLIT={self.decode_split!r}: expected on, off or auto")
+        for name in ("decode_split", "decode_whole"):
+            if getattr(self, name) not in ("on", "off", "auto"):
+                raise ValueError(f"T2R_GSA_{name.upper()}={getattr(self, name)!r}: expected on, off or auto")
         if self.scan_parts < 0:
             raise ValueError(f"T2R_GSA_SCAN_PARTS={self.scan_parts}: expected a count >= 1, or 0 (automatic)")
         if self.segment % self.subchunk:
