@@ -514,18 +514,20 @@ class _Launches(TorchDispatchMode):
 
 
 @pytest.mark.parametrize(
-    ("window", "mlp", "grouped", "bound"), [(0, False, False, 17), (0, True, False, 16), (8, True, False, 19),
-                                            (0, True, True, 6), (8, True, True, 11)],
+    ("window", "mlp", "grouped", "whole", "bound"),
+    [(0, False, False, "off", 17), (0, True, False, "off", 16), (8, True, False, "off", 19), (0, True, True, "off", 6),
+     (8, True, True, "off", 11), (0, True, True, "on", 5), (8, True, True, "on", 10)],
 )  # fmt: skip
-def test_a_decoding_step_launches_few_kernels_per_layer(monkeypatch, window, mlp, grouped, bound):
+def test_a_decoding_step_launches_few_kernels_per_layer(monkeypatch, window, mlp, grouped, whole, bound):
     """A small model's decoding step is bound by its launches (docs/benchmarks.md): per GSA layer, 3 fused norms,
     8 projections, the GSA step (2: split over its memories' blocks, as at 2 rows), the MLP's silu and product (one
     launch with T2R_GSA_FUSED_MLP) and 2 residual adds: 17, or 16; the hybrid, with the fused RoPE and window step
     (T2R_GSA_FUSED_ROPE / _WINDOW) and the fused MLP, 19, of which the window's two (its slot parts, then their
     merge; 30 with the window in PyTorch). With the grouped projections and the fused maps (the defaults), a GSA
     layer's norms, activation and residual adds go into 4 grouped launches beside the split step's 2: 6; the
-    hybrid's layer adds RoPE, the window's two, and its two norms, which it applies itself: 11. Counted per layer
-    as the difference between 4- and 2-layer models."""
+    hybrid's layer adds RoPE, the window's two, and its two norms, which it applies itself: 11. The one-pass GSA
+    step (T2R_GSA_DECODE_WHOLE) is one launch where the split is two: 5 and 10. Counted per layer as the difference
+    between 4- and 2-layer models."""
     from conftest import tiny_gsa_model
 
     monkeypatch.setattr(TUNING, "impl", "triton")
@@ -535,6 +537,7 @@ def test_a_decoding_step_launches_few_kernels_per_layer(monkeypatch, window, mlp
     monkeypatch.setattr(TUNING, "fused_mlp", mlp)
     monkeypatch.setattr(TUNING, "grouped_projections", grouped)
     monkeypatch.setattr(TUNING, "fused_maps", grouped)
+    monkeypatch.setattr(TUNING, "decode_whole", whole)
     counts = {}
     for layers in (2, 4):
         overrides = dict(num_hidden_layers=layers, hidden_size=64, head_dim=16, num_attention_heads=4)
