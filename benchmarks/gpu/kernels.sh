@@ -22,6 +22,15 @@ set -uo pipefail
 source benchmarks/gpu/env.sh  # carried wheels (FLA for the comparison) in /root/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+decode_rows() {  # JSON TAG: the decode rows of a `t2r bench kernels` record, one line each
+  python - "$1" "$2" <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["rows"]:
+    if "layer" in r:
+        print(f"[{sys.argv[2]}] {r['layer']:13} B={r['B']:<3} ours {r['ours_step_ms']:.4f} ms  fla {r.get('fla_step_ms', '-')}"
+              f"  fla/ours {r.get('fla/ours', '-')}  ours/floor {r.get('ours/floor', '-')}  ours/copy {r['ours/state_copy']}")
+PY
+}
 for step in "$@"; do case $step in
 tests)
   python -m pip list 2>/dev/null | grep -i -E '^(torch|triton|transformers) '
@@ -111,13 +120,7 @@ decode-split)
     T2R_GSA_DECODE_BLOCK=$blk T2R_GSA_DECODE_SPLIT=$mode timeout 200 python -m t2r.cli bench kernels --no-train --no-loss \
       --layer issue --layer smollm2-135m --layer mistral-7b --json "$OUT/bench_decode_split_${mode}_$blk.json" \
       > "/tmp/bench_decode_split_${mode}_$blk.log" 2>&1 || echo "[block=$blk split=$mode] rc $?"
-    python - "$OUT/bench_decode_split_${mode}_$blk.json" "block=$blk split=$mode" <<'PY'
-import json, sys
-for r in json.load(open(sys.argv[1]))["rows"]:
-    if "layer" in r:
-        print(f"[{sys.argv[2]}] {r['layer']:13} B={r['B']:<3} ours {r['ours_step_ms']:.4f} ms  fla {r.get('fla_step_ms', '-')}"
-              f"  fla/ours {r.get('fla/ours', '-')}  ours/floor {r.get('ours/floor', '-')}  ours/copy {r['ours/state_copy']}")
-PY
+    decode_rows "$OUT/bench_decode_split_${mode}_$blk.json" "block=$blk split=$mode"
   done; done
   for mode in off on; do for w in 0 512; do
     T2R_GSA_DECODE_SPLIT=$mode timeout 150 python benchmarks/decode_profile.py --window $w --batch 1 --batch 16 --no-teacher \
@@ -135,13 +138,7 @@ decode-whole)
     T2R_GSA_DECODE_WHOLE=$mode T2R_GSA_DECODE_WARPS=$warps timeout 200 python -m t2r.cli bench kernels --no-train \
       --no-loss --layer issue --layer smollm2-135m --layer mistral-7b --json "$OUT/bench_decode_whole_${mode}_$warps.json" \
       > "/tmp/bench_decode_whole_${mode}_$warps.log" 2>&1 || echo "[whole=$mode warps=$warps] rc $?"
-    python - "$OUT/bench_decode_whole_${mode}_$warps.json" "whole=$mode warps=$warps" <<'PY'
-import json, sys
-for r in json.load(open(sys.argv[1]))["rows"]:
-    if "layer" in r:
-        print(f"[{sys.argv[2]}] {r['layer']:13} B={r['B']:<3} ours {r['ours_step_ms']:.4f} ms  fla {r.get('fla_step_ms', '-')}"
-              f"  fla/ours {r.get('fla/ours', '-')}  ours/floor {r.get('ours/floor', '-')}  ours/copy {r['ours/state_copy']}")
-PY
+    decode_rows "$OUT/bench_decode_whole_${mode}_$warps.json" "whole=$mode warps=$warps"
   done
   for mode in off on; do for w in 0 512; do
     T2R_GSA_DECODE_WHOLE=$mode timeout 150 python benchmarks/decode_profile.py --window $w --batch 1 --batch 16 --no-teacher \
