@@ -130,7 +130,8 @@ decode-split)
 decode-whole)
   # The one-token step in one pass, both memories whole in registers (T2R_GSA_DECODE_WHOLE): its GPU tests, then
   # off / on (and on at 8 warps: WARPS) against FLA's step (carry .whl), the layer and the GQA ones at batch
-  # 1 / 16 / 64 as graph replays; then the captured decoding step (GSA and the W = 512 hybrid, batch 1 and 16).
+  # 1 / 16 / 64 as graph replays; then the captured decoding step (GSA and the W = 512 hybrid, batch 1 and 16; W
+  # picks the windows).
   timeout 240 python -m pytest -q -p no:cacheprovider tests/test_gsa_triton.py tests/test_decode_graphs.py \
     -k "decode or dependent or replayed" -rf 2>&1 | tail -4
   for run in ${RUNS:-off:4 on:4 on:8}; do
@@ -140,7 +141,7 @@ decode-whole)
       > "/tmp/bench_decode_whole_${mode}_$warps.log" 2>&1 || echo "[whole=$mode warps=$warps] rc $?"
     decode_rows "$OUT/bench_decode_whole_${mode}_$warps.json" "whole=$mode warps=$warps"
   done
-  for mode in off on; do for w in 0 512; do
+  for mode in off on; do for w in ${W:-0 512}; do
     T2R_GSA_DECODE_WHOLE=$mode timeout 150 python benchmarks/decode_profile.py --window $w --batch 1 --batch 16 --no-teacher \
       --json "/tmp/decode_profile_whole_${mode}_w$w.json" 2>&1 | grep -E '"batch"|wall|gpu_busy|launches' | paste - - - - \
       | sed "s/^/[whole=$mode W=$w] /"
