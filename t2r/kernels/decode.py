@@ -88,7 +88,8 @@ def whole_step(K: int, V: int, M: int) -> bool:
 
 
 def _whole_warps(K: int, V: int, M: int) -> int:
-    """``TUNING.decode_warps``, and at least 8 past half of ``WHOLE_MAX`` (4 spill there: benchmarks/kernel_resources.py)."""
+    """``TUNING.decode_warps``, and at least 8 past half of ``WHOLE_MAX``, where 4 spill
+    (benchmarks/kernel_resources.py)."""
     return TUNING.decode_warps if (K + V) * M <= WHOLE_MAX // 2 else max(8, TUNING.decode_warps)
 
 
