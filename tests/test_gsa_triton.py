@@ -371,9 +371,10 @@ def test_split_decode_step_is_the_one_program_step_bit_for_bit(monkeypatch, raw,
 
 @pytest.mark.parametrize("raw", [False, True])
 def test_one_pass_decode_step_is_the_only_launch_where_memories_fit(monkeypatch, raw):
-    """T2R_GSA_DECODE_WHOLE: memories of up to WHOLE_MAX elements take the one-pass kernel, and nothing else runs
-    (the blocked and split kernels unset); larger ones, or "off", never reach it."""
+    """T2R_GSA_DECODE_WHOLE=on: memories of up to WHOLE_MAX elements take the one-pass kernel, and nothing else runs
+    (the blocked and split kernels unset); larger ones, "off" (the default) or "auto" never reach it."""
     from t2r.kernels import decode
+    from t2r.kernels.tuning import Tuning
 
     B, H, Hkv, K, V, M = 3, 6, 2, 32, 64, 32
     (q, k, v, s, g), h0 = make_inputs(B, 1, H, Hkv, K, V, M, device=DEVICE)
@@ -395,6 +396,10 @@ def test_one_pass_decode_step_is_the_only_launch_where_memories_fit(monkeypatch,
         monkeypatch.setattr(decode, name, None)
     assert rel_err(step(tuple(x.detach().clone() for x in h0)), expected) <= 1e-5
     assert decode.whole_step(128, 128, 64) and not decode.whole_step(128, 128, 128)
+    monkeypatch.delenv("T2R_GSA_DECODE_WHOLE", raising=False)
+    assert Tuning().decode_whole == "off"  # until a GPU has timed it
+    monkeypatch.setattr(TUNING, "decode_whole", "auto")
+    assert not decode.whole_step(K, V, M)
 
 
 def test_split_decode_step_goes_where_rows_leave_multiprocessors_idle_or_serve_query_groups(monkeypatch):

@@ -83,8 +83,9 @@ WHOLE_MAX = 128 * 64 * 2
 
 def whole_step(K: int, V: int, M: int) -> bool:
     """Whether a one-token step runs in one pass with a row's memories whole in registers
-    (``TUNING.decode_whole``): "on" or "auto" where they fit (``WHOLE_MAX``)."""
-    return TUNING.decode_whole != "off" and (K + V) * M <= WHOLE_MAX
+    (``TUNING.decode_whole``): "on", where they fit (``WHOLE_MAX``). Off by default: built and checked without a
+    GPU (the interpreter; sm_90 compiles without spills, every load before the first store), not yet timed."""
+    return TUNING.decode_whole == "on" and (K + V) * M <= WHOLE_MAX
 
 
 def _whole_warps(K: int, V: int, M: int) -> int:

@@ -58,9 +58,9 @@ class Tuning:
     # "auto" (the default: where sequences x KV heads are fewer than the multiprocessors, or under GQA;
     # decode.split_step says what the H200 showed).
     decode_split: str = field(default_factory=lambda: _env("DECODE_SPLIT", "auto"))
-    # The one-token step in one pass with both memories whole in registers (kernels/decode_jit.py): "on" (where
-    # they fit, decode.WHOLE_MAX), "off", or "auto" (decode.whole_step says where it won).
-    decode_whole: str = field(default_factory=lambda: _env("DECODE_WHOLE", "auto"))
+    # The one-token step in one pass with both memories whole in registers (kernels/decode_jit.py): "on" where they
+    # fit (decode.WHOLE_MAX), or "off" (the default until a GPU has timed it; "auto" is "off" for now).
+    decode_whole: str = field(default_factory=lambda: _env("DECODE_WHOLE", "off"))
     # The forward output: a segment at a time ("blocks", up to 64 slots; products at the segment's full length) or
     # a walk over sub-chunks ("walk"; more slots always walk: at 128 the block kernels spill).
     fwd_blocks: bool = field(default_factory=lambda: _env("FWD", "blocks") == "blocks")
