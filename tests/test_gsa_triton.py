@@ -380,11 +380,11 @@ def test_one_pass_decode_step_is_the_only_launch_where_memories_fit(monkeypatch,
     (q, k, v, s, g), h0 = make_inputs(B, 1, H, Hkv, K, V, M, device=DEVICE)
     f = torch.randn(B, 1, Hkv, M, device=DEVICE) * 4
 
-    def step(state):
+    def step(state):  # the output and the memories it updated
         with torch.no_grad():
             if raw:
-                return gsa_decode_fused_triton(q, k, v, f, 0.3, state, "swish", 8.0)
-            return gsa_decode_triton(q, k, v, s, g, 0.3, state)
+                return gsa_decode_fused_triton(q, k, v, f, 0.3, state, "swish", 8.0), *state
+            return gsa_decode_triton(q, k, v, s, g, 0.3, state), *state
 
     with monkeypatch.context() as m:  # "off": the blocked step, the one-pass kernel unset
         m.setattr(TUNING, "decode_whole", "off")
@@ -394,7 +394,8 @@ def test_one_pass_decode_step_is_the_only_launch_where_memories_fit(monkeypatch,
     monkeypatch.setattr(TUNING, "decode_whole", "on")
     for name in ("_decode_step_kernel", "_decode_keys_kernel", "_decode_values_kernel"):
         monkeypatch.setattr(decode, name, None)
-    assert rel_err(step(tuple(x.detach().clone() for x in h0)), expected) <= 1e-5
+    got = step(tuple(x.detach().clone() for x in h0))
+    assert all(rel_err(a, b) <= 1e-5 for a, b in zip(got, expected, strict=True))
     assert decode.whole_step(128, 128, 64) and not decode.whole_step(128, 128, 128)
     monkeypatch.delenv("T2R_GSA_DECODE_WHOLE", raising=False)
     assert Tuning().decode_whole == "off"  # until a GPU has timed it
